@@ -1,0 +1,25 @@
+"""Encoder family adapters, registered by family name and by Hugging Face ``model_type``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..errors import ModelError
+from .base import Adapter, Context
+from .bert import BertAdapter
+from .clip import ClipAdapter
+from .t5 import T5Adapter, UMT5Adapter
+
+ADAPTERS: dict[str, Adapter] = {a.family: a for a in (T5Adapter(), UMT5Adapter(), ClipAdapter(), BertAdapter())}
+
+
+def adapter_for(config: Any) -> Adapter:
+    model_type = getattr(config, "model_type", None)
+    for adapter in ADAPTERS.values():
+        if model_type in adapter.model_types:
+            return adapter
+    known = ", ".join(t for a in ADAPTERS.values() for t in a.model_types)
+    raise ModelError(f"model_type '{model_type}' has no adapter; supported model types: {known}")
+
+
+__all__ = ["ADAPTERS", "Adapter", "Context", "adapter_for"]

@@ -1,0 +1,93 @@
+"""What every encoder family adapter declares: where the sub-blocks live, how one slot runs, what comes out.
+
+An adapter turns a Hugging Face model into three kinds of modules:
+- a stem  ``(input_ids, attention_mask) -> (hidden, Context)``: embeddings and anything computed once,
+- 2N sub-blocks ``(hidden, Context) -> hidden``: slot 2b is block b's attention, 2b+1 its feed-forward,
+- a head ``(hidden, penultimate, Context) -> tuple of outputs``: final norm, pooling, projection.
+Stem and head parameters are always kept; a sub-block owns its parameters minus the stem's and head's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+
+@dataclass
+class Context:
+    """Tensors computed once by the stem and read by every slot and the head."""
+
+    input_ids: torch.Tensor
+    mask: torch.Tensor
+    position_bias: torch.Tensor | None = None
+
+
+def padding_mask(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(batch, seq) 1/0 mask -> additive (batch, 1, 1, seq) mask: 0 where attended, dtype's min elsewhere."""
+    keep = attention_mask.bool()[:, None, None, :]
+    return torch.where(keep, 0.0, torch.finfo(dtype).min).to(dtype)
+
+
+def causal_padding_mask(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Additive (batch, 1, seq, seq) mask combining causality and padding, without -inf."""
+    seq = attention_mask.shape[1]
+    pos = torch.arange(seq, device=attention_mask.device)
+    causal = pos[None, :] <= pos[:, None]
+    keep = causal[None, None, :, :] & attention_mask.bool()[:, None, None, :]
+    return torch.where(keep, 0.0, torch.finfo(dtype).min).to(dtype)
+
+
+class Adapter:
+    """Per-family knowledge, declared once. Subclasses fill in the class variables and the builders."""
+
+    family: ClassVar[str]
+    model_types: ClassVar[tuple[str, ...]]
+    # Module-name suffixes kept in fp32 when exporting fp16 (T5's FFN output projection overflows fp16).
+    fp32_in_fp16: ClassVar[tuple[str, ...]] = ()
+    # Checkpoint key prefixes that belong to other parts of a larger model (decoder, vision tower, pooler).
+    foreign_prefixes: ClassVar[tuple[str, ...]] = ()
+    # Prefixes a checkpoint may add to (or drop from) this model's parameter names.
+    name_prefixes: ClassVar[tuple[str, ...]] = ()
+
+    def build(self, config: Any) -> nn.Module:
+        raise NotImplementedError
+
+    def num_blocks(self, config: Any) -> int:
+        raise NotImplementedError
+
+    def output_names(self, config: Any) -> tuple[str, ...]:
+        raise NotImplementedError
+
+    def token_outputs(self, config: Any) -> tuple[str, ...]:
+        """Outputs with a sequence axis, compared over real (unpadded) tokens only."""
+        return tuple(n for n in self.output_names(config) if n.endswith("hidden_state"))
+
+    def stem(self, model: nn.Module) -> nn.Module:
+        raise NotImplementedError
+
+    def sub_blocks(self, model: nn.Module) -> list[nn.Module]:
+        raise NotImplementedError
+
+    def head(self, model: nn.Module) -> nn.Module:
+        raise NotImplementedError
+
+
+class Residual(nn.Module):
+    """Pre-norm residual sub-block: ``h + body(norm(h))``; the body gets the context when it wants it."""
+
+    def __init__(self, norm: nn.Module, body: nn.Module, attention: bool):
+        super().__init__()
+        self.norm = norm
+        self.body = body
+        self.attention = attention
+
+    def forward(self, hidden: torch.Tensor, ctx: Context) -> torch.Tensor:
+        x = self.norm(hidden)
+        if self.attention:
+            x = self.body(hidden_states=x, attention_mask=ctx.mask)[0]
+        else:
+            x = self.body(x)
+        return hidden + x

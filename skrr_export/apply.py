@@ -1,0 +1,139 @@
+"""Applying a plan: an unrolled module that runs the plan slot by slot with shared sub-block weights."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .errors import InvariantError, PlanError
+from .model import Encoder, check_plan_fits, target_dtype
+from .plan import Plan
+
+
+class SkrrEncoder(nn.Module):
+    """stem -> the plan's schedule of sub-blocks -> head.
+
+    A re-used sub-block is the *same* module object at every slot it runs in, so its parameters exist once.
+    """
+
+    def __init__(self, enc: Encoder, plan: Plan):
+        super().__init__()
+        self.stem = enc.stem
+        sources = sorted({src for _, src in plan.schedule()})
+        self.kept = nn.ModuleDict({str(i): enc.sub_blocks[i] for i in sources})
+        self.schedule = plan.schedule()
+        self.head = enc.head
+        self.penultimate_before = 2 * (plan.num_blocks - 1)  # slots of the last block
+        self.output_names = enc.adapter.output_names(enc.config)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        hidden, ctx = self.stem(input_ids, attention_mask)
+        penultimate = hidden
+        for slot, src in self.schedule:
+            hidden = self.kept[str(src)](hidden, ctx)
+            if slot < self.penultimate_before:
+                penultimate = hidden
+        return self.head(hidden, penultimate, ctx)
+
+
+def unique_parameter_bytes(module: nn.Module) -> int:
+    """Bytes of distinct parameter storages: a tensor shared by several slots counts once."""
+    seen: dict[tuple[int, int], int] = {}
+    for _, p in module.named_parameters(remove_duplicate=False):
+        seen[(p.untyped_storage().data_ptr(), p.storage_offset())] = p.numel() * p.element_size()
+    return sum(seen.values())
+
+
+@dataclass(frozen=True)
+class PlanCost:
+    """What a plan keeps and executes, from the model's structure alone (no weights needed)."""
+
+    total_params: int
+    kept_params: int
+    total_bytes: dict[str, int]
+    kept_bytes: dict[str, int]
+    executed_slots: int
+    num_slots: int
+    compute_fraction: float  # executed sub-block parameters / all sub-block parameters (a FLOP proxy)
+
+    @property
+    def sparsity(self) -> float:
+        """The paper's definition: parameters removed / all encoder parameters, embeddings included."""
+        return (self.total_params - self.kept_params) / self.total_params
+
+    @property
+    def kept_weight_bytes(self) -> int:
+        return sum(self.kept_bytes.values())
+
+
+def _param_ids(module: nn.Module) -> set[int]:
+    return {id(p) for p in module.parameters()}
+
+
+def sub_block_parameters(enc: Encoder) -> list[list[tuple[str, nn.Parameter]]]:
+    """Each sub-block's own parameters (named as in the model), excluding the always-kept stem and head."""
+    always = _param_ids(enc.stem) | _param_ids(enc.head)
+    names = {id(p): n for n, p in enc.model.named_parameters()}
+    return [
+        [(names[id(p)], p) for p in block.parameters() if id(p) not in always]
+        for block in enc.sub_blocks
+    ]
+
+
+def plan_cost(enc: Encoder, plan: Plan) -> PlanCost:
+    check_plan_fits(plan, enc)
+    per_block = sub_block_parameters(enc)
+    kept_slots = set(plan.kept)
+    kept_ids = {id(p) for i in kept_slots for _, p in per_block[i]} | _param_ids(enc.stem) | _param_ids(enc.head)
+    total: dict[str, int] = {}
+    kept: dict[str, int] = {}
+    total_params = kept_params = 0
+    for name, p in enc.model.named_parameters():
+        dtype = str(target_dtype(enc, name)).removeprefix("torch.")
+        nbytes = p.numel() * torch.empty((), dtype=target_dtype(enc, name)).element_size()
+        total[dtype] = total.get(dtype, 0) + nbytes
+        total_params += p.numel()
+        if id(p) in kept_ids:
+            kept[dtype] = kept.get(dtype, 0) + nbytes
+            kept_params += p.numel()
+    sizes = [sum(p.numel() for _, p in block) for block in per_block]
+    executed = plan.schedule()
+    return PlanCost(
+        total_params=total_params,
+        kept_params=kept_params,
+        total_bytes=total,
+        kept_bytes=kept,
+        executed_slots=len(executed),
+        num_slots=plan.num_slots,
+        compute_fraction=sum(sizes[src] for _, src in executed) / sum(sizes),
+    )
+
+
+SPARSITY_TOLERANCE = 5e-4  # plans state sparsity to about four decimals
+
+
+def check_sparsity(plan: Plan, cost: PlanCost) -> None:
+    if plan.sparsity is not None and abs(plan.sparsity - cost.sparsity) > SPARSITY_TOLERANCE:
+        raise PlanError(
+            f"sparsity: plan states {plan.sparsity:.4f} but it removes {cost.sparsity:.4f} of this model's "
+            "parameters; fix or drop the field"
+        )
+
+
+def apply_plan(enc: Encoder, plan: Plan) -> SkrrEncoder:
+    """The unrolled, weight-sharing module for ``plan``; asserts the sharing invariant."""
+    cost = plan_cost(enc, plan)
+    check_sparsity(plan, cost)
+    module = SkrrEncoder(enc, plan).eval()
+    meta = [n for n, p in module.named_parameters() if p.is_meta]
+    if meta:
+        raise InvariantError(f"applied module still holds unloaded tensors, e.g. {meta[0]}")
+    unique = unique_parameter_bytes(module)
+    if unique != cost.kept_weight_bytes:
+        raise InvariantError(
+            f"sharing invariant broken: applied module holds {unique} unique parameter bytes, "
+            f"the kept sub-blocks and always-kept parts are {cost.kept_weight_bytes}"
+        )
+    return module

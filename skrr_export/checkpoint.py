@@ -1,0 +1,109 @@
+"""Reading named tensors from local safetensors checkpoints (single file, sharded with an index, or several files).
+
+Only the tensors asked for are read; every read is recorded so that tests (and users) can see what was touched.
+"""
+
+from __future__ import annotations
+
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .adapters import Adapter
+from .errors import ModelError
+
+INDEX = "model.safetensors.index.json"
+PICKLES = ("pytorch_model.bin", "model.bin", "model.pt", "pytorch_model.bin.index.json")
+
+
+class Checkpoint:
+    def __init__(self, folder: Path, adapter: Adapter, files: dict[str, Path], stack: ExitStack):
+        self.folder = folder
+        self.adapter = adapter
+        self._files = files  # key -> file
+        self._stack = stack
+        self._handles: dict[Path, Any] = {}
+        self.reads: list[str] = []
+
+    @classmethod
+    def open(cls, folder: Path, adapter: Adapter) -> Checkpoint:
+        return cls(folder, adapter, _key_files(folder), ExitStack())
+
+    def __enter__(self) -> Checkpoint:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stack.close()
+
+    @property
+    def keys(self) -> set[str]:
+        return set(self._files)
+
+    def key_for(self, names: list[str]) -> str:
+        """The checkpoint key of a model tensor, allowing the prefixes checkpoints of this family use."""
+        for name in names:
+            for candidate in _candidates(name, self.adapter.name_prefixes):
+                if candidate in self._files:
+                    return candidate
+        raise ModelError(f"checkpoint in {self.folder} has no tensor '{names[0]}'; is it a {self.adapter.family} model?")
+
+    def read(self, names: list[str], shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        key = self.key_for(names)
+        path = self._files[key]
+        try:
+            handle = self._handle(path)
+            tensor = handle.get_tensor(key)
+        except Exception as exc:  # safetensors raises its own error types for truncated/corrupt files
+            raise ModelError(f"cannot read tensor '{key}' from {path.name}: {exc}") from None
+        if tuple(tensor.shape) != shape:
+            raise ModelError(f"tensor '{key}' in {path.name} has shape {tuple(tensor.shape)}, the config expects {shape}")
+        self.reads.append(key)
+        return tensor.to(dtype)
+
+    def _handle(self, path: Path) -> Any:
+        if path not in self._handles:
+            from safetensors import safe_open
+
+            if not path.is_file():
+                raise ModelError(f"{INDEX} in {self.folder} names {path.name}, which does not exist")
+            self._handles[path] = self._stack.enter_context(safe_open(str(path), framework="pt"))
+        return self._handles[path]
+
+
+def _candidates(name: str, prefixes: tuple[str, ...]) -> list[str]:
+    out = [name]
+    for p in prefixes:
+        out.append(name[len(p):] if name.startswith(p) else p + name)
+    return out
+
+
+def _key_files(folder: Path) -> dict[str, Path]:
+    from .model import read_json
+
+    index = folder / INDEX
+    if index.is_file():
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise ModelError(f"{index} has no 'weight_map'")
+        return {k: folder / v for k, v in weight_map.items()}
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        pickles = [p for p in PICKLES if (folder / p).exists()]
+        if pickles:
+            raise ModelError(
+                f"{folder} holds only pickle weights ({pickles[0]}); skrr-export loads safetensors only. "
+                "Convert them once with transformers (save_pretrained(..., safe_serialization=True))"
+            )
+        raise ModelError(f"{folder} has no *.safetensors weights (or pass --random-weights)")
+    from safetensors import safe_open
+
+    out: dict[str, Path] = {}
+    for f in files:
+        try:
+            with safe_open(str(f), framework="pt") as handle:
+                out.update({k: f for k in handle.keys()})
+        except Exception as exc:
+            raise ModelError(f"cannot open {f}: {exc}") from None
+    return out

