@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -96,7 +97,11 @@ def export_onnx(module: SkrrEncoder, path: Path, options: ExportOptions, vocab_s
 def _torch_export(module: SkrrEncoder, options: ExportOptions, vocab_size: int) -> Any:
     ids, mask = sample_inputs(options, vocab_size)
     axes = {0: "batch"} if options.fixed_sequence else {0: "batch", 1: "sequence"}
-    with torch.no_grad():  # with autograd on, the exporter cannot decompose HF T5 attention (DESIGN.md)
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # "torchvision is not installed" and the like
+    # With autograd on, the exporter cannot decompose HF T5 attention with dynamic shapes (DESIGN.md).
+    # Its internal warnings are not the user's to act on.
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
         return torch.onnx.export(
             module,
             (ids, mask),

@@ -62,6 +62,7 @@ class Encoder:
     head: nn.Module
     dtype: torch.dtype
     source: ModelSource
+    tensors_read: tuple[str, ...] = ()  # checkpoint keys actually read (empty for random weights)
 
 
 def load_config(source: ModelSource) -> Any:
@@ -124,6 +125,7 @@ def load_encoder(source: ModelSource, plan: Plan, precision: str = "fp32") -> En
 
         with Checkpoint.open(source.folder, enc.adapter) as ckpt:
             _read_parameters(enc, needed, ckpt)
+            enc.tensors_read = tuple(ckpt.reads)
     log.info("loaded %d tensors (%s) in %.1f s", len(needed), precision, time.perf_counter() - start)
     return enc
 

@@ -1,0 +1,143 @@
+"""Command line: parse arguments into one frozen config, make one library call, map errors to exit codes.
+
+Exit codes: 0 success, 1 accuracy failure, 2 bad input (one line on stderr, no traceback), 130 interrupted.
+Nothing heavy is imported before a command runs, so ``--help`` works without torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from .errors import SkrrError
+
+PRECISIONS = ("fp32", "fp16", "bf16")
+
+
+class ArgumentError(SkrrError):
+    exit_code = 2
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse that raises instead of exiting, so every bad argument is one line and exit code 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise ArgumentError(f"{self.prog}: {message}")
+
+
+def _export_parser() -> Parser:
+    p = Parser(
+        prog="skrr-export",
+        description="Apply a Skrr plan to a Hugging Face text encoder, export ONNX (and TensorRT), check parity.",
+        epilog="Other commands: 'skrr-export inspect --help'.",
+    )
+    p.add_argument("--plan", type=Path, required=True, help="plan file (skrr-plan/1 JSON)")
+    p.add_argument("--engine", choices=("onnx", "trt", "trt-rtx"), default="onnx", help="artifact to produce (default: onnx)")
+    p.add_argument("--model", type=Path, help="local Hugging Face model folder (default: the embedded all-MiniLM-L6-v2)")
+    p.add_argument("--subfolder", help="subfolder of a diffusers pipeline folder, e.g. text_encoder_3")
+    p.add_argument("--random-weights", action="store_true", help="build the model from its config with random weights")
+    p.add_argument("--out", type=Path, default=Path("out"), help="output folder (default: ./out)")
+    p.add_argument("--force", action="store_true", help="replace an existing output folder")
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32")
+    p.add_argument("--input-dtype", choices=("int64", "int32"), default="int64", help="dtype of input_ids and attention_mask")
+    p.add_argument("--fixed-sequence", type=int, metavar="N", help="export a fixed sequence length N (batch stays dynamic)")
+    p.add_argument("--external-data", action="store_true", default=None, help="store weights in model.onnx.data (automatic above 2 GB)")
+    p.add_argument("--atol", type=float, help="parity: absolute tolerance (default per precision)")
+    p.add_argument("--rtol", type=float, help="parity: relative tolerance (default per precision)")
+    p.add_argument("--min-cosine", type=float, help="parity: minimum per-token cosine similarity")
+    p.add_argument("--no-dense-distance", action="store_true", help="skip loading the dense model to measure the plan's cost")
+    p.add_argument("-q", "--quiet", action="store_true", help="only errors")
+    return p
+
+
+def _inspect_parser() -> Parser:
+    p = Parser(prog="skrr-export inspect", description="What a plan keeps, skips and re-uses, from the config alone.")
+    p.add_argument("--plan", type=Path, required=True)
+    p.add_argument("--model", type=Path, help="model folder or config.json (default: the embedded all-MiniLM-L6-v2)")
+    p.add_argument("--subfolder")
+    p.add_argument("--precision", choices=PRECISIONS, default="bf16")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    return p
+
+
+def _setup_logging(quiet: bool) -> None:
+    logging.basicConfig(level=logging.ERROR if quiet else logging.INFO, format="[skrr-export] %(message)s", stream=sys.stderr)
+    for noisy in ("torch", "onnxscript", "onnx_ir", "transformers"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+
+
+def _tolerance(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    from .compare import DEFAULT_TOLERANCES, Tolerance
+
+    base = DEFAULT_TOLERANCES[args.precision]
+    if args.atol is None and args.rtol is None and args.min_cosine is None:
+        return None
+    return Tolerance(
+        atol=base.atol if args.atol is None else args.atol,
+        rtol=base.rtol if args.rtol is None else args.rtol,
+        min_cosine=base.min_cosine if args.min_cosine is None else args.min_cosine,
+    )
+
+
+def cmd_export(argv: list[str]) -> int:
+    args = _export_parser().parse_args(argv)
+    _setup_logging(args.quiet)
+    if args.fixed_sequence is not None and args.fixed_sequence < 1:
+        raise ArgumentError("skrr-export: --fixed-sequence must be a positive integer")
+    from .pipeline import ExportConfig, run_export
+
+    cfg = ExportConfig(
+        plan=args.plan,
+        out=args.out,
+        model=args.model,
+        subfolder=args.subfolder,
+        random_weights=args.random_weights,
+        engine=args.engine,
+        precision=args.precision,
+        input_dtype=args.input_dtype,
+        fixed_sequence=args.fixed_sequence,
+        external_data=args.external_data,
+        tolerance=_tolerance(args),
+        dense_distance=not args.no_dense_distance,
+        force=args.force,
+    )
+    run_export(cfg)
+    print(f"wrote {args.out}/ (model.onnx, report.json, report.md)")
+    return 0
+
+
+def cmd_inspect(argv: list[str]) -> int:
+    args = _inspect_parser().parse_args(argv)
+    _setup_logging(True)
+    from .inspect_plan import inspect_plan, render
+    from .model import default_model_path
+    from .plan import load_plan
+
+    info = inspect_plan(load_plan(args.plan), args.model or default_model_path(), args.subfolder, args.precision)
+    print(json.dumps(info, indent=2) if args.json else render(info))
+    return 0
+
+
+COMMANDS = {"inspect": cmd_inspect}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = COMMANDS.get(argv[0], cmd_export) if argv else cmd_export
+    if command is not cmd_export:
+        argv = argv[1:]
+    try:
+        return command(argv)
+    except SkrrError as exc:
+        print(f"skrr-export: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("skrr-export: interrupted; no partial output was kept", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

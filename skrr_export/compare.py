@@ -1,0 +1,161 @@
+"""Comparing named outputs: per-output statistics over real tokens, per-precision tolerances,
+results that are truthy when they pass and say which tolerance would have passed when they fail."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """Element-wise ``|test - ref| <= atol + rtol * |ref|`` and per-token cosine >= ``min_cosine``."""
+
+    atol: float
+    rtol: float
+    min_cosine: float
+
+
+# PyTorch vs another backend in the same precision. fp32 kernels agree to ~1e-6; half precisions round
+# differently per kernel, so their bounds follow their unit roundoff (fp16 ~1e-3, bf16 ~8e-3).
+DEFAULT_TOLERANCES: dict[str, Tolerance] = {
+    "fp32": Tolerance(atol=1e-4, rtol=1e-4, min_cosine=0.99999),
+    "fp16": Tolerance(atol=2e-2, rtol=1e-2, min_cosine=0.999),
+    "bf16": Tolerance(atol=1e-1, rtol=5e-2, min_cosine=0.995),
+}
+
+
+@dataclass(frozen=True)
+class OutputStats:
+    name: str
+    max_abs: float
+    mean_abs: float
+    max_rel: float
+    mean_rel: float
+    min_cosine: float
+    mean_cosine: float
+    nonfinite: int
+    tolerance: Tolerance
+    needed_atol: float  # smallest atol that passes at this rtol
+
+    @property
+    def passed(self) -> bool:
+        return (
+            self.nonfinite == 0
+            and self.needed_atol <= self.tolerance.atol
+            and self.min_cosine >= self.tolerance.min_cosine
+        )
+
+    def failure(self) -> str:
+        if self.nonfinite:
+            return f"{self.name}: {self.nonfinite} NaN/Inf values"
+        parts = []
+        if self.needed_atol > self.tolerance.atol:
+            parts.append(
+                f"max abs error {self.max_abs:.3g} exceeds atol {self.tolerance.atol:g} (rtol {self.tolerance.rtol:g}); "
+                f"atol={self.needed_atol:.3g} would have passed"
+            )
+        if self.min_cosine < self.tolerance.min_cosine:
+            parts.append(
+                f"min cosine {self.min_cosine:.6f} below {self.tolerance.min_cosine:g}; "
+                f"min_cosine={np.floor(self.min_cosine * 1e6) / 1e6:.6f} would have passed"
+            )
+        return f"{self.name}: " + "; ".join(parts)
+
+
+@dataclass(frozen=True)
+class Comparison:
+    reference: str
+    test: str
+    outputs: list[OutputStats] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return all(o.passed for o in self.outputs)
+
+    def failures(self) -> list[str]:
+        return [o.failure() for o in self.outputs if not o.passed]
+
+    def __str__(self) -> str:
+        verdict = "PASSED" if self else "FAILED: " + " | ".join(self.failures())
+        return f"{self.test} vs {self.reference}: {verdict}"
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "reference": self.reference,
+            "test": self.test,
+            "passed": bool(self),
+            "outputs": [asdict(o) | {"passed": o.passed} for o in self.outputs],
+        }
+
+
+def rows(array: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
+    """Real (unpadded) token vectors of a (batch, seq, dim) output, or the rows of a (batch, dim) one."""
+    array = np.asarray(array, dtype=np.float64)
+    if array.ndim == 3 and mask is not None:
+        return array[mask.astype(bool)]
+    return array.reshape(-1, array.shape[-1])
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    num = (a * b).sum(-1)
+    den = np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1)
+    return np.where(den > 0, num / np.maximum(den, 1e-300), np.where(np.abs(a).sum(-1) + np.abs(b).sum(-1) == 0, 1.0, 0.0))
+
+
+def output_stats(name: str, ref: np.ndarray, test: np.ndarray, mask: np.ndarray | None, tol: Tolerance) -> OutputStats:
+    if np.shape(ref) != np.shape(test):
+        raise ValueError(f"{name}: shapes differ, reference {np.shape(ref)} vs test {np.shape(test)}")
+    r, t = rows(ref, mask), rows(test, mask)
+    nonfinite = int((~np.isfinite(t)).sum() + (~np.isfinite(r)).sum())
+    if nonfinite:
+        nan = float("nan")
+        return OutputStats(name, nan, nan, nan, nan, nan, nan, nonfinite, tol, nan)
+    err = np.abs(r - t)
+    rel = err / np.maximum(np.abs(r), np.finfo(np.float32).tiny)
+    cos = cosine(r, t)
+    return OutputStats(
+        name=name,
+        max_abs=float(err.max()),
+        mean_abs=float(err.mean()),
+        max_rel=float(rel.max()),
+        mean_rel=float(rel.mean()),
+        min_cosine=float(cos.min()),
+        mean_cosine=float(cos.mean()),
+        nonfinite=0,
+        tolerance=tol,
+        needed_atol=float(max((err - tol.rtol * np.abs(r)).max(), 0.0)),
+    )
+
+
+def compare(
+    reference: tuple[str, dict[str, np.ndarray]],
+    test: tuple[str, dict[str, np.ndarray]],
+    mask: np.ndarray | None,
+    tolerances: dict[str, Tolerance],
+) -> Comparison:
+    """Every output of ``reference`` compared with ``test``; ``tolerances`` maps output name (or '*') to bounds."""
+    (ref_name, ref), (test_name, out) = reference, test
+    stats = []
+    for name, value in ref.items():
+        if name not in out:
+            raise ValueError(f"{test_name} has no output '{name}' (it has {sorted(out)})")
+        stats.append(output_stats(name, value, out[name], mask, tolerances.get(name, tolerances["*"])))
+    return Comparison(reference=ref_name, test=test_name, outputs=stats)
+
+
+def distance(dense: dict[str, np.ndarray], pruned: dict[str, np.ndarray], mask: np.ndarray | None) -> dict[str, dict[str, float]]:
+    """What a plan costs: MSE and cosine of the pruned outputs against the dense model's, over real tokens."""
+    out = {}
+    for name, d in dense.items():
+        r, t = rows(d, mask), rows(pruned[name], mask)
+        cos = cosine(r, t)
+        out[name] = {
+            "mse": float(((r - t) ** 2).mean()),
+            "mean_cosine": float(cos.mean()),
+            "min_cosine": float(cos.min()),
+            "dense_norm": float(np.linalg.norm(r, axis=-1).mean()),
+            "pruned_norm": float(np.linalg.norm(t, axis=-1).mean()),
+        }
+    return out

@@ -1,0 +1,88 @@
+"""The batches parity and distance checks run on: real tokenized prompts where the model folder has a
+tokenizer, seeded random ids otherwise; always with padding, and the empty prompt apart."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .runners import Feed
+
+log = logging.getLogger("skrr_export")
+
+PROMPTS = (
+    "A red fox curled up asleep in fresh snow at the edge of a pine forest, soft morning light.",
+    "An astronaut riding a horse across a desert of glass dunes, photorealistic.",
+    "A cozy reading nook with a rain-streaked window, a stack of old books and a steaming cup of tea.",
+    "Macro photo of a dew drop on a spider web.",
+)
+
+
+@dataclass(frozen=True)
+class Batch:
+    feed: Feed
+    label: str  # "prompts" or "empty prompt"
+    source: str  # "tokenizer" or "random ids (seed N)"
+
+    @property
+    def mask(self) -> np.ndarray:
+        return self.feed["attention_mask"]
+
+
+def load_tokenizer(folder: Path) -> Any | None:
+    try:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
+    except Exception as exc:  # no tokenizer files, or a tokenizer needing a missing package
+        log.info("no usable tokenizer in %s (%s); using seeded random ids", folder, type(exc).__name__)
+        return None
+
+
+def prompt_batch(tokenizer: Any | None, config: Any, input_dtype: str, seq: int | None, seed: int = 0) -> tuple[Batch, Batch]:
+    """(prompts, empty prompt) as feeds; ``seq`` pads to a fixed length when the export is fixed-shape."""
+    if tokenizer is not None:
+        return _tokenized(tokenizer, PROMPTS, "prompts", input_dtype, seq), _tokenized(tokenizer, ("",), "empty prompt", input_dtype, seq)
+    return _random(config, input_dtype, seq, seed), _random_empty(config, input_dtype, seq)
+
+
+def _tokenized(tokenizer: Any, prompts: tuple[str, ...], label: str, input_dtype: str, seq: int | None) -> Batch:
+    pad: dict[str, Any] = {"padding": "max_length", "max_length": seq} if seq else {"padding": True}
+    enc = tokenizer(list(prompts), truncation=True, return_tensors="np", **pad)
+    feed = {k: enc[k].astype(input_dtype) for k in ("input_ids", "attention_mask")}
+    return Batch(feed, label, "tokenizer")
+
+
+def _eos(config: Any) -> int | None:
+    config = getattr(config, "text_config", config)
+    eos = getattr(config, "eos_token_id", None)
+    return eos if isinstance(eos, int) and 0 <= eos < config.vocab_size else None
+
+
+def _random(config: Any, input_dtype: str, seq: int | None, seed: int) -> Batch:
+    vocab = getattr(config, "text_config", config).vocab_size
+    seq = seq or 12
+    rng = np.random.default_rng(seed)
+    lengths = [seq, max(1, seq - 3), max(1, seq // 2)]
+    ids = rng.integers(min(10, vocab // 2), vocab, size=(len(lengths), seq))
+    mask = np.zeros_like(ids)
+    eos = _eos(config)
+    for row, n in enumerate(lengths):
+        mask[row, :n] = 1
+        if eos is not None:
+            ids[row, n - 1] = eos
+            ids[row, n:] = eos
+    return Batch({"input_ids": ids.astype(input_dtype), "attention_mask": mask.astype(input_dtype)}, "prompts", f"random ids (seed {seed})")
+
+
+def _random_empty(config: Any, input_dtype: str, seq: int | None) -> Batch:
+    eos = _eos(config) or 0
+    n = seq or 1
+    ids = np.full((1, n), eos)
+    mask = np.zeros((1, n))
+    mask[0, 0] = 1
+    return Batch({"input_ids": ids.astype(input_dtype), "attention_mask": mask.astype(input_dtype)}, "empty prompt", "end-of-sequence token only")

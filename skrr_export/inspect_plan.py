@@ -1,0 +1,58 @@
+"""``skrr-export inspect``: what a plan keeps, skips, re-uses and costs, from the model's config alone."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from .plan import Plan, kind_of
+
+
+def inspect_plan(plan: Plan, model: Path, subfolder: str | None, precision: str) -> dict[str, Any]:
+    from .apply import check_sparsity, plan_cost
+    from .model import DTYPES, ModelSource, build_meta, load_config
+
+    enc = build_meta(load_config(ModelSource(model, subfolder)))
+    enc.dtype = DTYPES[precision]
+    cost = plan_cost(enc, plan)
+    check_sparsity(plan, cost)
+    slots = []
+    for slot in range(plan.num_slots):
+        src = plan.source(slot)
+        state = "kept" if src == slot else "skipped" if src is None else f"re-uses {src}"
+        slots.append({"slot": slot, "block": slot // 2, "kind": kind_of(slot), "state": state})
+    return {
+        "family": plan.family,
+        "num_blocks": plan.num_blocks,
+        "precision": precision,
+        "slots": slots,
+        "total_params": cost.total_params,
+        "kept_params": cost.kept_params,
+        "sparsity": cost.sparsity,
+        "bytes_before": cost.total_bytes,
+        "bytes_after": cost.kept_bytes,
+        "executed_slots": cost.executed_slots,
+        "num_slots": cost.num_slots,
+        "compute_fraction": cost.compute_fraction,
+    }
+
+
+def render(info: dict[str, Any]) -> str:
+    def gb(n: int) -> str:
+        return f"{n / 1e9:.3f} GB"
+
+    lines = [f"{info['family']} encoder, {info['num_blocks']} blocks ({info['num_slots']} sub-blocks), {info['precision']}"]
+    for s in info["slots"]:
+        if s["state"] != "kept":
+            lines.append(f"  slot {s['slot']:>3} (block {s['block']:>2} {s['kind']:<9}) {s['state']}")
+    kept = sum(1 for s in info["slots"] if s["state"] == "kept")
+    lines.append(f"  {kept} sub-blocks kept, {info['num_slots'] - kept} skipped (re-used ones listed above)")
+    lines.append(f"parameters: {info['total_params']:,} -> {info['kept_params']:,}")
+    for dtype, before in info["bytes_before"].items():
+        lines.append(f"bytes {dtype}: {gb(before)} -> {gb(info['bytes_after'].get(dtype, 0))}")
+    lines.append(f"sparsity: {info['sparsity'] * 100:.2f} %")
+    lines.append(
+        f"executed sub-blocks: {info['executed_slots']} of {info['num_slots']} "
+        f"(compute fraction {info['compute_fraction']:.3f})"
+    )
+    return "\n".join(lines)

@@ -1,0 +1,71 @@
+"""Tiny encoders of every family built from configs, and padded batches for them."""
+
+from __future__ import annotations
+
+import torch
+
+NUM_BLOCKS = 3
+
+
+def tiny_config(family: str):
+    from transformers import BertConfig, CLIPTextConfig, T5Config, UMT5Config
+
+    t5 = dict(vocab_size=96, d_model=32, d_kv=8, d_ff=48, num_layers=NUM_BLOCKS, num_heads=4,
+              feed_forward_proj="gated-gelu", is_encoder_decoder=False, use_cache=False,
+              relative_attention_num_buckets=8, relative_attention_max_distance=16)
+    configs = {
+        "t5": lambda: T5Config(**t5),
+        "umt5": lambda: UMT5Config(**t5),
+        "bert": lambda: BertConfig(vocab_size=96, hidden_size=32, num_hidden_layers=NUM_BLOCKS, num_attention_heads=4,
+                                   intermediate_size=48, max_position_embeddings=64),
+        "clip": lambda: CLIPTextConfig(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=NUM_BLOCKS,
+                                       num_attention_heads=4, max_position_embeddings=64, bos_token_id=3, eos_token_id=4,
+                                       pad_token_id=1),
+        "clip-projection": lambda: CLIPTextConfig(vocab_size=96, hidden_size=32, intermediate_size=48,
+                                                  num_hidden_layers=NUM_BLOCKS, num_attention_heads=4,
+                                                  max_position_embeddings=64, bos_token_id=3, eos_token_id=4,
+                                                  pad_token_id=1, projection_dim=16,
+                                                  architectures=["CLIPTextModelWithProjection"]),
+    }
+    config = configs[family]()
+    config._attn_implementation = "eager"
+    return config
+
+
+def build_reference_model(family: str, seed: int = 0):
+    """The Hugging Face model itself, fully in memory (the independent reference)."""
+    from transformers import BertModel, CLIPTextModel, CLIPTextModelWithProjection, T5EncoderModel, UMT5EncoderModel
+
+    torch.manual_seed(seed)
+    config = tiny_config(family)
+    cls = {
+        "t5": T5EncoderModel,
+        "umt5": UMT5EncoderModel,
+        "bert": lambda c: BertModel(c, add_pooling_layer=False),
+        "clip": CLIPTextModel,
+        "clip-projection": CLIPTextModelWithProjection,
+    }[family]
+    model = cls(config).eval()
+    with torch.no_grad():  # random init leaves norms at 1 and biases at 0; perturb so that every tensor matters
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return model
+
+
+FAMILIES = ("t5", "umt5", "bert", "clip", "clip-projection")
+
+
+def plan_family(family: str) -> str:
+    return family.split("-")[0]
+
+
+def ids_and_mask(vocab: int = 96, eos: int = 4, seed: int = 0):
+    """A padded batch: lengths 9, 6, 3, every real sequence ending in eos."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(5, vocab, (3, 9), generator=g)
+    mask = torch.zeros(3, 9, dtype=torch.long)
+    for row, n in enumerate((9, 6, 3)):
+        mask[row, :n] = 1
+        ids[row, n - 1] = eos
+        ids[row, n:] = eos
+    return ids, mask

@@ -1,0 +1,143 @@
+"""Applying plans: the unrolled shared-weight module against independent references, for every family."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from skrr_export.apply import apply_plan, plan_cost, sub_block_parameters, unique_parameter_bytes
+from skrr_export.errors import PlanError
+from skrr_export.model import ModelSource, build_meta, load_config, load_encoder
+from skrr_export.plan import Plan
+
+from .helpers import FAMILIES, NUM_BLOCKS, ids_and_mask, plan_family
+from .reference import reference_forward
+
+PLANS = {
+    "dense": ((), {}),
+    "skip-only": ((3, 4), {}),
+    "skip-block0-attention": ((0,), {}),
+    "heavy-reuse": ((1, 2, 3, 4), {1: 5, 2: 0, 3: 5, 4: 0}),
+}
+
+
+def make_plan(family: str, name: str) -> Plan:
+    skip, reuse = PLANS[name]
+    return Plan(plan_family(family), NUM_BLOCKS, skip=skip, reuse=reuse)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_dense_plan_equals_hugging_face_forward(family, tiny_models):
+    """The whole Hugging Face model, called as users call it, is the reference for the dense plan."""
+    model, folder = tiny_models[family]
+    plan = make_plan(family, "dense")
+    module = apply_plan(load_encoder(ModelSource(folder), plan), plan)
+    ids, mask = ids_and_mask()
+    with torch.no_grad():
+        ours = dict(zip(module.output_names, module(ids, mask)))
+        hf = model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+    torch.testing.assert_close(ours["last_hidden_state"], hf.last_hidden_state, rtol=0, atol=1e-6)
+    if family.startswith("clip"):
+        torch.testing.assert_close(ours["penultimate_hidden_state"], hf.hidden_states[-2], rtol=0, atol=1e-6)
+        pooled = hf.text_embeds if family == "clip-projection" else hf.pooler_output
+        torch.testing.assert_close(ours[module.output_names[2]], pooled, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("plan_name", PLANS)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_plan_matches_reference_loop(family, plan_name, tiny_models):
+    model, folder = tiny_models[family]
+    plan = make_plan(family, plan_name)
+    module = apply_plan(load_encoder(ModelSource(folder), plan), plan)
+    ids, mask = ids_and_mask()
+    with torch.no_grad():
+        ours = dict(zip(module.output_names, module(ids, mask)))
+    ref = reference_forward(plan_family(family), model, NUM_BLOCKS, plan.skip, plan.reuse, ids, mask)
+    assert set(ours) == set(ref)
+    for name in ref:
+        torch.testing.assert_close(ours[name], ref[name], rtol=0, atol=1e-6, msg=f"{family} {plan_name} {name}")
+
+
+def test_skipping_block0_attention_keeps_position_bias(tiny_models):
+    """The T5 trap: replacing the block list would silently drop the relative-position bias."""
+    model, folder = tiny_models["t5"]
+    plan = make_plan("t5", "skip-block0-attention")
+    module = apply_plan(load_encoder(ModelSource(folder), plan), plan)
+    ids, mask = ids_and_mask()
+    with torch.no_grad():
+        ours = module(ids, mask)[0]
+        naive = model.shared(ids)
+        ext = (1.0 - mask[:, None, None, :].float()) * torch.finfo(torch.float32).min
+        for b in range(NUM_BLOCKS):  # blocks' own forward without block 0's attention: bias becomes zero
+            if b > 0:
+                naive = model.encoder.block[b].layer[0](naive, attention_mask=ext)[0]
+            naive = model.encoder.block[b].layer[1](naive)
+        naive = model.encoder.final_layer_norm(naive)
+    assert (ours - naive).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_reused_sub_blocks_share_parameters(family, tiny_models):
+    _, folder = tiny_models[family]
+    plan = make_plan(family, "heavy-reuse")
+    enc = load_encoder(ModelSource(folder), plan)
+    module = apply_plan(enc, plan)
+    assert len(module.schedule) == 2 * NUM_BLOCKS
+    assert set(module.kept) == {"0", "5"}
+    # an independent count: kept sub-blocks' own tensors + everything outside the blocks
+    per_block = sub_block_parameters(enc)
+    kept = sum(p.numel() * p.element_size() for i in (0, 5) for _, p in per_block[i])
+    in_blocks = {id(p) for block in per_block for _, p in block}
+    always = sum(p.numel() * p.element_size() for p in module.parameters() if id(p) not in in_blocks)
+    assert unique_parameter_bytes(module) == kept + always
+    skip_only = Plan(plan.family, NUM_BLOCKS, skip=plan.skip)
+    assert unique_parameter_bytes(module) == unique_parameter_bytes(apply_plan(enc, skip_only)), "re-use adds no bytes"
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_only_kept_tensors_are_read(family, tiny_models):
+    _, folder = tiny_models[family]
+    plan = make_plan(family, "heavy-reuse")
+    enc = load_encoder(ModelSource(folder), plan)
+    skipped_names = {n for i in (1, 2, 3, 4) for n, _ in sub_block_parameters(build_meta(load_config(ModelSource(folder))))[i]}
+    kept_names = {n for i in (0, 5) for n, _ in sub_block_parameters(enc)[i]}
+    read = set(enc.tensors_read)
+    strip = lambda k: k.removeprefix("text_model.")  # noqa: E731  (CLIP checkpoints may carry the prefix)
+    assert not {strip(k) for k in read} & {strip(n) for n in skipped_names}
+    assert {strip(n) for n in kept_names} <= {strip(k) for k in read}
+    for i in (1, 2, 3, 4):
+        assert all(p.is_meta for _, p in sub_block_parameters(enc)[i]), "skipped sub-blocks must stay unallocated"
+
+
+def test_random_weights_allocate_only_kept(tiny_models):
+    _, folder = tiny_models["t5"]
+    plan = make_plan("t5", "skip-only")
+    enc = load_encoder(ModelSource(folder, random_weights=True), plan, "bf16")
+    module = apply_plan(enc, plan)
+    assert enc.tensors_read == ()
+    assert all(p.dtype == torch.bfloat16 for p in module.parameters())
+    assert unique_parameter_bytes(module) == plan_cost(enc, plan).kept_weight_bytes
+
+
+def test_fp16_keeps_t5_ffn_output_in_fp32(tiny_models):
+    _, folder = tiny_models["t5"]
+    plan = make_plan("t5", "dense")
+    module = apply_plan(load_encoder(ModelSource(folder), plan, "fp16"), plan)
+    dtypes = {n: p.dtype for n, p in module.named_parameters()}
+    assert {d for n, d in dtypes.items() if n.endswith("wo.weight")} == {torch.float32}
+    assert {d for n, d in dtypes.items() if not n.endswith("wo.weight")} == {torch.float16}
+
+
+def test_plan_for_another_model_is_refused(tiny_models):
+    _, folder = tiny_models["t5"]
+    with pytest.raises(PlanError, match="num_blocks: plan has 24 blocks but the model has 3"):
+        load_encoder(ModelSource(folder), Plan("t5", 24))
+    with pytest.raises(PlanError, match="family: plan is for 'bert' but the model is 't5'"):
+        load_encoder(ModelSource(folder), Plan("bert", NUM_BLOCKS))
+
+
+def test_stated_sparsity_must_match(tiny_models):
+    _, folder = tiny_models["bert"]
+    plan = Plan("bert", NUM_BLOCKS, skip=(3,), sparsity=0.5)
+    with pytest.raises(PlanError, match="sparsity: plan states 0.5000 but it removes"):
+        apply_plan(load_encoder(ModelSource(folder), plan), plan)
