@@ -1,0 +1,166 @@
+"""The command line end to end: exit codes, files written, nothing half-written after a failure."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from skrr_export.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+MINILM_PLAN = ROOT / "recipes" / "minilm" / "plan.json"
+PIXART_PLAN = ROOT / "recipes" / "t5-v1_1-xxl" / "pixart-sigma-41.9.json"
+T5XXL_CONFIG = ROOT / "recipes" / "t5-v1_1-xxl" / "config.json"
+
+
+def leftovers(folder: Path) -> list[str]:
+    return [p.name for p in folder.iterdir() if ".partial-" in p.name or ".old-" in p.name]
+
+
+def write_plan(tmp_path: Path, data) -> Path:
+    path = tmp_path / "plan.json"
+    path.write_text(json.dumps(data))
+    return path
+
+
+def test_minilm_end_to_end_from_the_console_script(tmp_path):
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [sys.executable, "-m", "skrr_export.cli", "--plan", str(MINILM_PLAN), "--out", str(out)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["model.onnx", "report.json", "report.md"]
+    report = json.loads((out / "report.json").read_text())
+    assert report["cost"]["sparsity"] == pytest.approx(0.1049, abs=5e-5)
+    assert [p["passed"] for p in report["parity"]] == [True, True]
+    assert report["parity"][0]["batch"] == "prompts, tokenizer"
+    assert set(report["distance_to_dense"]) == {"prompts", "empty prompt"}
+    assert 0 < report["distance_to_dense"]["prompts"]["last_hidden_state"]["mse"]
+    assert report["onnx"]["initializer_bytes"] <= report["onnx"]["unique_parameter_bytes"] + 65536
+    assert "## Parity" in (out / "report.md").read_text()
+    assert "[skrr-export] export done in" in proc.stderr
+    assert leftovers(tmp_path) == []
+
+
+def test_parity_failure_exits_1_and_names_the_tolerance(tmp_path, tiny_models, capsys):
+    _, folder = tiny_models["bert"]
+    plan = write_plan(tmp_path, {"format": "skrr-plan/1", "encoder": {"family": "bert", "num_blocks": 3}, "skip": [3]})
+    out = tmp_path / "out"
+    code = main(["--plan", str(plan), "--model", str(folder), "--out", str(out), "--atol", "0", "--rtol", "0", "-q"])
+    assert code == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "parity failed" in err[0]
+    report = json.loads((out / "report.json").read_text())
+    first = report["parity"][0]["outputs"][0]
+    assert not first["passed"] and first["needed_atol"] > 0
+
+
+@pytest.mark.parametrize(
+    "plan_data, message",
+    [
+        ({"format": "skrr-plan/1", "encoder": {"family": "bert", "num_blocks": 3}, "skip": [9]}, "skip: index 9 is out of range"),
+        ({"format": "skrr-plan/1", "encoder": {"family": "bert", "num_blocks": 6}}, "num_blocks: plan has 6 blocks but the model has 3"),
+        ({"format": "skrr-plan/1", "encoder": {"family": "t5", "num_blocks": 3}}, "family: plan is for 't5' but the model is 'bert'"),
+        ({"format": "skrr-plan/1", "encoder": {"family": "bert", "num_blocks": 3}, "skip": [1], "sparsity": 0.3}, "sparsity: plan states 0.3000"),
+    ],
+)
+def test_bad_plans_exit_2_with_one_line_and_no_output(plan_data, message, tmp_path, tiny_models, capsys):
+    _, folder = tiny_models["bert"]
+    out = tmp_path / "out"
+    code = main(["--plan", str(write_plan(tmp_path, plan_data)), "--model", str(folder), "--out", str(out), "-q"])
+    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+    assert not out.exists() and leftovers(tmp_path) == []
+
+
+def test_missing_weights_and_bad_arguments_exit_2(tmp_path, tiny_models, capsys):
+    _, folder = tiny_models["bert"]
+    empty = tmp_path / "model"
+    empty.mkdir()
+    (empty / "config.json").write_text((folder / "config.json").read_text())
+    plan = write_plan(tmp_path, {"format": "skrr-plan/1", "encoder": {"family": "bert", "num_blocks": 3}})
+    assert main(["--plan", str(plan), "--model", str(empty), "--out", str(tmp_path / "o"), "-q"]) == 2
+    assert "has no *.safetensors weights" in capsys.readouterr().err
+    assert main(["--plan", str(plan), "--precision", "fp8"]) == 2
+    assert "invalid choice: 'fp8'" in capsys.readouterr().err
+    assert main(["--plan", str(plan), "--model", str(tmp_path / "nowhere"), "-q"]) == 2
+    assert "has no config.json" in capsys.readouterr().err
+
+
+def test_existing_output_needs_force(tmp_path, tiny_models, capsys):
+    _, folder = tiny_models["bert"]
+    plan = write_plan(tmp_path, {"format": "skrr-plan/1", "encoder": {"family": "bert", "num_blocks": 3}, "skip": [2]})
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    args = ["--plan", str(plan), "--model", str(folder), "--out", str(out), "--no-dense-distance", "-q"]
+    assert main(args) == 2
+    assert "exists; pass --force" in capsys.readouterr().err
+    assert (out / "keep.txt").read_text() == "mine"
+    assert main(args + ["--force"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["model.onnx", "report.json", "report.md"]
+    assert leftovers(tmp_path) == []
+
+
+def test_interrupt_during_export_leaves_nothing(tmp_path, tiny_models, monkeypatch, capsys):
+    import skrr_export.export
+
+    def interrupted(*args, **kwargs):
+        (args[1].parent / "model.onnx").write_bytes(b"half")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(skrr_export.export, "export_onnx", interrupted)
+    _, folder = tiny_models["bert"]
+    plan = write_plan(tmp_path, {"format": "skrr-plan/1", "encoder": {"family": "bert", "num_blocks": 3}})
+    out = tmp_path / "out"
+    assert main(["--plan", str(plan), "--model", str(folder), "--out", str(out), "-q"]) == 130
+    assert "interrupted" in capsys.readouterr().err
+    assert not out.exists() and leftovers(tmp_path) == []
+
+
+def test_trt_engines_say_they_are_not_built_by_this_version(tmp_path, tiny_models, capsys):
+    _, folder = tiny_models["bert"]
+    plan = write_plan(tmp_path, {"format": "skrr-plan/1", "encoder": {"family": "bert", "num_blocks": 3}})
+    out = tmp_path / "out"
+    assert main(["--plan", str(plan), "--model", str(folder), "--out", str(out), "--engine", "trt", "-q"]) == 2
+    assert "--engine trt" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_help_and_inspect_work_without_torch():
+    code = (
+        "import sys, contextlib, io\n"
+        "from skrr_export.cli import main\n"
+        "buf = io.StringIO()\n"
+        "with contextlib.redirect_stdout(buf):\n"
+        "    try: main(['--help'])\n"
+        "    except SystemExit: pass\n"
+        "assert '--plan' in buf.getvalue()\n"
+        "from skrr_export.plan import load_plan\n"
+        f"load_plan({str(PIXART_PLAN)!r}).schedule()\n"
+        "assert 'torch' not in sys.modules, 'torch imported'\n"
+        "assert 'transformers' not in sys.modules\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_inspect_t5_xxl_pixart_plan_reports_41_92_percent(capsys):
+    assert main(["inspect", "--plan", str(PIXART_PLAN), "--model", str(T5XXL_CONFIG), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["total_params"] == 4_762_310_656  # DESIGN.md
+    assert round(info["sparsity"] * 100, 2) == 41.92
+    # independent arithmetic: 11 attention (67,112,960) + 10 FFN (125,833,216) sub-blocks removed
+    assert info["total_params"] - info["kept_params"] == 11 * 67_112_960 + 10 * 125_833_216
+    assert info["bytes_after"]["bfloat16"] == 5_531_471_872
+    assert info["executed_slots"] == 36
+    states = {s["slot"]: s["state"] for s in info["slots"]}
+    assert states[2] == "re-uses 0" and states[46] == "skipped" and states[0] == "kept"
+    assert main(["inspect", "--plan", str(PIXART_PLAN), "--model", str(T5XXL_CONFIG)]) == 0
+    assert "sparsity: 41.92 %" in capsys.readouterr().out
