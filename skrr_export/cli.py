@@ -50,7 +50,38 @@ def _export_parser() -> Parser:
     p.add_argument("--min-cosine", type=float, help="parity: minimum per-token cosine similarity")
     p.add_argument("--no-dense-distance", action="store_true", help="skip loading the dense model to measure the plan's cost")
     p.add_argument("-q", "--quiet", action="store_true", help="only errors")
+    e = p.add_argument_group("engine options (--engine trt / trt-rtx; trtexec names in brackets)")
+    e.add_argument("--batch", default="1,1,8", metavar="MIN,OPT,MAX", help="batch profile, or N for a fixed batch (default 1,1,8)")
+    e.add_argument("--sequence", default="1,128,512", metavar="MIN,OPT,MAX", help="sequence profile (default 1,128,512; --fixed-sequence overrides)")
+    e.add_argument("--workspace-mib", type=int, metavar="MIB", help="workspace memory-pool limit [--memPoolSize=workspace:N]")
+    e.add_argument("--opt-level", type=int, choices=range(6), metavar="0-5", help="builder optimization level [--builderOptimizationLevel]")
+    e.add_argument("--timing-cache", type=Path, metavar="FILE", help="read and update a timing cache [--timingCacheFile]")
+    e.add_argument("--weight-streaming", action="store_true", help="build with weight streaming [--weightStreaming]")
+    e.add_argument("--weight-streaming-budget", type=int, metavar="BYTES", help="device budget for streamed weights when running")
+    e.add_argument("--refit", action="store_true", help="refittable engine (REFIT_IDENTICAL) [--refit]")
+    e.add_argument("--strip-weights", action="store_true", help="weight-stripped plan, refit at deployment [--stripWeights]")
+    e.add_argument("--hardware-compatibility", choices=("ampere_plus", "same_compute_capability"), help="TensorRT: run on later GPUs [--hardwareCompatibilityLevel]")
+    e.add_argument("--compute-capability", action="append", default=[], metavar="SMxx", help="TensorRT-RTX: target GPU generation (repeatable: sm80 sm86 sm89 sm120 ...)")
+    e.add_argument("--version-compatible", action="store_true", help="engine runs on later TensorRT versions [--versionCompatible]")
     return p
+
+
+def _engine_options(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    from .trt import EngineOptions, ShapeRange
+
+    return EngineOptions(
+        batch=ShapeRange.parse(args.batch, "--batch"),
+        sequence=ShapeRange.parse(args.sequence, "--sequence"),
+        workspace_mib=args.workspace_mib,
+        optimization_level=args.opt_level,
+        timing_cache=args.timing_cache,
+        weight_streaming=args.weight_streaming,
+        refit=args.refit,
+        strip_weights=args.strip_weights,
+        hardware_compatibility=args.hardware_compatibility,
+        compute_capabilities=tuple(args.compute_capability),
+        version_compatible=args.version_compatible,
+    )
 
 
 def _inspect_parser() -> Parser:
@@ -87,6 +118,7 @@ def cmd_export(argv: list[str]) -> int:
     _setup_logging(args.quiet)
     if args.fixed_sequence is not None and args.fixed_sequence < 1:
         raise ArgumentError("skrr-export: --fixed-sequence must be a positive integer")
+    engine_options = _engine_options(args)
     from .pipeline import ExportConfig, run_export
 
     cfg = ExportConfig(
@@ -103,9 +135,12 @@ def cmd_export(argv: list[str]) -> int:
         tolerance=_tolerance(args),
         dense_distance=not args.no_dense_distance,
         force=args.force,
+        engine_options=engine_options,
+        weight_streaming_budget=args.weight_streaming_budget,
     )
-    run_export(cfg)
-    print(f"wrote {args.out}/ (model.onnx, report.json, report.md)")
+    report = run_export(cfg)
+    files = ["model.onnx"] + (["engine.plan", "engine.json"] if report["engine"] else []) + ["report.json", "report.md"]
+    print(f"wrote {args.out}/ ({', '.join(files)})")
     return 0
 
 

@@ -138,17 +138,21 @@ def _check(path: Path) -> None:
         raise InvariantError(f"exported ONNX fails onnx.checker: {str(exc).splitlines()[0]}") from None
 
 
-def onnx_weight_bytes(path: Path) -> int:
-    """Initializer bytes of an ONNX file on disk (external data included), without loading the data."""
+def onnx_initializer_sizes(path: Path) -> list[int]:
+    """Byte size of every initializer of an ONNX file on disk (external data included), without loading the data."""
     import onnx
 
     if not path.is_file():
         raise UserError(f"{path} does not exist")
     model = onnx.load(str(path), load_external_data=False)
-    total = 0
+    sizes = []
     for init in model.graph.initializer:
         if init.data_location == onnx.TensorProto.EXTERNAL:
-            total += int({e.key: e.value for e in init.external_data}.get("length", 0))
+            sizes.append(int({e.key: e.value for e in init.external_data}.get("length", 0)))
         else:
-            total += len(init.raw_data) or onnx.numpy_helper.to_array(init).nbytes
-    return total
+            sizes.append(len(init.raw_data) or onnx.numpy_helper.to_array(init).nbytes)
+    return sizes
+
+
+def onnx_weight_bytes(path: Path) -> int:
+    return sum(onnx_initializer_sizes(path))

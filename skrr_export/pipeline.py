@@ -11,7 +11,7 @@ import platform
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +40,8 @@ class ExportConfig:
     tolerance: Tolerance | None = None  # None: the precision's default
     dense_distance: bool = True
     force: bool = False
+    engine_options: Any = None  # trt.EngineOptions for --engine trt / trt-rtx
+    weight_streaming_budget: int | None = None
 
 
 @dataclass
@@ -62,11 +64,15 @@ def run_export(cfg: ExportConfig) -> dict[str, Any]:
     from .export import ExportOptions, export_onnx
     from .inputs import load_tokenizer, prompt_batch
     from .model import ModelSource, default_model_path, load_encoder
-    from .runners import OrtRunner, TorchRunner
+    from .runners import TorchRunner
 
     if cfg.engine not in ENGINES:
         raise UserError(f"--engine must be one of {', '.join(ENGINES)}, got '{cfg.engine}'")
     check_writable(cfg.out, cfg.force)
+    if cfg.engine != "onnx":
+        from .trt import load_backend
+
+        load_backend(cfg.engine)  # fail before any work when the backend is missing
     stages = Stages()
     plan = load_plan(cfg.plan)
     source = ModelSource(cfg.model or default_model_path(), cfg.subfolder, cfg.random_weights)
@@ -84,19 +90,21 @@ def run_export(cfg: ExportConfig) -> dict[str, Any]:
     with staged_folder(cfg.out, cfg.force) as stage:
         with stages.stage("export"):
             onnx = export_onnx(module, stage / "model.onnx", options, vocab)
+        batches = (prompts, empty)
         with stages.stage("parity"):
-            torch_runner = TorchRunner(module, module.output_names)
-            parity, plan_outputs = _parity(torch_runner, OrtRunner(onnx.path), prompts, empty, tolerances, cfg.precision)
+            plan_outputs = _reference_outputs(TorchRunner(module, module.output_names), batches)
+            parity = _ort_parity(onnx.path, cfg.precision, plan_outputs, batches, tolerances)
         engine = None
         if cfg.engine != "onnx":
             with stages.stage("engine"):
-                engine = _engine(cfg, onnx, stage)
+                engine, engine_parity = _engine(cfg, onnx.path, plan, stage, plan_outputs, batches, tolerances)
+            parity += engine_parity
         del module, enc
         gc.collect()
         dense = None
         if cfg.dense_distance:
             with stages.stage("dense distance"):
-                dense = _distance_to_dense(source, plan, cfg.precision, prompts, empty, plan_outputs)
+                dense = _distance_to_dense(source, plan, cfg.precision, batches, plan_outputs)
         report = {
             "tool": {"name": "skrr-export", "version": __version__, "python": platform.python_version(), **_versions()},
             "model": {"path": str(source.folder), "family": plan.family, "random_weights": source.random_weights},
@@ -134,35 +142,39 @@ def run_export(cfg: ExportConfig) -> dict[str, Any]:
     return report
 
 
-def _parity(torch_runner: Any, other: Any, prompts: Any, empty: Any, tolerances: dict[str, Tolerance], precision: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """PyTorch (plan) vs the exported model on the prompts and the empty prompt."""
-    from .errors import ArtifactError
-
-    results: list[dict[str, Any]] = []
-    outputs: dict[str, Any] = {}
+def _reference_outputs(torch_runner: Any, batches: tuple[Any, ...]) -> dict[str, Any]:
     with torch_runner:
-        for batch in (prompts, empty):
-            outputs[batch.label] = torch_runner.infer(batch.feed)
-    try:
-        other.activate()
-    except ArtifactError as exc:
-        if precision != "bf16":
-            raise
-        reason = f"{exc} (ONNX Runtime's CPU provider has no bf16 kernels; run on CUDA or build an engine)"
-        return [{"reference": torch_runner.name, "test": other.name, "passed": None, "reason": reason}], outputs
-    try:
-        for batch in (prompts, empty):
-            result: Comparison = compare(
-                (torch_runner.name, outputs[batch.label]), (other.name, other.infer(batch.feed)), batch.mask, tolerances
-            )
+        return {batch.label: torch_runner.infer(batch.feed) for batch in batches}
+
+
+def _parity(reference: dict[str, Any], runner: Any, batches: tuple[Any, ...], tolerances: dict[str, Tolerance]) -> list[dict[str, Any]]:
+    """PyTorch (the plan) vs ``runner`` on every batch, with the same comparator and tolerances."""
+    results = []
+    with runner:
+        for batch in batches:
+            result: Comparison = compare(("pytorch", reference[batch.label]), (runner.name, runner.infer(batch.feed)),
+                                         batch.mask, tolerances)
             log.info("%s", result)
             results.append(result.to_json() | {"batch": f"{batch.label}, {batch.source}"})
-    finally:
-        other.deactivate()
-    return results, outputs
+    return results
 
 
-def _distance_to_dense(source: Any, plan: Plan, precision: str, prompts: Any, empty: Any, plan_outputs: dict[str, Any]) -> dict[str, Any]:
+def not_executed(test: str, reason: str) -> dict[str, Any]:
+    log.warning("%s: %s", test, reason)
+    return {"reference": "pytorch", "test": test, "passed": None, "reason": reason}
+
+
+def _ort_parity(onnx_path: Path, precision: str, reference: dict[str, Any], batches: tuple[Any, ...],
+                tolerances: dict[str, Tolerance]) -> list[dict[str, Any]]:
+    from .runners import OrtRunner
+
+    if precision == "bf16":  # ONNX Runtime's CPU provider has no bf16 kernels (Add, Mul, MatMul ...)
+        return [not_executed("onnxruntime", "not executed: ONNX Runtime's CPU provider has no bf16 kernels; "
+                             "the graph passed onnx.checker (run it with the CUDA provider, or build an engine)")]
+    return _parity(reference, OrtRunner(onnx_path), batches, tolerances)
+
+
+def _distance_to_dense(source: Any, plan: Plan, precision: str, batches: tuple[Any, ...], plan_outputs: dict[str, Any]) -> dict[str, Any]:
     """The plan's cost in quality: its outputs against the dense model's, on the prompts and the empty prompt."""
     from .apply import apply_plan
     from .model import load_encoder
@@ -172,16 +184,27 @@ def _distance_to_dense(source: Any, plan: Plan, precision: str, prompts: Any, em
     dense = apply_plan(load_encoder(source, dense_plan, precision), dense_plan)
     out = {}
     with TorchRunner(dense, dense.output_names) as runner:
-        for batch in (prompts, empty):
+        for batch in batches:
             out[batch.label] = distance(runner.infer(batch.feed), plan_outputs[batch.label], batch.mask)
     return out
 
 
-def _engine(cfg: ExportConfig, onnx: Any, stage: Path) -> dict[str, Any]:
-    raise UserError(
-        f"--engine {cfg.engine} is not available in this version yet (TensorRT engine building is tracked in "
-        "issue 3); use --engine onnx and build with trtexec from model.onnx"
-    )
+def _engine(cfg: ExportConfig, onnx_path: Path, plan: Plan, stage: Path, reference: dict[str, Any], batches: tuple[Any, ...],
+            tolerances: dict[str, Tolerance]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Build the engine; run it against PyTorch where a CUDA runtime can, else say why it was not run."""
+    from .trt import EngineOptions, TrtRunner, build_engine, execution_blocker
+
+    options = cfg.engine_options or EngineOptions()
+    if cfg.fixed_sequence:
+        from .trt import ShapeRange
+
+        options = replace(options, sequence=ShapeRange(cfg.fixed_sequence, cfg.fixed_sequence, cfg.fixed_sequence))
+    artifact = build_engine(onnx_path, cfg.engine, options, stage / "engine.plan", {"plan_sha256": plan.digest()})
+    blocker = execution_blocker(cfg.engine)
+    if blocker:
+        return artifact.metadata, [not_executed(cfg.engine, blocker)]
+    runner = TrtRunner(artifact.path, cfg.engine, cfg.weight_streaming_budget)
+    return artifact.metadata, _parity(reference, runner, batches, tolerances)
 
 
 def _versions() -> dict[str, str]:

@@ -1,0 +1,491 @@
+"""TensorRT and TensorRT-RTX engines from one code path.
+
+This is the only module that imports ``tensorrt`` / ``tensorrt_rtx``; every difference between the two
+and between their releases lives here. The code is written against ``tensorrt``'s API (type-checked with
+tensorrt-stubs); at run time the name ``trt`` forwards to whichever backend is bound for the build.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import logging
+import re
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .errors import ArtifactError, InvariantError, UserError
+from .runners import Feed, Runner
+
+log = logging.getLogger("skrr_export")
+
+# engine flag -> (module, pip package, what it is for)
+BACKENDS = {
+    "trt": ("tensorrt", "tensorrt", "TensorRT for servers, Triton and Jetson"),
+    "trt-rtx": ("tensorrt_rtx", "tensorrt-rtx", "TensorRT-RTX for RTX GPUs (builds ahead of time without a GPU)"),
+}
+WEIGHT_SLACK = 1.02  # engine weights may exceed unique ONNX weights by 2 %
+WEIGHT_ALIGNMENT = 256  # TensorRT pads every weight to 256 bytes (seen: +256 B for one re-used 64x64 matrix)
+_WEIGHTS_LINE = re.compile(r"Total Weights Memory: (\d+) bytes")
+_ACTIVATION_LINE = re.compile(r"Total Activation Memory: (\d+) bytes")
+
+
+class _Bound:
+    """Forwards attribute access to the backend module bound by ``bound()``."""
+
+    module: Any = None
+
+    def __getattr__(self, name: str) -> Any:
+        if self.module is None:
+            raise RuntimeError("no TensorRT backend bound; use skrr_export.trt.bound(backend)")
+        return getattr(self.module, name)
+
+
+if TYPE_CHECKING:
+    import tensorrt as trt
+else:
+    trt = _Bound()
+
+
+@dataclass(frozen=True)
+class Backend:
+    engine: str  # "trt" or "trt-rtx"
+    module: Any
+    version: str
+
+    @property
+    def rtx(self) -> bool:
+        return self.engine == "trt-rtx"
+
+    @property
+    def major(self) -> int:
+        return int(self.version.split(".")[0])
+
+
+def load_backend(engine: str) -> Backend:
+    """Import the backend, or say which package provides it and what else works on this machine."""
+    module_name, package, purpose = BACKENDS[engine]
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError:
+        module = None
+    if module is None or not hasattr(module, "Builder"):  # tensorrt-stubs alone make an empty 'tensorrt' importable
+        others = [f"--engine {e}" for e in BACKENDS if e != engine and available(e)]
+        raise UserError(
+            f"--engine {engine} needs {purpose}: the Python package '{package}', which is not installed; "
+            f"usable here: --engine onnx{''.join(', ' + o for o in others)}"
+        )
+    return Backend(engine, module, str(module.__version__))
+
+
+def available(engine: str) -> bool:
+    try:
+        return hasattr(importlib.import_module(BACKENDS[engine][0]), "Builder")
+    except ImportError:
+        return False
+
+
+@contextmanager
+def bound(backend: Backend) -> Iterator[Backend]:
+    """Bind ``trt`` to ``backend`` for the duration of a build or a run."""
+    previous = _Bound.module
+    _Bound.module = backend.module
+    try:
+        yield backend
+    finally:
+        _Bound.module = previous
+
+
+@dataclass(frozen=True)
+class ShapeRange:
+    min: int
+    opt: int
+    max: int
+
+    def check(self, what: str) -> None:
+        if not 1 <= self.min <= self.opt <= self.max:
+            raise UserError(
+                f"{what} profile min={self.min} opt={self.opt} max={self.max} must satisfy 1 <= min <= opt <= max"
+            )
+
+    @classmethod
+    def parse(cls, text: str, what: str) -> ShapeRange:
+        """'1,4,8' (min,opt,max) or '8' (fixed)."""
+        try:
+            values = [int(v) for v in text.split(",")]
+        except ValueError:
+            raise UserError(f"{what} must be N or MIN,OPT,MAX integers, got '{text}'") from None
+        if len(values) == 1:
+            values *= 3
+        if len(values) != 3:
+            raise UserError(f"{what} must be N or MIN,OPT,MAX, got '{text}'")
+        shape = cls(*values)
+        shape.check(what)
+        return shape
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """Builder settings, named as trtexec users know them."""
+
+    batch: ShapeRange = ShapeRange(1, 1, 8)
+    sequence: ShapeRange = ShapeRange(1, 128, 512)  # ignored for a fixed-sequence export
+    workspace_mib: int | None = None  # --memPoolSize=workspace:N
+    optimization_level: int | None = None  # --builderOptimizationLevel
+    timing_cache: Path | None = None  # --timingCacheFile
+    weight_streaming: bool = False  # --weightStreaming
+    refit: bool = False  # --refit (REFIT_IDENTICAL: plain REFIT gives wrong results in TensorRT 11.3)
+    strip_weights: bool = False  # --stripWeights
+    hardware_compatibility: str | None = None  # trt: ampere_plus | same_compute_capability
+    compute_capabilities: tuple[str, ...] = ()  # trt-rtx: sm75 sm80 sm86 sm89 sm120 ...
+    version_compatible: bool = False  # --versionCompatible
+
+    def to_json(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["timing_cache"] = str(self.timing_cache) if self.timing_cache else None
+        return out
+
+
+@dataclass
+class EngineArtifact:
+    path: Path
+    metadata_path: Path
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _make_logger() -> Any:
+    class CapturingLogger(trt.ILogger):
+        """Keeps every message: on a machine without a GPU the builder's log is the only weight report."""
+
+        def __init__(self) -> None:
+            trt.ILogger.__init__(self)
+            self.lines: list[tuple[Any, str]] = []
+
+        def log(self, severity: Any, msg: str) -> None:
+            self.lines.append((severity, msg))
+            if severity <= trt.ILogger.Severity.ERROR:
+                log.error("%s", msg)
+
+        def errors(self) -> list[str]:
+            return [m for s, m in self.lines if s <= trt.ILogger.Severity.ERROR]
+
+        def find(self, pattern: re.Pattern[str]) -> int | None:
+            hits = [int(m.group(1)) for _, line in self.lines if (m := pattern.search(line))]
+            return hits[-1] if hits else None
+
+    return CapturingLogger()
+
+
+def _parse(builder: Any, logger: Any, onnx_path: Path) -> tuple[Any, Any]:
+    flags = 0
+    if hasattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED"):  # TensorRT 10: opt in; 11 and RTX: always
+        flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+    network = builder.create_network(flags)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):  # from the path, so external data resolves
+        errors = [parser.get_error(i) for i in range(parser.num_errors)]
+        first = errors[0] if errors else None
+        where = f" at node {first.node()} ({first.node_name()}, {first.node_operator()})" if first else ""
+        desc = first.desc() if first else "; ".join(logger.errors()) or "unknown error"
+        raise ArtifactError(f"TensorRT cannot parse {onnx_path.name}{where}: {desc}")
+    return network, parser
+
+
+def _io(network: Any) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    def describe(t: Any) -> dict[str, Any]:
+        return {"name": t.name, "dtype": str(t.dtype).removeprefix("DataType."), "shape": list(t.shape)}
+
+    inputs = [describe(network.get_input(i)) for i in range(network.num_inputs)]
+    outputs = [describe(network.get_output(i)) for i in range(network.num_outputs)]
+    return inputs, outputs
+
+
+def profile_shapes(inputs: list[dict[str, Any]], options: EngineOptions) -> dict[str, list[list[int]]]:
+    """min/opt/max per input: axis 0 is batch, a dynamic axis 1 is sequence, fixed axes stay as exported."""
+    options.batch.check("batch")
+    options.sequence.check("sequence")
+    shapes = {}
+    for inp in inputs:
+        ranges = [options.batch if axis == 0 else options.sequence if dim == -1 else ShapeRange(dim, dim, dim)
+                  for axis, dim in enumerate(inp["shape"])]
+        shapes[inp["name"]] = [[getattr(r, k) for r in ranges] for k in ("min", "opt", "max")]
+    return shapes
+
+
+def _configure(backend: Backend, builder: Any, options: EngineOptions, shapes: dict[str, list[list[int]]]) -> Any:
+    config = builder.create_builder_config()
+    profile = builder.create_optimization_profile()
+    for name, (lo, opt, hi) in shapes.items():
+        profile.set_shape(name, trt.Dims(lo), trt.Dims(opt), trt.Dims(hi))
+    config.add_optimization_profile(profile)
+    if options.workspace_mib is not None:
+        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, options.workspace_mib << 20)
+    if options.optimization_level is not None:
+        config.builder_optimization_level = options.optimization_level
+    for wanted, flag in ((options.weight_streaming, "WEIGHT_STREAMING"), (options.refit, "REFIT_IDENTICAL"),
+                         (options.strip_weights, "STRIP_PLAN"), (options.version_compatible, "VERSION_COMPATIBLE")):
+        if wanted:
+            config.set_flag(getattr(trt.BuilderFlag, flag))
+    _target(backend, config, options)
+    return config
+
+
+def _target(backend: Backend, config: Any, options: EngineOptions) -> None:
+    """Which GPUs the engine may run on: hardware compatibility (TensorRT) or compute capabilities (RTX)."""
+    if backend.rtx:
+        if options.hardware_compatibility:
+            raise UserError("TensorRT-RTX has no hardware compatibility levels; use --compute-capability sm80 ...")
+        caps = [_capability(c) for c in options.compute_capabilities]
+        if caps:
+            config.num_compute_capabilities = len(caps)
+            for i, cap in enumerate(caps):
+                config.set_compute_capability(cap, i)
+        return
+    if options.compute_capabilities:
+        raise UserError("--compute-capability is a TensorRT-RTX option; TensorRT uses --hardware-compatibility")
+    if options.hardware_compatibility:
+        name = options.hardware_compatibility.upper()
+        if not hasattr(trt.HardwareCompatibilityLevel, name):
+            raise UserError(f"--hardware-compatibility must be ampere_plus or same_compute_capability, got '{options.hardware_compatibility}'")
+        config.hardware_compatibility_level = getattr(trt.HardwareCompatibilityLevel, name)
+
+
+def _capability(text: str) -> Any:
+    name = text.upper()
+    known = getattr(trt, "ComputeCapability", None)
+    if known is None or not hasattr(known, name):
+        choices = [c.lower() for c in dir(known) if c.startswith("SM")] if known else []
+        raise UserError(f"unknown compute capability '{text}'; this TensorRT-RTX knows {', '.join(choices)}")
+    return getattr(known, name)
+
+
+@contextmanager
+def _timing_cache(backend: Backend, config: Any, path: Path | None) -> Iterator[None]:
+    if path is None or backend.rtx:  # RTX: timing cache operations are no-ops (it compiles just in time)
+        if path is not None:
+            log.info("TensorRT-RTX ignores timing caches; %s not used", path)
+        yield
+        return
+    cache = config.create_timing_cache(path.read_bytes() if path.is_file() else b"")
+    config.set_timing_cache(cache, False)
+    yield
+    tmp = path.with_name(path.name + ".partial")
+    tmp.write_bytes(memoryview(cache.serialize()))
+    tmp.replace(path)
+
+
+def build_engine(onnx_path: Path, engine: str, options: EngineOptions, out: Path, provenance: dict[str, Any]) -> EngineArtifact:
+    """Parse ``onnx_path``, build, write ``out`` (engine.plan) and ``out.json``; check weight bytes against the ONNX."""
+    from .export import onnx_initializer_sizes
+    from .runners import check_onnx_files
+
+    backend = load_backend(engine)
+    check_onnx_files(onnx_path)
+    start = time.perf_counter()
+    with bound(backend):
+        logger = _make_logger()
+        builder = trt.Builder(logger)
+        network, _parser = _parse(builder, logger, onnx_path)
+        inputs, outputs = _io(network)
+        shapes = profile_shapes(inputs, options)
+        config = _configure(backend, builder, options, shapes)
+        with _timing_cache(backend, config, options.timing_cache):
+            serialized = builder.build_serialized_network(network, config)
+        if serialized is None:
+            raise ArtifactError(f"{backend.engine} build failed: {'; '.join(logger.errors()[-3:]) or 'no reason logged'}")
+        tmp = out.with_name(out.name + ".partial")
+        tmp.write_bytes(memoryview(serialized))
+        tmp.replace(out)
+        weights = _weight_bytes(backend, out, logger)
+    seconds = time.perf_counter() - start
+    sizes = onnx_initializer_sizes(onnx_path)
+    unique = sum(sizes)
+    aligned = sum(-(-n // WEIGHT_ALIGNMENT) * WEIGHT_ALIGNMENT for n in sizes)
+    meta = {
+        "backend": backend.engine,
+        "module": backend.module.__name__,
+        "version": backend.version,
+        "profiles": [shapes],
+        "inputs": inputs,
+        "outputs": outputs,
+        "options": options.to_json(),
+        "engine_sha256": sha256_file(out),
+        "onnx_sha256": sha256_file(onnx_path),
+        "serialized_bytes": out.stat().st_size,
+        "onnx_weight_bytes": unique,
+        "onnx_weight_bytes_aligned": aligned,
+        "weights": weights,
+        "build_seconds": round(seconds, 2),
+        **provenance,
+    }
+    metadata_path = out.with_suffix(".json")
+    metadata_path.write_text(json.dumps(meta, indent=2) + "\n")
+    log.info("built %s with %s %s in %.1f s: %s", out.name, backend.module.__name__, backend.version, seconds, weights)
+    _check_weights(weights, aligned, out)
+    return EngineArtifact(out, metadata_path, meta)
+
+
+def _weight_bytes(backend: Backend, engine_path: Path, logger: Any) -> dict[str, Any]:
+    """Engine statistics where a runtime can load the engine (needs a GPU); the builder's own report otherwise."""
+    stats = _engine_stats(backend, engine_path)
+    if stats is not None:
+        return stats
+    return {
+        "total_bytes": logger.find(_WEIGHTS_LINE),
+        "source": "builder log 'Total Weights Memory' (no CUDA device to load the engine)",
+        "activation_bytes_builder": logger.find(_ACTIVATION_LINE),
+    }
+
+
+def _engine_stats(backend: Backend, engine_path: Path) -> dict[str, Any] | None:
+    if not cuda_available():
+        return None
+    runtime = trt.Runtime(_make_logger())
+    eng = runtime.deserialize_cuda_engine(engine_path.read_bytes())
+    if eng is None:
+        return None
+    out: dict[str, Any] = {"activation_bytes": int(eng.device_memory_size_v2)}
+    if hasattr(eng, "get_engine_stat") and hasattr(trt, "EngineStat"):  # TensorRT 11 / RTX; not in 10.13
+        out["total_bytes"] = int(eng.get_engine_stat(trt.EngineStat.TOTAL_WEIGHTS_SIZE))
+        out["source"] = "engine statistics (TOTAL_WEIGHTS_SIZE)"
+    else:
+        out["total_bytes"] = None
+        out["source"] = "not reported by this TensorRT version"
+    out["streamable_bytes"] = int(eng.streamable_weights_size)
+    return out
+
+
+def _check_weights(weights: dict[str, Any], unique: int, engine_path: Path) -> None:
+    """``unique``: the ONNX's unique initializer bytes, each rounded up to TensorRT's weight alignment."""
+    total = weights.get("total_bytes")
+    if total is None:
+        log.warning("engine weight bytes unknown (%s); the 2 %% check was not made", weights.get("source"))
+        return
+    if total > unique * WEIGHT_SLACK:
+        engine_path.unlink(missing_ok=True)
+        engine_path.with_suffix(".json").unlink(missing_ok=True)
+        raise InvariantError(
+            f"engine stores {total} weight bytes for {unique} unique ONNX weight bytes (256-byte aligned) "
+            f"(+{(total / unique - 1) * 100:.1f} %, limit +{(WEIGHT_SLACK - 1) * 100:.0f} %): a weight is stored twice"
+        )
+
+
+def cuda_available() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return bool(torch.cuda.is_available())
+
+
+def check_engine_metadata(engine_path: Path, backend: Backend) -> dict[str, Any]:
+    """An engine runs only on the backend and version that built it; say so before TensorRT does."""
+    meta_path = engine_path.with_suffix(".json")
+    if not engine_path.is_file():
+        raise ArtifactError(f"engine {engine_path} does not exist")
+    if not meta_path.is_file():
+        raise ArtifactError(f"{engine_path.name} has no metadata file {meta_path.name} beside it")
+    meta = json.loads(meta_path.read_text())
+    if meta.get("backend") != backend.engine or meta.get("version") != backend.version:
+        raise ArtifactError(
+            f"{engine_path.name} was built by {meta.get('module')} {meta.get('version')}, but this is "
+            f"{backend.module.__name__} {backend.version}; rebuild it from model.onnx"
+        )
+    if meta.get("engine_sha256") != sha256_file(engine_path):
+        raise ArtifactError(f"{engine_path.name} does not match the sha256 in {meta_path.name}; rebuild it")
+    return meta
+
+
+def execution_blocker(engine: str) -> str | None:
+    """Why engines of this backend cannot run here, or None when they can."""
+    if not cuda_available():
+        return "built, not executed: no CUDA device on this machine"
+    if engine == "trt-rtx":
+        import torch
+
+        major, minor = torch.cuda.get_device_capability()
+        if (major, minor) not in ((8, 0), (8, 6), (8, 9)) and major != 12:
+            return f"built, not executed: TensorRT-RTX engines run on compute capability 8.0/8.6/8.9/12.x, this GPU is {major}.{minor}"
+    return None
+
+
+class TrtRunner(Runner):
+    """Runs an engine on CUDA: allocate by profile, set shapes, run on a stream, return named outputs."""
+
+    name = "tensorrt"
+
+    def __init__(self, engine_path: Path, engine: str, weight_streaming_budget: int | None = None):
+        super().__init__()
+        self.engine_path = engine_path
+        self.backend = load_backend(engine)
+        self.budget = weight_streaming_budget
+        self.name = engine
+        self._runtime: trt.Runtime | None = None
+        self._engine: trt.ICudaEngine | None = None
+        self._context: trt.IExecutionContext | None = None
+
+    def activate_impl(self) -> None:
+        import torch
+
+        blocker = execution_blocker(self.backend.engine)
+        if blocker:
+            raise ArtifactError(blocker)
+        check_engine_metadata(self.engine_path, self.backend)
+        with bound(self.backend):
+            self._logger = _make_logger()
+            self._runtime = trt.Runtime(self._logger)
+            engine = self._runtime.deserialize_cuda_engine(self.engine_path.read_bytes())
+            if engine is None:
+                raise ArtifactError(f"cannot load {self.engine_path.name}: {'; '.join(self._logger.errors())}")
+            if self.budget is not None:
+                engine.weight_streaming_budget_v2 = self.budget
+            self._engine, self._context = engine, engine.create_execution_context()
+        self._stream = torch.cuda.Stream()
+
+    def infer_impl(self, feed: Feed) -> Feed:
+        import torch
+
+        from .runners import to_numpy
+
+        engine, context = self._engine, self._context
+        assert engine is not None and context is not None  # activate() made them
+        with bound(self.backend), torch.cuda.stream(self._stream):  # copies and the engine on one stream
+            keep: dict[str, torch.Tensor] = {}
+            outputs: list[str] = []
+            for i in range(engine.num_io_tensors):
+                name = engine.get_tensor_name(i)
+                if engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT:
+                    keep[name] = torch.from_numpy(feed[name]).cuda().contiguous()
+                    context.set_input_shape(name, trt.Dims(list(keep[name].shape)))
+                    context.set_tensor_address(name, keep[name].data_ptr())
+                else:
+                    outputs.append(name)
+            for name in outputs:
+                dims = context.get_tensor_shape(name)
+                shape = [dims[i] for i in range(len(dims))]
+                dtype = _TORCH_DTYPES[str(engine.get_tensor_dtype(name)).removeprefix("DataType.")]
+                keep[name] = torch.empty(shape, dtype=getattr(torch, dtype), device="cuda")
+                context.set_tensor_address(name, keep[name].data_ptr())
+            if not context.execute_async_v3(self._stream.cuda_stream):
+                raise ArtifactError(f"{self.name}: execution failed: {'; '.join(self._logger.errors())}")
+            self._stream.synchronize()
+        return {name: to_numpy(keep[name]) for name in outputs}
+
+    def deactivate_impl(self) -> None:
+        self._context = self._engine = self._runtime = None
+
+
+_TORCH_DTYPES = {"FLOAT": "float32", "HALF": "float16", "BF16": "bfloat16", "INT32": "int32", "INT64": "int64"}

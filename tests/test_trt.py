@@ -1,0 +1,205 @@
+"""TensorRT engines: TensorRT-RTX builds ahead of time on this CPU machine; the standard TensorRT path is
+type-checked against tensorrt-stubs; running engines needs a CUDA device and skips without one."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from skrr_export.apply import apply_plan
+from skrr_export.errors import ArtifactError, UserError
+from skrr_export.export import ExportOptions, export_onnx, onnx_weight_bytes
+from skrr_export.model import ModelSource, load_encoder
+from skrr_export.plan import Plan, load_plan
+from skrr_export.trt import (
+    WEIGHT_SLACK,
+    EngineOptions,
+    ShapeRange,
+    available,
+    build_engine,
+    check_engine_metadata,
+    cuda_available,
+    load_backend,
+)
+
+from .helpers import NUM_BLOCKS
+from .test_apply import make_plan
+from .test_cli import MINILM_PLAN
+from .typecheck import stubs
+
+ROOT = Path(__file__).resolve().parents[1]
+needs_rtx = pytest.mark.skipif(not available("trt-rtx"), reason="tensorrt-rtx is not installed (pip install tensorrt-rtx)")
+OPTIONS = EngineOptions(batch=ShapeRange(1, 2, 4), sequence=ShapeRange(1, 16, 64))
+
+
+def onnx_for(folder: Path, family: str, plan: Plan, tmp_path: Path, precision: str = "fp32", **options) -> Path:
+    module = apply_plan(load_encoder(ModelSource(folder), plan, precision), plan)
+    return export_onnx(module, tmp_path / "model.onnx", ExportOptions(**options), vocab_size=module.stem.embed.num_embeddings
+                       if hasattr(module.stem, "embed") else 96).path
+
+
+def assert_weights_stored_once(meta: dict, onnx_path: Path) -> None:
+    total = meta["weights"]["total_bytes"]
+    assert total is not None, meta["weights"]
+    assert meta["onnx_weight_bytes"] == onnx_weight_bytes(onnx_path)
+    assert meta["onnx_weight_bytes"] <= total <= meta["onnx_weight_bytes_aligned"] * WEIGHT_SLACK
+
+
+@needs_rtx
+@pytest.mark.parametrize("plan_name", ["dense", "skip-only", "heavy-reuse"])
+@pytest.mark.parametrize("family", ["t5", "clip-projection", "bert"])
+def test_rtx_engine_weights_equal_unique_onnx_weights(family, plan_name, tiny_models, tmp_path):
+    _, folder = tiny_models[family]
+    plan = make_plan(family, plan_name)
+    onnx_path = onnx_for(folder, family, plan, tmp_path)
+    art = build_engine(onnx_path, "trt-rtx", OPTIONS, tmp_path / "engine.plan", {"plan_sha256": plan.digest()})
+    assert art.path.is_file() and art.path.stat().st_size == art.metadata["serialized_bytes"]
+    assert_weights_stored_once(art.metadata, onnx_path)
+    meta = json.loads(art.metadata_path.read_text())
+    assert meta["backend"] == "trt-rtx" and meta["version"] == load_backend("trt-rtx").version
+    assert meta["profiles"][0]["input_ids"] == [[1, 1], [2, 16], [4, 64]]
+    assert [o["name"] for o in meta["outputs"]][0] == "last_hidden_state"
+    assert meta["plan_sha256"] == plan.digest()
+
+
+@needs_rtx
+def test_rtx_heavy_reuse_engine_is_smaller_than_dense(tiny_models, tmp_path):
+    """Re-used sub-blocks are stored once: an engine that executes 6 slots holds the weights of 2."""
+    _, folder = tiny_models["bert"]
+    sizes = {}
+    for name in ("dense", "heavy-reuse"):
+        out = tmp_path / name
+        out.mkdir()
+        path = onnx_for(folder, "bert", make_plan("bert", name), out)
+        sizes[name] = build_engine(path, "trt-rtx", OPTIONS, out / "engine.plan", {}).metadata["weights"]["total_bytes"]
+    assert sizes["heavy-reuse"] < sizes["dense"] * 0.8
+
+
+@needs_rtx
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_rtx_builds_half_precision_exports(precision, tiny_models, tmp_path):
+    _, folder = tiny_models["t5"]
+    plan = make_plan("t5", "heavy-reuse")
+    onnx_path = onnx_for(folder, "t5", plan, tmp_path, precision)
+    art = build_engine(onnx_path, "trt-rtx", OPTIONS, tmp_path / "engine.plan", {})
+    assert {"fp16": "HALF", "bf16": "BF16"}[precision] == art.metadata["outputs"][0]["dtype"]
+    assert_weights_stored_once(art.metadata, onnx_path)
+
+
+@needs_rtx
+def test_rtx_external_data_and_fixed_sequence(tiny_models, tmp_path):
+    _, folder = tiny_models["clip"]
+    onnx_path = onnx_for(folder, "clip", make_plan("clip", "heavy-reuse"), tmp_path, external_data=True, fixed_sequence=9)
+    art = build_engine(onnx_path, "trt-rtx", OPTIONS, tmp_path / "engine.plan", {})
+    assert art.metadata["profiles"][0]["input_ids"] == [[1, 9], [2, 9], [4, 9]]
+    assert_weights_stored_once(art.metadata, onnx_path)
+    (tmp_path / "model.onnx.data").unlink()
+    with pytest.raises(ArtifactError, match="needs its external data file"):
+        build_engine(onnx_path, "trt-rtx", OPTIONS, tmp_path / "engine2.plan", {})
+    assert not (tmp_path / "engine2.plan").exists()
+
+
+@needs_rtx
+def test_rtx_minilm_real_weights_from_the_cli(tmp_path):
+    from skrr_export.cli import main
+
+    out = tmp_path / "out"
+    assert main(["--plan", str(MINILM_PLAN), "--engine", "trt-rtx", "--out", str(out), "--sequence", "1,64,128",
+                 "--no-dense-distance", "-q"]) == 0
+    meta = json.loads((out / "engine.json").read_text())
+    assert_weights_stored_once(meta, out / "model.onnx")
+    report = json.loads((out / "report.json").read_text())
+    engine_check = report["parity"][-1]
+    if not cuda_available():
+        assert engine_check["passed"] is None and engine_check["reason"].startswith("built, not executed")
+    assert report["engine"]["engine_sha256"] == meta["engine_sha256"]
+
+
+@needs_rtx
+def test_rtx_unparsable_graph_names_the_node(tmp_path):
+    import onnx
+    from onnx import TensorProto, helper
+
+    node = helper.make_node("FooBarOp", ["x"], ["y"], name="my_bad_node")
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])])
+    path = tmp_path / "bad.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10), path)
+    with pytest.raises(ArtifactError, match=r"cannot parse bad.onnx at node 0 \(my_bad_node, FooBarOp\)"):
+        build_engine(path, "trt-rtx", OPTIONS, tmp_path / "engine.plan", {})
+    assert not (tmp_path / "engine.plan").exists()
+
+
+def test_profiles_must_contain_the_opt_shape():
+    with pytest.raises(UserError, match="must satisfy 1 <= min <= opt <= max"):
+        ShapeRange.parse("4,2,8", "--batch")
+    with pytest.raises(UserError, match="must be N or MIN,OPT,MAX"):
+        ShapeRange.parse("1,2", "--sequence")
+    assert ShapeRange.parse("77", "--sequence") == ShapeRange(77, 77, 77)
+
+
+@needs_rtx
+def test_engine_from_another_backend_or_version_is_refused(tiny_models, tmp_path):
+    _, folder = tiny_models["bert"]
+    onnx_path = onnx_for(folder, "bert", make_plan("bert", "dense"), tmp_path)
+    art = build_engine(onnx_path, "trt-rtx", OPTIONS, tmp_path / "engine.plan", {})
+    backend = load_backend("trt-rtx")
+    assert check_engine_metadata(art.path, backend)["backend"] == "trt-rtx"
+    meta = json.loads(art.metadata_path.read_text())
+    art.metadata_path.write_text(json.dumps(meta | {"version": "1.0.0.0"}))
+    with pytest.raises(ArtifactError, match=r"built by tensorrt_rtx 1.0.0.0, but this is tensorrt_rtx"):
+        check_engine_metadata(art.path, backend)
+    art.metadata_path.write_text(json.dumps(meta | {"backend": "trt", "module": "tensorrt"}))
+    with pytest.raises(ArtifactError, match="built by tensorrt"):
+        check_engine_metadata(art.path, backend)
+    art.metadata_path.write_text(json.dumps(meta))
+    art.path.write_bytes(art.path.read_bytes()[:-10])
+    with pytest.raises(ArtifactError, match="does not match the sha256"):
+        check_engine_metadata(art.path, backend)
+
+
+@pytest.mark.skipif(available("trt"), reason="tensorrt is installed here")
+def test_missing_tensorrt_names_the_package_and_the_alternatives():
+    with pytest.raises(UserError) as err:
+        load_backend("trt")
+    message = str(err.value)
+    assert "the Python package 'tensorrt', which is not installed" in message
+    assert "usable here: --engine onnx" in message
+    assert ("--engine trt-rtx" in message) == available("trt-rtx")
+
+
+@pytest.mark.skipif(not cuda_available(), reason="running engines needs a CUDA device")
+@needs_rtx
+def test_rtx_engine_runs_and_matches_pytorch(tiny_models, tmp_path):  # pragma: no cover - GPU machines only
+    from skrr_export.trt import execution_blocker
+
+    if execution_blocker("trt-rtx"):
+        pytest.skip(execution_blocker("trt-rtx"))
+    from skrr_export.cli import main
+
+    _, folder = tiny_models["bert"]
+    plan_path = tmp_path / "plan.json"
+    plan_path.write_text(json.dumps(make_plan("bert", "heavy-reuse").to_json()))
+    assert main(["--plan", str(plan_path), "--model", str(folder), "--engine", "trt-rtx", "--out", str(tmp_path / "o"), "-q"]) == 0
+
+
+def test_standard_tensorrt_path_type_checks_against_tensorrt_stubs(tmp_path):
+    site = stubs.installed_stubs()
+    if site is None:
+        pytest.skip("tensorrt-stubs is not installed (pip install --no-deps tensorrt-stubs==10.13.0.35.1)")
+    pytest.importorskip("mypy")
+    config = stubs.prepare(site, tmp_path)
+    target = ROOT / "skrr_export" / "trt.py"
+    ok = subprocess.run([sys.executable, "-m", "mypy", "--config-file", str(config), str(target)],
+                        capture_output=True, text=True, cwd=tmp_path)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    # the check is real: a misspelled TensorRT name fails it
+    broken = tmp_path / "broken.py"
+    broken.write_text("import tensorrt as trt\n\ndef f(b: trt.Builder) -> None:\n    b.create_netwrk(0)\n    trt.BuilderFlag.FP17\n")
+    bad = subprocess.run([sys.executable, "-m", "mypy", "--config-file", str(config), str(broken)],
+                         capture_output=True, text=True, cwd=tmp_path)
+    assert bad.returncode == 1 and "create_netwrk" in bad.stdout and "FP17" in bad.stdout
