@@ -141,3 +141,44 @@ def test_stated_sparsity_must_match(tiny_models):
     plan = Plan("bert", NUM_BLOCKS, skip=(3,), sparsity=0.5)
     with pytest.raises(PlanError, match="sparsity: plan states 0.5000 but it removes"):
         apply_plan(load_encoder(ModelSource(folder), plan), plan)
+
+
+def test_sharded_checkpoint_in_a_pipeline_subfolder(tiny_models, tmp_path):
+    """A diffusers-style folder (text_encoder_3/) with sharded safetensors and an index loads the same tensors."""
+    model, _ = tiny_models["t5"]
+    folder = tmp_path / "pipeline" / "text_encoder_3"
+    model.save_pretrained(folder, max_shard_size="20KB")
+    assert (folder / "model.safetensors.index.json").is_file()
+    assert len(list(folder.glob("*.safetensors"))) > 2
+    plan = make_plan("t5", "heavy-reuse")
+    module = apply_plan(load_encoder(ModelSource(tmp_path / "pipeline", subfolder="text_encoder_3"), plan), plan)
+    ids, mask = ids_and_mask()
+    with torch.no_grad():
+        ours = module(ids, mask)[0]
+    ref = reference_forward("t5", model, NUM_BLOCKS, plan.skip, plan.reuse, ids, mask)["last_hidden_state"]
+    torch.testing.assert_close(ours, ref, rtol=0, atol=1e-6)
+
+
+def test_broken_checkpoints_are_clear_errors(tiny_models, tmp_path):
+    from skrr_export.errors import ModelError
+
+    model, _ = tiny_models["bert"]
+    plan = make_plan("bert", "dense")
+    sharded = tmp_path / "sharded"
+    model.save_pretrained(sharded, max_shard_size="20KB")
+    shards = sorted(sharded.glob("*.safetensors"))
+    shards[-1].unlink()
+    with pytest.raises(ModelError, match=f"names {shards[-1].name}, which does not exist"):
+        load_encoder(ModelSource(sharded), plan)
+    single = tmp_path / "single"
+    model.save_pretrained(single)
+    data = (single / "model.safetensors").read_bytes()
+    (single / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ModelError, match="model.safetensors"):
+        load_encoder(ModelSource(single), plan)
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    (pickled / "config.json").write_text((single / "config.json").read_text())
+    torch.save(model.state_dict(), pickled / "pytorch_model.bin")
+    with pytest.raises(ModelError, match="holds only pickle weights"):
+        load_encoder(ModelSource(pickled), plan)
