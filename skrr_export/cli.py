@@ -32,7 +32,7 @@ def _export_parser() -> Parser:
     p = Parser(
         prog="skrr-export",
         description="Apply a Skrr plan to a Hugging Face text encoder, export ONNX (and TensorRT), check parity.",
-        epilog="Other commands: 'skrr-export inspect --help'.",
+        epilog="Other commands: 'skrr-export inspect --help', 'skrr-export calibrate --help'.",
     )
     p.add_argument("--plan", type=Path, required=True, help="plan file (skrr-plan/1 JSON)")
     p.add_argument("--engine", choices=("onnx", "trt", "trt-rtx"), default="onnx", help="artifact to produce (default: onnx)")
@@ -156,7 +156,46 @@ def cmd_inspect(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"inspect": cmd_inspect}
+def _calibrate_parser() -> Parser:
+    p = Parser(prog="skrr-export calibrate",
+               description="Find Skrr plans: beam-search Skip, then greedy Re-use, against the dense model.")
+    p.add_argument("--model", type=Path, help="local Hugging Face model folder (default: the embedded all-MiniLM-L6-v2)")
+    p.add_argument("--subfolder")
+    p.add_argument("--random-weights", action="store_true", help="random weights from the config (timing work only)")
+    p.add_argument("--out", type=Path, required=True, help="plan file; with several --sparsity values, NAME-<pct>.json each")
+    p.add_argument("--sparsity", type=float, nargs="+", required=True, metavar="S", help="target sparsities in (0, 1)")
+    p.add_argument("--beam", type=int, default=3, help="beam width k (default 3, as the paper)")
+    p.add_argument("--prompts", type=Path, help="calibration prompts: one per line, or JSONL (default: the built-in set)")
+    p.add_argument("--num-prompts", type=int, help="use only the first N prompts")
+    p.add_argument("--max-length", type=int, default=256, help="tokens per prompt at most (default 256)")
+    p.add_argument("--batch-size", type=int, default=16, help="prompts per forward (default 16)")
+    p.add_argument("--projection", type=Path, help="denoiser caption projection (safetensors): PixArt caption_projection, SD3/FLUX context_embedder")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32", help="dtype the model runs in during calibration")
+    p.add_argument("--naive", action="store_true", help="the reference method: every candidate runs the whole encoder")
+    p.add_argument("-q", "--quiet", action="store_true")
+    return p
+
+
+def cmd_calibrate(argv: list[str]) -> int:
+    args = _calibrate_parser().parse_args(argv)
+    _setup_logging(args.quiet)
+    from .calibrate import CalibrationConfig, calibrate
+
+    cfg = CalibrationConfig(
+        out=args.out, sparsities=tuple(args.sparsity), model=args.model, subfolder=args.subfolder,
+        random_weights=args.random_weights, beam=args.beam, prompts=args.prompts, num_prompts=args.num_prompts,
+        max_length=args.max_length, batch_size=args.batch_size, projection=args.projection, device=args.device,
+        precision=args.precision, naive=args.naive,
+    )
+    for target, plan in calibrate(cfg).items():
+        p = plan.provenance
+        print(f"sparsity {target:g}: {len(plan.skip)} skipped, {len(plan.reuse)} re-used, D {p['score']:.5g} "
+              f"({p['subblock_evaluations']:,} sub-block evaluations; naive {p['naive_subblock_evaluations']:,})")
+    return 0
+
+
+COMMANDS = {"inspect": cmd_inspect, "calibrate": cmd_calibrate}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -170,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"skrr-export: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
-        print("skrr-export: interrupted; no partial output was kept", file=sys.stderr)
+        print("skrr-export: interrupted; the output folder was not created (partial files removed)", file=sys.stderr)
         return 130
 
 

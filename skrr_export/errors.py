@@ -49,3 +49,9 @@ class InvariantError(SkrrError):
     """A guarantee skrr-export makes about its own artifacts does not hold (a bug to report)."""
 
     exit_code = 3
+
+
+class Interrupted(SkrrError):
+    """Ctrl-C: the message says what was kept (a calibration checkpoint) and what was removed."""
+
+    exit_code = 130
