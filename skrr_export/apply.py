@@ -137,3 +137,25 @@ def apply_plan(enc: Encoder, plan: Plan) -> SkrrEncoder:
             f"the kept sub-blocks and always-kept parts are {cost.kept_weight_bytes}"
         )
     return module
+
+
+@torch.no_grad()
+def first_nonfinite(module: SkrrEncoder, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> str | None:
+    """Run the plan slot by slot and name the first place whose output holds NaN or Inf (None if none does)."""
+    from .plan import kind_of
+
+    hidden, ctx = module.stem(input_ids, attention_mask)
+    if not torch.isfinite(hidden).all():
+        return "the embeddings (stem)"
+    penultimate = hidden
+    for slot, src in module.schedule:
+        hidden = module.kept[str(src)](hidden, ctx)
+        if not torch.isfinite(hidden).all():
+            runs = f"sub-block {src}" + (" (re-used)" if src != slot else "")
+            return f"slot {slot} (block {slot // 2} {kind_of(slot)}, running {runs})"
+        if slot < module.penultimate_before:
+            penultimate = hidden
+    for name, out in zip(module.output_names, module.head(hidden, penultimate, ctx)):
+        if not torch.isfinite(out).all():
+            return f"the head ({name})"
+    return None

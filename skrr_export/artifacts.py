@@ -38,3 +38,55 @@ def staged_folder(out: Path, force: bool) -> Iterator[Path]:
         shutil.rmtree(old, ignore_errors=True)
     else:
         stage.rename(out)
+
+
+def sha256_file(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_manifest(folder: Path, plan_sha256: str, versions: dict[str, str]) -> None:
+    """manifest.json: every artifact in ``folder`` with its size and sha256, the plan hash and the versions."""
+    import json
+
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.name != "manifest.json")
+    manifest = {
+        "plan_sha256": plan_sha256,
+        "versions": versions,
+        "artifacts": [{"name": p.name, "bytes": p.stat().st_size, "sha256": sha256_file(p)} for p in files],
+    }
+    (folder / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+
+
+def available_memory() -> int | None:
+    """Bytes of host memory available to a new allocation (MemAvailable), None where unknown."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def check_memory(needed: int, what: str) -> None:
+    free = available_memory()
+    if free is not None and needed > free:
+        raise ArtifactError(
+            f"{what} needs about {needed / 2**30:.1f} GiB of host memory but {free / 2**30:.1f} GiB is available; "
+            "free memory, use a smaller plan, or use a bigger machine"
+        )
+
+
+def check_disk(folder: Path, needed: int, what: str) -> None:
+    folder = next((p for p in (folder, *folder.parents) if p.exists()), Path("/"))
+    free = shutil.disk_usage(folder).free
+    if needed > free:
+        raise ArtifactError(
+            f"{what} needs about {needed / 2**30:.2f} GiB on disk but {folder} has {free / 2**30:.2f} GiB free"
+        )

@@ -15,7 +15,7 @@ from .adapters import Adapter
 from .errors import ModelError
 
 INDEX = "model.safetensors.index.json"
-PICKLES = ("pytorch_model.bin", "model.bin", "model.pt", "pytorch_model.bin.index.json")
+PICKLES = ("pytorch_model.bin", "model.bin", "model.pt")
 
 
 class Checkpoint:
@@ -28,8 +28,8 @@ class Checkpoint:
         self.reads: list[str] = []
 
     @classmethod
-    def open(cls, folder: Path, adapter: Adapter) -> Checkpoint:
-        return cls(folder, adapter, _key_files(folder), ExitStack())
+    def open(cls, folder: Path, adapter: Adapter, allow_pickle: bool = False) -> Checkpoint:
+        return cls(folder, adapter, _key_files(folder, allow_pickle), ExitStack())
 
     def __enter__(self) -> Checkpoint:
         return self
@@ -68,8 +68,31 @@ class Checkpoint:
 
             if not path.is_file():
                 raise ModelError(f"{INDEX} in {self.folder} names {path.name}, which does not exist")
-            self._handles[path] = self._stack.enter_context(safe_open(str(path), framework="pt"))
+            if path.suffix == ".safetensors":
+                self._handles[path] = self._stack.enter_context(safe_open(str(path), framework="pt"))
+            else:
+                self._handles[path] = _PickledTensors(_load_pickle(path))
         return self._handles[path]
+
+
+class _PickledTensors:
+    """The safe_open interface over a state dict from a pickle checkpoint (loaded with weights_only=True)."""
+
+    def __init__(self, state: dict[str, torch.Tensor]):
+        self.state = state
+
+    def keys(self) -> list[str]:
+        return list(self.state)
+
+    def get_tensor(self, key: str) -> torch.Tensor:
+        return self.state[key]
+
+
+def _load_pickle(path: Path) -> dict[str, torch.Tensor]:
+    try:  # weights_only: tensors and plain containers, no arbitrary objects; mmap: no full copy in memory
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as exc:
+        raise ModelError(f"cannot load pickle checkpoint {path.name} with weights_only=True: {str(exc).splitlines()[0]}") from None
 
 
 def _candidates(name: str, prefixes: tuple[str, ...]) -> list[str]:
@@ -79,7 +102,7 @@ def _candidates(name: str, prefixes: tuple[str, ...]) -> list[str]:
     return out
 
 
-def _key_files(folder: Path) -> dict[str, Path]:
+def _key_files(folder: Path, allow_pickle: bool) -> dict[str, Path]:
     from .model import read_json
 
     index = folder / INDEX
@@ -90,11 +113,14 @@ def _key_files(folder: Path) -> dict[str, Path]:
         return {k: folder / v for k, v in weight_map.items()}
     files = sorted(folder.glob("*.safetensors"))
     if not files:
-        pickles = [p for p in PICKLES if (folder / p).exists()]
+        pickles = [p for p in PICKLES if (folder / p).is_file()]
+        if pickles and allow_pickle:
+            return {k: folder / pickles[0] for k in _load_pickle(folder / pickles[0])}
         if pickles:
             raise ModelError(
-                f"{folder} holds only pickle weights ({pickles[0]}); skrr-export loads safetensors only. "
-                "Convert them once with transformers (save_pretrained(..., safe_serialization=True))"
+                f"{folder} holds only pickle weights ({pickles[0]}), which can run code when loaded; skrr-export "
+                "loads safetensors. Convert them once (save_pretrained(..., safe_serialization=True)), or pass "
+                "--allow-pickle if you trust the file"
             )
         raise ModelError(f"{folder} has no *.safetensors weights (or pass --random-weights)")
     from safetensors import safe_open

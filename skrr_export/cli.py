@@ -39,6 +39,7 @@ def _export_parser() -> Parser:
     p.add_argument("--model", type=Path, help="local Hugging Face model folder (default: the embedded all-MiniLM-L6-v2)")
     p.add_argument("--subfolder", help="subfolder of a diffusers pipeline folder, e.g. text_encoder_3")
     p.add_argument("--random-weights", action="store_true", help="build the model from its config with random weights")
+    p.add_argument("--allow-pickle", action="store_true", help="also load .bin/.pt checkpoints (torch.load weights_only); only files you trust")
     p.add_argument("--out", type=Path, default=Path("out"), help="output folder (default: ./out)")
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
     p.add_argument("--precision", choices=PRECISIONS, default="fp32")
@@ -127,6 +128,7 @@ def cmd_export(argv: list[str]) -> int:
         model=args.model,
         subfolder=args.subfolder,
         random_weights=args.random_weights,
+        allow_pickle=args.allow_pickle,
         engine=args.engine,
         precision=args.precision,
         input_dtype=args.input_dtype,
@@ -138,9 +140,8 @@ def cmd_export(argv: list[str]) -> int:
         engine_options=engine_options,
         weight_streaming_budget=args.weight_streaming_budget,
     )
-    report = run_export(cfg)
-    files = ["model.onnx"] + (["engine.plan", "engine.json"] if report["engine"] else []) + ["report.json", "report.md"]
-    print(f"wrote {args.out}/ ({', '.join(files)})")
+    run_export(cfg)
+    print(f"wrote {args.out}/ ({', '.join(sorted(p.name for p in args.out.iterdir()))})")
     return 0
 
 

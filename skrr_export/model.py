@@ -31,6 +31,7 @@ class ModelSource:
     path: Path
     subfolder: str | None = None
     random_weights: bool = False
+    allow_pickle: bool = False  # pickle checkpoints can run code when loaded; only with the user's explicit consent
 
     @property
     def folder(self) -> Path:
@@ -123,7 +124,7 @@ def load_encoder(source: ModelSource, plan: Plan, precision: str = "fp32") -> En
     else:
         from .checkpoint import Checkpoint
 
-        with Checkpoint.open(source.folder, enc.adapter) as ckpt:
+        with Checkpoint.open(source.folder, enc.adapter, source.allow_pickle) as ckpt:
             _read_parameters(enc, needed, ckpt)
             enc.tensors_read = tuple(ckpt.reads)
     log.info("loaded %d tensors (%s) in %.1f s", len(needed), precision, time.perf_counter() - start)

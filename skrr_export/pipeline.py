@@ -32,6 +32,7 @@ class ExportConfig:
     model: Path | None = None  # None: the embedded MiniLM
     subfolder: str | None = None
     random_weights: bool = False
+    allow_pickle: bool = False
     engine: str = "onnx"
     precision: str = "fp32"
     input_dtype: str = "int64"
@@ -59,8 +60,8 @@ class Stages:
 
 def run_export(cfg: ExportConfig) -> dict[str, Any]:
     """Run the whole job into ``cfg.out``; returns the report. Raises AccuracyError after writing a failing report."""
-    from .apply import apply_plan, plan_cost
-    from .artifacts import check_writable, staged_folder
+    from .apply import apply_plan
+    from .artifacts import check_disk, check_writable, staged_folder, write_manifest
     from .export import ExportOptions, export_onnx
     from .inputs import load_tokenizer, prompt_batch
     from .model import ModelSource, default_model_path, load_encoder
@@ -75,24 +76,27 @@ def run_export(cfg: ExportConfig) -> dict[str, Any]:
         load_backend(cfg.engine)  # fail before any work when the backend is missing
     stages = Stages()
     plan = load_plan(cfg.plan)
-    source = ModelSource(cfg.model or default_model_path(), cfg.subfolder, cfg.random_weights)
+    source = ModelSource(cfg.model or default_model_path(), cfg.subfolder, cfg.random_weights, cfg.allow_pickle)
     tol = cfg.tolerance or DEFAULT_TOLERANCES[cfg.precision]
     tolerances = {"*": tol}
+    cost = _check_resources(source, plan, cfg)
     with stages.stage("load"):
         enc = load_encoder(source, plan, cfg.precision)
     with stages.stage("apply"):
         module = apply_plan(enc, plan)
-    cost = plan_cost(enc, plan)
     options = ExportOptions(cfg.input_dtype, cfg.fixed_sequence, cfg.external_data)
     vocab = getattr(enc.config, "text_config", enc.config).vocab_size
     tokenizer = None if cfg.random_weights else load_tokenizer(source.folder)
     prompts, empty = prompt_batch(tokenizer, enc.config, cfg.input_dtype, cfg.fixed_sequence)
+    batches = (prompts, empty)
+    with stages.stage("pytorch reference"):
+        plan_outputs = _reference_outputs(TorchRunner(module, module.output_names), batches)
+        _check_finite(module, batches, plan_outputs)
+    check_disk(cfg.out.parent, int(cost.kept_weight_bytes * (2.05 if cfg.engine != "onnx" else 1.05)), "the export")
     with staged_folder(cfg.out, cfg.force) as stage:
         with stages.stage("export"):
             onnx = export_onnx(module, stage / "model.onnx", options, vocab)
-        batches = (prompts, empty)
         with stages.stage("parity"):
-            plan_outputs = _reference_outputs(TorchRunner(module, module.output_names), batches)
             parity = _ort_parity(onnx.path, cfg.precision, plan_outputs, batches, tolerances)
         engine = None
         if cfg.engine != "onnx":
@@ -134,12 +138,42 @@ def run_export(cfg: ExportConfig) -> dict[str, Any]:
         from .report import write_report
 
         write_report(stage, report)
+        write_manifest(stage, plan.digest(), report["tool"])
     failed = [p for p in parity if p.get("passed") is False]
     if failed:
         raise AccuracyError(
             f"parity failed ({failed[0]['test']} vs {failed[0]['reference']}); see {cfg.out / 'report.md'}"
         )
     return report
+
+
+def _check_resources(source: Any, plan: Plan, cfg: ExportConfig) -> Any:
+    """Refuse before loading when the kept weights cannot fit in host memory (estimate: weights + 0.6 GiB)."""
+    from .apply import plan_cost
+    from .artifacts import check_memory
+    from .model import DTYPES, build_meta, check_plan_fits, load_config
+
+    meta = build_meta(load_config(source))
+    check_plan_fits(plan, meta)
+    meta.dtype = DTYPES[cfg.precision]
+    cost = plan_cost(meta, plan)
+    check_memory(int(cost.kept_weight_bytes * 1.1) + (600 << 20), f"loading the kept weights ({cost.kept_weight_bytes / 2**30:.2f} GiB)")
+    return cost
+
+
+def _check_finite(module: Any, batches: tuple[Any, ...], outputs: dict[str, Any]) -> None:
+    """NaN/Inf in PyTorch's outputs: name the first slot of the plan that produces them."""
+    import numpy as np
+    import torch
+
+    from .apply import first_nonfinite
+
+    for batch in batches:
+        bad = [name for name, value in outputs[batch.label].items() if not np.isfinite(value).all()]
+        if bad:
+            ids, mask = (torch.from_numpy(batch.feed[k]) for k in ("input_ids", "attention_mask"))
+            where = first_nonfinite(module, ids, mask) or "no single slot (only in the full run)"
+            raise AccuracyError(f"PyTorch output {bad[0]} holds NaN/Inf on the {batch.label}; first produced by {where}")
 
 
 def _reference_outputs(torch_runner: Any, batches: tuple[Any, ...]) -> dict[str, Any]:

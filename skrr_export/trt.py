@@ -7,7 +7,6 @@ tensorrt-stubs); at run time the name ``trt`` forwards to whichever backend is b
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import json
 import logging
@@ -19,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .artifacts import sha256_file
 from .errors import ArtifactError, InvariantError, UserError
 from .runners import Feed, Runner
 
@@ -156,14 +156,6 @@ class EngineArtifact:
     path: Path
     metadata_path: Path
     metadata: dict[str, Any] = field(default_factory=dict)
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 24), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _make_logger() -> Any:
