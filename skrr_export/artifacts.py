@@ -90,3 +90,19 @@ def check_disk(folder: Path, needed: int, what: str) -> None:
         raise ArtifactError(
             f"{what} needs about {needed / 2**30:.2f} GiB on disk but {folder} has {free / 2**30:.2f} GiB free"
         )
+
+
+def check_device_memory(needed: int, what: str) -> None:
+    """Refuse when a CUDA device is in use and has less free memory than ``needed`` (no-op without CUDA)."""
+    try:
+        import torch
+    except ImportError:
+        return
+    if not torch.cuda.is_available():
+        return
+    free, _ = torch.cuda.mem_get_info()
+    if needed > free:
+        raise ArtifactError(
+            f"{what} needs about {needed / 2**30:.1f} GiB of GPU memory but {free / 2**30:.1f} GiB is free on "
+            f"{torch.cuda.get_device_name()}"
+        )

@@ -348,18 +348,22 @@ def _candidates(beams: list[Beam], n: int) -> dict[frozenset[int], Candidate]:
     return out
 
 
-def reuse_search(scorer: Scorer, skip: tuple[int, ...], naive: bool = False) -> tuple[dict[int, int], float, float, list[dict[str, Any]]]:
-    """One greedy pass over ``skip`` in order: try the nearest kept sub-block of the same kind on each side."""
+def reuse_search(scorer: Scorer, skip: tuple[int, ...], naive: bool = False) -> tuple[dict[int, int], float, float, list[dict[str, Any]], int]:
+    """One greedy pass over ``skip`` in order: try the nearest kept sub-block of the same kind on each side.
+
+    Also returns the naive method's sub-block evaluations for the same pass (every trial a full run)."""
     n = scorer.num_slots
     skipped = set(skip)
     reuse: dict[int, int] = {}
     current = initial = scorer.discrepancy(scorer.finals(schedule_of(n, skip)))
+    naive_count = naive_cost(n, len(skip))
     steps = []
     for slot in skip:
         sources = [s for s in (_nearest(slot, skipped, -2, n), _nearest(slot, skipped, 2, n)) if s is not None]
         if not sources:
             continue
         trials = [schedule_of(n, skip, reuse | {slot: s}) for s in sources]
+        naive_count += sum(sum(src is not None for src in t) for t in trials)
         if naive:
             scores = [scorer.discrepancy(scorer.finals(t)) for t in trials]
         else:
@@ -369,7 +373,7 @@ def reuse_search(scorer: Scorer, skip: tuple[int, ...], naive: bool = False) -> 
         steps.append({"slot": slot, "tried": dict(zip(map(str, sources), scores)), "accepted": sources[best] if accepted else None})
         if accepted:
             reuse[slot], current = sources[best], scores[best]
-    return reuse, initial, current, steps
+    return reuse, initial, current, steps, naive_count
 
 
 def _nearest(slot: int, skipped: set[int], step: int, n: int) -> int | None:
@@ -471,6 +475,7 @@ def calibrate(cfg: CalibrationConfig) -> dict[float, Plan]:
     prompts = read_prompts(cfg.prompts, cfg.num_prompts)
     cfg.out.parent.mkdir(parents=True, exist_ok=True)
     dense = Plan.dense(family, num_blocks)
+    _check_memory(meta, dense, cfg)
     enc = load_encoder(source, dense, cfg.precision)
     projection = load_projection(cfg.projection, _hidden_size(enc.config)) if cfg.projection else None
     tokenizer = None if cfg.random_weights else load_tokenizer(source.folder)
@@ -504,7 +509,7 @@ def calibrate(cfg: CalibrationConfig) -> dict[float, Plan]:
     for target, path in targets.items():
         skip = skip_for(state, sizes, total, target)
         before = scorer.evaluations
-        reuse, skip_score, score, reuse_steps = reuse_search(scorer, skip, cfg.naive)
+        reuse, skip_score, score, reuse_steps, naive_reuse = reuse_search(scorer, skip, cfg.naive)
         sparsity = sum(sizes[i] for i in skip) / total
         provenance = {
             "tool": "skrr-export calibrate",
@@ -526,7 +531,7 @@ def calibrate(cfg: CalibrationConfig) -> dict[float, Plan]:
             "reuse_steps": reuse_steps,
             "score": score,
             "subblock_evaluations": state.evaluations + scorer.evaluations - before,
-            "naive_subblock_evaluations": state.naive_evaluations,
+            "naive_subblock_evaluations": state.naive_evaluations + naive_reuse,
             "wall_seconds": round(time.perf_counter() - start, 2),
         }
         plan = Plan(family, num_blocks, skip=skip, reuse=reuse, sparsity=round(sparsity, 6), provenance=provenance)
@@ -535,6 +540,19 @@ def calibrate(cfg: CalibrationConfig) -> dict[float, Plan]:
         plans[target] = plan
     checkpoint.unlink(missing_ok=True)
     return plans
+
+
+def _check_memory(meta: Any, dense: Plan, cfg: CalibrationConfig) -> None:
+    """Calibration holds the dense weights (plus cached states): refuse early when they cannot fit."""
+    from .apply import plan_cost
+    from .artifacts import check_device_memory, check_memory
+    from .model import DTYPES
+
+    meta.dtype = DTYPES[cfg.precision]
+    weights = plan_cost(meta, dense).kept_weight_bytes
+    if cfg.device.startswith("cuda"):
+        check_device_memory(int(weights * 1.2), f"calibrating on {cfg.device} (dense weights {weights / 2**30:.1f} GiB)")
+    check_memory(int(weights * 1.1) + (600 << 20), f"calibration (dense weights {weights / 2**30:.1f} GiB)")
 
 
 def _hidden_size(config: Any) -> int:

@@ -286,6 +286,12 @@ def build_engine(onnx_path: Path, engine: str, options: EngineOptions, out: Path
 
     backend = load_backend(engine)
     check_onnx_files(onnx_path)
+    from .artifacts import check_device_memory, check_disk
+
+    weights = onnx_path.stat().st_size + sum(p.stat().st_size for p in onnx_path.parent.glob(onnx_path.name + ".data"))
+    check_disk(out.parent, int(weights * 1.05), "the engine file")
+    if options.workspace_mib is None:
+        check_device_memory(int(weights * 1.1), "building the engine (weights; cap the workspace with --workspace-mib)")
     start = time.perf_counter()
     with bound(backend):
         logger = _make_logger()
@@ -301,7 +307,7 @@ def build_engine(onnx_path: Path, engine: str, options: EngineOptions, out: Path
         tmp = out.with_name(out.name + ".partial")
         tmp.write_bytes(memoryview(serialized))
         tmp.replace(out)
-        weights = _weight_bytes(backend, out, logger)
+        accounting = _weight_bytes(backend, out, logger)
     seconds = time.perf_counter() - start
     sizes = onnx_initializer_sizes(onnx_path)
     unique = sum(sizes)
@@ -319,14 +325,14 @@ def build_engine(onnx_path: Path, engine: str, options: EngineOptions, out: Path
         "serialized_bytes": out.stat().st_size,
         "onnx_weight_bytes": unique,
         "onnx_weight_bytes_aligned": aligned,
-        "weights": weights,
+        "weights": accounting,
         "build_seconds": round(seconds, 2),
         **provenance,
     }
     metadata_path = out.with_suffix(".json")
     metadata_path.write_text(json.dumps(meta, indent=2) + "\n")
-    log.info("built %s with %s %s in %.1f s: %s", out.name, backend.module.__name__, backend.version, seconds, weights)
-    _check_weights(weights, aligned, out)
+    log.info("built %s with %s %s in %.1f s: %s", out.name, backend.module.__name__, backend.version, seconds, accounting)
+    _check_weights(accounting, aligned, out)
     return EngineArtifact(out, metadata_path, meta)
 
 

@@ -50,12 +50,15 @@ def test_fast_search_equals_naive_with_at_most_half_the_evaluations(tmp_path):
     for naive in (False, True):
         scorer = Scorer(enc, feeds, None, "cpu")
         state = skip_search(scorer, sizes, total, 0.42, beam=3, naive=naive)
-        reuse, _, score, _ = reuse_search(scorer, state.beams[0].order[:12], naive=naive)
-        results[naive] = (state.beams[0].order, reuse, score, state.evaluations, state.naive_evaluations)
+        before = scorer.evaluations
+        reuse, _, score, _, naive_reuse = reuse_search(scorer, state.beams[0].order[:12], naive=naive)
+        results[naive] = (state.beams[0].order, reuse, score, state.evaluations, state.naive_evaluations,
+                          scorer.evaluations - before, naive_reuse)
     fast, slow = results[False], results[True]
     assert fast[:3] == slow[:3], "skip order, re-use map and score must be identical"
-    assert slow[3] == slow[4], "the naive run's measured evaluations are the naive count"
-    assert fast[3] <= 0.5 * slow[3], f"fast {fast[3]} vs naive {slow[3]}"
+    assert slow[3] == slow[4] and slow[5] == slow[6], "the naive run's measured evaluations are the naive count"
+    assert fast[3] <= 0.5 * slow[3], f"skip phase: fast {fast[3]} vs naive {slow[3]}"
+    assert fast[3] + fast[5] <= 0.5 * (slow[3] + slow[5]), "both phases together"
 
 
 def discrepancy(enc, plan: Plan, feeds) -> float:
