@@ -49,6 +49,17 @@ class Checkpoint:
                     return candidate
         raise ModelError(f"checkpoint in {self.folder} has no tensor '{names[0]}'; is it a {self.adapter.family} model?")
 
+    def check_keys(self, model_names: set[str]) -> None:
+        """Every model tensor is in the checkpoint and every checkpoint tensor belongs to the model (or to a
+        known other part, such as a decoder or a vision tower). Checks names only; nothing is read."""
+        known = {c for n in model_names for c in _candidates(n, self.adapter.name_prefixes)}
+        extra = sorted(k for k in self._files if k not in known and not k.startswith(self.adapter.foreign_prefixes))
+        if extra:
+            raise ModelError(
+                f"checkpoint in {self.folder} has {len(extra)} tensors this {self.adapter.family} model does not have, "
+                f"e.g. '{extra[0]}'; is the config right for these weights?"
+            )
+
     def read(self, names: list[str], shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         key = self.key_for(names)
         path = self._files[key]
@@ -59,6 +70,9 @@ class Checkpoint:
             raise ModelError(f"cannot read tensor '{key}' from {path.name}: {exc}") from None
         if tuple(tensor.shape) != shape:
             raise ModelError(f"tensor '{key}' in {path.name} has shape {tuple(tensor.shape)}, the config expects {shape}")
+        if not tensor.is_floating_point() and dtype.is_floating_point:
+            raise ModelError(f"tensor '{key}' in {path.name} is {tensor.dtype} (quantized?); skrr-export converts "
+                             f"float checkpoints to {dtype} and does not dequantize")
         self.reads.append(key)
         return tensor.to(dtype)
 

@@ -125,6 +125,8 @@ def load_encoder(source: ModelSource, plan: Plan, precision: str = "fp32") -> En
         from .checkpoint import Checkpoint
 
         with Checkpoint.open(source.folder, enc.adapter, source.allow_pickle) as ckpt:
+            ckpt.check_keys(_all_names(enc.model))
+            _check_complete(enc, ckpt)
             _read_parameters(enc, needed, ckpt)
             enc.tensors_read = tuple(ckpt.reads)
     log.info("loaded %d tensors (%s) in %.1f s", len(needed), precision, time.perf_counter() - start)
@@ -192,6 +194,17 @@ def _random_parameters(enc: Encoder, needed: list[Needed]) -> None:
     with torch.no_grad():
         for module in modules.values():
             enc.model._init_weights(module)
+
+
+def _all_names(model: nn.Module) -> set[str]:
+    params = {n for n, _ in model.named_parameters(remove_duplicate=False)}
+    return params | {n for n, _ in model.named_buffers(remove_duplicate=False)}
+
+
+def _check_complete(enc: Encoder, ckpt: Any) -> None:
+    """Every parameter of the model, kept or skipped, must be in the checkpoint (names only, nothing read)."""
+    for item in _needed_parameters(enc.model, [enc.model]):
+        ckpt.key_for(item.names)
 
 
 def _read_parameters(enc: Encoder, needed: list[Needed], ckpt: Any) -> None:

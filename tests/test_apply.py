@@ -182,3 +182,34 @@ def test_broken_checkpoints_are_clear_errors(tiny_models, tmp_path):
     torch.save(model.state_dict(), pickled / "pytorch_model.bin")
     with pytest.raises(ModelError, match="holds only pickle weights"):
         load_encoder(ModelSource(pickled), plan)
+
+
+def test_missing_extra_and_quantized_tensors_are_refused(tiny_models, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from skrr_export.errors import ModelError
+
+    model, _ = tiny_models["t5"]
+    model.save_pretrained(tmp_path / "ref")
+    tensors = load_file(tmp_path / "ref" / "model.safetensors")
+    plan = make_plan("t5", "heavy-reuse")  # block 1 is skipped: its tensors are never read, but must exist
+
+    def folder_with(name, changed):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "config.json").write_text((tmp_path / "ref" / "config.json").read_text())
+        save_file(changed, folder / "model.safetensors", metadata={"format": "pt"})
+        return ModelSource(folder)
+
+    extra = dict(tensors, **{"encoder.block.7.layer.0.SelfAttention.q.weight": torch.zeros(2, 2)})
+    with pytest.raises(ModelError, match="has 1 tensors this t5 model does not have, e.g. 'encoder.block.7"):
+        load_encoder(folder_with("extra", extra), plan)
+    missing = {k: v for k, v in tensors.items() if k != "encoder.block.1.layer.1.DenseReluDense.wo.weight"}
+    with pytest.raises(ModelError, match="has no tensor 'encoder.block.1.layer.1.DenseReluDense.wo.weight'"):
+        load_encoder(folder_with("missing", missing), plan)
+    quantized = dict(tensors, **{"encoder.block.0.layer.0.SelfAttention.q.weight":
+                                 tensors["encoder.block.0.layer.0.SelfAttention.q.weight"].to(torch.int8)})
+    with pytest.raises(ModelError, match="is torch.int8 \\(quantized\\?\\)"):
+        load_encoder(folder_with("quantized", quantized), plan)
+    decoder = dict(tensors, **{"decoder.block.0.layer.0.SelfAttention.q.weight": torch.zeros(2, 2)})
+    load_encoder(folder_with("with-decoder", decoder), plan)  # a full T5 checkpoint: the decoder is someone else's
