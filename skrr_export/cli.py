@@ -11,6 +11,7 @@ import json
 import logging
 import sys
 from pathlib import Path
+from typing import Any
 
 from .errors import SkrrError
 
@@ -32,9 +33,10 @@ def _export_parser() -> Parser:
     p = Parser(
         prog="skrr-export",
         description="Apply a Skrr plan to a Hugging Face text encoder, export ONNX (and TensorRT), check parity.",
-        epilog="Other commands: 'skrr-export inspect --help', 'skrr-export calibrate --help'.",
+        epilog="Other commands: inspect, calibrate, triton, trtexec (each with --help).",
     )
-    p.add_argument("--plan", type=Path, required=True, help="plan file (skrr-plan/1 JSON)")
+    p.add_argument("--plan", type=Path, help="plan file (skrr-plan/1 JSON)")
+    p.add_argument("--recipe", help="a recipe (recipes/NAME): its plan and export settings; flags given override them")
     p.add_argument("--engine", choices=("onnx", "trt", "trt-rtx"), default="onnx", help="artifact to produce (default: onnx)")
     p.add_argument("--model", type=Path, help="local Hugging Face model folder (default: the embedded all-MiniLM-L6-v2)")
     p.add_argument("--subfolder", help="subfolder of a diffusers pipeline folder, e.g. text_encoder_3")
@@ -42,8 +44,8 @@ def _export_parser() -> Parser:
     p.add_argument("--allow-pickle", action="store_true", help="also load .bin/.pt checkpoints (torch.load weights_only); only files you trust")
     p.add_argument("--out", type=Path, default=Path("out"), help="output folder (default: ./out)")
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
-    p.add_argument("--precision", choices=PRECISIONS, default="fp32")
-    p.add_argument("--input-dtype", choices=("int64", "int32"), default="int64", help="dtype of input_ids and attention_mask")
+    p.add_argument("--precision", choices=PRECISIONS, help="fp32 (default), fp16 or bf16")
+    p.add_argument("--input-dtype", choices=("int64", "int32"), help="dtype of input_ids and attention_mask (default int64)")
     p.add_argument("--fixed-sequence", type=int, metavar="N", help="export a fixed sequence length N (batch stays dynamic)")
     p.add_argument("--external-data", action="store_true", default=None, help="store weights in model.onnx.data (automatic above 2 GB)")
     p.add_argument("--atol", type=float, help="parity: absolute tolerance (default per precision)")
@@ -52,8 +54,8 @@ def _export_parser() -> Parser:
     p.add_argument("--no-dense-distance", action="store_true", help="skip loading the dense model to measure the plan's cost")
     p.add_argument("-q", "--quiet", action="store_true", help="only errors")
     e = p.add_argument_group("engine options (--engine trt / trt-rtx; trtexec names in brackets)")
-    e.add_argument("--batch", default="1,1,8", metavar="MIN,OPT,MAX", help="batch profile, or N for a fixed batch (default 1,1,8)")
-    e.add_argument("--sequence", default="1,128,512", metavar="MIN,OPT,MAX", help="sequence profile (default 1,128,512; --fixed-sequence overrides)")
+    e.add_argument("--batch", metavar="MIN,OPT,MAX", help="batch profile, or N for a fixed batch (default 1,1,8)")
+    e.add_argument("--sequence", metavar="MIN,OPT,MAX", help="sequence profile (default 1,128,512; --fixed-sequence overrides)")
     e.add_argument("--workspace-mib", type=int, metavar="MIB", help="workspace memory-pool limit [--memPoolSize=workspace:N]")
     e.add_argument("--opt-level", type=int, choices=range(6), metavar="0-5", help="builder optimization level [--builderOptimizationLevel]")
     e.add_argument("--timing-cache", type=Path, metavar="FILE", help="read and update a timing cache [--timingCacheFile]")
@@ -65,6 +67,26 @@ def _export_parser() -> Parser:
     e.add_argument("--compute-capability", action="append", default=[], metavar="SMxx", help="TensorRT-RTX: target GPU generation (repeatable: sm80 sm86 sm89 sm120 ...)")
     e.add_argument("--version-compatible", action="store_true", help="engine runs on later TensorRT versions [--versionCompatible]")
     return p
+
+
+EXPORT_DEFAULTS = {"precision": "fp32", "input_dtype": "int64", "fixed_sequence": None, "batch": "1,1,8",
+                   "sequence": "1,128,512"}
+
+
+def _apply_recipe(args: argparse.Namespace) -> Any:
+    """Fill unset flags from the recipe (if any), then from the defaults; returns the recipe or None."""
+    recipe = None
+    if args.recipe:
+        from .recipes import load_recipe
+
+        recipe = load_recipe(args.recipe)
+        args.plan = args.plan or recipe.plan
+    if args.plan is None:
+        raise ArgumentError("skrr-export: give --plan PLAN or --recipe NAME")
+    for key, default in EXPORT_DEFAULTS.items():
+        if getattr(args, key) is None:
+            setattr(args, key, (recipe.export.get(key) if recipe else None) or default)
+    return recipe
 
 
 def _engine_options(args: argparse.Namespace):  # type: ignore[no-untyped-def]
@@ -101,12 +123,14 @@ def _setup_logging(quiet: bool) -> None:
         logging.getLogger(noisy).setLevel(logging.ERROR)
 
 
-def _tolerance(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+def _tolerance(args: argparse.Namespace, recipe: Any):  # type: ignore[no-untyped-def]
     from .compare import DEFAULT_TOLERANCES, Tolerance
 
     base = DEFAULT_TOLERANCES[args.precision]
+    if recipe and args.precision in recipe.tolerances:
+        base = Tolerance(**recipe.tolerances[args.precision])
     if args.atol is None and args.rtol is None and args.min_cosine is None:
-        return None
+        return base
     return Tolerance(
         atol=base.atol if args.atol is None else args.atol,
         rtol=base.rtol if args.rtol is None else args.rtol,
@@ -117,6 +141,7 @@ def _tolerance(args: argparse.Namespace):  # type: ignore[no-untyped-def]
 def cmd_export(argv: list[str]) -> int:
     args = _export_parser().parse_args(argv)
     _setup_logging(args.quiet)
+    recipe = _apply_recipe(args)
     if args.fixed_sequence is not None and args.fixed_sequence < 1:
         raise ArgumentError("skrr-export: --fixed-sequence must be a positive integer")
     engine_options = _engine_options(args)
@@ -134,7 +159,8 @@ def cmd_export(argv: list[str]) -> int:
         input_dtype=args.input_dtype,
         fixed_sequence=args.fixed_sequence,
         external_data=args.external_data,
-        tolerance=_tolerance(args),
+        tolerance=_tolerance(args, recipe),
+        recipe=recipe,
         dense_distance=not args.no_dense_distance,
         force=args.force,
         engine_options=engine_options,
@@ -196,7 +222,61 @@ def cmd_calibrate(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"inspect": cmd_inspect, "calibrate": cmd_calibrate}
+def _triton_parser() -> Parser:
+    p = Parser(prog="skrr-export triton", description="Write a Triton model repository for the exported engine or ONNX.")
+    p.add_argument("--artifacts", type=Path, required=True, help="output folder of the main job")
+    p.add_argument("--repo", type=Path, required=True, help="Triton model repository to write into")
+    p.add_argument("--name", default="t5_skrr", help="model name (default t5_skrr)")
+    p.add_argument("--max-batch", type=int, help="max_batch_size (default: the engine profile's max batch, 8 for ONNX)")
+    p.add_argument("--instances", type=int, default=1, help="instances per GPU (default 1)")
+    p.add_argument("--backend", choices=("auto", "tensorrt", "onnx"), default="auto", help="auto: the engine when there is one")
+    p.add_argument("--force", action="store_true", help="replace an existing model folder")
+    return p
+
+
+def cmd_triton(argv: list[str]) -> int:
+    args = _triton_parser().parse_args(argv)
+    from .serving import write_triton_repo
+
+    out = write_triton_repo(args.artifacts, args.repo, args.name, args.max_batch, args.instances, args.backend, args.force)
+    print(f"wrote {out}/ (config.pbtxt, 1/{', 1/'.join(sorted(p.name for p in (out / '1').iterdir()))})")
+    return 0
+
+
+def _trtexec_parser() -> Parser:
+    p = Parser(prog="skrr-export trtexec", description="Write a script that rebuilds the engine with trtexec on the target device.")
+    p.add_argument("--artifacts", type=Path, required=True, help="output folder of the main job")
+    p.add_argument("--target", choices=("orin-8gb", "orin-16gb", "orin-32gb", "orin-64gb"), help="check that it fits this Jetson")
+    p.add_argument("--batch", metavar="MIN,OPT,MAX", help="batch profile (default: engine.json's)")
+    p.add_argument("--sequence", metavar="MIN,OPT,MAX", help="sequence profile (default: engine.json's)")
+    p.add_argument("--workspace-mib", type=int, help="workspace limit (default for Jetson: half the free memory)")
+    p.add_argument("--script", type=Path, help="where to write it (default: ARTIFACTS/build_engine.sh)")
+    return p
+
+
+def cmd_trtexec(argv: list[str]) -> int:
+    args = _trtexec_parser().parse_args(argv)
+    from .serving import read_artifacts, trtexec_script
+
+    profile = None
+    if args.batch or args.sequence:
+        from .trt import EngineOptions, ShapeRange, profile_shapes
+
+        options = EngineOptions(batch=ShapeRange.parse(args.batch or "1,1,8", "--batch"),
+                                sequence=ShapeRange.parse(args.sequence or "1,128,512", "--sequence"))
+        art = read_artifacts(args.artifacts, prefer="onnx")
+        profile = profile_shapes([{"name": t.name, "shape": list(t.shape)} for t in art.inputs], options)
+    text = trtexec_script(args.artifacts, args.target, profile, args.workspace_mib)
+    script = args.script or args.artifacts / "build_engine.sh"
+    tmp = script.with_name(f".{script.name}.partial")
+    tmp.write_text(text)
+    tmp.chmod(0o755)
+    tmp.replace(script)
+    print(f"wrote {script}")
+    return 0
+
+
+COMMANDS = {"inspect": cmd_inspect, "calibrate": cmd_calibrate, "triton": cmd_triton, "trtexec": cmd_trtexec}
 
 
 def main(argv: list[str] | None = None) -> int:

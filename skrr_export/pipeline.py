@@ -42,6 +42,7 @@ class ExportConfig:
     dense_distance: bool = True
     force: bool = False
     engine_options: Any = None  # trt.EngineOptions for --engine trt / trt-rtx
+    recipe: Any = None  # recipes.Recipe whose checkpoint expectations the model must meet
     weight_streaming_budget: int | None = None
 
 
@@ -155,6 +156,8 @@ def _check_resources(source: Any, plan: Plan, cfg: ExportConfig) -> Any:
 
     meta = build_meta(load_config(source))
     check_plan_fits(plan, meta)
+    if cfg.recipe is not None:
+        cfg.recipe.check_config(meta.config)
     meta.dtype = DTYPES[cfg.precision]
     cost = plan_cost(meta, plan)
     check_memory(int(cost.kept_weight_bytes * 1.1) + (600 << 20), f"loading the kept weights ({cost.kept_weight_bytes / 2**30:.2f} GiB)")

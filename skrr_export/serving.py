@@ -1,0 +1,213 @@
+"""Hand-off to serving: Triton model repositories and trtexec rebuild scripts (Jetson included).
+
+Both read the artifacts folder written by the main job: model.onnx (+ data), engine.plan + engine.json.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .artifacts import staged_folder
+from .errors import ArtifactError, UserError
+
+# ONNX TensorProto and TensorRT DataType names -> Triton's model-config types
+TRITON_TYPES = {
+    "FLOAT": "TYPE_FP32", "FLOAT16": "TYPE_FP16", "HALF": "TYPE_FP16", "BFLOAT16": "TYPE_BF16", "BF16": "TYPE_BF16",
+    "INT32": "TYPE_INT32", "INT64": "TYPE_INT64", "BOOL": "TYPE_BOOL",
+}
+
+
+@dataclass(frozen=True)
+class Tensor:
+    name: str
+    dtype: str  # Triton TYPE_*
+    shape: tuple[int, ...]  # -1 for dynamic axes, batch axis included
+
+
+@dataclass(frozen=True)
+class Artifacts:
+    folder: Path
+    kind: str  # "tensorrt_plan" or "onnxruntime_onnx"
+    inputs: tuple[Tensor, ...]
+    outputs: tuple[Tensor, ...]
+    max_batch: int | None  # the engine profile's max batch (None for ONNX: unbounded)
+    profile: dict[str, list[list[int]]] | None
+    weight_bytes: int
+    activation_bytes: int | None
+
+
+def read_artifacts(folder: Path, prefer: str = "auto") -> Artifacts:
+    """The engine when there is one (and ``prefer`` allows it), else the ONNX model."""
+    from .export import onnx_weight_bytes
+    from .runners import check_onnx_files
+
+    engine_json = folder / "engine.json"
+    if prefer in ("auto", "tensorrt") and (folder / "engine.plan").is_file() and engine_json.is_file():
+        meta = json.loads(engine_json.read_text())
+        profile = meta["profiles"][0]
+        return Artifacts(
+            folder, "tensorrt_plan",
+            tuple(Tensor(t["name"], TRITON_TYPES[t["dtype"]], tuple(t["shape"])) for t in meta["inputs"]),
+            tuple(Tensor(t["name"], TRITON_TYPES[t["dtype"]], tuple(t["shape"])) for t in meta["outputs"]),
+            max(v[2][0] for v in profile.values()), profile, meta["onnx_weight_bytes"],
+            meta["weights"].get("activation_bytes") or meta["weights"].get("activation_bytes_builder"),
+        )
+    if prefer == "tensorrt":
+        raise ArtifactError(f"{folder} has no engine.plan with engine.json; build one with --engine trt")
+    onnx_path = folder / "model.onnx"
+    check_onnx_files(onnx_path)
+    import onnx
+
+    graph = onnx.load(str(onnx_path), load_external_data=False).graph
+
+    def tensors(values: Any) -> tuple[Tensor, ...]:
+        out = []
+        for v in values:
+            t = v.type.tensor_type
+            dims = tuple(d.dim_value if d.HasField("dim_value") else -1 for d in t.shape.dim)
+            out.append(Tensor(v.name, TRITON_TYPES[onnx.TensorProto.DataType.Name(t.elem_type)], dims))
+        return tuple(out)
+
+    return Artifacts(folder, "onnxruntime_onnx", tensors(graph.input), tensors(graph.output), None, None,
+                     onnx_weight_bytes(onnx_path), None)
+
+
+# ----------------------------------------------------------------------------------------------- Triton
+
+
+def triton_config(art: Artifacts, name: str, max_batch: int, instances: int) -> str:
+    """config.pbtxt: with max_batch_size > 0 the batch axis is left out of dims (Triton adds it)."""
+
+    def block(kind: str, t: Tensor) -> str:
+        dims = t.shape[1:] if max_batch > 0 else t.shape
+        return f'  {{\n    name: "{t.name}"\n    data_type: {t.dtype}\n    dims: [ {", ".join(map(str, dims))} ]\n  }}'
+
+    lines = [
+        f'name: "{name}"',
+        f'platform: "{art.kind}"',
+        f"max_batch_size: {max_batch}",
+        "input [\n" + ",\n".join(block("input", t) for t in art.inputs) + "\n]",
+        "output [\n" + ",\n".join(block("output", t) for t in art.outputs) + "\n]",
+        f"instance_group [\n  {{\n    count: {instances}\n    kind: KIND_GPU\n  }}\n]",
+    ]
+    if max_batch > 0:
+        lines.append("dynamic_batching { }")
+    return "\n".join(lines) + "\n"
+
+
+def write_triton_repo(artifacts: Path, repo: Path, name: str, max_batch: int | None, instances: int,
+                      prefer: str = "auto", force: bool = False) -> Path:
+    """Write ``repo/name/config.pbtxt`` and ``repo/name/1/model.plan`` (or model.onnx + its data file)."""
+    art = read_artifacts(artifacts, prefer)
+    batch = art.max_batch if max_batch is None else max_batch
+    if batch is None:
+        batch = 8
+    if batch < 0 or (art.max_batch is not None and batch > art.max_batch):
+        raise UserError(f"--max-batch {batch}: the engine's profile allows batches up to {art.max_batch}")
+    if instances < 1:
+        raise UserError("--instances must be at least 1")
+    for t in art.inputs + art.outputs:
+        if batch > 0 and (not t.shape or t.shape[0] not in (-1, batch) and art.kind == "onnxruntime_onnx"):
+            raise UserError(f"{t.name} has a fixed batch axis {t.shape[:1]}; export with a dynamic batch or use --max-batch 0")
+    with staged_folder(repo / name, force) as stage:
+        version = stage / "1"
+        version.mkdir()
+        if art.kind == "tensorrt_plan":
+            shutil.copy2(artifacts / "engine.plan", version / "model.plan")
+        else:
+            for f in [artifacts / "model.onnx", *artifacts.glob("model.onnx.data")]:
+                shutil.copy2(f, version / f.name)
+        (stage / "config.pbtxt").write_text(triton_config(art, name, batch, instances))
+    return repo / name
+
+
+# ----------------------------------------------------------------------------------------------- trtexec and Jetson
+
+GIB = 1 << 30
+# Jetson Orin modules: unified memory shared with the OS; what an engine may use is the total minus
+# what the OS, CUDA context and TensorRT runtime keep (1.5 GiB assumed, measured numbers welcome).
+TARGETS = {"orin-8gb": 8 * GIB, "orin-16gb": 16 * GIB, "orin-32gb": 32 * GIB, "orin-64gb": 64 * GIB}
+SYSTEM_RESERVE = int(1.5 * GIB)
+ACTIVATION_FACTOR = 16  # activation estimate without a build: 16 x batch x seq x hidden x element size
+
+
+def activation_estimate(art: Artifacts, profile: dict[str, list[list[int]]]) -> int:
+    if art.activation_bytes is not None:
+        return int(art.activation_bytes)
+    batch, seq = profile[art.inputs[0].name][2]
+    out = art.outputs[0]
+    size = {"TYPE_FP32": 4, "TYPE_FP16": 2, "TYPE_BF16": 2}.get(out.dtype, 4)
+    return ACTIVATION_FACTOR * batch * seq * out.shape[-1] * size
+
+
+def fits(weights: int, activations: int, target: str) -> tuple[bool, int]:
+    """(fits, bytes needed) on a Jetson target: weights + activations + the system reserve."""
+    need = weights + activations + SYSTEM_RESERVE
+    return need <= TARGETS[target], need
+
+
+def recipes_that_fit(target: str, precision: str, activations: int) -> list[str]:
+    """Recipes whose kept weights (from their config and plan, no weights loaded) fit ``target``."""
+    from .apply import plan_cost
+    from .model import DTYPES, ModelSource, build_meta, load_config
+    from .plan import load_plan
+    from .recipes import available_recipes, load_recipe
+
+    out = []
+    for name in available_recipes():
+        recipe = load_recipe(name)
+        config_dir = recipe.folder.parent / "t5-v1_1-xxl" if recipe.checkpoint.get("family") == "t5" else None
+        if config_dir is None or not (config_dir / "config.json").is_file():
+            continue
+        meta = build_meta(load_config(ModelSource(config_dir)))
+        meta.dtype = DTYPES[precision]
+        weights = plan_cost(meta, load_plan(recipe.plan)).kept_weight_bytes
+        if fits(weights, activations, target)[0]:
+            out.append(f"{name} ({weights / 1e9:.2f} GB)")
+    return out
+
+
+def trtexec_script(artifacts: Path, target: str | None, profile: dict[str, list[list[int]]] | None,
+                   workspace_mib: int | None) -> str:
+    """A shell script that rebuilds the engine on the target from model.onnx with trtexec."""
+    art = read_artifacts(artifacts, prefer="onnx")
+    engine = artifacts / "engine.json"
+    profile = profile or (json.loads(engine.read_text())["profiles"][0] if engine.is_file() else None)
+    if profile is None:
+        raise UserError("no engine.json to take profiles from; pass --batch and --sequence")
+    activations = activation_estimate(art, profile)
+    if target is not None:
+        ok, need = fits(art.weight_bytes, activations, target)
+        if not ok:
+            precision = {"TYPE_FP16": "fp16", "TYPE_BF16": "bf16"}.get(art.outputs[0].dtype, "fp32")
+            others = recipes_that_fit(target, precision, activations)
+            raise UserError(
+                f"does not fit {target}: needs {need / GIB:.2f} GiB (weights {art.weight_bytes / GIB:.2f} + activations "
+                f"{activations / GIB:.2f} + system {SYSTEM_RESERVE / GIB:.1f}) of {TARGETS[target] / GIB:.0f} GiB, "
+                f"{(need - TARGETS[target]) / GIB:.2f} GiB too much; in {precision}, recipes that fit: {', '.join(others) or 'none'}"
+            )
+        workspace_mib = workspace_mib or max(256, (TARGETS[target] - need) // (2 << 20))
+
+    def shapes(i: int) -> str:
+        return ",".join(f"{n}:{'x'.join(map(str, s[i]))}" for n, s in profile.items())
+
+    args = ["trtexec", "--onnx=model.onnx", "--saveEngine=model.plan", "--stronglyTyped",
+            f"--minShapes={shapes(0)}", f"--optShapes={shapes(1)}", f"--maxShapes={shapes(2)}",
+            "--timingCacheFile=timing.cache"]
+    if workspace_mib:
+        args.append(f"--memPoolSize=workspace:{workspace_mib}M")
+    header = [
+        "#!/usr/bin/env bash",
+        "# Rebuild the TensorRT engine on this device from the portable ONNX (engines are specific to a GPU",
+        "# generation and a TensorRT version). Written by skrr-export; run it in the folder holding model.onnx.",
+        f"# Target: {target or 'any'}; weights {art.weight_bytes / GIB:.2f} GiB, activations ~{activations / GIB:.2f} GiB.",
+        "set -euo pipefail",
+        'cd "$(dirname "$0")"',
+        "test -f model.onnx || { echo 'model.onnx not found beside this script' >&2; exit 2; }",
+    ]
+    return "\n".join(header + [" \\\n  ".join(shlex.quote(a) for a in args)]) + "\n"
