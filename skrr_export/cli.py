@@ -287,7 +287,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return command(argv)
     except SkrrError as exc:
-        print(f"skrr-export: error: {exc}", file=sys.stderr)
+        one_line = "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(exc))
+        print(f"skrr-export: error: {one_line}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("skrr-export: interrupted; the output folder was not created (partial files removed)", file=sys.stderr)

@@ -114,19 +114,41 @@ def _torch_export(module: SkrrEncoder, options: ExportOptions, vocab_size: int) 
         )
 
 
-def _deduplicate(model: Any) -> int:
-    """Merge initializers with equal dtype, shape and content (the exporter folds one copy per call site)."""
-    import numpy as np
-    import onnx_ir as ir
-    from onnx_ir.passes.common import DeduplicateHashedInitializersPass
+CONTENT_HASH_LIMIT = 1 << 20  # bytes; larger initializers are compared by the tensor storage they view
 
-    for value in model.graph.initializers.values():  # folded transposes arrive as strided views; the pass hashes
-        array = value.const_value.numpy()  # C-contiguous buffers only
-        if not array.flags.c_contiguous:
-            value.const_value = ir.tensor(np.ascontiguousarray(array), name=value.name)
-    before = len(model.graph.initializers)
-    DeduplicateHashedInitializersPass()(model)
-    return before - len(model.graph.initializers)
+
+def _deduplicate(model: Any) -> int:
+    """Merge initializers that hold the same data: small ones by content (the exporter folds a copy per call
+    site of a re-used weight), large ones by the parameter storage they view (a re-used weight is one
+    parameter). onnx_ir's own pass hashes contiguous buffers only, which would copy every transposed view
+    of a weight: +3.7 GB on the 5.5 GB PixArt-Sigma plan (measured)."""
+    merged = 0
+    for graph in model.graphs():
+        seen: dict[tuple[Any, ...], Any] = {}
+        for name, value in tuple(graph.initializers.items()):
+            if value.const_value is None or value.is_graph_input() or value.is_graph_output():
+                continue
+            key = _identity(value.const_value)
+            if key in seen:
+                value.replace_all_uses_with(seen[key])
+                graph.initializers.pop(name)
+                merged += 1
+            else:
+                seen[key] = value
+    return merged
+
+
+def _identity(tensor: Any) -> tuple[Any, ...]:
+    import hashlib
+
+    import numpy as np
+
+    raw = getattr(tensor, "raw", None)
+    if isinstance(raw, torch.Tensor) and tensor.nbytes > CONTENT_HASH_LIMIT:
+        storage = raw.untyped_storage().data_ptr()
+        return ("storage", storage, raw.storage_offset(), tuple(raw.shape), tuple(raw.stride()), raw.dtype)
+    data = np.ascontiguousarray(tensor.numpy())
+    return ("content", str(tensor.dtype), tuple(tensor.shape), hashlib.sha256(data.view(np.uint8)).hexdigest())
 
 
 def _check(path: Path) -> None:
