@@ -138,8 +138,11 @@ class MappedSafetensors:
         count = (end - begin) // torch.empty((), dtype=dtype).element_size()
         if count == 0:
             return torch.empty(e["shape"], dtype=dtype)
+        import mmap
         import warnings
 
+        start = (self._base + begin) // mmap.PAGESIZE * mmap.PAGESIZE
+        self._map.madvise(mmap.MADV_WILLNEED, start, self._base + end - start)  # read ahead, in the background
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             flat = torch.frombuffer(self._map, dtype=dtype, count=count, offset=self._base + begin)

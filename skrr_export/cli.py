@@ -108,8 +108,10 @@ def _engine_options(args: argparse.Namespace):  # type: ignore[no-untyped-def]
 
 
 def _inspect_parser() -> Parser:
-    p = Parser(prog="skrr-export inspect", description="What a plan keeps, skips and re-uses, from the config alone.")
-    p.add_argument("--plan", type=Path, required=True)
+    p = Parser(prog="skrr-export inspect", description="What a plan keeps, skips and re-uses, from the config alone; "
+               "with --onnx, the exported model's weight bytes (and whether they agree with the plan's).")
+    p.add_argument("--plan", type=Path)
+    p.add_argument("--onnx", type=Path, help="an exported model.onnx to account for")
     p.add_argument("--model", type=Path, help="model folder or config.json (default: the embedded all-MiniLM-L6-v2)")
     p.add_argument("--subfolder")
     p.add_argument("--precision", choices=PRECISIONS, default="bf16")
@@ -124,18 +126,16 @@ def _setup_logging(quiet: bool) -> None:
 
 
 def _tolerance(args: argparse.Namespace, recipe: Any):  # type: ignore[no-untyped-def]
+    """The precision's default, then the recipe's, then each flag given."""
+    from dataclasses import replace
+
     from .compare import DEFAULT_TOLERANCES, Tolerance
 
     base = DEFAULT_TOLERANCES[args.precision]
     if recipe and args.precision in recipe.tolerances:
         base = Tolerance(**recipe.tolerances[args.precision])
-    if args.atol is None and args.rtol is None and args.min_cosine is None:
-        return base
-    return Tolerance(
-        atol=base.atol if args.atol is None else args.atol,
-        rtol=base.rtol if args.rtol is None else args.rtol,
-        min_cosine=base.min_cosine if args.min_cosine is None else args.min_cosine,
-    )
+    given = {"atol": args.atol, "rtol": args.rtol, "min_cosine": args.min_cosine}
+    return replace(base, **{k: v for k, v in given.items() if v is not None})
 
 
 def cmd_export(argv: list[str]) -> int:
@@ -178,8 +178,27 @@ def cmd_inspect(argv: list[str]) -> int:
     from .model import default_model_path
     from .plan import load_plan
 
-    info = inspect_plan(load_plan(args.plan), args.model or default_model_path(), args.subfolder, args.precision)
-    print(json.dumps(info, indent=2) if args.json else render(info))
+    if args.plan is None and args.onnx is None:
+        raise ArgumentError("skrr-export inspect: give --plan (with --model) and/or --onnx")
+    info: dict[str, Any] = {}
+    if args.plan is not None:
+        info = inspect_plan(load_plan(args.plan), args.model or default_model_path(), args.subfolder, args.precision)
+    if args.onnx is not None:
+        from .inspect_plan import agreement, inspect_onnx
+
+        info["exported"] = inspect_onnx(args.onnx)
+        if args.plan is not None:
+            info["exported"] |= agreement(info, info["exported"])
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        if args.plan is not None:
+            print(render(info))
+        if args.onnx is not None:
+            e = info["exported"]
+            print(f"{e['onnx']}: {e['initializers']} initializers, " + ", ".join(f"{k} {v / 1e9:.3f} GB" for k, v in e["bytes"].items()))
+            if "agrees" in e:
+                print(f"agrees with the plan: {'yes' if e['agrees'] else 'NO'} (difference {e['difference']:+,} bytes)")
     return 0
 
 

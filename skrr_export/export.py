@@ -139,14 +139,19 @@ def _deduplicate(model: Any) -> int:
 
 
 def _identity(tensor: Any) -> tuple[Any, ...]:
+    """Large tensors: the memory they view (a parameter, or the optimizer's transposed view of one);
+    small ones: their content."""
     import hashlib
 
     import numpy as np
 
     raw = getattr(tensor, "raw", None)
-    if isinstance(raw, torch.Tensor) and tensor.nbytes > CONTENT_HASH_LIMIT:
-        storage = raw.untyped_storage().data_ptr()
-        return ("storage", storage, raw.storage_offset(), tuple(raw.shape), tuple(raw.stride()), raw.dtype)
+    if tensor.nbytes > CONTENT_HASH_LIMIT:
+        if isinstance(raw, torch.Tensor):
+            address = raw.untyped_storage().data_ptr() + raw.storage_offset() * raw.element_size()
+            return ("memory", address, tuple(raw.shape), tuple(raw.stride()), str(raw.dtype))
+        if isinstance(raw, np.ndarray):
+            return ("memory", raw.__array_interface__["data"][0], raw.shape, raw.strides, str(raw.dtype))
     data = np.ascontiguousarray(tensor.numpy())
     return ("content", str(tensor.dtype), tuple(tensor.shape), hashlib.sha256(data.view(np.uint8)).hexdigest())
 

@@ -56,3 +56,30 @@ def render(info: dict[str, Any]) -> str:
         f"(compute fraction {info['compute_fraction']:.3f})"
     )
     return "\n".join(lines)
+
+
+def inspect_onnx(path: Path) -> dict[str, Any]:
+    """Initializer bytes of an exported model by dtype, read from the file (external data not loaded)."""
+    import onnx
+
+    from .export import onnx_initializer_sizes
+    from .runners import check_onnx_files
+
+    check_onnx_files(path)
+    model = onnx.load(str(path), load_external_data=False)
+    by_dtype: dict[str, int] = {}
+    for init, size in zip(model.graph.initializer, onnx_initializer_sizes(path)):
+        name = onnx.TensorProto.DataType.Name(init.data_type).lower()
+        by_dtype[name] = by_dtype.get(name, 0) + size
+    return {"onnx": str(path), "initializers": len(model.graph.initializer), "bytes": by_dtype,
+            "total_bytes": sum(by_dtype.values())}
+
+
+def agreement(plan_info: dict[str, Any], onnx_info: dict[str, Any]) -> dict[str, Any]:
+    """Does the exported model hold exactly the plan's kept weights (up to small graph constants)?"""
+    from .export import SMALL_CONSTANT_BYTES
+
+    kept = sum(plan_info["bytes_after"].values())
+    diff = onnx_info["total_bytes"] - kept
+    return {"plan_kept_bytes": kept, "onnx_initializer_bytes": onnx_info["total_bytes"], "difference": diff,
+            "agrees": abs(diff) <= SMALL_CONSTANT_BYTES}

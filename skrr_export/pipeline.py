@@ -78,8 +78,7 @@ def run_export(cfg: ExportConfig) -> dict[str, Any]:
     stages = Stages()
     plan = load_plan(cfg.plan)
     source = ModelSource(cfg.model or default_model_path(), cfg.subfolder, cfg.random_weights, cfg.allow_pickle)
-    tol = cfg.tolerance or DEFAULT_TOLERANCES[cfg.precision]
-    tolerances = {"*": tol}
+    tolerances = {"*": cfg.tolerance or DEFAULT_TOLERANCES[cfg.precision]}
     cost = _check_resources(source, plan, cfg)
     with stages.stage("load"):
         enc = load_encoder(source, plan, cfg.precision)
@@ -120,16 +119,7 @@ def run_export(cfg: ExportConfig) -> dict[str, Any]:
                 "skipped": len(plan.skip),
                 "reused": len(plan.reuse),
             },
-            "cost": {
-                "total_params": cost.total_params,
-                "kept_params": cost.kept_params,
-                "sparsity": cost.sparsity,
-                "total_bytes": cost.total_bytes,
-                "kept_bytes": cost.kept_bytes,
-                "executed_slots": cost.executed_slots,
-                "num_slots": cost.num_slots,
-                "compute_fraction": cost.compute_fraction,
-            },
+            "cost": asdict(cost) | {"sparsity": cost.sparsity},
             "onnx": onnx.to_json() | {"export_options": asdict(options)},
             "parity": parity,
             "distance_to_dense": dense,

@@ -34,7 +34,7 @@ def test_minilm_end_to_end_from_the_console_script(tmp_path):
         capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stderr
-    assert sorted(p.name for p in out.iterdir()) == ["model.onnx", "report.json", "report.md"]
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "model.onnx", "report.json", "report.md"]
     report = json.loads((out / "report.json").read_text())
     assert report["cost"]["sparsity"] == pytest.approx(0.1049, abs=5e-5)
     assert [p["passed"] for p in report["parity"]] == [True, True]
@@ -104,7 +104,7 @@ def test_existing_output_needs_force(tmp_path, tiny_models, capsys):
     assert "exists; pass --force" in capsys.readouterr().err
     assert (out / "keep.txt").read_text() == "mine"
     assert main(args + ["--force"]) == 0
-    assert sorted(p.name for p in out.iterdir()) == ["model.onnx", "report.json", "report.md"]
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "model.onnx", "report.json", "report.md"]
     assert leftovers(tmp_path) == []
 
 
@@ -164,3 +164,20 @@ def test_inspect_t5_xxl_pixart_plan_reports_41_92_percent(capsys):
     assert states[2] == "re-uses 0" and states[46] == "skipped" and states[0] == "kept"
     assert main(["inspect", "--plan", str(PIXART_PLAN), "--model", str(T5XXL_CONFIG)]) == 0
     assert "sparsity: 41.92 %" in capsys.readouterr().out
+
+
+def test_inspect_of_the_export_agrees_with_inspect_of_the_plan(tmp_path, tiny_models, capsys):
+    _, folder = tiny_models["t5"]
+    plan = write_plan(tmp_path, {"format": "skrr-plan/1", "encoder": {"family": "t5", "num_blocks": 3}, "skip": [1, 2, 4],
+                                 "reuse": {"2": 0, "4": 0}})
+    out = tmp_path / "out"
+    assert main(["--plan", str(plan), "--model", str(folder), "--out", str(out), "--no-dense-distance", "-q"]) == 0
+    capsys.readouterr()
+    assert main(["inspect", "--plan", str(plan), "--model", str(folder), "--precision", "fp32",
+                 "--onnx", str(out / "model.onnx"), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    exported = info["exported"]
+    assert exported["plan_kept_bytes"] == sum(info["bytes_after"].values())
+    assert exported["onnx_initializer_bytes"] == json.loads((out / "report.json").read_text())["onnx"]["initializer_bytes"]
+    assert exported["agrees"]
+    assert main(["inspect"]) == 2
