@@ -10,7 +10,7 @@ from skrr_export.errors import PlanError
 from skrr_export.model import ModelSource, build_meta, load_config, load_encoder
 from skrr_export.plan import Plan
 
-from .helpers import FAMILIES, NUM_BLOCKS, ids_and_mask, plan_family
+from .helpers import FAMILIES, NUM_BLOCKS, build_reference_model, ids_and_mask, plan_family
 from .reference import reference_forward
 
 PLANS = {
@@ -213,3 +213,47 @@ def test_missing_extra_and_quantized_tensors_are_refused(tiny_models, tmp_path):
         load_encoder(folder_with("quantized", quantized), plan)
     decoder = dict(tensors, **{"decoder.block.0.layer.0.SelfAttention.q.weight": torch.zeros(2, 2)})
     load_encoder(folder_with("with-decoder", decoder), plan)  # a full T5 checkpoint: the decoder is someone else's
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
+@pytest.mark.parametrize("family", ["t5", "clip-projection"])
+def test_sharded_checkpoints_read_only_kept_tensors_and_match_the_full_model(family, dtype, tiny_models, tmp_path):
+    """Issue 5's check, small: sharded bf16/fp32 checkpoints, a recording loader, the fully loaded model as reference."""
+    from skrr_export.export import ExportOptions, export_onnx
+    from skrr_export.runners import OrtRunner, TorchRunner
+
+    import copy
+
+    model, _ = tiny_models[family]
+    torch_dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
+    folder = tmp_path / "ckpt"
+    copy.deepcopy(model).to(torch_dtype).save_pretrained(folder, max_shard_size="16KB")
+    assert len(list(folder.glob("*.safetensors"))) > 2
+    plan = make_plan(family, "heavy-reuse")
+    enc = load_encoder(ModelSource(folder), plan, "fp32")
+    module = apply_plan(enc, plan)
+    skipped = {n.removeprefix("text_model.") for i in (1, 2, 3, 4) for n, _ in sub_block_parameters(build_meta(load_config(ModelSource(folder))))[i]}
+    assert not {k.removeprefix("text_model.") for k in enc.tensors_read} & skipped
+    full = build_reference_model(family)  # the same architecture, fully loaded from the same shards
+    full.load_state_dict({k: v.float() for k, v in _read_all(folder).items()}, strict=False)
+    ids, mask = ids_and_mask()
+    ref = reference_forward(plan_family(family), full.eval(), NUM_BLOCKS, plan.skip, plan.reuse, ids, mask)
+    with torch.no_grad():
+        ours = dict(zip(module.output_names, module(ids, mask)))
+    for name in ref:
+        torch.testing.assert_close(ours[name], ref[name], rtol=0, atol=1e-6)
+    art = export_onnx(module, tmp_path / "model.onnx", ExportOptions(external_data=True), vocab_size=96)
+    feed = {"input_ids": ids.numpy(), "attention_mask": mask.numpy()}
+    with OrtRunner(art.path) as ort_runner, TorchRunner(module, module.output_names) as torch_runner:
+        a, b = ort_runner.infer(feed), torch_runner.infer(feed)
+    for name in a:
+        assert abs(a[name] - b[name]).max() < 1e-4
+
+
+def _read_all(folder):
+    from safetensors.torch import load_file
+
+    out = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        out.update(load_file(f))
+    return out

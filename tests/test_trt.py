@@ -4,6 +4,7 @@ type-checked against tensorrt-stubs; running engines needs a CUDA device and ski
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 import subprocess
 import sys
 from pathlib import Path
@@ -203,3 +204,22 @@ def test_standard_tensorrt_path_type_checks_against_tensorrt_stubs(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "mypy", "--config-file", str(config), str(broken)],
                          capture_output=True, text=True, cwd=tmp_path)
     assert bad.returncode == 1 and "create_netwrk" in bad.stdout and "FP17" in bad.stdout
+
+
+@needs_rtx
+def test_rtx_builder_options_build(tiny_models, tmp_path):
+    """The trtexec-style options that TensorRT-RTX supports without a GPU all build (REFIT_IDENTICAL and
+    STRIP_PLAN need a GPU at build time in RTX 1.7: Myelin asks CUDA for the device)."""
+    _, folder = tiny_models["t5"]
+    onnx_path = onnx_for(folder, "t5", make_plan("t5", "heavy-reuse"), tmp_path)
+    options = EngineOptions(batch=ShapeRange(1, 2, 4), sequence=ShapeRange(1, 16, 64), workspace_mib=256,
+                            optimization_level=1, weight_streaming=True, compute_capabilities=("sm86", "sm89"),
+                            timing_cache=tmp_path / "timing.cache")
+    art = build_engine(onnx_path, "trt-rtx", options, tmp_path / "engine.plan", {})
+    assert json.loads(art.metadata_path.read_text())["options"]["compute_capabilities"] == ["sm86", "sm89"]
+    assert_weights_stored_once(art.metadata, onnx_path)
+    assert not (tmp_path / "timing.cache").exists(), "RTX has no timing cache; nothing is written"
+    with pytest.raises(UserError, match="unknown compute capability 'sm99'"):
+        build_engine(onnx_path, "trt-rtx", replace(options, compute_capabilities=("sm99",)), tmp_path / "x.plan", {})
+    with pytest.raises(UserError, match="TensorRT-RTX has no hardware compatibility levels"):
+        build_engine(onnx_path, "trt-rtx", replace(options, hardware_compatibility="ampere_plus"), tmp_path / "y.plan", {})
