@@ -68,6 +68,7 @@ def export_onnx(module: SkrrEncoder, path: Path, options: ExportOptions, vocab_s
     start = time.perf_counter()
     program = _torch_export(module, options, vocab_size)
     removed = _deduplicate(program.model)
+    _transpose_lazily(program.model)
     program.model.ir_version = IR_VERSION
     init_bytes = sum(v.const_value.nbytes for v in program.model.graph.initializers.values())
     unique = unique_parameter_bytes(module)
@@ -154,6 +155,32 @@ def _identity(tensor: Any) -> tuple[Any, ...]:
             return ("memory", raw.__array_interface__["data"][0], raw.shape, raw.strides, str(raw.dtype))
     data = np.ascontiguousarray(tensor.numpy())
     return ("content", str(tensor.dtype), tuple(tensor.shape), hashlib.sha256(data.view(np.uint8)).hexdigest())
+
+
+def _transpose_lazily(model: Any) -> None:
+    """The optimizer folds ``Transpose(W)`` into a strided numpy view of each weight; saving copies it with
+    numpy's strided loop (0.2 GB/s here). Copy with torch's blocked transpose instead (1.1 GB/s), one tensor at
+    a time while saving, so no second copy of the weights is ever held."""
+    import numpy as np
+    import onnx_ir as ir
+
+    for value in model.graph.initializers.values():
+        raw = getattr(value.const_value, "raw", None)
+        if not isinstance(raw, np.ndarray) or raw.flags.c_contiguous or raw.nbytes <= CONTENT_HASH_LIMIT:
+            continue
+        tensor = value.const_value
+        value.const_value = ir.LazyTensor(_contiguous(raw), tensor.dtype, tensor.shape, name=tensor.name)
+
+
+def _contiguous(array: Any) -> Any:
+    import numpy as np
+    import onnx_ir as ir
+
+    def materialize() -> Any:
+        ints = {1: np.int8, 2: np.int16, 4: np.int32, 8: np.int64}[array.itemsize]  # torch lacks ml_dtypes' bf16
+        return ir.tensor(torch.from_numpy(array.view(ints)).contiguous().numpy().view(array.dtype))
+
+    return materialize
 
 
 def _check(path: Path) -> None:
