@@ -431,6 +431,7 @@ class CalibrationConfig:
     device: str = "cpu"
     precision: str = "fp32"
     naive: bool = False  # the reference method: every candidate runs the whole encoder
+    force: bool = False  # replace existing plan files
 
 
 def check_config(cfg: CalibrationConfig) -> None:
@@ -445,6 +446,9 @@ def check_config(cfg: CalibrationConfig) -> None:
         raise UserError(f"--device {cfg.device}: no CUDA device on this machine; use --device cpu")
     if cfg.out.suffix != ".json":
         raise UserError(f"--out {cfg.out}: plan files end in .json")
+    existing = [p for p in output_paths(cfg).values() if p.exists()]
+    if existing and not cfg.force:
+        raise UserError(f"{existing[0]} exists; pass --force to replace it")
 
 
 def output_paths(cfg: CalibrationConfig) -> dict[float, Path]:

@@ -219,6 +219,7 @@ def _calibrate_parser() -> Parser:
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument("--precision", choices=PRECISIONS, default="fp32", help="dtype the model runs in during calibration")
     p.add_argument("--naive", action="store_true", help="the reference method: every candidate runs the whole encoder")
+    p.add_argument("--force", action="store_true", help="replace existing plan files")
     p.add_argument("-q", "--quiet", action="store_true")
     return p
 
@@ -232,7 +233,7 @@ def cmd_calibrate(argv: list[str]) -> int:
         out=args.out, sparsities=tuple(args.sparsity), model=args.model, subfolder=args.subfolder,
         random_weights=args.random_weights, beam=args.beam, prompts=args.prompts, num_prompts=args.num_prompts,
         max_length=args.max_length, batch_size=args.batch_size, projection=args.projection, device=args.device,
-        precision=args.precision, naive=args.naive,
+        precision=args.precision, naive=args.naive, force=args.force,
     )
     for target, plan in calibrate(cfg).items():
         p = plan.provenance

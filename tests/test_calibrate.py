@@ -177,6 +177,8 @@ def test_interrupted_calibration_resumes_from_its_checkpoint(minilm_path, tmp_pa
     assert main(args) == 0
     assert resumed_steps[0] == 3, "the resumed run starts after the last finished step"
     assert not checkpoint.exists()
+    assert main(args) == 2, "an existing plan is not replaced without --force"
+    assert "exists; pass --force" in capsys.readouterr().err
     uninterrupted = calibrate(CalibrationConfig(out=tmp_path / "again.json", sparsities=(0.16,), **SMALL))[0.16]
     resumed = load_plan(out)
     assert (resumed.skip, resumed.reuse) == (uninterrupted.skip, uninterrupted.reuse)
