@@ -15,7 +15,7 @@ from skrr_export.apply import apply_plan
 from skrr_export.errors import ArtifactError, UserError
 from skrr_export.export import ExportOptions, export_onnx, onnx_weight_bytes
 from skrr_export.model import ModelSource, load_encoder
-from skrr_export.plan import Plan, load_plan
+from skrr_export.plan import Plan
 from skrr_export.trt import (
     WEIGHT_SLACK,
     EngineOptions,
@@ -27,7 +27,6 @@ from skrr_export.trt import (
     load_backend,
 )
 
-from .helpers import NUM_BLOCKS
 from .test_apply import make_plan
 from .test_cli import MINILM_PLAN
 from .typecheck import stubs

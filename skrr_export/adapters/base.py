@@ -75,6 +75,20 @@ class Adapter:
         raise NotImplementedError
 
 
+class EmbeddingStem(nn.Module):
+    """Token (and position) embeddings, then the additive attention mask: causal for CLIP, padding only else."""
+
+    def __init__(self, embeddings: nn.Module, causal: bool):
+        super().__init__()
+        self.embeddings = embeddings
+        self.causal = causal
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, Context]:
+        hidden = self.embeddings(input_ids=input_ids)
+        mask = (causal_padding_mask if self.causal else padding_mask)(attention_mask, hidden.dtype)
+        return hidden, Context(input_ids=input_ids, mask=mask)
+
+
 class Residual(nn.Module):
     """Pre-norm residual sub-block: ``h + body(norm(h))``; the body gets the context when it wants it."""
 

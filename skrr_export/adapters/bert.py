@@ -7,17 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .base import Adapter, Context, padding_mask
-
-
-class BertStem(nn.Module):
-    def __init__(self, embeddings: nn.Module):
-        super().__init__()
-        self.embeddings = embeddings
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, Context]:
-        hidden = self.embeddings(input_ids=input_ids)
-        return hidden, Context(input_ids=input_ids, mask=padding_mask(attention_mask, hidden.dtype))
+from .base import Adapter, Context, EmbeddingStem
 
 
 class BertAttention(nn.Module):
@@ -62,7 +52,7 @@ class BertAdapter(Adapter):
         return ("last_hidden_state",)
 
     def stem(self, model: nn.Module) -> nn.Module:
-        return BertStem(model.embeddings)
+        return EmbeddingStem(model.embeddings, causal=False)
 
     def sub_blocks(self, model: nn.Module) -> list[nn.Module]:
         out: list[nn.Module] = []

@@ -9,22 +9,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from .base import Adapter, Context, Residual, causal_padding_mask
+from .base import Adapter, Context, EmbeddingStem, Residual
 
 
 def text_model(model: nn.Module) -> nn.Module:
     """transformers 5: ``CLIPTextModel`` is flat, ``CLIPTextModelWithProjection`` wraps it in ``.text_model``."""
     return getattr(model, "text_model", model)
-
-
-class ClipStem(nn.Module):
-    def __init__(self, embeddings: nn.Module):
-        super().__init__()
-        self.embeddings = embeddings
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, Context]:
-        hidden = self.embeddings(input_ids=input_ids)
-        return hidden, Context(input_ids=input_ids, mask=causal_padding_mask(attention_mask, hidden.dtype))
 
 
 class ClipHead(nn.Module):
@@ -73,7 +63,7 @@ class ClipAdapter(Adapter):
         return ("last_hidden_state", "penultimate_hidden_state", pooled)
 
     def stem(self, model: nn.Module) -> nn.Module:
-        return ClipStem(text_model(model).embeddings)
+        return EmbeddingStem(text_model(model).embeddings, causal=True)
 
     def sub_blocks(self, model: nn.Module) -> list[nn.Module]:
         out: list[nn.Module] = []
