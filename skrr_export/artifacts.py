@@ -40,6 +40,22 @@ def staged_folder(out: Path, force: bool) -> Iterator[Path]:
         stage.rename(out)
 
 
+def write_atomic(path: Path, data: bytes | str | memoryview, mode: int | None = None) -> None:
+    """Write ``data`` to a hidden sibling and rename it over ``path``: the file appears whole or not at all."""
+    tmp = path.with_name(f".{path.name}.partial")
+    try:
+        if isinstance(data, str):
+            tmp.write_text(data)
+        else:
+            tmp.write_bytes(data)
+        if mode is not None:
+            tmp.chmod(mode)
+        tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def sha256_file(path: Path) -> str:
     import hashlib
 

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from .adapters import Context
+from .artifacts import sha256_file, write_atomic
 from .errors import ArtifactError, Interrupted, UserError
 from .plan import Plan
 
@@ -494,7 +495,7 @@ def calibrate(cfg: CalibrationConfig) -> dict[float, Plan]:
     prompt_hash = fingerprint(prompts, cfg.max_length)
     checkpoint = cfg.out.with_name(cfg.out.name + ".calibration-checkpoint.json")
     key = fingerprint(config_hash, prompt_hash, cfg.beam, max(targets), cfg.precision, cfg.device, cfg.naive,
-                      _file_hash(cfg.projection), cfg.random_weights)
+                      sha256_file(cfg.projection) if cfg.projection else None, cfg.random_weights)
     state = _resume(checkpoint, key)
     progress = _progress(round(max(targets) * total / (sum(sizes) / len(sizes))), state)
 
@@ -590,10 +591,6 @@ def _feeds(tokenizer: Any, config: Any, prompts: list[str], max_length: int, bat
     return feeds
 
 
-def _file_hash(path: Path | None) -> str | None:
-    return hashlib.sha256(path.read_bytes()).hexdigest() if path else None
-
-
 def _resume(checkpoint: Path, key: str) -> SearchState | None:
     if not checkpoint.is_file():
         return None
@@ -614,9 +611,7 @@ def _save_checkpoint(path: Path, key: str, state: SearchState) -> None:
 
 
 def _write_json(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.partial")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    tmp.replace(path)
+    write_atomic(path, json.dumps(data, indent=2) + "\n")
 
 
 def _progress(expected_steps: int, state: SearchState | None) -> Any:

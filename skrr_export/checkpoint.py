@@ -10,6 +10,10 @@ stay resident until the file is closed, which doubles peak memory on a 10 GB che
 
 from __future__ import annotations
 
+import json
+import mmap
+import struct
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -107,10 +111,6 @@ class MappedSafetensors:
     """A safetensors file as zero-copy tensor views of a private (copy-on-write) memory mapping."""
 
     def __init__(self, path: Path):
-        import json
-        import mmap
-        import struct
-
         with path.open("rb") as f:
             size = path.stat().st_size
             (n,) = struct.unpack("<Q", f.read(8))
@@ -138,9 +138,6 @@ class MappedSafetensors:
         count = (end - begin) // torch.empty((), dtype=dtype).element_size()
         if count == 0:
             return torch.empty(e["shape"], dtype=dtype)
-        import mmap
-        import warnings
-
         start = (self._base + begin) // mmap.PAGESIZE * mmap.PAGESIZE
         self._map.madvise(mmap.MADV_WILLNEED, start, self._base + end - start)  # read ahead, in the background
         with warnings.catch_warnings():
@@ -150,8 +147,6 @@ class MappedSafetensors:
 
     def release(self, key: str) -> None:
         """Drop the file pages of a tensor that was converted (its view is no longer used)."""
-        import mmap
-
         begin, end = self._entries[key]["data_offsets"]
         page = mmap.PAGESIZE
         start = -(-(self._base + begin) // page) * page
@@ -187,9 +182,14 @@ def _candidates(name: str, prefixes: tuple[str, ...]) -> list[str]:
     return out
 
 
-def _key_files(folder: Path, allow_pickle: bool) -> dict[str, Path]:
-    from .model import read_json
+def read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ModelError(f"cannot read {path}: {exc}") from None
 
+
+def _key_files(folder: Path, allow_pickle: bool) -> dict[str, Path]:
     index = folder / INDEX
     if index.is_file():
         weight_map = read_json(index).get("weight_map")

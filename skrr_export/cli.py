@@ -288,10 +288,9 @@ def cmd_trtexec(argv: list[str]) -> int:
         profile = profile_shapes([{"name": t.name, "shape": list(t.shape)} for t in art.inputs], options)
     text = trtexec_script(args.artifacts, args.target, profile, args.workspace_mib)
     script = args.script or args.artifacts / "build_engine.sh"
-    tmp = script.with_name(f".{script.name}.partial")
-    tmp.write_text(text)
-    tmp.chmod(0o755)
-    tmp.replace(script)
+    from .artifacts import write_atomic
+
+    write_atomic(script, text, mode=0o755)
     print(f"wrote {script}")
     return 0
 

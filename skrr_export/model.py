@@ -5,7 +5,6 @@ Skipped sub-blocks stay on the meta device: they are never read from the checkpo
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import dataclass
@@ -210,10 +209,3 @@ def _check_complete(enc: Encoder, ckpt: Any) -> None:
 def _read_parameters(enc: Encoder, needed: list[Needed], ckpt: Any) -> None:
     for item in needed:
         item.assign(ckpt.read(item.names, tuple(item.meta.shape), target_dtype(enc, item.name)))
-
-
-def read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ModelError(f"cannot read {path}: {exc}") from None

@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .artifacts import sha256_file
+from .artifacts import sha256_file, write_atomic
 from .errors import ArtifactError, InvariantError, UserError
 from .runners import Feed, Runner
 
@@ -274,9 +274,7 @@ def _timing_cache(backend: Backend, config: Any, path: Path | None) -> Iterator[
     cache = config.create_timing_cache(path.read_bytes() if path.is_file() else b"")
     config.set_timing_cache(cache, False)
     yield
-    tmp = path.with_name(path.name + ".partial")
-    tmp.write_bytes(memoryview(cache.serialize()))
-    tmp.replace(path)
+    write_atomic(path, memoryview(cache.serialize()))
 
 
 def build_engine(onnx_path: Path, engine: str, options: EngineOptions, out: Path, provenance: dict[str, Any]) -> EngineArtifact:
@@ -304,9 +302,7 @@ def build_engine(onnx_path: Path, engine: str, options: EngineOptions, out: Path
             serialized = builder.build_serialized_network(network, config)
         if serialized is None:
             raise ArtifactError(f"{backend.engine} build failed: {'; '.join(logger.errors()[-3:]) or 'no reason logged'}")
-        tmp = out.with_name(out.name + ".partial")
-        tmp.write_bytes(memoryview(serialized))
-        tmp.replace(out)
+        write_atomic(out, memoryview(serialized))
         accounting = _weight_bytes(backend, out, logger)
     seconds = time.perf_counter() - start
     sizes = onnx_initializer_sizes(onnx_path)
