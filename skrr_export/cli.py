@@ -33,7 +33,7 @@ def _export_parser() -> Parser:
     p = Parser(
         prog="skrr-export",
         description="Apply a Skrr plan to a Hugging Face text encoder, export ONNX (and TensorRT), check parity.",
-        epilog="Other commands: inspect, calibrate, triton, trtexec (each with --help).",
+        epilog="Other commands: inspect, calibrate, measure, triton, trtexec (each with --help).",
     )
     p.add_argument("--plan", type=Path, help="plan file (skrr-plan/1 JSON)")
     p.add_argument("--recipe", help="a recipe (recipes/NAME): its plan and export settings; flags given override them")
@@ -52,6 +52,7 @@ def _export_parser() -> Parser:
     p.add_argument("--rtol", type=float, help="parity: relative tolerance (default per precision)")
     p.add_argument("--min-cosine", type=float, help="parity: minimum per-token cosine similarity")
     p.add_argument("--no-dense-distance", action="store_true", help="skip loading the dense model to measure the plan's cost")
+    p.add_argument("--no-measure", action="store_true", help="with a CUDA device: skip measuring memory and latency (dense vs plan)")
     p.add_argument("-q", "--quiet", action="store_true", help="only errors")
     e = p.add_argument_group("engine options (--engine trt / trt-rtx; trtexec names in brackets)")
     e.add_argument("--batch", metavar="MIN,OPT,MAX", help="batch profile, or N for a fixed batch (default 1,1,8)")
@@ -162,6 +163,7 @@ def cmd_export(argv: list[str]) -> int:
         tolerance=_tolerance(args, recipe),
         recipe=recipe,
         dense_distance=not args.no_dense_distance,
+        measure=not args.no_measure,
         force=args.force,
         engine_options=engine_options,
         weight_streaming_budget=args.weight_streaming_budget,
@@ -295,7 +297,64 @@ def cmd_trtexec(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"inspect": cmd_inspect, "calibrate": cmd_calibrate, "triton": cmd_triton, "trtexec": cmd_trtexec}
+def _int_list(text: str, what: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise ArgumentError(f"skrr-export measure: {what} must be comma-separated integers, got '{text}'") from None
+    return values
+
+
+def _measure_parser() -> Parser:
+    p = Parser(prog="skrr-export measure", description="Device memory and latency of the dense model and the plan on "
+               "CUDA, per backend (PyTorch, ONNX Runtime CUDA, TensorRT), with parity against PyTorch. Needs a CUDA device.")
+    p.add_argument("--plan", type=Path, help="plan file (skrr-plan/1 JSON)")
+    p.add_argument("--recipe", help="a recipe (recipes/NAME): its plan")
+    p.add_argument("--model", type=Path, help="local Hugging Face model folder (default: the embedded all-MiniLM-L6-v2)")
+    p.add_argument("--subfolder")
+    p.add_argument("--random-weights", action="store_true", help="random weights from the config (memory and time do not depend on values)")
+    p.add_argument("--allow-pickle", action="store_true", help="also load .bin/.pt checkpoints (torch.load weights_only)")
+    p.add_argument("--backends", default="", help="comma-separated: torch, ort-cuda, trt, trt-rtx (default: all that can run here); "
+                   "ort-cuda-stock: ONNX Runtime's default CUDA settings, to compare with ours")
+    p.add_argument("--batch", default="1,4", help="batch sizes (default 1,4)")
+    p.add_argument("--seq", default="256,512", help="sequence lengths (default 256,512; CLIP: 77)")
+    p.add_argument("--precision", choices=PRECISIONS, default="bf16", help="default bf16")
+    p.add_argument("--warmup", type=int, default=3, help="untimed runs per shape (default 3)")
+    p.add_argument("--iterations", type=int, default=20, help="timed runs per shape (default 20)")
+    p.add_argument("--out", type=Path, default=Path("measure"), help="output folder (default ./measure)")
+    p.add_argument("--force", action="store_true", help="replace an existing output folder")
+    p.add_argument("-q", "--quiet", action="store_true")
+    return p
+
+
+def cmd_measure(argv: list[str]) -> int:
+    args = _measure_parser().parse_args(argv)
+    _setup_logging(args.quiet)
+    if args.recipe:
+        from .recipes import load_recipe
+
+        args.plan = args.plan or load_recipe(args.recipe).plan
+    if args.plan is None:
+        raise ArgumentError("skrr-export measure: give --plan PLAN or --recipe NAME")
+    if args.warmup < 0 or args.iterations < 1:
+        raise ArgumentError("skrr-export measure: --warmup must be >= 0 and --iterations >= 1")
+    from .measure import MeasureConfig, measure
+
+    cfg = MeasureConfig(
+        plan=args.plan, out=args.out, model=args.model, subfolder=args.subfolder, random_weights=args.random_weights,
+        allow_pickle=args.allow_pickle, backends=tuple(b for b in args.backends.split(",") if b),
+        batches=_int_list(args.batch, "--batch"), sequences=_int_list(args.seq, "--seq"), precision=args.precision,
+        warmup=args.warmup, iterations=args.iterations, force=args.force,
+    )
+    results = measure(cfg)
+    for s in results["summary"]:
+        print(f"{s['backend']:>8} {s['batch']}x{s['seq']}: dense {s['dense_ms']:.2f} ms, plan {s['plan_ms']:.2f} ms "
+              f"(x{s['latency_ratio']:.3f}; executed FLOPs x{s['flop_fraction']:.3f})")
+    print(f"wrote {args.out}/ (results.json, results.md, memory.png)")
+    return 0
+
+
+COMMANDS = {"measure": cmd_measure, "inspect": cmd_inspect, "calibrate": cmd_calibrate, "triton": cmd_triton, "trtexec": cmd_trtexec}
 
 
 def main(argv: list[str] | None = None) -> int:

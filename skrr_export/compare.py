@@ -3,10 +3,13 @@ results that are truthy when they pass and say which tolerance would have passed
 
 from __future__ import annotations
 
+import logging
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
+
+log = logging.getLogger("skrr_export")
 
 
 @dataclass(frozen=True)
@@ -159,3 +162,16 @@ def distance(dense: dict[str, np.ndarray], pruned: dict[str, np.ndarray], mask: 
             "pruned_norm": float(np.linalg.norm(t, axis=-1).mean()),
         }
     return out
+
+
+def runner_parity(reference: dict[str, Any], runner: Any, batches: Any, tolerances: dict[str, Tolerance],
+                  reference_name: str = "pytorch") -> list[dict[str, Any]]:
+    """``reference`` (outputs per batch label) vs what ``runner`` computes on every batch; one result per batch."""
+    results = []
+    with runner:
+        for batch in batches:
+            result = compare((reference_name, reference[batch.label]), (runner.name, runner.infer(batch.feed)),
+                             batch.mask, tolerances)
+            log.info("%s", result)
+            results.append(result.to_json() | {"batch": f"{batch.label}, {batch.source}"})
+    return results

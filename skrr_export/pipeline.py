@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .compare import DEFAULT_TOLERANCES, Comparison, Tolerance, compare, distance
+from .compare import DEFAULT_TOLERANCES, Tolerance, distance, runner_parity
 from .errors import AccuracyError, UserError
 from .plan import Plan, load_plan
 
@@ -40,6 +40,7 @@ class ExportConfig:
     external_data: bool | None = None
     tolerance: Tolerance | None = None  # None: the precision's default
     dense_distance: bool = True
+    measure: bool = True  # with a CUDA device: memory and latency, dense vs plan (skrr-export measure's numbers)
     force: bool = False
     engine_options: Any = None  # trt.EngineOptions for --engine trt / trt-rtx
     recipe: Any = None  # recipes.Recipe whose checkpoint expectations the model must meet
@@ -109,7 +110,11 @@ def run_export(cfg: ExportConfig) -> dict[str, Any]:
         if cfg.dense_distance:
             with stages.stage("dense distance"):
                 dense = _distance_to_dense(source, plan, cfg.precision, batches, plan_outputs)
-        report = {
+        measured = None
+        if cfg.measure and _cuda():
+            with stages.stage("measure"):
+                measured = _measure(cfg, source, plan, stage)
+        report: dict[str, Any] = {
             "tool": {"name": "skrr-export", "version": __version__, "python": platform.python_version(), **_versions()},
             "model": {"path": str(source.folder), "family": plan.family, "random_weights": source.random_weights},
             "precision": cfg.precision,
@@ -124,6 +129,7 @@ def run_export(cfg: ExportConfig) -> dict[str, Any]:
             "parity": parity,
             "distance_to_dense": dense,
             "engine": engine,
+            "measure": measured,
             "seconds": stages.seconds,
         }
         from .report import write_report
@@ -174,18 +180,6 @@ def _reference_outputs(torch_runner: Any, batches: tuple[Any, ...]) -> dict[str,
         return {batch.label: torch_runner.infer(batch.feed) for batch in batches}
 
 
-def _parity(reference: dict[str, Any], runner: Any, batches: tuple[Any, ...], tolerances: dict[str, Tolerance]) -> list[dict[str, Any]]:
-    """PyTorch (the plan) vs ``runner`` on every batch, with the same comparator and tolerances."""
-    results = []
-    with runner:
-        for batch in batches:
-            result: Comparison = compare(("pytorch", reference[batch.label]), (runner.name, runner.infer(batch.feed)),
-                                         batch.mask, tolerances)
-            log.info("%s", result)
-            results.append(result.to_json() | {"batch": f"{batch.label}, {batch.source}"})
-    return results
-
-
 def not_executed(test: str, reason: str) -> dict[str, Any]:
     log.warning("%s: %s", test, reason)
     return {"reference": "pytorch", "test": test, "passed": None, "reason": reason}
@@ -193,12 +187,43 @@ def not_executed(test: str, reason: str) -> dict[str, Any]:
 
 def _ort_parity(onnx_path: Path, precision: str, reference: dict[str, Any], batches: tuple[Any, ...],
                 tolerances: dict[str, Tolerance]) -> list[dict[str, Any]]:
+    """ONNX Runtime's CUDA provider (TF32 off) where it can run, its CPU provider otherwise."""
+    from .measure import backend_blockers
     from .runners import OrtRunner
 
+    if _cuda() and backend_blockers()["ort-cuda"] is None:
+        return runner_parity(reference, OrtRunner(onnx_path, ("CUDAExecutionProvider",)), batches, tolerances)
     if precision == "bf16":  # ONNX Runtime's CPU provider has no bf16 kernels (Add, Mul, MatMul ...)
         return [not_executed("onnxruntime", "not executed: ONNX Runtime's CPU provider has no bf16 kernels; "
                              "the graph passed onnx.checker (run it with the CUDA provider, or build an engine)")]
-    return _parity(reference, OrtRunner(onnx_path), batches, tolerances)
+    return runner_parity(reference, OrtRunner(onnx_path), batches, tolerances)
+
+
+def _cuda() -> bool:
+    from .trt import cuda_available
+
+    return cuda_available()
+
+
+def _measure(cfg: ExportConfig, source: Any, plan: Plan, stage: Path) -> dict[str, Any]:
+    """The measure command's numbers at batch 1 and one sequence length, for the backends this job produced."""
+    import shutil
+
+    from .measure import MeasureConfig, backend_blockers, check_shapes, plot_memory, run_measurements
+    from .model import build_meta, load_config
+
+    blockers = backend_blockers()
+    backends = tuple(b for b in ("torch", "ort-cuda", cfg.engine) if b in blockers and blockers[b] is None)
+    config = build_meta(load_config(source)).config
+    limit = getattr(getattr(config, "text_config", config), "max_position_embeddings", None) or 128
+    seq = cfg.fixed_sequence or min(128, limit)
+    settings = MeasureConfig(plan=cfg.plan, out=cfg.out, precision=cfg.precision, batches=(1,), sequences=(seq,),
+                             warmup=3, iterations=10)
+    work = stage / "measure-work"
+    results = run_measurements(source, plan, backends, check_shapes(config, (1,), (seq,)), settings, work)
+    shutil.rmtree(work, ignore_errors=True)
+    plot_memory(results, stage / "memory.png")
+    return results
 
 
 def _distance_to_dense(source: Any, plan: Plan, precision: str, batches: tuple[Any, ...], plan_outputs: dict[str, Any]) -> dict[str, Any]:
@@ -231,7 +256,7 @@ def _engine(cfg: ExportConfig, onnx_path: Path, plan: Plan, stage: Path, referen
     if blocker:
         return artifact.metadata, [not_executed(cfg.engine, blocker)]
     runner = TrtRunner(artifact.path, cfg.engine, cfg.weight_streaming_budget)
-    return artifact.metadata, _parity(reference, runner, batches, tolerances)
+    return artifact.metadata, runner_parity(reference, runner, batches, tolerances)
 
 
 def _versions() -> dict[str, str]:

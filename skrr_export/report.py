@@ -70,6 +70,10 @@ def render_markdown(r: dict[str, Any]) -> str:
                     f"{_fmt(d['dense_norm'])} | {_fmt(d['pruned_norm'])} |"
                 )
         lines.append("")
+    if r.get("measure"):
+        from .measure import render_markdown as render_measure
+
+        lines += [render_measure(r["measure"], level=2)]
     if r.get("engine"):
         lines += ["## Engine", "", "```json", json.dumps(r["engine"], indent=2), "```", ""]
     lines += ["## Stages", ""] + [f"- {k}: {v:.1f} s" for k, v in r["seconds"].items()] + [""]

@@ -1,19 +1,30 @@
-"""One runner protocol for every backend: ``activate`` / ``infer`` / ``deactivate``, usable as a context manager.
+"""One runner protocol for every backend: ``activate`` / ``bind`` / ``infer`` / ``deactivate``, usable as a
+context manager.
 
-``infer`` takes and returns named numpy arrays (bf16 outputs are widened to fp32 for comparison).
+``infer`` takes and returns named numpy arrays (bf16 outputs are widened to fp32, exactly, for comparison).
+``bind`` places a feed on the runner's device once and returns a ``Bound`` whose ``run`` is one forward on
+device-resident inputs and outputs, synchronized: what a latency or memory measurement should time.
 The comparator and the benchmarks know only this protocol.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
 from .errors import ArtifactError, MissingDependencyError
 
 Feed = dict[str, np.ndarray]
+
+
+class Bound(Protocol):
+    def run(self) -> None:
+        """One forward on the bound inputs; returns when the device has finished it."""
+
+    def outputs(self) -> Feed:
+        """The last run's outputs, copied to the host."""
 
 
 class Runner:
@@ -28,10 +39,17 @@ class Runner:
             self.active = True
         return self
 
+    def bind(self, feed: Feed) -> Bound:
+        self._check_active("bind")
+        return self.bind_impl(feed)
+
     def infer(self, feed: Feed) -> Feed:
-        if not self.active:
-            raise RuntimeError(f"{self.name}: call activate() (or use it as a context manager) before infer()")
+        self._check_active("infer")
         return self.infer_impl(feed)
+
+    def _check_active(self, what: str) -> None:
+        if not self.active:
+            raise RuntimeError(f"{self.name}: call activate() (or use it as a context manager) before {what}()")
 
     def deactivate(self) -> None:
         if self.active:
@@ -47,8 +65,13 @@ class Runner:
     def activate_impl(self) -> None:
         pass
 
-    def infer_impl(self, feed: Feed) -> Feed:
+    def bind_impl(self, feed: Feed) -> Bound:
         raise NotImplementedError
+
+    def infer_impl(self, feed: Feed) -> Feed:
+        bound = self.bind_impl(feed)
+        bound.run()
+        return bound.outputs()
 
     def deactivate_impl(self) -> None:
         pass
@@ -74,26 +97,56 @@ class TorchRunner(Runner):
         self.output_names = output_names
         self.device = device
 
-    def infer_impl(self, feed: Feed) -> Feed:
+    def bind_impl(self, feed: Feed) -> Bound:
+        return _TorchBound(self, feed)
+
+
+class _TorchBound:
+    def __init__(self, runner: TorchRunner, feed: Feed):
         import torch
 
+        self.runner = runner
+        self.inputs = [torch.from_numpy(feed[k]).to(runner.device) for k in ("input_ids", "attention_mask")]
+        self.result: tuple[Any, ...] = ()
+        self.cuda = torch.device(runner.device).type == "cuda"
+
+    def run(self) -> None:
+        import torch
+
+        self.result = ()  # the previous outputs are freed first, as a serving loop would
         with torch.no_grad():
-            ids = torch.from_numpy(feed["input_ids"]).to(self.device)
-            mask = torch.from_numpy(feed["attention_mask"]).to(self.device)
-            outputs = self.module(ids, mask)
-        return {n: to_numpy(t) for n, t in zip(self.output_names, outputs)}
+            self.result = tuple(self.runner.module(*self.inputs))
+        if self.cuda:
+            torch.cuda.synchronize()
+
+    def outputs(self) -> Feed:
+        return {n: to_numpy(t) for n, t in zip(self.runner.output_names, self.result)}
+
+
+# CUDA EP settings. TF32 off: parity needs exact fp32 matmuls. The arena grows by what is asked for instead of
+# the next power of two, and initializers bypass the arena, so weights are not rounded up into arena chunks.
+CUDA_PROVIDER_OPTIONS = {"use_tf32": "0", "arena_extend_strategy": "kSameAsRequested"}
+CUDA_SESSION_CONFIG = {"session.use_device_allocator_for_initializers": "1"}
 
 
 class OrtRunner(Runner):
-    """ONNX Runtime session; CUDA EP with TF32 off when asked for (parity needs exact fp32 matmuls)."""
+    """ONNX Runtime session on the CPU or the CUDA execution provider (settings above, overridable)."""
 
     name = "onnxruntime"
 
-    def __init__(self, path: Path, providers: tuple[str, ...] = ("CPUExecutionProvider",)):
+    def __init__(self, path: Path, providers: tuple[str, ...] = ("CPUExecutionProvider",),
+                 cuda_options: dict[str, str] | None = None, session_config: dict[str, str] | None = None,
+                 profile_prefix: Path | None = None):
         super().__init__()
         self.path = path
         self.providers = providers
+        self.cuda = "CUDAExecutionProvider" in providers
+        self.cuda_options = CUDA_PROVIDER_OPTIONS if cuda_options is None else cuda_options
+        self.session_config = (CUDA_SESSION_CONFIG if self.cuda else {}) if session_config is None else session_config
+        self.profile_prefix = profile_prefix  # profile the first run (node placement), then stop profiling
         self.session: Any = None
+        if self.cuda:
+            self.name = "onnxruntime-cuda"
 
     def activate_impl(self) -> None:
         try:
@@ -103,21 +156,66 @@ class OrtRunner(Runner):
         check_onnx_files(self.path)
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
+        for key, value in self.session_config.items():
+            opts.add_session_config_entry(key, value)
+        if self.profile_prefix is not None:
+            opts.enable_profiling = True
+            opts.profile_file_prefix = str(self.profile_prefix)
         providers: list[Any] = [
-            (p, {"use_tf32": "0"}) if p == "CUDAExecutionProvider" else p for p in self.providers
+            (p, dict(self.cuda_options)) if p == "CUDAExecutionProvider" else p for p in self.providers
         ]
         try:
             self.session = ort.InferenceSession(str(self.path), opts, providers=providers)
         except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
             raise ArtifactError(f"ONNX Runtime cannot load {self.path.name}: {str(exc).splitlines()[0]}") from None
 
-    def infer_impl(self, feed: Feed) -> Feed:
-        names = [o.name for o in self.session.get_outputs()]
-        inputs = {i.name: feed[i.name] for i in self.session.get_inputs()}
-        return {n: np.asarray(v, dtype=np.float32) if v.dtype.kind == "V" else v for n, v in zip(names, self.session.run(names, inputs))}
+        if self.cuda and "CUDAExecutionProvider" not in self.session.get_providers():
+            raise ArtifactError(f"ONNX Runtime did not enable its CUDA provider for {self.path.name} "
+                                f"(it has {', '.join(ort.get_available_providers())}); install onnxruntime-gpu")
+
+    def bind_impl(self, feed: Feed) -> Bound:
+        return _OrtBound(self.session, feed, "cuda" if self.cuda else "cpu")
+
+    def end_profiling(self) -> Path | None:
+        """Stop profiling; the JSON trace of the runs so far (None when profiling was off)."""
+        if self.profile_prefix is None or self.session is None:
+            return None
+        return Path(self.session.end_profiling())
 
     def deactivate_impl(self) -> None:
         self.session = None
+
+
+class _OrtBound:
+    """IO binding: inputs copied to the device once, outputs left where the provider produced them."""
+
+    def __init__(self, session: Any, feed: Feed, device: str):
+        import onnxruntime as ort
+
+        self.session = session
+        self.binding = session.io_binding()
+        self.values = [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(feed[i.name]), device, 0)
+                       for i in session.get_inputs()]
+        for i, value in zip(session.get_inputs(), self.values):
+            self.binding.bind_ortvalue_input(i.name, value)
+        self.types = {o.name: o.type for o in session.get_outputs()}
+        for name in self.types:
+            self.binding.bind_output(name, device, 0)
+
+    def run(self) -> None:
+        self.session.run_with_iobinding(self.binding)  # synchronizes the provider's stream before it returns
+
+    def outputs(self) -> Feed:
+        out = {}
+        values = self.binding.get_outputs_as_ortvaluevector()
+        for (name, onnx_type), value in zip(self.types.items(), values):
+            if onnx_type == "tensor(bfloat16)":  # numpy has no bf16: hand the tensor to torch, which widens exactly
+                import torch
+
+                out[name] = to_numpy(torch.from_dlpack(value.to_dlpack()))
+            else:
+                out[name] = value.numpy()
+        return out
 
 
 def check_onnx_files(path: Path) -> None:

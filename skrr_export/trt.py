@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from .artifacts import sha256_file, write_atomic
 from .errors import ArtifactError, InvariantError, UserError
-from .runners import Feed, Runner
+from .runners import Bound, Feed, Runner
 
 log = logging.getLogger("skrr_export")
 
@@ -449,37 +449,54 @@ class TrtRunner(Runner):
             self._engine, self._context = engine, engine.create_execution_context()
         self._stream = torch.cuda.Stream()
 
-    def infer_impl(self, feed: Feed) -> Feed:
-        import torch
-
-        from .runners import to_numpy
-
-        engine, context = self._engine, self._context
-        assert engine is not None and context is not None  # activate() made them
-        with bound(self.backend), torch.cuda.stream(self._stream):  # copies and the engine on one stream
-            keep: dict[str, torch.Tensor] = {}
-            outputs: list[str] = []
-            for i in range(engine.num_io_tensors):
-                name = engine.get_tensor_name(i)
-                if engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT:
-                    keep[name] = torch.from_numpy(feed[name]).cuda().contiguous()
-                    context.set_input_shape(name, trt.Dims(list(keep[name].shape)))
-                    context.set_tensor_address(name, keep[name].data_ptr())
-                else:
-                    outputs.append(name)
-            for name in outputs:
-                dims = context.get_tensor_shape(name)
-                shape = [dims[i] for i in range(len(dims))]
-                dtype = _TORCH_DTYPES[str(engine.get_tensor_dtype(name)).removeprefix("DataType.")]
-                keep[name] = torch.empty(shape, dtype=getattr(torch, dtype), device="cuda")
-                context.set_tensor_address(name, keep[name].data_ptr())
-            if not context.execute_async_v3(self._stream.cuda_stream):
-                raise ArtifactError(f"{self.name}: execution failed: {'; '.join(self._logger.errors())}")
-            self._stream.synchronize()
-        return {name: to_numpy(keep[name]) for name in outputs}
+    def bind_impl(self, feed: Feed) -> Bound:
+        assert self._engine is not None and self._context is not None  # activate() made them
+        return _TrtBound(self, feed)
 
     def deactivate_impl(self) -> None:
         self._context = self._engine = self._runtime = None
+
+
+class _TrtBound:
+    """Device buffers allocated once for one feed; ``run`` enqueues the engine and waits for it."""
+
+    def __init__(self, runner: TrtRunner, feed: Feed):
+        import torch
+
+        engine, context = runner._engine, runner._context
+        assert engine is not None and context is not None
+        self.runner, self.context = runner, context
+        self.buffers: dict[str, torch.Tensor] = {}
+        self.output_names: list[str] = []
+        with bound(runner.backend), torch.cuda.stream(runner._stream):  # copies and the engine on one stream
+            for i in range(engine.num_io_tensors):
+                name = engine.get_tensor_name(i)
+                if engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT:
+                    self.buffers[name] = torch.from_numpy(feed[name]).cuda().contiguous()
+                    context.set_input_shape(name, trt.Dims(list(self.buffers[name].shape)))
+                else:
+                    self.output_names.append(name)
+            for name in self.output_names:
+                dims = context.get_tensor_shape(name)
+                dtype = _TORCH_DTYPES[str(engine.get_tensor_dtype(name)).removeprefix("DataType.")]
+                self.buffers[name] = torch.empty([dims[i] for i in range(len(dims))], dtype=getattr(torch, dtype), device="cuda")
+        runner._stream.synchronize()
+
+    def run(self) -> None:
+        runner = self.runner
+        with bound(runner.backend):
+            for name, buffer in self.buffers.items():  # another binding may have run on this context since
+                if name not in self.output_names:
+                    self.context.set_input_shape(name, trt.Dims(list(buffer.shape)))
+                self.context.set_tensor_address(name, buffer.data_ptr())
+            if not self.context.execute_async_v3(runner._stream.cuda_stream):
+                raise ArtifactError(f"{runner.name}: execution failed: {'; '.join(runner._logger.errors())}")
+        runner._stream.synchronize()
+
+    def outputs(self) -> Feed:
+        from .runners import to_numpy
+
+        return {name: to_numpy(self.buffers[name]) for name in self.output_names}
 
 
 _TORCH_DTYPES = {"FLOAT": "float32", "HALF": "float16", "BF16": "bfloat16", "INT32": "int32", "INT64": "int64"}

@@ -1,0 +1,562 @@
+"""measure: device memory and latency of the dense model and the plan, per backend, on CUDA; parity there too.
+
+Memory is read where each runtime allocates it. PyTorch: its allocator's statistics (resident = bytes allocated
+by moving the module to the device; peak = the allocator's high-water mark during a forward). ONNX Runtime and
+TensorRT allocate outside PyTorch: the device's used memory (total - free) before and after the session or
+engine is created, and after runs at each shape (shapes run smallest first, so the arena's high-water mark after
+a shape is that shape's need). Latency: warm-up runs, then every timed run starts and ends on a synchronized
+device (``Bound.run``); median and p90.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import UserError
+
+log = logging.getLogger("skrr_export")
+
+BACKENDS = ("torch", "ort-cuda", "trt", "trt-rtx", "ort-cuda-stock")
+# ort-cuda-stock: ONNX Runtime's own CUDA defaults (TF32 off only), to compare with our settings; never by default
+ON_REQUEST = ("ort-cuda-stock",)
+DEVICE = "cuda"
+VARIANTS = ("dense", "plan")
+
+
+@dataclass(frozen=True)
+class Shape:
+    batch: int
+    seq: int
+
+    def __str__(self) -> str:
+        return f"{self.batch}x{self.seq}"
+
+
+@dataclass(frozen=True)
+class MeasureConfig:
+    plan: Path
+    out: Path
+    model: Path | None = None  # None: the embedded MiniLM
+    subfolder: str | None = None
+    random_weights: bool = False
+    allow_pickle: bool = False
+    backends: tuple[str, ...] = ()  # empty: every backend that can run here
+    batches: tuple[int, ...] = (1, 4)
+    sequences: tuple[int, ...] = (256, 512)
+    precision: str = "bf16"
+    warmup: int = 3
+    iterations: int = 20
+    force: bool = False
+
+
+def require_cuda() -> Any:
+    """The CUDA device to measure on; exit code 2 without one (nothing here is estimated)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        raise UserError("measure needs a CUDA device and torch sees none (torch.cuda.is_available() is False); "
+                        "nothing was measured")
+    return torch.device("cuda")
+
+
+def backend_blockers() -> dict[str, str | None]:
+    """Why each backend cannot run here (None: it can)."""
+    from .trt import available, execution_blocker
+
+    out: dict[str, str | None] = {"torch": None}
+    try:
+        import onnxruntime as ort
+
+        providers = ort.get_available_providers()
+        out["ort-cuda"] = None if "CUDAExecutionProvider" in providers else (
+            f"onnxruntime {ort.__version__} has no CUDA provider (has {', '.join(providers)}); install onnxruntime-gpu")
+    except ImportError:
+        out["ort-cuda"] = "onnxruntime is not installed"
+    out["ort-cuda-stock"] = out["ort-cuda"]
+    for engine in ("trt", "trt-rtx"):
+        module = "tensorrt" if engine == "trt" else "tensorrt_rtx"
+        out[engine] = execution_blocker(engine) if available(engine) else f"{module} is not installed"
+    return out
+
+
+def resolve_backends(requested: tuple[str, ...], blockers: dict[str, str | None]) -> tuple[str, ...]:
+    """Requested backends must all run here; none requested means every one that can."""
+    unknown = [b for b in requested if b not in BACKENDS]
+    if unknown:
+        raise UserError(f"--backends: unknown backend '{unknown[0]}'; choose from {', '.join(BACKENDS)}")
+    if not requested:
+        return tuple(b for b in BACKENDS if blockers.get(b) is None and b not in ON_REQUEST)
+    for backend in requested:
+        if blockers.get(backend):
+            raise UserError(f"backend {backend} cannot run here: {blockers[backend]}")
+    return tuple(dict.fromkeys(requested))
+
+
+def check_shapes(config: Any, batches: tuple[int, ...], sequences: tuple[int, ...]) -> list[Shape]:
+    """Every (batch, sequence) pair, smallest first; sequences beyond the model's positions are refused."""
+    text = getattr(config, "text_config", config)
+    limit = getattr(text, "max_position_embeddings", None)
+    for value, what in [(b, "--batch") for b in batches] + [(s, "--seq") for s in sequences]:
+        if value < 1:
+            raise UserError(f"{what} values must be positive integers, got {value}")
+    if limit is not None and max(sequences) > limit:
+        raise UserError(f"--seq {max(sequences)} exceeds this model's {limit} positions")
+    return sorted((Shape(b, s) for b in dict.fromkeys(batches) for s in dict.fromkeys(sequences)),
+                  key=lambda sh: (sh.batch * sh.seq, sh.batch))
+
+
+def executed_flops(meta_encoder: Any, plan: Any, shape: Shape) -> int:
+    """FLOPs of one forward of ``plan`` at ``shape``, counted by torch's FlopCounterMode on the meta device."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from .apply import SkrrEncoder
+
+    module = SkrrEncoder(meta_encoder, plan)
+    ids = torch.zeros(shape.batch, shape.seq, dtype=torch.long, device="meta")
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        module(ids, torch.ones_like(ids))
+    return int(counter.get_total_flops())
+
+
+def timing_feed(config: Any, shape: Shape, seed: int = 0) -> dict[str, np.ndarray]:
+    """Full-length rows of random ids (no padding): every token costs what a real prompt's does."""
+    vocab = getattr(config, "text_config", config).vocab_size
+    ids = np.random.default_rng(seed).integers(min(10, vocab // 2), vocab, size=(shape.batch, shape.seq))
+    return {"input_ids": ids.astype(np.int64), "attention_mask": np.ones_like(ids, dtype=np.int64)}
+
+
+def latency(run: Callable[[], None], warmup: int, iterations: int) -> dict[str, float]:
+    """Milliseconds per call of ``run`` (which returns only when the device is done): median, p90, min, max."""
+    for _ in range(warmup):
+        run()
+    samples = []
+    for _ in range(iterations):
+        start = time.perf_counter()
+        run()
+        samples.append((time.perf_counter() - start) * 1e3)
+    ms = np.asarray(samples)
+    return {"median_ms": float(np.median(ms)), "p90_ms": float(np.percentile(ms, 90)), "min_ms": float(ms.min()),
+            "max_ms": float(ms.max()), "iterations": iterations, "warmup": warmup}
+
+
+class DeviceMemory:
+    """Used device memory as the driver reports it (total - free), after PyTorch has returned its cached blocks."""
+
+    def __init__(self) -> None:
+        import torch
+
+        self.torch = torch
+
+    def settle(self) -> int:
+        """Free what can be freed, then return the used bytes: the baseline for a measurement."""
+        gc.collect()
+        self.torch.cuda.synchronize()
+        self.torch.cuda.empty_cache()
+        return self.used()
+
+    def used(self) -> int:
+        self.torch.cuda.synchronize()
+        free, total = self.torch.cuda.mem_get_info()
+        return int(total - free)
+
+
+def _shape_rows(runner: Any, shapes: list[Shape], feeds: dict[Shape, Any], cfg: MeasureConfig,
+                peak: Callable[[Any], int], resident: int, first_run: Callable[[Any], None] | None = None) -> list[dict[str, Any]]:
+    """Per shape: latency after warm-up, then the memory peak of one more run (``peak(bound)`` measures it)."""
+    rows = []
+    for shape in shapes:
+        bound = runner.bind(feeds[shape])
+        if first_run is not None:
+            first_run(bound)
+            first_run = None
+        timing = latency(bound.run, cfg.warmup, cfg.iterations)
+        peak_bytes = peak(bound)
+        rows.append({"batch": shape.batch, "seq": shape.seq, "peak_bytes": peak_bytes,
+                     "activation_bytes": peak_bytes - resident, **timing})
+        log.info("%s %s: %.2f ms median, %.2f ms p90, peak %.3f GB", runner.name, shape, timing["median_ms"],
+                 timing["p90_ms"], peak_bytes / 1e9)
+        del bound
+    return rows
+
+
+def measure_torch(module: Any, shapes: list[Shape], feeds: dict[Shape, Any], cfg: MeasureConfig, probe: DeviceMemory) -> dict[str, Any]:
+    """Moves ``module`` to the device; resident and peak bytes from PyTorch's allocator statistics."""
+    import torch
+
+    from .runners import TorchRunner
+
+    probe.settle()
+    base = torch.cuda.memory_allocated()
+    module.to(DEVICE)
+    resident = torch.cuda.memory_allocated() - base
+
+    def peak(bound: Any) -> int:
+        torch.cuda.reset_peak_memory_stats()
+        bound.run()
+        return int(torch.cuda.max_memory_allocated() - base)
+
+    with TorchRunner(module, module.output_names, DEVICE) as runner:
+        rows = _shape_rows(runner, shapes, feeds, cfg, peak, resident)
+    return {"resident_bytes": resident, "resident_source": "torch.cuda.memory_allocated", "shapes": rows}
+
+
+def measure_ort(onnx_path: Path, shapes: list[Shape], feeds: dict[Shape, Any], cfg: MeasureConfig, probe: DeviceMemory,
+                work: Path, reference: Any = None, stock: bool = False) -> dict[str, Any]:
+    """ONNX Runtime's CUDA provider with IO binding; device memory from the driver; node placement profiled.
+    ``stock``: ONNX Runtime's default provider and session settings (TF32 still off) instead of ours."""
+    from .runners import CUDA_PROVIDER_OPTIONS, CUDA_SESSION_CONFIG, OrtRunner
+
+    options = {"use_tf32": "0"} if stock else CUDA_PROVIDER_OPTIONS
+    session_config: dict[str, str] = {} if stock else CUDA_SESSION_CONFIG
+    base = probe.settle()
+    runner = OrtRunner(onnx_path, ("CUDAExecutionProvider",), options, session_config, profile_prefix=work / "ort-profile")
+    placement: dict[str, Any] = {}
+
+    def profile_first(bound: Any) -> None:
+        bound.run()
+        placement.update(node_placement(runner.end_profiling()))
+
+    with runner:
+        resident = probe.used() - base
+        rows = _shape_rows(runner, shapes, feeds, cfg, _driver_peak(probe, base), resident, profile_first)
+        parity = reference(runner) if reference else []
+    return {"resident_bytes": resident, "resident_source": "device used memory after session creation",
+            "shapes": rows, "placement": placement, "parity": parity,
+            "settings": {"provider_options": options, "session_config": session_config, "io_binding": True}}
+
+
+def node_placement(profile: Path | None) -> dict[str, Any]:
+    """From an ONNX Runtime profile: nodes per execution provider, the op types left off CUDA, memcpy nodes."""
+    if profile is None or not profile.is_file():
+        return {}
+    events = json.loads(profile.read_text())
+    profile.unlink()
+    placed: dict[str, tuple[str, str]] = {}  # node -> (provider, op type); a node runs once per profiled run
+    for event in events:
+        if event.get("cat") == "Node" and str(event.get("name", "")).endswith("_kernel_time"):
+            args = event.get("args") or {}
+            placed[event["name"]] = (args.get("provider", "?"), args.get("op_name", "?"))
+    providers: dict[str, int] = {}
+    off_cuda: dict[str, int] = {}
+    for provider, op in placed.values():
+        providers[provider] = providers.get(provider, 0) + 1
+        if provider != "CUDAExecutionProvider":
+            off_cuda[op] = off_cuda.get(op, 0) + 1
+    memcpy = sum(op.startswith("Memcpy") for _, op in placed.values())
+    return {"nodes_per_provider": providers, "ops_not_on_cuda": off_cuda, "memcpy_nodes": memcpy}
+
+
+def measure_trt(engine: str, onnx_path: Path, shapes: list[Shape], feeds: dict[Shape, Any], cfg: MeasureConfig,
+                probe: DeviceMemory, work: Path, reference: Any = None) -> dict[str, Any]:
+    """Build an engine whose one profile spans the shapes, then measure it like ONNX Runtime."""
+    from .trt import EngineOptions, ShapeRange, TrtRunner, build_engine
+
+    b, s = [sh.batch for sh in shapes], [sh.seq for sh in shapes]
+    options = EngineOptions(batch=ShapeRange(min(b), max(b), max(b)), sequence=ShapeRange(min(s), max(s), max(s)))
+    artifact = build_engine(onnx_path, engine, options, work / f"{engine}.plan", {})
+    base = probe.settle()
+    with TrtRunner(artifact.path, engine) as runner:
+        resident = probe.used() - base
+        rows = _shape_rows(runner, shapes, feeds, cfg, _driver_peak(probe, base), resident)
+        parity = reference(runner) if reference else []
+    return {"resident_bytes": resident, "resident_source": "device used memory after engine and context creation",
+            "engine_weights": artifact.metadata["weights"], "shapes": rows, "parity": parity}
+
+
+def _driver_peak(probe: DeviceMemory, base: int) -> Callable[[Any], int]:
+    """Run once more, then read the device's used memory: a runtime's arena keeps its high-water mark."""
+
+    def peak(bound: Any) -> int:
+        bound.run()
+        return probe.used() - base
+
+    return peak
+
+
+def measure(cfg: MeasureConfig) -> dict[str, Any]:
+    """Measure into ``cfg.out`` (results.json, results.md, memory.png); returns the results."""
+    from .artifacts import check_writable, staged_folder
+    from .model import ModelSource, build_meta, check_plan_fits, default_model_path, load_config
+    from .plan import load_plan
+
+    require_cuda()
+    backends = resolve_backends(cfg.backends, backend_blockers())
+    check_writable(cfg.out, cfg.force)
+    plan = load_plan(cfg.plan)
+    source = ModelSource(cfg.model or default_model_path(), cfg.subfolder, cfg.random_weights, cfg.allow_pickle)
+    meta = build_meta(load_config(source))
+    check_plan_fits(plan, meta)
+    shapes = check_shapes(meta.config, cfg.batches, cfg.sequences)
+    with staged_folder(cfg.out, cfg.force) as stage:
+        results = run_measurements(source, plan, backends, shapes, cfg, stage / "work")
+        shutil.rmtree(stage / "work", ignore_errors=True)
+        write_results(stage, results)
+    return results
+
+
+def run_measurements(source: Any, plan: Any, backends: tuple[str, ...], shapes: list[Shape], cfg: MeasureConfig,
+                     work: Path) -> dict[str, Any]:
+    """Dense model and plan, each backend, each shape; parity of every backend against PyTorch for the plan."""
+    import torch
+
+    from .apply import apply_plan, plan_cost, unique_parameter_bytes
+    from .artifacts import check_disk
+    from .compare import DEFAULT_TOLERANCES
+    from .export import ExportOptions, export_onnx
+    from .inputs import prompt_batch
+    from .model import build_meta, load_config, load_encoder
+    from .plan import Plan
+
+    torch.backends.cuda.matmul.allow_tf32 = False  # parity and timings in the precision asked for
+    torch.backends.cudnn.allow_tf32 = False
+    probe = DeviceMemory()
+    meta = build_meta(load_config(source))
+    feeds = {shape: timing_feed(meta.config, shape) for shape in shapes}
+    batches = prompt_batch(None, meta.config, "int64", None)
+    tolerances = {"*": DEFAULT_TOLERANCES[cfg.precision]}
+    variants = {"dense": Plan.dense(plan.family, plan.num_blocks), "plan": plan}
+    results: dict[str, Any] = {
+        "tool": _environment(),
+        "model": {"path": str(source.folder), "family": plan.family, "random_weights": source.random_weights},
+        "plan": {"sha256": plan.digest(), "sparsity": plan_cost(meta, plan).sparsity, "skipped": len(plan.skip),
+                 "reused": len(plan.reuse)},
+        "precision": cfg.precision,
+        "backends": list(backends),
+        "flops": _flops(meta, variants, shapes),
+        "runs": [], "errors": [], "parity": [],
+    }
+    for variant, variant_plan in variants.items():
+        module = apply_plan(load_encoder(source, variant_plan, cfg.precision), variant_plan)
+        unique = unique_parameter_bytes(module)
+        folder = work / variant
+        folder.mkdir(parents=True)
+        onnx_path = None
+        if set(backends) - {"torch"}:
+            check_disk(folder, int(unique * (2.1 if {"trt", "trt-rtx"} & set(backends) else 1.05)), "the measured artifacts")
+            vocab = getattr(meta.config, "text_config", meta.config).vocab_size
+            onnx_path = export_onnx(module, folder / "model.onnx", ExportOptions(), vocab).path
+        reference = None
+        if "torch" in backends or variant == "plan":
+            torch_result = measure_torch(module, shapes if "torch" in backends else [], feeds, cfg, probe)
+            if "torch" in backends:
+                results["runs"].append({"variant": variant, "backend": "torch", "unique_weight_bytes": unique, **torch_result})
+            if variant == "plan":
+                reference = _reference(module, batches, tolerances)
+        del module
+        probe.settle()
+        for backend in backends:
+            if backend == "torch":
+                continue
+            assert onnx_path is not None
+            try:
+                if backend.startswith("ort-cuda"):
+                    result = measure_ort(onnx_path, shapes, feeds, cfg, probe, folder, reference, backend == "ort-cuda-stock")
+                else:
+                    result = measure_trt(backend, onnx_path, shapes, feeds, cfg, probe, folder, reference)
+            except UserError as exc:  # e.g. the provider has no kernel for this precision
+                log.warning("%s (%s): not measured: %s", backend, variant, exc)
+                results["errors"].append({"variant": variant, "backend": backend, "error": str(exc)})
+                continue
+            results["parity"] += [p | {"backend": backend} for p in result.pop("parity")]
+            results["runs"].append({"variant": variant, "backend": backend, "unique_weight_bytes": unique, **result})
+        shutil.rmtree(folder, ignore_errors=True)
+    for run in results["runs"]:
+        run["resident_over_unique"] = run["resident_bytes"] / run["unique_weight_bytes"]
+    results["summary"] = summarize(results)
+    results["targets"] = check_targets(results)
+    return results
+
+
+def _reference(module: Any, batches: Any, tolerances: dict[str, Any]) -> Callable[[Any], list[dict[str, Any]]]:
+    """PyTorch's outputs for the plan on the device; returns the check every other backend's runner goes through."""
+    from .compare import runner_parity
+    from .runners import TorchRunner
+
+    with TorchRunner(module, module.output_names, DEVICE) as runner:
+        outputs = {batch.label: runner.infer(batch.feed) for batch in batches}
+    return lambda other: runner_parity(outputs, other, batches, tolerances, "pytorch-cuda")
+
+
+def _flops(meta: Any, variants: dict[str, Any], shapes: list[Shape]) -> list[dict[str, Any]]:
+    rows = []
+    for shape in shapes:
+        counts = {name: executed_flops(meta, p, shape) for name, p in variants.items()}
+        rows.append({"batch": shape.batch, "seq": shape.seq, **counts, "fraction": counts["plan"] / counts["dense"]})
+    return rows
+
+
+def _environment() -> dict[str, Any]:
+    import importlib.metadata as md
+    import platform
+
+    import torch
+
+    from . import __version__
+
+    props = torch.cuda.get_device_properties(0)
+    out: dict[str, Any] = {"skrr_export": __version__, "python": platform.python_version(),
+                           "device": torch.cuda.get_device_name(0), "device_memory_bytes": int(props.total_memory),
+                           "compute_capability": ".".join(map(str, torch.cuda.get_device_capability(0))),
+                           "cuda": torch.version.cuda}
+    for pkg in ("torch", "transformers", "onnx", "onnxruntime-gpu", "onnxruntime", "tensorrt", "tensorrt-rtx"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+def _row(run: dict[str, Any], shape: dict[str, Any]) -> dict[str, Any] | None:
+    return next((r for r in run["shapes"] if (r["batch"], r["seq"]) == (shape["batch"], shape["seq"])), None)
+
+
+def summarize(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per backend and shape: plan latency over dense latency, next to the plan's executed-FLOP fraction."""
+    runs = {(r["variant"], r["backend"]): r for r in results["runs"]}
+    rows = []
+    for backend in results["backends"]:
+        dense, plan = runs.get(("dense", backend)), runs.get(("plan", backend))
+        if dense is None or plan is None:
+            continue
+        for flops in results["flops"]:
+            d, p = _row(dense, flops), _row(plan, flops)
+            if d and p:
+                rows.append({"backend": backend, "batch": flops["batch"], "seq": flops["seq"],
+                             "dense_ms": d["median_ms"], "plan_ms": p["median_ms"],
+                             "latency_ratio": p["median_ms"] / d["median_ms"], "flop_fraction": flops["fraction"],
+                             "dense_peak_bytes": d["peak_bytes"], "plan_peak_bytes": p["peak_bytes"]})
+    return rows
+
+
+def check_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """The targets of the measurement issue, evaluated on what was measured (nothing for what was not)."""
+    runs = {(r["variant"], r["backend"]): r for r in results["runs"]}
+    out = []
+
+    def target(name: str, value: float, limit: float, met: bool) -> None:
+        out.append({"target": name, "value": value, "limit": limit, "met": bool(met)})
+
+    torch_plan, torch_dense, ort_plan = runs.get(("plan", "torch")), runs.get(("dense", "torch")), runs.get(("plan", "ort-cuda"))
+    if torch_plan:
+        ratio = torch_plan["resident_over_unique"]
+        target("torch: plan resident / unique weight bytes within 1 %", ratio, 1.01, abs(ratio - 1) <= 0.01)
+    if torch_plan and torch_dense:
+        for d in torch_dense["shapes"]:
+            p = _row(torch_plan, d)
+            if p:
+                limit = 1.05 * (torch_plan["unique_weight_bytes"] + d["activation_bytes"])
+                target(f"torch {d['batch']}x{d['seq']}: plan peak <= 1.05 x (unique + dense activation peak)",
+                       p["peak_bytes"], limit, p["peak_bytes"] <= limit)
+    if ort_plan:
+        ratio = ort_plan["resident_over_unique"]
+        target("ort-cuda: plan resident / unique weight bytes <= 1.05", ratio, 1.05, ratio <= 1.05)
+    if ort_plan and torch_plan:
+        for t in torch_plan["shapes"]:
+            o = _row(ort_plan, t)
+            if o:
+                target(f"ort-cuda {t['batch']}x{t['seq']}: plan latency <= torch eager's (ms)", o["median_ms"],
+                       t["median_ms"], o["median_ms"] <= t["median_ms"])
+    return out
+
+
+def write_results(folder: Path, results: dict[str, Any]) -> None:
+    (folder / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    (folder / "results.md").write_text(render_markdown(results))
+    plot_memory(results, folder / "memory.png")
+
+
+def _gb(n: float) -> str:
+    return f"{n / 1e9:.3f}"
+
+
+def render_markdown(r: dict[str, Any], level: int = 1) -> str:
+    """The results for a person; ``level`` 2 nests them under a report's heading."""
+    tool, h = r["tool"], "#" * level
+    lines = [
+        f"{h} skrr-export measure: {r['model']['family']} ({r['precision']}) on {tool['device']}",
+        "",
+        f"- Model `{r['model']['path']}`{' (random weights)' if r['model']['random_weights'] else ''}; plan sha256 "
+        f"`{r['plan']['sha256'][:16]}`, sparsity {r['plan']['sparsity'] * 100:.2f} %",
+        "- Versions: " + ", ".join(f"{k} {v}" for k, v in tool.items() if k not in ("device", "device_memory_bytes")),
+        "",
+        f"{h}# Memory (GB, 1e9 bytes)",
+        "",
+        "| backend | variant | unique weights | resident | resident / unique | shape | forward peak | above resident |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for run in r["runs"]:
+        for row in run["shapes"]:
+            lines.append(f"| {run['backend']} | {run['variant']} | {_gb(run['unique_weight_bytes'])} | "
+                         f"{_gb(run['resident_bytes'])} | {run['resident_over_unique']:.4f} | {row['batch']}x{row['seq']} | "
+                         f"{_gb(row['peak_bytes'])} | {_gb(row['activation_bytes'])} |")
+    lines += ["", f"{h}# Latency (ms; median / p90)", "", "| backend | shape | dense | plan | plan / dense | executed-FLOP fraction |",
+              "|---|---|---|---|---|---|"]
+    runs = {(x["variant"], x["backend"]): x for x in r["runs"]}
+    for s in r["summary"]:
+        d, p = (_row(runs[(v, s["backend"])], s) for v in VARIANTS)
+        assert d is not None and p is not None
+        lines.append(f"| {s['backend']} | {s['batch']}x{s['seq']} | {d['median_ms']:.2f} / {d['p90_ms']:.2f} | "
+                     f"{p['median_ms']:.2f} / {p['p90_ms']:.2f} | {s['latency_ratio']:.3f} | {s['flop_fraction']:.3f} |")
+    if r["parity"]:
+        lines += ["", f"{h}# Parity (plan): PyTorch on the device vs each backend", "",
+                  "| backend | batch | output | max abs | min cos | passed |", "|---|---|---|---|---|---|"]
+        for check in r["parity"]:
+            for o in check["outputs"]:
+                lines.append(f"| {check['backend']} | {check['batch']} | {o['name']} | {o['max_abs']:.3g} | "
+                             f"{o['min_cosine']:.6f} | {'yes' if o['passed'] else 'NO'} |")
+    if r["targets"]:
+        lines += ["", f"{h}# Targets", "", "| target | value | limit | met |", "|---|---|---|---|"]
+        lines += [f"| {t['target']} | {t['value']:.4g} | {t['limit']:.4g} | {'yes' if t['met'] else 'NO'} |" for t in r["targets"]]
+    for run in r["runs"]:
+        if run.get("placement"):
+            lines += ["", f"ONNX Runtime node placement ({run['backend']}, {run['variant']}): `{json.dumps(run['placement'])}`"]
+    for err in r["errors"]:
+        lines += ["", f"**Not measured:** {err['backend']} ({err['variant']}): {err['error']}"]
+    return "\n".join(lines) + "\n"
+
+
+def plot_memory(r: dict[str, Any], path: Path) -> None:
+    """Bars per backend, dense vs plan: resident weights, and the forward peak above them at the largest shape."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        from .errors import MissingDependencyError
+
+        raise MissingDependencyError("matplotlib", "measure", "the memory chart") from None
+    fig, ax = plt.subplots(figsize=(1.8 + 1.6 * max(1, len(r["backends"])), 4.2), dpi=120)
+    width = 0.38
+    for i, variant in enumerate(VARIANTS):
+        runs = {x["backend"]: x for x in r["runs"] if x["variant"] == variant}
+        xs = [b + (i - 0.5) * width for b in range(len(r["backends"]))]
+        resident = [runs[b]["resident_bytes"] / 1e9 if b in runs else 0 for b in r["backends"]]
+        extra = [max(runs[b]["shapes"], key=lambda s: s["peak_bytes"])["activation_bytes"] / 1e9 if b in runs and runs[b]["shapes"] else 0
+                 for b in r["backends"]]
+        color = "tab:gray" if variant == "dense" else "tab:blue"
+        ax.bar(xs, resident, width, color=color, label=f"{variant}: resident")
+        ax.bar(xs, extra, width, bottom=resident, color=color, alpha=0.35, hatch="//", label=f"{variant}: forward peak above it")
+        for x, a, b in zip(xs, resident, extra):
+            if a:
+                ax.text(x, a + b, f"{a + b:.2f}", ha="center", va="bottom", fontsize=8)
+    largest = max(r["flops"], key=lambda f: f["batch"] * f["seq"]) if r["flops"] else None
+    ax.set_xticks(range(len(r["backends"])), r["backends"])
+    ax.set_ylabel("device memory (GB)")
+    title = f"{r['model']['family']} {r['precision']} on {r['tool']['device']}"
+    ax.set_title(title + (f", peak at {largest['batch']}x{largest['seq']}" if largest else ""), fontsize=9)
+    ax.legend(fontsize=7, loc="upper right")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

@@ -1,0 +1,260 @@
+"""measure: FLOP fractions against Hugging Face models, runner bindings against plain inference, ONNX Runtime's
+profile and bf16 words read back, targets and writers; the CUDA measurement itself runs only where CUDA is."""
+
+from __future__ import annotations
+
+import copy
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from skrr_export.apply import apply_plan
+from skrr_export.cli import main
+from skrr_export.errors import UserError
+from skrr_export.export import ExportOptions, export_onnx
+from skrr_export.measure import (
+    MeasureConfig,
+    Shape,
+    check_shapes,
+    check_targets,
+    executed_flops,
+    latency,
+    node_placement,
+    resolve_backends,
+    summarize,
+    write_results,
+)
+from skrr_export.model import ModelSource, build_meta, load_config, load_encoder
+from skrr_export.plan import Plan
+from skrr_export.runners import OrtRunner, TorchRunner
+from skrr_export.trt import cuda_available
+
+from .helpers import NUM_BLOCKS, tiny_config
+from .test_apply import make_plan
+from .test_cli import MINILM_PLAN
+from .test_export import feed
+
+needs_cuda = pytest.mark.skipif(not cuda_available(), reason="measure needs a CUDA device")
+
+
+def hf_flops(config, shape: Shape) -> int:
+    """FLOPs of the Hugging Face T5 encoder itself (the independent count), run for real on the CPU."""
+    from torch.utils.flop_counter import FlopCounterMode
+    from transformers import T5EncoderModel
+
+    model = T5EncoderModel(config).eval()
+    ids = torch.zeros(shape.batch, shape.seq, dtype=torch.long)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(input_ids=ids, attention_mask=torch.ones_like(ids))
+    return counter.get_total_flops()
+
+
+def test_executed_flops_equal_hugging_face_models_of_the_executed_depth(tiny_models):
+    _, folder = tiny_models["t5"]
+    meta = build_meta(load_config(ModelSource(folder)))
+    shape = Shape(2, 24)
+    dense = executed_flops(meta, Plan("t5", NUM_BLOCKS), shape)
+    assert dense == hf_flops(tiny_config("t5"), shape) > 0
+    # skipping the last block whole runs what a one-block-shallower T5 runs
+    shallower = copy.deepcopy(tiny_config("t5"))
+    shallower.num_layers = NUM_BLOCKS - 1
+    last = 2 * (NUM_BLOCKS - 1)
+    assert executed_flops(meta, Plan("t5", NUM_BLOCKS, skip=(last, last + 1)), shape) == hf_flops(shallower, shape)
+    # a re-used slot executes (its sub-block's FLOPs again): every skipped slot re-used costs the dense FLOPs
+    assert executed_flops(meta, make_plan("t5", "heavy-reuse"), shape) == dense
+    assert executed_flops(meta, make_plan("t5", "skip-only"), shape) < dense
+
+
+def test_latency_times_every_call_after_warm_up():
+    calls = []
+
+    def run():
+        calls.append(time.perf_counter())
+        time.sleep(0.002)
+
+    stats = latency(run, warmup=2, iterations=7)
+    assert len(calls) == 9
+    assert 2.0 <= stats["min_ms"] <= stats["median_ms"] <= stats["p90_ms"] <= stats["max_ms"]
+    gaps = np.diff(calls[2:]) * 1e3
+    assert stats["median_ms"] <= gaps.max() + 1e-6  # a sample is never longer than the time between two calls
+
+
+@pytest.fixture
+def tiny_onnx(tiny_models, tmp_path):
+    _, folder = tiny_models["t5"]
+    plan = make_plan("t5", "heavy-reuse")
+    module = apply_plan(load_encoder(ModelSource(folder), plan), plan)
+    return module, export_onnx(module, tmp_path / "model.onnx", ExportOptions(), vocab_size=96).path
+
+
+def test_bound_runs_give_what_infer_gives(tiny_onnx):
+    module, path = tiny_onnx
+    batch = feed()
+    for runner in (TorchRunner(module, module.output_names), OrtRunner(path)):
+        with runner:
+            expected = runner.infer(batch)
+            bound = runner.bind(batch)
+            bound.run()
+            bound.run()  # a second run on the same binding replaces the first one's outputs
+            got = bound.outputs()
+        assert sorted(got) == sorted(expected) == sorted(module.output_names)
+        for name in expected:
+            np.testing.assert_array_equal(got[name], expected[name])
+
+
+def test_bind_needs_an_active_runner(tiny_onnx):
+    _, path = tiny_onnx
+    with pytest.raises(RuntimeError, match="activate"):
+        OrtRunner(path).bind(feed())
+
+
+def test_onnx_runtime_profile_names_each_nodes_provider(tiny_onnx, tmp_path):
+    import onnx
+    import onnxruntime as ort
+
+    _, path = tiny_onnx
+    runner = OrtRunner(path, profile_prefix=tmp_path / "profile")
+    with runner:
+        bound = runner.bind(feed())
+        bound.run()
+        bound.run()  # two profiled runs: each node is still counted once
+        placement = node_placement(runner.end_profiling())
+    assert not list(tmp_path.glob("profile*.json")), "the profile file is removed once read"
+    # the independent count: the graph ONNX Runtime optimized and ran, saved by ONNX Runtime itself
+    opts = ort.SessionOptions()
+    opts.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    optimized = onnx.load(str(tmp_path / "optimized.onnx")).graph.node
+    ops: dict[str, int] = {}
+    for node in optimized:
+        ops[node.op_type] = ops.get(node.op_type, 0) + 1
+    assert placement == {"nodes_per_provider": {"CPUExecutionProvider": len(optimized)}, "ops_not_on_cuda": ops,
+                         "memcpy_nodes": 0}
+
+
+def test_bf16_outputs_are_widened_exactly(tmp_path):
+    """ONNX Runtime casts to bf16 (a CPU kernel exists for Cast); its words read back equal torch's bf16 rounding."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("Cast", ["x"], ["y"], to=TensorProto.BFLOAT16)], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])],
+                              [helper.make_tensor_value_info("y", TensorProto.BFLOAT16, [2, 3])])
+    path = tmp_path / "cast.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)], ir_version=10), str(path))
+    x = np.array([[1.0, -2.5, 3.14159], [1e-3, 65504.0, -1e30]], dtype=np.float32)
+    with OrtRunner(path) as runner:
+        got = runner.infer({"x": x})["y"]
+    expected = torch.from_numpy(x).to(torch.bfloat16).float().numpy()
+    assert got.dtype == np.float32
+    np.testing.assert_array_equal(got, expected)
+    assert not np.array_equal(got, x)  # bf16 really rounded them
+
+
+def test_backends_requested_must_run_here():
+    blockers = {"torch": None, "ort-cuda": "onnxruntime has no CUDA provider", "trt": None, "trt-rtx": "not installed",
+                "ort-cuda-stock": None}
+    assert resolve_backends((), blockers) == ("torch", "trt")  # the stock-settings comparison only on request
+    assert resolve_backends(("ort-cuda-stock",), blockers) == ("ort-cuda-stock",)
+    assert resolve_backends(("trt", "torch", "trt"), blockers) == ("trt", "torch")
+    with pytest.raises(UserError, match="ort-cuda cannot run here: onnxruntime has no CUDA provider"):
+        resolve_backends(("torch", "ort-cuda"), blockers)
+    with pytest.raises(UserError, match="unknown backend 'tensorflow'"):
+        resolve_backends(("tensorflow",), blockers)
+
+
+def test_shapes_run_smallest_first_and_fit_the_model():
+    bert = tiny_config("bert")  # 64 positions
+    assert check_shapes(bert, (4, 1), (32, 8)) == [Shape(1, 8), Shape(1, 32), Shape(4, 8), Shape(4, 32)]
+    with pytest.raises(UserError, match="--seq 77 exceeds this model's 64 positions"):
+        check_shapes(bert, (1,), (77,))
+    with pytest.raises(UserError, match="positive"):
+        check_shapes(bert, (0,), (8,))
+    assert check_shapes(tiny_config("t5"), (1,), (4096,)) == [Shape(1, 4096)]  # relative positions: no limit
+
+
+def runs(plan_resident: int, plan_peak: int, ort_resident: int, ort_ms: float) -> dict:
+    """Results as run_measurements lays them out, for two backends and one shape."""
+    unique = {"dense": 1000, "plan": 600}
+
+    def run(variant, backend, resident, peak, ms):
+        return {"variant": variant, "backend": backend, "unique_weight_bytes": unique[variant], "resident_bytes": resident,
+                "resident_over_unique": resident / unique[variant],
+                "shapes": [{"batch": 1, "seq": 8, "peak_bytes": peak, "activation_bytes": peak - resident,
+                            "median_ms": ms, "p90_ms": ms * 1.1}]}
+
+    out = {"backends": ["torch", "ort-cuda"], "flops": [{"batch": 1, "seq": 8, "dense": 100, "plan": 76, "fraction": 0.76}],
+           "runs": [run("dense", "torch", 1000, 1200, 10.0), run("plan", "torch", plan_resident, plan_peak, 7.5),
+                    run("dense", "ort-cuda", 1040, 1300, 12.0), run("plan", "ort-cuda", ort_resident, 700, ort_ms)]}
+    return out
+
+
+def test_targets_follow_the_issue():
+    good = runs(plan_resident=605, plan_peak=840, ort_resident=625, ort_ms=7.0)
+    assert all(t["met"] for t in check_targets(good)), check_targets(good)
+    # 1.05 x (600 unique + 200 dense activation peak) = 840 is the limit for the plan's forward peak
+    bad = runs(plan_resident=612, plan_peak=841, ort_resident=631, ort_ms=7.6)
+    assert [t["met"] for t in check_targets(bad)] == [False, False, False, False]
+    summary = summarize(good)
+    assert [(s["backend"], s["latency_ratio"], s["flop_fraction"]) for s in summary] == [
+        ("torch", 0.75, 0.76), ("ort-cuda", 7.0 / 12.0, 0.76)]
+
+
+def test_results_are_written_as_json_markdown_and_a_chart(tmp_path):
+    import json
+
+    from PIL import Image
+
+    results = runs(plan_resident=605, plan_peak=840, ort_resident=625, ort_ms=7.0)
+    results |= {"tool": {"device": "a device", "torch": torch.__version__}, "precision": "bf16", "parity": [], "errors": [],
+                "model": {"path": "m", "family": "t5", "random_weights": True},
+                "plan": {"sha256": "0" * 64, "sparsity": 0.4192, "skipped": 2, "reused": 0}}
+    results["summary"], results["targets"] = summarize(results), check_targets(results)
+    write_results(tmp_path, results)
+    assert json.loads((tmp_path / "results.json").read_text()) == results
+    md = (tmp_path / "results.md").read_text()
+    assert "| ort-cuda | 1x8 | 12.00 / 13.20 | 7.00 / 7.70 | 0.583 | 0.760 |" in md
+    image = Image.open(tmp_path / "memory.png")
+    assert image.format == "PNG" and image.size[0] > 300
+
+
+def test_measure_without_cuda_says_so_and_writes_nothing(tmp_path, capsys):
+    if cuda_available():
+        pytest.skip("this machine has a CUDA device")
+    out = tmp_path / "m"
+    assert main(["measure", "--plan", str(MINILM_PLAN), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "CUDA device" in err and "nothing was measured" in err
+    assert not out.exists() and not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--batch", "1,x"], "--batch must be comma-separated integers"),
+    (["--iterations", "0"], "--iterations >= 1"),
+    ([], "give --plan PLAN or --recipe NAME"),
+])
+def test_measure_bad_arguments_are_one_line(args, message, tmp_path, capsys):
+    plan = [] if not args else ["--plan", str(MINILM_PLAN)]
+    assert main(["measure", *plan, *args, "--out", str(tmp_path / "m")]) == 2
+    assert message in capsys.readouterr().err
+
+
+@needs_cuda
+def test_measure_tiny_t5_on_cuda(tiny_models, tmp_path):  # pragma: no cover - GPU machines only
+    import json
+
+    from skrr_export.measure import measure
+
+    _, folder = tiny_models["t5"]
+    plan_path = tmp_path / "plan.json"
+    plan_path.write_text(json.dumps(make_plan("t5", "skip-only").to_json()))
+    out = tmp_path / "m"
+    results = measure(MeasureConfig(plan=plan_path, out=out, model=folder, precision="fp32", batches=(1, 2),
+                                     sequences=(8, 16), warmup=1, iterations=3))
+    assert (out / "memory.png").is_file() and (out / "results.md").is_file()
+    torch_plan = next(r for r in results["runs"] if r["backend"] == "torch" and r["variant"] == "plan")
+    assert torch_plan["resident_bytes"] >= torch_plan["unique_weight_bytes"]
+    assert all(p["passed"] for p in results["parity"]), results["parity"]
+    assert {s["backend"] for s in results["summary"]} == set(results["backends"])
