@@ -68,6 +68,7 @@ def export_onnx(module: SkrrEncoder, path: Path, options: ExportOptions, vocab_s
     start = time.perf_counter()
     program = _torch_export(module, options, vocab_size)
     removed = _deduplicate(program.model)
+    _fusable_rms_norms(program.model)
     _transpose_lazily(program.model)
     program.model.ir_version = IR_VERSION
     init_bytes = sum(v.const_value.nbytes for v in program.model.graph.initializers.values())
@@ -113,6 +114,23 @@ def _torch_export(module: SkrrEncoder, options: ExportOptions, vocab_size: int) 
             dynamic_shapes=(axes, axes),
             verbose=False,
         )
+
+
+def _fusable_rms_norms(model: Any) -> int:
+    """T5's RMSNorm exports as ``x * Reciprocal(Sqrt(mean(x^2) + eps))``, which ONNX Runtime's
+    SimplifiedLayerNormFusion does not match (it looks for ``x / Sqrt(...)``): every norm then runs as six or
+    more kernels. Rewritten as a Div (one rounding instead of two), all of them fuse (measured on ONNX Runtime
+    1.31: 7 of 7 SimplifiedLayerNormalization nodes on a 3-block T5, 0 before)."""
+    from onnxscript.rewriter import pattern
+
+    def target(op: Any, x: Any, v: Any) -> Any:
+        return op.Mul(x, op.Reciprocal(op.Sqrt(v)))
+
+    def replacement(op: Any, x: Any, v: Any) -> Any:
+        return op.Div(x, op.Sqrt(v))
+
+    rules = pattern.RewriteRuleSet([pattern.RewriteRule(target, replacement, name="RMSNormAsDiv")], commute=True)
+    return int(rules.apply_to_model(model))
 
 
 CONTENT_HASH_LIMIT = 1 << 20  # bytes; larger initializers are compared by the tensor storage they view

@@ -117,6 +117,25 @@ def test_block_count_is_unrolled_statically(tiny_models, tmp_path):
     assert len(softmaxes) == NUM_BLOCKS  # heavy-reuse: attention 0 runs in slots 0, 2, 4
 
 
+@pytest.mark.parametrize("family, precision", [("t5", "fp32"), ("t5", "fp16"), ("umt5", "fp32")])
+@pytest.mark.parametrize("plan_name", ["skip-only", "heavy-reuse"])
+def test_every_t5_norm_fuses_in_onnx_runtime(family, precision, plan_name, tiny_models, tmp_path):
+    """ONNX Runtime fuses each RMSNorm of the exported graph into one SimplifiedLayerNormalization: one per
+    executed slot (each has its own norm) plus the final norm; parity still holds."""
+    import onnxruntime as ort
+
+    module, art = exported(tiny_models, family, tmp_path, plan_name, precision)
+    opts = ort.SessionOptions()
+    opts.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    opts.log_severity_level = 3
+    ort.InferenceSession(str(art.path), opts, providers=["CPUExecutionProvider"])
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node]
+    assert ops.count("SimplifiedLayerNormalization") == len(module.schedule) + 1
+    assert "Reciprocal" not in ops
+    result = parity(module, art, feed(), precision)
+    assert result, str(result)
+
+
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_large_weight_path_dedups_by_memory_and_transposes_lazily(tiny_models, tmp_path, monkeypatch, precision):
     """Real encoders' weights exceed CONTENT_HASH_LIMIT; make every tiny weight 'large' to run that path."""
