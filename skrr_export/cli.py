@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -371,6 +372,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("skrr-export: interrupted; the output folder was not created (partial files removed)", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `skrr-export inspect ... | head`: the reader left; not an error of ours
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - replaces the closed stream for the interpreter's exit
+        return 0
 
 
 if __name__ == "__main__":

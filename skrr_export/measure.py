@@ -311,7 +311,7 @@ def run_measurements(source: Any, plan: Any, backends: tuple[str, ...], shapes: 
     import torch
 
     from .apply import apply_plan, plan_cost, unique_parameter_bytes
-    from .artifacts import check_disk
+    from .artifacts import check_device_memory, check_disk
     from .compare import DEFAULT_TOLERANCES
     from .export import ExportOptions, export_onnx
     from .inputs import prompt_batch
@@ -348,6 +348,7 @@ def run_measurements(source: Any, plan: Any, backends: tuple[str, ...], shapes: 
             onnx_path = export_onnx(module, folder / "model.onnx", ExportOptions(), vocab).path
         reference = None
         if "torch" in backends or variant == "plan":
+            check_device_memory(int(unique * 1.1), f"the {variant} model's weights ({unique / 1e9:.2f} GB)")
             torch_result = measure_torch(module, shapes if "torch" in backends else [], feeds, cfg, probe)
             if "torch" in backends:
                 results["runs"].append({"variant": variant, "backend": "torch", "unique_weight_bytes": unique, **torch_result})

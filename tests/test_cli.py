@@ -181,3 +181,12 @@ def test_inspect_of_the_export_agrees_with_inspect_of_the_plan(tmp_path, tiny_mo
     assert exported["onnx_initializer_bytes"] == json.loads((out / "report.json").read_text())["onnx"]["initializer_bytes"]
     assert exported["agrees"]
     assert main(["inspect"]) == 2
+
+
+def test_output_piped_into_a_reader_that_leaves_is_not_an_error():
+    """`skrr-export inspect ... | head -1`: no traceback when the reader has closed the pipe (`true` closes it
+    before Python has even started, so every write hits a closed pipe)."""
+    cmd = (f"'{sys.executable}' -m skrr_export.cli inspect --plan '{PIXART_PLAN}' "
+           f"--model '{ROOT / 'recipes' / 't5-v1_1-xxl'}' | true")
+    done = subprocess.run(["bash", "-o", "pipefail", "-c", cmd], capture_output=True, text=True, check=False)
+    assert done.stderr == "" and done.returncode == 0
