@@ -6,7 +6,8 @@
 
 T5-v1.1-XXL, CLIP-L and CLIP-bigG text encoders use their real configs with random weights (memory and time do
 not depend on the values); MiniLM uses its real weights. Every case measures torch, ONNX Runtime CUDA with our
-settings and with ONNX Runtime's stock settings, in bf16.
+settings and with ONNX Runtime's stock settings, in bf16 (`--precision fp32|fp16` for parity in the other
+precisions: `run minilm --precision fp16 --backends torch,ort-cuda`).
 """
 
 from __future__ import annotations
@@ -76,12 +77,13 @@ def write_plans() -> None:
             print(f"{name}: {case.plan} skips {len(plan['skip'])} sub-blocks, sparsity {plan['sparsity']}")
 
 
-def run(names: list[str], out_root: Path, backends: str, iterations: int) -> None:
+def run(names: list[str], out_root: Path, backends: str, iterations: int, precision: str) -> None:
     for name in names:
         case = CASES[name]
-        cmd = [sys.executable, "-m", "skrr_export.cli", "measure", "--plan", str(ROOT / case.plan), "--precision", "bf16",
+        suffix = "" if precision == "bf16" else f"-{precision}"
+        cmd = [sys.executable, "-m", "skrr_export.cli", "measure", "--plan", str(ROOT / case.plan), "--precision", precision,
                "--batch", case.batch, "--seq", case.seq, "--backends", backends, "--iterations", str(iterations),
-               "--out", str(out_root / f"measure-{name}"), "--force"]
+               "--out", str(out_root / f"measure-{name}{suffix}"), "--force"]
         if case.model:
             cmd += ["--model", str(ROOT / case.model), "--random-weights"]
         print("$", " ".join(cmd), flush=True)
@@ -112,13 +114,14 @@ def main() -> None:
     r.add_argument("--out-root", type=Path, default=ROOT / "benchmarks" / "results")
     r.add_argument("--backends", default="torch,ort-cuda,ort-cuda-stock")
     r.add_argument("--iterations", type=int, default=20)
+    r.add_argument("--precision", default="bf16", help="bf16 for the matrix; fp32 / fp16 for parity on the device")
     t = sub.add_parser("table")
     t.add_argument("--root", type=Path, default=ROOT / "benchmarks" / "results")
     args = p.parse_args()
     if args.command == "plans":
         write_plans()
     elif args.command == "run":
-        run(args.cases, args.out_root, args.backends, args.iterations)
+        run(args.cases, args.out_root, args.backends, args.iterations, args.precision)
     else:
         table(args.root)
 

@@ -203,7 +203,10 @@ class _OrtBound:
             self.binding.bind_output(name, device, 0)
 
     def run(self) -> None:
-        self.session.run_with_iobinding(self.binding)  # synchronizes the provider's stream before it returns
+        try:
+            self.session.run_with_iobinding(self.binding)  # synchronizes the provider's stream before it returns
+        except Exception as exc:  # onnxruntime raises its own Fail/RuntimeException types
+            raise ArtifactError(f"ONNX Runtime failed to run the model: {str(exc).splitlines()[0]}") from None
 
     def outputs(self) -> Feed:
         out = {}

@@ -104,6 +104,18 @@ def test_bound_runs_give_what_infer_gives(tiny_onnx):
             np.testing.assert_array_equal(got[name], expected[name])
 
 
+def test_a_failing_run_is_one_clear_error(tiny_onnx):
+    """Token ids beyond the vocabulary make ONNX Runtime's Gather fail at run time: an ArtifactError, one line."""
+    from skrr_export.errors import ArtifactError
+
+    _, path = tiny_onnx
+    bad = feed()
+    bad["input_ids"][0, 0] = 1000  # the tiny vocabulary has 96 tokens
+    with OrtRunner(path) as runner, pytest.raises(ArtifactError, match="ONNX Runtime failed to run") as err:
+        runner.bind(bad).run()
+    assert "\n" not in str(err.value)
+
+
 def test_bind_needs_an_active_runner(tiny_onnx):
     _, path = tiny_onnx
     with pytest.raises(RuntimeError, match="activate"):
