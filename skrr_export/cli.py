@@ -316,7 +316,7 @@ def _measure_parser() -> Parser:
     p.add_argument("--random-weights", action="store_true", help="random weights from the config (memory and time do not depend on values)")
     p.add_argument("--allow-pickle", action="store_true", help="also load .bin/.pt checkpoints (torch.load weights_only)")
     p.add_argument("--backends", default="", help="comma-separated: torch, ort-cuda, trt, trt-rtx (default: all that can run here); "
-                   "ort-cuda-stock: ONNX Runtime's default CUDA settings, to compare with ours")
+                   "on request: torch-compile, ort-cuda-stock (ONNX Runtime's default CUDA settings, to compare with ours)")
     p.add_argument("--batch", default="1,4", help="batch sizes (default 1,4)")
     p.add_argument("--seq", default="256,512", help="sequence lengths (default 256,512; CLIP: 77)")
     p.add_argument("--precision", choices=PRECISIONS, default="bf16", help="default bf16")

@@ -26,9 +26,11 @@ from .errors import UserError
 
 log = logging.getLogger("skrr_export")
 
-BACKENDS = ("torch", "ort-cuda", "trt", "trt-rtx", "ort-cuda-stock")
-# ort-cuda-stock: ONNX Runtime's own CUDA defaults (TF32 off only), to compare with our settings; never by default
-ON_REQUEST = ("ort-cuda-stock",)
+BACKENDS = ("torch", "ort-cuda", "trt", "trt-rtx", "torch-compile", "ort-cuda-stock")
+TORCH_BACKENDS = ("torch", "torch-compile")
+# Only when asked for: torch-compile (compiling takes minutes on big models) and ort-cuda-stock (ONNX Runtime's
+# own CUDA defaults, TF32 off only, to compare with our settings).
+ON_REQUEST = ("torch-compile", "ort-cuda-stock")
 DEVICE = "cuda"
 VARIANTS = ("dense", "plan")
 
@@ -73,7 +75,7 @@ def backend_blockers() -> dict[str, str | None]:
     """Why each backend cannot run here (None: it can)."""
     from .trt import available, execution_blocker
 
-    out: dict[str, str | None] = {"torch": None}
+    out: dict[str, str | None] = {"torch": None, "torch-compile": None}
     try:
         import onnxruntime as ort
 
@@ -190,8 +192,11 @@ def _shape_rows(runner: Any, shapes: list[Shape], feeds: dict[Shape, Any], cfg: 
     return rows
 
 
-def measure_torch(module: Any, shapes: list[Shape], feeds: dict[Shape, Any], cfg: MeasureConfig, probe: DeviceMemory) -> dict[str, Any]:
-    """Moves ``module`` to the device; resident and peak bytes from PyTorch's allocator statistics."""
+def measure_torch(module: Any, modes: list[str], shapes: list[Shape], feeds: dict[Shape, Any], cfg: MeasureConfig,
+                  probe: DeviceMemory, parity: tuple[Any, Any] | None = None) -> tuple[dict[str, Any], Any]:
+    """Moves ``module`` to the device and measures each of ``modes`` ("torch": eager, "torch-compile");
+    resident and peak bytes from PyTorch's allocator statistics. ``parity`` = (batches, tolerances): the eager
+    outputs become the reference every other backend is checked against (returned); torch-compile is too."""
     import torch
 
     from .runners import TorchRunner
@@ -200,15 +205,24 @@ def measure_torch(module: Any, shapes: list[Shape], feeds: dict[Shape, Any], cfg
     base = torch.cuda.memory_allocated()
     module.to(DEVICE)
     resident = torch.cuda.memory_allocated() - base
+    reference = _reference(module, *parity) if parity else None
 
     def peak(bound: Any) -> int:
         torch.cuda.reset_peak_memory_stats()
         bound.run()
         return int(torch.cuda.max_memory_allocated() - base)
 
-    with TorchRunner(module, module.output_names, DEVICE) as runner:
-        rows = _shape_rows(runner, shapes, feeds, cfg, peak, resident)
-    return {"resident_bytes": resident, "resident_source": "torch.cuda.memory_allocated", "shapes": rows}
+    out = {}
+    for mode in modes:
+        if mode == "torch-compile":
+            torch._dynamo.reset()  # a fresh cache per model: the recompile limit is not spent on the other variant
+        runnable = torch.compile(module) if mode == "torch-compile" else module
+        with TorchRunner(runnable, module.output_names, DEVICE, name=mode) as runner:
+            rows = _shape_rows(runner, shapes, feeds, cfg, peak, resident)
+            checks = reference(runner) if reference and mode != "torch" else []
+        out[mode] = {"resident_bytes": resident, "resident_source": "torch.cuda.memory_allocated", "shapes": rows,
+                     "parity": checks}
+    return out, reference
 
 
 def measure_ort(onnx_path: Path, shapes: list[Shape], feeds: dict[Shape, Any], cfg: MeasureConfig, probe: DeviceMemory,
@@ -342,22 +356,23 @@ def run_measurements(source: Any, plan: Any, backends: tuple[str, ...], shapes: 
         folder = work / variant
         folder.mkdir(parents=True)
         onnx_path = None
-        if set(backends) - {"torch"}:
+        if set(backends) - set(TORCH_BACKENDS):
             check_disk(folder, int(unique * (2.1 if {"trt", "trt-rtx"} & set(backends) else 1.05)), "the measured artifacts")
             vocab = getattr(meta.config, "text_config", meta.config).vocab_size
             onnx_path = export_onnx(module, folder / "model.onnx", ExportOptions(), vocab).path
         reference = None
-        if "torch" in backends or variant == "plan":
+        modes = [b for b in backends if b in TORCH_BACKENDS]
+        if modes or variant == "plan":
             check_device_memory(int(unique * 1.1), f"the {variant} model's weights ({unique / 1e9:.2f} GB)")
-            torch_result = measure_torch(module, shapes if "torch" in backends else [], feeds, cfg, probe)
-            if "torch" in backends:
-                results["runs"].append({"variant": variant, "backend": "torch", "unique_weight_bytes": unique, **torch_result})
-            if variant == "plan":
-                reference = _reference(module, batches, tolerances)
+            parity = (batches, tolerances) if variant == "plan" else None
+            torch_results, reference = measure_torch(module, modes, shapes, feeds, cfg, probe, parity)
+            for backend, result in torch_results.items():
+                results["parity"] += [p | {"backend": backend} for p in result.pop("parity")]
+                results["runs"].append({"variant": variant, "backend": backend, "unique_weight_bytes": unique, **result})
         del module
         probe.settle()
         for backend in backends:
-            if backend == "torch":
+            if backend in TORCH_BACKENDS:
                 continue
             assert onnx_path is not None
             try:

@@ -91,8 +91,9 @@ class TorchRunner(Runner):
 
     name = "pytorch"
 
-    def __init__(self, module: Any, output_names: tuple[str, ...], device: str = "cpu"):
+    def __init__(self, module: Any, output_names: tuple[str, ...], device: str = "cpu", name: str = "pytorch"):
         super().__init__()
+        self.name = name
         self.module = module
         self.output_names = output_names
         self.device = device

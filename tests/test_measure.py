@@ -263,10 +263,14 @@ def test_measure_tiny_t5_on_cuda(tiny_models, tmp_path):  # pragma: no cover - G
     plan_path = tmp_path / "plan.json"
     plan_path.write_text(json.dumps(make_plan("t5", "skip-only").to_json()))
     out = tmp_path / "m"
+    from skrr_export.measure import backend_blockers, resolve_backends
+
+    backends = ("torch-compile", *resolve_backends((), backend_blockers()))
     results = measure(MeasureConfig(plan=plan_path, out=out, model=folder, precision="fp32", batches=(1, 2),
-                                     sequences=(8, 16), warmup=1, iterations=3))
+                                     sequences=(8, 16), warmup=1, iterations=3, backends=backends))
     assert (out / "memory.png").is_file() and (out / "results.md").is_file()
     torch_plan = next(r for r in results["runs"] if r["backend"] == "torch" and r["variant"] == "plan")
     assert torch_plan["resident_bytes"] >= torch_plan["unique_weight_bytes"]
     assert all(p["passed"] for p in results["parity"]), results["parity"]
+    assert {p["backend"] for p in results["parity"]} == set(backends) - {"torch"}
     assert {s["backend"] for s in results["summary"]} == set(results["backends"])
