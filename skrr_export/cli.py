@@ -117,6 +117,7 @@ def _inspect_parser() -> Parser:
     p.add_argument("--model", type=Path, help="model folder or config.json (default: the embedded all-MiniLM-L6-v2)")
     p.add_argument("--subfolder")
     p.add_argument("--precision", choices=PRECISIONS, default="bf16")
+    p.add_argument("--shape", metavar="BATCHxSEQ", help="shape for the executed-FLOP count (default 1x256, or the model's maximum)")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
     return p
 
@@ -174,6 +175,16 @@ def cmd_export(argv: list[str]) -> int:
     return 0
 
 
+def _shape(text: str | None) -> tuple[int, int] | None:
+    if text is None:
+        return None
+    try:
+        batch, seq = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise ArgumentError(f"skrr-export inspect: --shape must be BATCHxSEQ, e.g. 1x256, got '{text}'") from None
+    return batch, seq
+
+
 def cmd_inspect(argv: list[str]) -> int:
     args = _inspect_parser().parse_args(argv)
     _setup_logging(True)
@@ -185,7 +196,8 @@ def cmd_inspect(argv: list[str]) -> int:
         raise ArgumentError("skrr-export inspect: give --plan (with --model) and/or --onnx")
     info: dict[str, Any] = {}
     if args.plan is not None:
-        info = inspect_plan(load_plan(args.plan), args.model or default_model_path(), args.subfolder, args.precision)
+        info = inspect_plan(load_plan(args.plan), args.model or default_model_path(), args.subfolder, args.precision,
+                            _shape(args.shape))
     if args.onnx is not None:
         from .inspect_plan import agreement, inspect_onnx
 

@@ -8,8 +8,11 @@ from typing import Any
 from .plan import Plan, kind_of
 
 
-def inspect_plan(plan: Plan, model: Path, subfolder: str | None, precision: str) -> dict[str, Any]:
+def inspect_plan(plan: Plan, model: Path, subfolder: str | None, precision: str,
+                 shape: tuple[int, int] | None = None) -> dict[str, Any]:
+    """``shape`` (batch, sequence) for the FLOP count; default batch 1 and 256 tokens (or the model's maximum)."""
     from .apply import check_sparsity, plan_cost
+    from .measure import Shape, check_shapes, executed_flops
     from .model import DTYPES, ModelSource, build_meta, load_config
 
     enc = build_meta(load_config(ModelSource(model, subfolder)))
@@ -21,6 +24,11 @@ def inspect_plan(plan: Plan, model: Path, subfolder: str | None, precision: str)
         src = plan.source(slot)
         state = "kept" if src == slot else "skipped" if src is None else f"re-uses {src}"
         slots.append({"slot": slot, "block": slot // 2, "kind": kind_of(slot), "state": state})
+    if shape is None:
+        limit = getattr(getattr(enc.config, "text_config", enc.config), "max_position_embeddings", None)
+        shape = (1, min(256, limit or 256))
+    (at,) = check_shapes(enc.config, (shape[0],), (shape[1],))
+    flops = {"dense": executed_flops(enc, Plan.dense(plan.family, plan.num_blocks), at), "plan": executed_flops(enc, plan, at)}
     return {
         "family": plan.family,
         "num_blocks": plan.num_blocks,
@@ -34,6 +42,7 @@ def inspect_plan(plan: Plan, model: Path, subfolder: str | None, precision: str)
         "executed_slots": cost.executed_slots,
         "num_slots": cost.num_slots,
         "compute_fraction": cost.compute_fraction,
+        "flops": {"batch": at.batch, "seq": at.seq, **flops, "fraction": flops["plan"] / flops["dense"]},
     }
 
 
@@ -55,6 +64,9 @@ def render(info: dict[str, Any]) -> str:
         f"executed sub-blocks: {info['executed_slots']} of {info['num_slots']} "
         f"(compute fraction {info['compute_fraction']:.3f})"
     )
+    f = info["flops"]
+    lines.append(f"executed FLOPs at {f['batch']}x{f['seq']}: {f['plan'] / 1e12:.4g} of {f['dense'] / 1e12:.4g} TFLOP "
+                 f"(fraction {f['fraction']:.3f}; matmuls and attention, counted by torch)")
     return "\n".join(lines)
 
 

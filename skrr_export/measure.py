@@ -108,11 +108,11 @@ def check_shapes(config: Any, batches: tuple[int, ...], sequences: tuple[int, ..
     """Every (batch, sequence) pair, smallest first; sequences beyond the model's positions are refused."""
     text = getattr(config, "text_config", config)
     limit = getattr(text, "max_position_embeddings", None)
-    for value, what in [(b, "--batch") for b in batches] + [(s, "--seq") for s in sequences]:
+    for value, what in [(b, "batch size") for b in batches] + [(s, "sequence length") for s in sequences]:
         if value < 1:
-            raise UserError(f"{what} values must be positive integers, got {value}")
+            raise UserError(f"{what} must be a positive integer, got {value}")
     if limit is not None and max(sequences) > limit:
-        raise UserError(f"--seq {max(sequences)} exceeds this model's {limit} positions")
+        raise UserError(f"sequence length {max(sequences)} exceeds this model's {limit} positions")
     return sorted((Shape(b, s) for b in dict.fromkeys(batches) for s in dict.fromkeys(sequences)),
                   key=lambda sh: (sh.batch * sh.seq, sh.batch))
 

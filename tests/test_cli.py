@@ -166,6 +166,31 @@ def test_inspect_t5_xxl_pixart_plan_reports_41_92_percent(capsys):
     assert "sparsity: 41.92 %" in capsys.readouterr().out
 
 
+def t5_flops(seq: int, attention: int, ffn: int) -> int:
+    """Matmul FLOPs of T5-v1.1-XXL sub-blocks at batch 1, by hand: q, k, v, o projections (4096 x 4096), scores
+    and weighted sum (64 heads x 64), and the gated FFN (wi_0, wi_1: 4096 -> 10240; wo: 10240 -> 4096)."""
+    d, inner, ff = 4096, 64 * 64, 10240
+    per_attention = 2 * seq * d * inner * 4 + 2 * seq * seq * inner * 2
+    per_ffn = 2 * seq * d * ff * 3
+    return attention * per_attention + ffn * per_ffn
+
+
+def test_inspect_counts_the_plans_executed_flops(capsys):
+    from skrr_export.plan import load_plan
+
+    plan = load_plan(PIXART_PLAN)
+    executed = [src for _, src in plan.schedule()]
+    attention, ffn = sum(s % 2 == 0 for s in executed), sum(s % 2 == 1 for s in executed)
+    assert main(["inspect", "--plan", str(PIXART_PLAN), "--model", str(T5XXL_CONFIG), "--shape", "1x512", "--json"]) == 0
+    flops = json.loads(capsys.readouterr().out)["flops"]
+    assert (flops["batch"], flops["seq"]) == (1, 512)
+    assert flops["dense"] == t5_flops(512, 24, 24)
+    assert flops["plan"] == t5_flops(512, attention, ffn)
+    assert round(flops["fraction"], 2) == 0.76  # DESIGN.md: the plan's executed-FLOP fraction
+    assert main(["inspect", "--plan", str(PIXART_PLAN), "--model", str(T5XXL_CONFIG), "--shape", "2by512"]) == 2
+    assert "--shape must be BATCHxSEQ" in capsys.readouterr().err
+
+
 def test_inspect_of_the_export_agrees_with_inspect_of_the_plan(tmp_path, tiny_models, capsys):
     _, folder = tiny_models["t5"]
     plan = write_plan(tmp_path, {"format": "skrr-plan/1", "encoder": {"family": "t5", "num_blocks": 3}, "skip": [1, 2, 4],

@@ -180,9 +180,9 @@ def test_backends_requested_must_run_here():
 def test_shapes_run_smallest_first_and_fit_the_model():
     bert = tiny_config("bert")  # 64 positions
     assert check_shapes(bert, (4, 1), (32, 8)) == [Shape(1, 8), Shape(1, 32), Shape(4, 8), Shape(4, 32)]
-    with pytest.raises(UserError, match="--seq 77 exceeds this model's 64 positions"):
+    with pytest.raises(UserError, match="sequence length 77 exceeds this model's 64 positions"):
         check_shapes(bert, (1,), (77,))
-    with pytest.raises(UserError, match="positive"):
+    with pytest.raises(UserError, match="batch size must be a positive integer, got 0"):
         check_shapes(bert, (0,), (8,))
     assert check_shapes(tiny_config("t5"), (1,), (4096,)) == [Shape(1, 4096)]  # relative positions: no limit
 
