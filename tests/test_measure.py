@@ -274,3 +274,21 @@ def test_measure_tiny_t5_on_cuda(tiny_models, tmp_path):  # pragma: no cover - G
     assert all(p["passed"] for p in results["parity"]), results["parity"]
     assert {p["backend"] for p in results["parity"]} == set(backends) - {"torch"}
     assert {s["backend"] for s in results["summary"]} == set(results["backends"])
+
+
+@needs_cuda
+def test_main_job_reports_the_same_measurements_on_cuda(tiny_models, tmp_path):  # pragma: no cover - GPU machines only
+    import json
+
+    from skrr_export.pipeline import ExportConfig, run_export
+
+    _, folder = tiny_models["t5"]
+    plan_path = tmp_path / "plan.json"
+    plan_path.write_text(json.dumps(make_plan("t5", "heavy-reuse").to_json()))
+    out = tmp_path / "out"
+    report = run_export(ExportConfig(plan=plan_path, out=out, model=folder))
+    measured = report["measure"]
+    assert {(r["variant"], r["backend"]) for r in measured["runs"]} >= {("dense", "torch"), ("plan", "torch")}
+    assert [(f["batch"], f["seq"]) for f in measured["flops"]] == [(1, 128)]  # T5 has no position limit: 128
+    assert (out / "memory.png").is_file() and "skrr-export measure" in (out / "report.md").read_text()
+    assert report["parity"][0]["test"] in ("onnxruntime", "onnxruntime-cuda")
