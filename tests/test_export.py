@@ -136,6 +136,22 @@ def test_every_t5_norm_fuses_in_onnx_runtime(family, precision, plan_name, tiny_
     assert result, str(result)
 
 
+@pytest.mark.parametrize("family", ["t5", "bert", "clip"])
+def test_onnx_runtime_keeps_each_weight_once(family, tiny_models, tmp_path):
+    """ONNX Runtime's graph optimizer (extended level) does not copy re-used weights: the initializers of the
+    graph it runs hold no more than the exported ones (plus a few bytes of constants)."""
+    import onnxruntime as ort
+
+    _, art = exported(tiny_models, family, tmp_path)
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    opts.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    opts.log_severity_level = 3
+    ort.InferenceSession(str(art.path), opts, providers=["CPUExecutionProvider"])
+    optimized = onnx_weight_bytes(tmp_path / "optimized.onnx")
+    assert optimized <= art.initializer_bytes + 256
+
+
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_large_weight_path_dedups_by_memory_and_transposes_lazily(tiny_models, tmp_path, monkeypatch, precision):
     """Real encoders' weights exceed CONTENT_HASH_LIMIT; make every tiny weight 'large' to run that path."""
