@@ -251,7 +251,8 @@ def measure_ort(onnx_path: Path, shapes: list[Shape], feeds: dict[Shape, Any], c
 
 
 def node_placement(profile: Path | None) -> dict[str, Any]:
-    """From an ONNX Runtime profile: nodes per execution provider, the op types left off CUDA, memcpy nodes."""
+    """From an ONNX Runtime profile: nodes per execution provider, nodes per op type (fused norms, the casts of
+    fp32 islands), the op types left off CUDA, memcpy nodes."""
     if profile is None or not profile.is_file():
         return {}
     events = json.loads(profile.read_text())
@@ -262,13 +263,15 @@ def node_placement(profile: Path | None) -> dict[str, Any]:
             args = event.get("args") or {}
             placed[event["name"]] = (args.get("provider", "?"), args.get("op_name", "?"))
     providers: dict[str, int] = {}
+    ops: dict[str, int] = {}
     off_cuda: dict[str, int] = {}
     for provider, op in placed.values():
         providers[provider] = providers.get(provider, 0) + 1
+        ops[op] = ops.get(op, 0) + 1
         if provider != "CUDAExecutionProvider":
             off_cuda[op] = off_cuda.get(op, 0) + 1
     memcpy = sum(op.startswith("Memcpy") for _, op in placed.values())
-    return {"nodes_per_provider": providers, "ops_not_on_cuda": off_cuda, "memcpy_nodes": memcpy}
+    return {"nodes_per_provider": providers, "ops": ops, "ops_not_on_cuda": off_cuda, "memcpy_nodes": memcpy}
 
 
 def measure_trt(engine: str, onnx_path: Path, shapes: list[Shape], feeds: dict[Shape, Any], cfg: MeasureConfig,

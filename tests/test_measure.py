@@ -152,8 +152,8 @@ def test_onnx_runtime_profile_names_each_nodes_provider(tiny_onnx, tmp_path):
     ops: dict[str, int] = {}
     for node in optimized:
         ops[node.op_type] = ops.get(node.op_type, 0) + 1
-    assert placement == {"nodes_per_provider": {"CPUExecutionProvider": len(optimized)}, "ops_not_on_cuda": ops,
-                         "memcpy_nodes": 0}
+    assert placement == {"nodes_per_provider": {"CPUExecutionProvider": len(optimized)}, "ops": ops,
+                         "ops_not_on_cuda": ops, "memcpy_nodes": 0}
 
 
 def test_bf16_outputs_are_widened_exactly(tmp_path):
