@@ -322,26 +322,41 @@ def measure(cfg: MeasureConfig) -> dict[str, Any]:
     return results
 
 
+@dataclass
+class _Job:
+    """What the measurements of both variants share; ``results`` fills up as they run."""
+
+    source: Any
+    backends: tuple[str, ...]
+    shapes: list[Shape]
+    cfg: MeasureConfig
+    probe: DeviceMemory
+    feeds: dict[Shape, Any]
+    batches: Any  # the parity batches (seeded random ids with padding, and the empty prompt)
+    tolerances: dict[str, Any]
+    vocab: int
+    results: dict[str, Any]
+
+    def record(self, variant: str, backend: str, unique: int, result: dict[str, Any]) -> None:
+        self.results["parity"] += [p | {"backend": backend} for p in result.pop("parity", [])]
+        self.results["runs"].append({"variant": variant, "backend": backend, "unique_weight_bytes": unique, **result})
+
+
 def run_measurements(source: Any, plan: Any, backends: tuple[str, ...], shapes: list[Shape], cfg: MeasureConfig,
                      work: Path) -> dict[str, Any]:
     """Dense model and plan, each backend, each shape; parity of every backend against PyTorch for the plan."""
     import torch
 
-    from .apply import apply_plan, plan_cost, unique_parameter_bytes
-    from .artifacts import check_device_memory, check_disk
+    from .apply import plan_cost
     from .compare import DEFAULT_TOLERANCES
-    from .export import ExportOptions, export_onnx
     from .inputs import prompt_batch
-    from .model import build_meta, load_config, load_encoder
+    from .model import build_meta, load_config
     from .plan import Plan
 
     torch.backends.cuda.matmul.allow_tf32 = False  # parity and timings in the precision asked for
     torch.backends.cudnn.allow_tf32 = False
-    probe = DeviceMemory()
     meta = build_meta(load_config(source))
-    feeds = {shape: timing_feed(meta.config, shape) for shape in shapes}
-    batches = prompt_batch(None, meta.config, "int64", None)
-    tolerances = {"*": DEFAULT_TOLERANCES[cfg.precision]}
+    config = getattr(meta.config, "text_config", meta.config)
     variants = {"dense": Plan.dense(plan.family, plan.num_blocks), "plan": plan}
     results: dict[str, Any] = {
         "tool": _environment(),
@@ -353,48 +368,62 @@ def run_measurements(source: Any, plan: Any, backends: tuple[str, ...], shapes: 
         "flops": _flops(meta, variants, shapes),
         "runs": [], "errors": [], "parity": [],
     }
+    job = _Job(source, backends, shapes, cfg, DeviceMemory(), {shape: timing_feed(config, shape) for shape in shapes},
+               prompt_batch(None, meta.config, "int64", None), {"*": DEFAULT_TOLERANCES[cfg.precision]},
+               config.vocab_size, results)
     for variant, variant_plan in variants.items():
-        module = apply_plan(load_encoder(source, variant_plan, cfg.precision), variant_plan)
-        unique = unique_parameter_bytes(module)
-        folder = work / variant
-        folder.mkdir(parents=True)
-        onnx_path = None
-        if set(backends) - set(TORCH_BACKENDS):
-            check_disk(folder, int(unique * (2.1 if {"trt", "trt-rtx"} & set(backends) else 1.05)), "the measured artifacts")
-            vocab = getattr(meta.config, "text_config", meta.config).vocab_size
-            onnx_path = export_onnx(module, folder / "model.onnx", ExportOptions(), vocab).path
-        reference = None
-        modes = [b for b in backends if b in TORCH_BACKENDS]
-        if modes or variant == "plan":
-            check_device_memory(int(unique * 1.1), f"the {variant} model's weights ({unique / 1e9:.2f} GB)")
-            parity = (batches, tolerances) if variant == "plan" else None
-            torch_results, reference = measure_torch(module, modes, shapes, feeds, cfg, probe, parity)
-            for backend, result in torch_results.items():
-                results["parity"] += [p | {"backend": backend} for p in result.pop("parity")]
-                results["runs"].append({"variant": variant, "backend": backend, "unique_weight_bytes": unique, **result})
-        del module
-        probe.settle()
-        for backend in backends:
-            if backend in TORCH_BACKENDS:
-                continue
-            assert onnx_path is not None
-            try:
-                if backend.startswith("ort-cuda"):
-                    result = measure_ort(onnx_path, shapes, feeds, cfg, probe, folder, reference, backend == "ort-cuda-stock")
-                else:
-                    result = measure_trt(backend, onnx_path, shapes, feeds, cfg, probe, folder, reference)
-            except UserError as exc:  # e.g. the provider has no kernel for this precision
-                log.warning("%s (%s): not measured: %s", backend, variant, exc)
-                results["errors"].append({"variant": variant, "backend": backend, "error": str(exc)})
-                continue
-            results["parity"] += [p | {"backend": backend} for p in result.pop("parity")]
-            results["runs"].append({"variant": variant, "backend": backend, "unique_weight_bytes": unique, **result})
-        shutil.rmtree(folder, ignore_errors=True)
+        _measure_variant(job, variant, variant_plan, work / variant)
     for run in results["runs"]:
         run["resident_over_unique"] = run["resident_bytes"] / run["unique_weight_bytes"]
     results["summary"] = summarize(results)
     results["targets"] = check_targets(results)
     return results
+
+
+def _measure_variant(job: _Job, variant: str, plan: Any, folder: Path) -> None:
+    """PyTorch first (it also gives the plan's parity reference), then every backend that runs the ONNX."""
+    from .apply import apply_plan, unique_parameter_bytes
+    from .artifacts import check_device_memory
+    from .model import load_encoder
+
+    module = apply_plan(load_encoder(job.source, plan, job.cfg.precision), plan)
+    unique = unique_parameter_bytes(module)
+    folder.mkdir(parents=True)
+    exported = [b for b in job.backends if b not in TORCH_BACKENDS]
+    onnx_path = _export(job, module, unique, folder) if exported else None
+    reference = None
+    modes = [b for b in job.backends if b in TORCH_BACKENDS]
+    if modes or variant == "plan":
+        check_device_memory(int(unique * 1.1), f"the {variant} model's weights ({unique / 1e9:.2f} GB)")
+        parity = (job.batches, job.tolerances) if variant == "plan" else None
+        torch_results, reference = measure_torch(module, modes, job.shapes, job.feeds, job.cfg, job.probe, parity)
+        for backend, result in torch_results.items():
+            job.record(variant, backend, unique, result)
+    del module
+    job.probe.settle()
+    for backend in exported:
+        assert onnx_path is not None
+        try:
+            if backend.startswith("ort-cuda"):
+                result = measure_ort(onnx_path, job.shapes, job.feeds, job.cfg, job.probe, folder, reference,
+                                     stock=backend == "ort-cuda-stock")
+            else:
+                result = measure_trt(backend, onnx_path, job.shapes, job.feeds, job.cfg, job.probe, folder, reference)
+        except UserError as exc:  # e.g. the provider has no kernel for this precision
+            log.warning("%s (%s): not measured: %s", backend, variant, exc)
+            job.results["errors"].append({"variant": variant, "backend": backend, "error": str(exc)})
+            continue
+        job.record(variant, backend, unique, result)
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def _export(job: _Job, module: Any, unique: int, folder: Path) -> Path:
+    from .artifacts import check_disk
+    from .export import ExportOptions, export_onnx
+
+    engines = {"trt", "trt-rtx"} & set(job.backends)
+    check_disk(folder, int(unique * (2.1 if engines else 1.05)), "the measured artifacts")
+    return export_onnx(module, folder / "model.onnx", ExportOptions(), job.vocab).path
 
 
 def _reference(module: Any, batches: Any, tolerances: dict[str, Any]) -> Callable[[Any], list[dict[str, Any]]]:
