@@ -302,3 +302,53 @@ def test_main_job_reports_the_same_measurements_on_cuda(tiny_models, tmp_path): 
     assert [(f["batch"], f["seq"]) for f in measured["flops"]] == [(1, 128)]  # T5 has no position limit: 128
     assert (out / "memory.png").is_file() and "skrr-export measure" in (out / "report.md").read_text()
     assert report["parity"][0]["test"] in ("onnxruntime", "onnxruntime-cuda")
+
+
+def test_measurement_flow_on_cpu_with_the_cuda_counters_patched(tiny_models, tmp_path, monkeypatch):
+    """The orchestration CI can run: CUDA's memory counters and synchronization are patched to no-ops (every
+    memory figure is 0 and is not asserted), PyTorch runs on the CPU and ONNX Runtime on its CPU provider.
+    Timings, FLOPs and parity are real; a TensorRT-RTX engine is really built and reported as not run."""
+    import types
+
+    import skrr_export.measure as measure
+    import skrr_export.runners as runners
+    from skrr_export.trt import available
+
+    cuda = torch.cuda
+    for name in ("synchronize", "empty_cache", "reset_peak_memory_stats"):
+        monkeypatch.setattr(cuda, name, lambda *a, **k: None)
+    for name in ("memory_allocated", "max_memory_allocated"):
+        monkeypatch.setattr(cuda, name, lambda *a, **k: 0)
+    monkeypatch.setattr(cuda, "mem_get_info", lambda *a: (1, 1))
+    monkeypatch.setattr(cuda, "get_device_name", lambda *a: "patched")
+    monkeypatch.setattr(cuda, "get_device_capability", lambda *a: (9, 0))  # torch.cuda.is_available() stays False
+    monkeypatch.setattr(cuda, "get_device_properties", lambda *a: types.SimpleNamespace(total_memory=1))
+    monkeypatch.setattr(measure, "DEVICE", "cpu")
+
+    class CpuOrtRunner(runners.OrtRunner):
+        def __init__(self, path, providers, *args, **kwargs):
+            super().__init__(path, ("CPUExecutionProvider",), *args, **kwargs)
+
+    monkeypatch.setattr(runners, "OrtRunner", CpuOrtRunner)
+    _, folder = tiny_models["t5"]
+    plan = make_plan("t5", "skip-only")
+    backends = ("torch", "ort-cuda", "ort-cuda-stock") + (("trt-rtx",) if available("trt-rtx") else ())
+    shapes = [Shape(1, 8), Shape(2, 16)]
+    cfg = MeasureConfig(plan=tmp_path / "unused.json", out=tmp_path / "unused", precision="fp32", warmup=1, iterations=2)
+    results = measure.run_measurements(ModelSource(folder), plan, backends, shapes, cfg, tmp_path / "work")
+
+    measured = {(r["variant"], r["backend"]) for r in results["runs"]}
+    assert measured == {(v, b) for v in ("dense", "plan") for b in ("torch", "ort-cuda", "ort-cuda-stock")}
+    assert all(len(r["shapes"]) == 2 and all(s["median_ms"] > 0 for s in r["shapes"]) for r in results["runs"])
+    assert [p["passed"] for p in results["parity"]] == [True] * 4  # 2 ONNX Runtime settings x 2 batches
+    assert {p["backend"] for p in results["parity"]} == {"ort-cuda", "ort-cuda-stock"}
+    meta = build_meta(load_config(ModelSource(folder)))
+    assert [f["fraction"] for f in results["flops"]] == [
+        executed_flops(meta, plan, s) / executed_flops(meta, Plan("t5", NUM_BLOCKS), s) for s in shapes]
+    assert len(results["summary"]) == 3 * len(shapes)
+    if "trt-rtx" in backends:
+        assert [(e["variant"], e["backend"]) for e in results["errors"]] == [("dense", "trt-rtx"), ("plan", "trt-rtx")]
+        assert all("built, not executed" in e["error"] for e in results["errors"])
+    assert not (tmp_path / "work").exists() or not any((tmp_path / "work").rglob("*.onnx"))
+    write_results(tmp_path, results)
+    assert "ONNX Runtime node placement (ort-cuda, plan)" in (tmp_path / "results.md").read_text()
