@@ -12,7 +12,7 @@ def inspect_plan(plan: Plan, model: Path, subfolder: str | None, precision: str,
                  shape: tuple[int, int] | None = None) -> dict[str, Any]:
     """``shape`` (batch, sequence) for the FLOP count; default batch 1 and 256 tokens (or the model's maximum)."""
     from .apply import check_sparsity, plan_cost
-    from .measure import Shape, check_shapes, executed_flops
+    from .measure import check_shapes, default_sequence, executed_flops
     from .model import DTYPES, ModelSource, build_meta, load_config
 
     enc = build_meta(load_config(ModelSource(model, subfolder)))
@@ -25,8 +25,7 @@ def inspect_plan(plan: Plan, model: Path, subfolder: str | None, precision: str,
         state = "kept" if src == slot else "skipped" if src is None else f"re-uses {src}"
         slots.append({"slot": slot, "block": slot // 2, "kind": kind_of(slot), "state": state})
     if shape is None:
-        limit = getattr(getattr(enc.config, "text_config", enc.config), "max_position_embeddings", None)
-        shape = (1, min(256, limit or 256))
+        shape = (1, default_sequence(enc.config, 256))
     (at,) = check_shapes(enc.config, (shape[0],), (shape[1],))
     flops = {"dense": executed_flops(enc, Plan.dense(plan.family, plan.num_blocks), at), "plan": executed_flops(enc, plan, at)}
     return {

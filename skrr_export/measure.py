@@ -117,6 +117,12 @@ def check_shapes(config: Any, batches: tuple[int, ...], sequences: tuple[int, ..
                   key=lambda sh: (sh.batch * sh.seq, sh.batch))
 
 
+def default_sequence(config: Any, preferred: int) -> int:
+    """``preferred`` tokens, or fewer where the model has fewer positions."""
+    limit = getattr(getattr(config, "text_config", config), "max_position_embeddings", None)
+    return min(preferred, limit or preferred)
+
+
 def executed_flops(meta_encoder: Any, plan: Any, shape: Shape) -> int:
     """FLOPs of one forward of ``plan`` at ``shape``, counted by torch's FlopCounterMode on the meta device."""
     import torch

@@ -209,14 +209,13 @@ def _measure(cfg: ExportConfig, source: Any, plan: Plan, stage: Path) -> dict[st
     """The measure command's numbers at batch 1 and one sequence length, for the backends this job produced."""
     import shutil
 
-    from .measure import MeasureConfig, backend_blockers, check_shapes, plot_memory, run_measurements
+    from .measure import MeasureConfig, backend_blockers, check_shapes, default_sequence, plot_memory, run_measurements
     from .model import build_meta, load_config
 
     blockers = backend_blockers()
     backends = tuple(b for b in ("torch", "ort-cuda", cfg.engine) if b in blockers and blockers[b] is None)
     config = build_meta(load_config(source)).config
-    limit = getattr(getattr(config, "text_config", config), "max_position_embeddings", None) or 128
-    seq = cfg.fixed_sequence or min(128, limit)
+    seq = cfg.fixed_sequence or default_sequence(config, 128)
     settings = MeasureConfig(plan=cfg.plan, out=cfg.out, precision=cfg.precision, batches=(1,), sequences=(seq,),
                              warmup=3, iterations=10)
     work = stage / "measure-work"
