@@ -33,7 +33,7 @@ from skrr_export.trt import cuda_available
 
 from .helpers import NUM_BLOCKS, tiny_config
 from .test_apply import make_plan
-from .test_cli import MINILM_PLAN
+from .test_cli import MINILM_PLAN, write_plan
 from .test_export import feed
 
 needs_cuda = pytest.mark.skipif(not cuda_available(), reason="measure needs a CUDA device")
@@ -265,16 +265,11 @@ def test_measure_bad_arguments_are_one_line(args, message, tmp_path, capsys):
 
 @needs_cuda
 def test_measure_tiny_t5_on_cuda(tiny_models, tmp_path):  # pragma: no cover - GPU machines only
-    import json
-
-    from skrr_export.measure import measure
+    from skrr_export.measure import backend_blockers, measure
 
     _, folder = tiny_models["t5"]
-    plan_path = tmp_path / "plan.json"
-    plan_path.write_text(json.dumps(make_plan("t5", "skip-only").to_json()))
+    plan_path = write_plan(tmp_path, make_plan("t5", "skip-only").to_json())
     out = tmp_path / "m"
-    from skrr_export.measure import backend_blockers, resolve_backends
-
     backends = ("torch-compile", *resolve_backends((), backend_blockers()))
     results = measure(MeasureConfig(plan=plan_path, out=out, model=folder, precision="fp32", batches=(1, 2),
                                      sequences=(8, 16), warmup=1, iterations=3, backends=backends))
@@ -288,13 +283,10 @@ def test_measure_tiny_t5_on_cuda(tiny_models, tmp_path):  # pragma: no cover - G
 
 @needs_cuda
 def test_main_job_reports_the_same_measurements_on_cuda(tiny_models, tmp_path):  # pragma: no cover - GPU machines only
-    import json
-
     from skrr_export.pipeline import ExportConfig, run_export
 
     _, folder = tiny_models["t5"]
-    plan_path = tmp_path / "plan.json"
-    plan_path.write_text(json.dumps(make_plan("t5", "heavy-reuse").to_json()))
+    plan_path = write_plan(tmp_path, make_plan("t5", "heavy-reuse").to_json())
     out = tmp_path / "out"
     report = run_export(ExportConfig(plan=plan_path, out=out, model=folder))
     measured = report["measure"]

@@ -28,7 +28,7 @@ from skrr_export.trt import (
 )
 
 from .test_apply import make_plan
-from .test_cli import MINILM_PLAN
+from .test_cli import MINILM_PLAN, write_plan
 from .typecheck import stubs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -182,8 +182,7 @@ def test_rtx_engine_runs_and_matches_pytorch(tiny_models, tmp_path):  # pragma: 
     from skrr_export.cli import main
 
     _, folder = tiny_models["bert"]
-    plan_path = tmp_path / "plan.json"
-    plan_path.write_text(json.dumps(make_plan("bert", "heavy-reuse").to_json()))
+    plan_path = write_plan(tmp_path, make_plan("bert", "heavy-reuse").to_json())
     assert main(["--plan", str(plan_path), "--model", str(folder), "--engine", "trt-rtx", "--out", str(tmp_path / "o"), "-q"]) == 0
 
 
