@@ -462,11 +462,11 @@ def calibrate(cfg: CalibrationConfig) -> dict[float, Plan]:
     """Run the calibration and write one plan file per target sparsity."""
     from .apply import sub_block_parameters
     from .inputs import load_tokenizer
-    from .model import ModelSource, build_meta, default_model_path, load_config, load_encoder
+    from .model import build_meta, load_config, load_encoder, model_source
 
     check_config(cfg)
     start = time.perf_counter()
-    source = ModelSource(cfg.model or default_model_path(), cfg.subfolder, cfg.random_weights)
+    source = model_source(cfg.model, cfg.subfolder, cfg.random_weights)
     meta = build_meta(load_config(source))
     family, num_blocks = meta.adapter.family, meta.adapter.num_blocks(meta.config)
     sizes = [sum(p.numel() for _, p in block) for block in sub_block_parameters(meta)]

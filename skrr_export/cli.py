@@ -30,6 +30,17 @@ class Parser(argparse.ArgumentParser):
         raise ArgumentError(f"{self.prog}: {message}")
 
 
+def _model_arguments(p: Parser, allow_pickle: bool = True) -> None:
+    """Where the encoder comes from: the same flags for every command that loads it."""
+    p.add_argument("--model", type=Path, help="local Hugging Face model folder (default: the embedded all-MiniLM-L6-v2)")
+    p.add_argument("--subfolder", help="subfolder of a diffusers pipeline folder, e.g. text_encoder_3")
+    p.add_argument("--random-weights", action="store_true",
+                   help="build the model from its config with random weights (memory and time do not depend on values)")
+    if allow_pickle:
+        p.add_argument("--allow-pickle", action="store_true",
+                       help="also load .bin/.pt checkpoints (torch.load weights_only); only files you trust")
+
+
 def _export_parser() -> Parser:
     p = Parser(
         prog="skrr-export",
@@ -39,10 +50,7 @@ def _export_parser() -> Parser:
     p.add_argument("--plan", type=Path, help="plan file (skrr-plan/1 JSON)")
     p.add_argument("--recipe", help="a recipe (recipes/NAME): its plan and export settings; flags given override them")
     p.add_argument("--engine", choices=("onnx", "trt", "trt-rtx"), default="onnx", help="artifact to produce (default: onnx)")
-    p.add_argument("--model", type=Path, help="local Hugging Face model folder (default: the embedded all-MiniLM-L6-v2)")
-    p.add_argument("--subfolder", help="subfolder of a diffusers pipeline folder, e.g. text_encoder_3")
-    p.add_argument("--random-weights", action="store_true", help="build the model from its config with random weights")
-    p.add_argument("--allow-pickle", action="store_true", help="also load .bin/.pt checkpoints (torch.load weights_only); only files you trust")
+    _model_arguments(p)
     p.add_argument("--out", type=Path, default=Path("out"), help="output folder (default: ./out)")
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
     p.add_argument("--precision", choices=PRECISIONS, help="fp32 (default), fp16 or bf16")
@@ -220,9 +228,7 @@ def cmd_inspect(argv: list[str]) -> int:
 def _calibrate_parser() -> Parser:
     p = Parser(prog="skrr-export calibrate",
                description="Find Skrr plans: beam-search Skip, then greedy Re-use, against the dense model.")
-    p.add_argument("--model", type=Path, help="local Hugging Face model folder (default: the embedded all-MiniLM-L6-v2)")
-    p.add_argument("--subfolder")
-    p.add_argument("--random-weights", action="store_true", help="random weights from the config (timing work only)")
+    _model_arguments(p, allow_pickle=False)
     p.add_argument("--out", type=Path, required=True, help="plan file; with several --sparsity values, NAME-<pct>.json each")
     p.add_argument("--sparsity", type=float, nargs="+", required=True, metavar="S", help="target sparsities in (0, 1)")
     p.add_argument("--beam", type=int, default=3, help="beam width k (default 3, as the paper)")
@@ -323,10 +329,7 @@ def _measure_parser() -> Parser:
                "CUDA, per backend (PyTorch, ONNX Runtime CUDA, TensorRT), with parity against PyTorch. Needs a CUDA device.")
     p.add_argument("--plan", type=Path, help="plan file (skrr-plan/1 JSON)")
     p.add_argument("--recipe", help="a recipe (recipes/NAME): its plan")
-    p.add_argument("--model", type=Path, help="local Hugging Face model folder (default: the embedded all-MiniLM-L6-v2)")
-    p.add_argument("--subfolder")
-    p.add_argument("--random-weights", action="store_true", help="random weights from the config (memory and time do not depend on values)")
-    p.add_argument("--allow-pickle", action="store_true", help="also load .bin/.pt checkpoints (torch.load weights_only)")
+    _model_arguments(p)
     p.add_argument("--backends", default="", help="comma-separated: torch, ort-cuda, trt, trt-rtx (default: all that can run here); "
                    "on request: torch-compile, ort-cuda-stock (ONNX Runtime's default CUDA settings, to compare with ours)")
     p.add_argument("--batch", default="1,4", help="batch sizes (default 1,4)")

@@ -310,14 +310,14 @@ def _driver_peak(probe: DeviceMemory, base: int) -> Callable[[Any], int]:
 def measure(cfg: MeasureConfig) -> dict[str, Any]:
     """Measure into ``cfg.out`` (results.json, results.md, memory.png); returns the results."""
     from .artifacts import check_writable, staged_folder
-    from .model import ModelSource, build_meta, check_plan_fits, default_model_path, load_config
+    from .model import build_meta, check_plan_fits, load_config, model_source
     from .plan import load_plan
 
     require_cuda()
     backends = resolve_backends(cfg.backends, backend_blockers())
     check_writable(cfg.out, cfg.force)
     plan = load_plan(cfg.plan)
-    source = ModelSource(cfg.model or default_model_path(), cfg.subfolder, cfg.random_weights, cfg.allow_pickle)
+    source = model_source(cfg.model, cfg.subfolder, cfg.random_weights, cfg.allow_pickle)
     meta = build_meta(load_config(source))
     check_plan_fits(plan, meta)
     shapes = check_shapes(meta.config, cfg.batches, cfg.sequences)

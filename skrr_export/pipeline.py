@@ -66,7 +66,7 @@ def run_export(cfg: ExportConfig) -> dict[str, Any]:
     from .artifacts import check_disk, check_writable, staged_folder, write_manifest
     from .export import ExportOptions, export_onnx
     from .inputs import load_tokenizer, prompt_batch
-    from .model import ModelSource, default_model_path, load_encoder
+    from .model import load_encoder, model_source
     from .runners import TorchRunner
 
     if cfg.engine not in ENGINES:
@@ -78,7 +78,7 @@ def run_export(cfg: ExportConfig) -> dict[str, Any]:
         load_backend(cfg.engine)  # fail before any work when the backend is missing
     stages = Stages()
     plan = load_plan(cfg.plan)
-    source = ModelSource(cfg.model or default_model_path(), cfg.subfolder, cfg.random_weights, cfg.allow_pickle)
+    source = model_source(cfg.model, cfg.subfolder, cfg.random_weights, cfg.allow_pickle)
     tolerances = {"*": cfg.tolerance or DEFAULT_TOLERANCES[cfg.precision]}
     cost = _check_resources(source, plan, cfg)
     with stages.stage("load"):
