@@ -322,7 +322,7 @@ def measure(cfg: MeasureConfig) -> dict[str, Any]:
     check_plan_fits(plan, meta)
     shapes = check_shapes(meta.config, cfg.batches, cfg.sequences)
     with staged_folder(cfg.out, cfg.force) as stage:
-        results = run_measurements(source, plan, backends, shapes, cfg, stage / "work")
+        results = run_measurements(meta, source, plan, backends, shapes, cfg, stage / "work")
         shutil.rmtree(stage / "work", ignore_errors=True)
         write_results(stage, results)
     return results
@@ -348,20 +348,19 @@ class _Job:
         self.results["runs"].append({"variant": variant, "backend": backend, "unique_weight_bytes": unique, **result})
 
 
-def run_measurements(source: Any, plan: Any, backends: tuple[str, ...], shapes: list[Shape], cfg: MeasureConfig,
-                     work: Path) -> dict[str, Any]:
-    """Dense model and plan, each backend, each shape; parity of every backend against PyTorch for the plan."""
+def run_measurements(meta: Any, source: Any, plan: Any, backends: tuple[str, ...], shapes: list[Shape],
+                     cfg: MeasureConfig, work: Path) -> dict[str, Any]:
+    """Dense model and plan, each backend, each shape; parity of every backend against PyTorch for the plan.
+    ``meta``: the model's structure (build_meta of ``source``'s config), which the caller has already built."""
     import torch
 
     from .apply import plan_cost
     from .compare import DEFAULT_TOLERANCES
     from .inputs import prompt_batch
-    from .model import build_meta, load_config
     from .plan import Plan
 
     torch.backends.cuda.matmul.allow_tf32 = False  # parity and timings in the precision asked for
     torch.backends.cudnn.allow_tf32 = False
-    meta = build_meta(load_config(source))
     config = getattr(meta.config, "text_config", meta.config)
     variants = {"dense": Plan.dense(plan.family, plan.num_blocks), "plan": plan}
     results: dict[str, Any] = {

@@ -214,12 +214,12 @@ def _measure(cfg: ExportConfig, source: Any, plan: Plan, stage: Path) -> dict[st
 
     blockers = backend_blockers()
     backends = tuple(b for b in ("torch", "ort-cuda", cfg.engine) if b in blockers and blockers[b] is None)
-    config = build_meta(load_config(source)).config
-    seq = cfg.fixed_sequence or default_sequence(config, 128)
+    meta = build_meta(load_config(source))
+    seq = cfg.fixed_sequence or default_sequence(meta.config, 128)
     settings = MeasureConfig(plan=cfg.plan, out=cfg.out, precision=cfg.precision, batches=(1,), sequences=(seq,),
                              warmup=3, iterations=10)
     work = stage / "measure-work"
-    results = run_measurements(source, plan, backends, check_shapes(config, (1,), (seq,)), settings, work)
+    results = run_measurements(meta, source, plan, backends, check_shapes(meta.config, (1,), (seq,)), settings, work)
     shutil.rmtree(work, ignore_errors=True)
     plot_memory(results, stage / "memory.png")
     return results

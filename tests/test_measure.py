@@ -327,14 +327,14 @@ def test_measurement_flow_on_cpu_with_the_cuda_counters_patched(tiny_models, tmp
     backends = ("torch", "ort-cuda", "ort-cuda-stock") + (("trt-rtx",) if available("trt-rtx") else ())
     shapes = [Shape(1, 8), Shape(2, 16)]
     cfg = MeasureConfig(plan=tmp_path / "unused.json", out=tmp_path / "unused", precision="fp32", warmup=1, iterations=2)
-    results = measure.run_measurements(ModelSource(folder), plan, backends, shapes, cfg, tmp_path / "work")
+    meta = build_meta(load_config(ModelSource(folder)))
+    results = measure.run_measurements(meta, ModelSource(folder), plan, backends, shapes, cfg, tmp_path / "work")
 
     measured = {(r["variant"], r["backend"]) for r in results["runs"]}
     assert measured == {(v, b) for v in ("dense", "plan") for b in ("torch", "ort-cuda", "ort-cuda-stock")}
     assert all(len(r["shapes"]) == 2 and all(s["median_ms"] > 0 for s in r["shapes"]) for r in results["runs"])
     assert [p["passed"] for p in results["parity"]] == [True] * 4  # 2 ONNX Runtime settings x 2 batches
     assert {p["backend"] for p in results["parity"]} == {"ort-cuda", "ort-cuda-stock"}
-    meta = build_meta(load_config(ModelSource(folder)))
     assert [f["fraction"] for f in results["flops"]] == [
         executed_flops(meta, plan, s) / executed_flops(meta, Plan("t5", NUM_BLOCKS), s) for s in shapes]
     assert len(results["summary"]) == 3 * len(shapes)
