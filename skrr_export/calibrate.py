@@ -571,7 +571,7 @@ def _feeds(tokenizer: Any, config: Any, prompts: list[str], max_length: int, bat
     """Calibration batches (padded to the longest in each), then the empty prompt as its own batch."""
     import numpy as np
 
-    from .inputs import prompt_batch
+    from .inputs import prompt_batch, random_ids
 
     feeds = []
     if tokenizer is not None:
@@ -581,10 +581,9 @@ def _feeds(tokenizer: Any, config: Any, prompts: list[str], max_length: int, bat
         _, empty = prompt_batch(tokenizer, config, "int64", None)
     else:  # random-weights work: seeded ids of the calibration length, one batch per batch_size prompts
         rng = np.random.default_rng(0)
-        vocab = getattr(config, "text_config", config).vocab_size
         for i in range(0, len(prompts), batch_size):
             n = min(batch_size, len(prompts) - i)
-            ids = torch.from_numpy(rng.integers(min(10, vocab // 2), vocab, size=(n, max_length)))
+            ids = torch.from_numpy(random_ids(config, (n, max_length), rng))
             feeds.append((ids, torch.ones_like(ids)))
         _, empty = prompt_batch(None, config, "int64", None)
     feeds.append((torch.from_numpy(empty.feed["input_ids"]), torch.from_numpy(empty.feed["attention_mask"])))

@@ -63,12 +63,17 @@ def _eos(config: Any) -> int | None:
     return eos if isinstance(eos, int) and 0 <= eos < config.vocab_size else None
 
 
-def _random(config: Any, input_dtype: str, seq: int | None, seed: int) -> Batch:
+def random_ids(config: Any, shape: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
+    """Token ids from the vocabulary without the lowest ten (pad, eos and other special tokens in most
+    vocabularies; the lower half of a tiny one)."""
     vocab = getattr(config, "text_config", config).vocab_size
+    return rng.integers(min(10, vocab // 2), vocab, size=shape)
+
+
+def _random(config: Any, input_dtype: str, seq: int | None, seed: int) -> Batch:
     seq = seq or 12
-    rng = np.random.default_rng(seed)
     lengths = [seq, max(1, seq - 3), max(1, seq // 2)]
-    ids = rng.integers(min(10, vocab // 2), vocab, size=(len(lengths), seq))
+    ids = random_ids(config, (len(lengths), seq), np.random.default_rng(seed))
     mask = np.zeros_like(ids)
     eos = _eos(config)
     for row, n in enumerate(lengths):

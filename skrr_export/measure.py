@@ -139,8 +139,9 @@ def executed_flops(meta_encoder: Any, plan: Any, shape: Shape) -> int:
 
 def timing_feed(config: Any, shape: Shape, seed: int = 0) -> dict[str, np.ndarray]:
     """Full-length rows of random ids (no padding): every token costs what a real prompt's does."""
-    vocab = getattr(config, "text_config", config).vocab_size
-    ids = np.random.default_rng(seed).integers(min(10, vocab // 2), vocab, size=(shape.batch, shape.seq))
+    from .inputs import random_ids
+
+    ids = random_ids(config, (shape.batch, shape.seq), np.random.default_rng(seed))
     return {"input_ids": ids.astype(np.int64), "attention_mask": np.ones_like(ids, dtype=np.int64)}
 
 
