@@ -28,10 +28,16 @@ class Recipe:
     export: dict[str, Any] = field(default_factory=dict)
     tolerances: dict[str, dict[str, float]] = field(default_factory=dict)
     plan_file: str = "plan.json"
+    model_config: str | None = None  # a folder holding the expected model's config.json, relative to the recipe
 
     @property
     def plan(self) -> Path:
         return self.folder / self.plan_file
+
+    @property
+    def config_folder(self) -> Path | None:
+        """Where the expected model's config is, for planning without its weights (None: not shipped)."""
+        return (self.folder / self.model_config).resolve() if self.model_config else None
 
     def check_config(self, config: Any) -> None:
         """The model's config must have the values the recipe's plan was made for."""
@@ -71,4 +77,5 @@ def load_recipe(name: str) -> Recipe:
         export=data.get("export", {}),
         tolerances=data.get("tolerances", {}),
         plan_file=data.get("plan", "plan.json"),
+        model_config=data.get("model_config"),
     )

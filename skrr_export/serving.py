@@ -161,7 +161,7 @@ def recipes_that_fit(target: str, precision: str, activations: int) -> list[str]
     out = []
     for name in available_recipes():
         recipe = load_recipe(name)
-        config_dir = recipe.folder.parent / "t5-v1_1-xxl" if recipe.checkpoint.get("family") == "t5" else None
+        config_dir = recipe.config_folder
         if config_dir is None or not (config_dir / "config.json").is_file():
             continue
         meta = build_meta(load_config(ModelSource(config_dir)))

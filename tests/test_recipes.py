@@ -39,6 +39,7 @@ def test_recipe_matches_its_config_and_states_its_sparsity(name, minilm_path):
     folder, percent, skipped, reused = EXPECTED[name]
     plan = load_plan(recipe.plan)
     assert (len(plan.skip), len(plan.reuse)) == (skipped, reused)
+    assert recipe.config_folder == folder  # the config shipped for planning without weights (none for MiniLM)
     model = folder or minilm_path
     info = inspect_plan(plan, model, None, recipe.export.get("precision", "fp32"))
     assert round(info["sparsity"] * 100, 2) == percent
