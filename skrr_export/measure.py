@@ -61,14 +61,13 @@ class MeasureConfig:
     force: bool = False
 
 
-def require_cuda() -> Any:
-    """The CUDA device to measure on; exit code 2 without one (nothing here is estimated)."""
-    import torch
+def require_cuda() -> None:
+    """Exit code 2 without a CUDA device: nothing here is estimated."""
+    from .trt import cuda_available
 
-    if not torch.cuda.is_available():
+    if not cuda_available():
         raise UserError("measure needs a CUDA device and torch sees none (torch.cuda.is_available() is False); "
                         "nothing was measured")
-    return torch.device("cuda")
 
 
 def backend_blockers() -> dict[str, str | None]:

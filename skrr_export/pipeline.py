@@ -19,6 +19,7 @@ from . import __version__
 from .compare import DEFAULT_TOLERANCES, Tolerance, distance, runner_parity
 from .errors import AccuracyError, UserError
 from .plan import Plan, load_plan
+from .trt import cuda_available
 
 log = logging.getLogger("skrr_export")
 
@@ -111,7 +112,7 @@ def run_export(cfg: ExportConfig) -> dict[str, Any]:
             with stages.stage("dense distance"):
                 dense = _distance_to_dense(source, plan, cfg.precision, batches, plan_outputs)
         measured = None
-        if cfg.measure and _cuda():
+        if cfg.measure and cuda_available():
             with stages.stage("measure"):
                 measured = _measure(cfg, source, plan, stage)
         report: dict[str, Any] = {
@@ -191,18 +192,12 @@ def _ort_parity(onnx_path: Path, precision: str, reference: dict[str, Any], batc
     from .measure import backend_blockers
     from .runners import OrtRunner
 
-    if _cuda() and backend_blockers()["ort-cuda"] is None:
+    if cuda_available() and backend_blockers()["ort-cuda"] is None:
         return runner_parity(reference, OrtRunner(onnx_path, ("CUDAExecutionProvider",)), batches, tolerances)
     if precision == "bf16":  # ONNX Runtime's CPU provider has no bf16 kernels (Add, Mul, MatMul ...)
         return [not_executed("onnxruntime", "not executed: ONNX Runtime's CPU provider has no bf16 kernels; "
                              "the graph passed onnx.checker (run it with the CUDA provider, or build an engine)")]
     return runner_parity(reference, OrtRunner(onnx_path), batches, tolerances)
-
-
-def _cuda() -> bool:
-    from .trt import cuda_available
-
-    return cuda_available()
 
 
 def _measure(cfg: ExportConfig, source: Any, plan: Plan, stage: Path) -> dict[str, Any]:
