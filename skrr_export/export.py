@@ -119,7 +119,7 @@ def _torch_export(module: SkrrEncoder, options: ExportOptions, vocab_size: int) 
 def _fusable_rms_norms(model: Any) -> int:
     """T5's RMSNorm exports as ``x * Reciprocal(Sqrt(mean(x^2) + eps))``, which ONNX Runtime's
     SimplifiedLayerNormFusion does not match (it looks for ``x / Sqrt(...)``): every norm then runs as six or
-    more kernels. Rewritten as a Div (one rounding instead of two), all of them fuse (measured on ONNX Runtime
+    more nodes. Rewritten as a Div (one rounding instead of two), all of them fuse (measured on ONNX Runtime
     1.31: 7 of 7 SimplifiedLayerNormalization nodes on a 3-block T5, 0 before)."""
     from onnxscript.rewriter import pattern
 
