@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -12,42 +14,104 @@ from .errors import ArtifactError
 
 
 def check_writable(out: Path, force: bool) -> None:
+    """``out`` can become a folder: nothing on its path is a file, and it exists only when ``force`` is given."""
+    blocker = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        raise ArtifactError(f"output folder {out} cannot be created: {blocker} is a file, not a folder")
+    if out.exists() and not out.is_dir():
+        raise ArtifactError(f"output path {out} is a file, not a folder; remove it or choose another --out")
     if out.exists() and not force:
         raise ArtifactError(f"output folder {out} exists; pass --force to replace it")
-    if out.exists() and not out.is_dir():
-        raise ArtifactError(f"output path {out} exists and is not a folder")
+
+
+def unique_sibling(path: Path, tag: str) -> Path:
+    """A hidden name beside ``path`` that no other process or thread uses: ``.NAME.TAG-PID-RANDOM``."""
+    return path.with_name(f".{path.name}.{tag}-{os.getpid()}-{uuid.uuid4().hex[:12]}")
 
 
 @contextmanager
 def staged_folder(out: Path, force: bool) -> Iterator[Path]:
-    """Yield a fresh staging folder; on success it replaces ``out``, on any failure (Ctrl-C too) it is removed."""
+    """Yield a fresh staging folder; on success it becomes ``out``, on any failure (Ctrl-C too) it is removed.
+
+    Publishing renames onto a path that must not exist, so a folder that appeared while the job ran is never
+    replaced; with ``force`` only the folder that was there when the job started is."""
     check_writable(out, force)
+    existing = _identity(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    stage = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(stage, ignore_errors=True)
+    stage = unique_sibling(out, "partial")
     stage.mkdir()
     try:
         yield stage
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         raise
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        out.rename(old)
-        stage.rename(out)
+    _publish(stage, out, existing)
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _publish(stage: Path, out: Path, existing: tuple[int, int] | None) -> None:
+    now = _identity(out)
+    if now is not None and now != existing:
+        raise ArtifactError(f"output folder {out} appeared while this job ran and was left alone; "
+                            f"the finished result is in {stage}")
+    old = None
+    if now is not None:
+        old = unique_sibling(out, "old")
+        rename_noreplace(out, old)
+    try:
+        rename_noreplace(stage, out)
+    except FileExistsError:
+        raise ArtifactError(f"output folder {out} appeared while this job ran and was left alone; the finished "
+                            f"result is in {stage}{f', the previous folder in {old}' if old else ''}") from None
+    if old is not None:
         shutil.rmtree(old, ignore_errors=True)
-    else:
-        stage.rename(out)
+
+
+def rename_noreplace(src: Path, dst: Path) -> None:
+    """Rename ``src`` to ``dst``, raising FileExistsError if ``dst`` exists (never replacing it, not even an
+    empty folder, which a plain rename(2) would). Linux: renameat2(RENAME_NOREPLACE), atomic; elsewhere, or on
+    file systems without it: check, then rename (a narrow window remains)."""
+    code = _renameat2(src, dst)
+    if code == 0:
+        return
+    if code == errno.EEXIST:
+        raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(dst))
+    if code not in (errno.ENOSYS, errno.EINVAL, -1):
+        raise OSError(code, os.strerror(code), str(src), None, str(dst))
+    if os.path.lexists(dst):
+        raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(dst))
+    os.rename(src, dst)
+
+
+def _renameat2(src: Path, dst: Path) -> int:
+    """0 on success, the errno on failure, -1 where the C library has no renameat2."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return -1
+    at_fdcwd, rename_noreplace_flag = -100, 1
+    if renameat2(at_fdcwd, os.fsencode(src), at_fdcwd, os.fsencode(dst), rename_noreplace_flag) == 0:
+        return 0
+    return ctypes.get_errno()
 
 
 def write_atomic(path: Path, data: bytes | str | memoryview, mode: int | None = None) -> None:
-    """Write ``data`` to a hidden sibling and rename it over ``path``: the file appears whole or not at all."""
-    tmp = path.with_name(f".{path.name}.partial")
+    """Write ``data`` to a uniquely named hidden sibling and rename it over ``path``: the file appears whole
+    or not at all, and concurrent writers (two builds sharing one timing cache) never share a temporary file."""
+    tmp = unique_sibling(path, "partial")
     try:
-        if isinstance(data, str):
-            tmp.write_text(data)
-        else:
-            tmp.write_bytes(data)
+        with tmp.open("xb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
         if mode is not None:
             tmp.chmod(mode)
         tmp.replace(path)

@@ -5,17 +5,21 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from .errors import ModelError, UserError
 
-PACKAGE_ROOT = Path(__file__).resolve().parents[1]
 
-
-def recipe_dirs() -> list[Path]:
-    """Where recipes are looked up: ./recipes, then the recipes beside the package (source checkouts)."""
-    return [d for d in (Path.cwd() / "recipes", PACKAGE_ROOT / "recipes") if d.is_dir()]
+def recipe_root() -> Path | None:
+    """The recipes this installation carries: the wheel's copy (``skrr_export/recipe_data``), else the
+    repository's ``recipes/`` beside the package (a source checkout or an editable install)."""
+    installed = resources.files("skrr_export").joinpath("recipe_data")
+    if isinstance(installed, Path) and installed.is_dir():
+        return installed
+    checkout = Path(__file__).resolve().parents[1] / "recipes"
+    return checkout if checkout.is_dir() else None
 
 
 @dataclass(frozen=True)
@@ -39,6 +43,32 @@ class Recipe:
         """Where the expected model's config is, for planning without its weights (None: not shipped)."""
         return (self.folder / self.model_config).resolve() if self.model_config else None
 
+    def model_folder(self, model: Path | None, random_weights: bool) -> Path | None:
+        """The model to run the recipe on: ``model``, else the shipped config for random weights, else None
+        (the embedded default) where that is the checkpoint the recipe expects; otherwise it says what to pass."""
+        if model is not None:
+            return model
+        if random_weights and self.config_folder is not None:
+            return self.config_folder
+        if self._fits_embedded_default():
+            return None
+        subfolder = self.checkpoint.get("subfolder")
+        shipped = ", or --random-weights (builds it from the config the recipe ships)" if self.config_folder else ""
+        raise UserError(
+            f"recipe {self.name} needs its checkpoint, {self.checkpoint.get('repository', 'not named')}"
+            f"{f' (subfolder {subfolder})' if subfolder else ''}: pass --model with its local folder"
+            f"{f' and --subfolder {subfolder}' if subfolder else ''}{shipped}"
+        )
+
+    def _fits_embedded_default(self) -> bool:
+        from .model import default_model_path
+
+        try:
+            config = json.loads((default_model_path() / "config.json").read_text())
+        except (ModelError, OSError, json.JSONDecodeError):
+            return False
+        return all(config.get(key) == value for key, value in self.checkpoint.get("config", {}).items())
+
     def check_config(self, config: Any) -> None:
         """The model's config must have the values the recipe's plan was made for."""
         config = getattr(config, "text_config", config)
@@ -52,30 +82,31 @@ class Recipe:
 
 
 def available_recipes() -> dict[str, Path]:
-    found: dict[str, Path] = {}
-    for root in recipe_dirs():
-        for folder in sorted(root.iterdir()):
-            if (folder / "recipe.json").is_file():
-                found.setdefault(folder.name, folder)
-    return found
+    root = recipe_root()
+    if root is None:
+        return {}
+    return {folder.name: folder for folder in sorted(root.iterdir()) if (folder / "recipe.json").is_file()}
 
 
 def load_recipe(name: str) -> Recipe:
+    """A built-in recipe by name, or a folder holding a recipe.json."""
     folder = Path(name) if (Path(name) / "recipe.json").is_file() else available_recipes().get(name)
     if folder is None:
-        raise UserError(f"no recipe '{name}'; available: {', '.join(available_recipes()) or 'none (run from the repository)'}")
+        raise UserError(f"no recipe '{name}'; available: {', '.join(available_recipes()) or 'none (this installation carries no recipes)'}")
     try:
         data = json.loads((folder / "recipe.json").read_text())
+        return Recipe(
+            name=data["name"],
+            folder=folder,
+            description=data.get("description", ""),
+            checkpoint=data.get("checkpoint", {}),
+            sparsity=data["sparsity"],
+            export=data.get("export", {}),
+            tolerances=data.get("tolerances", {}),
+            plan_file=data.get("plan", "plan.json"),
+            model_config=data.get("model_config"),
+        )
     except json.JSONDecodeError as exc:
-        raise UserError(f"{folder / 'recipe.json'} is not JSON: {exc.msg}") from None
-    return Recipe(
-        name=data["name"],
-        folder=folder,
-        description=data.get("description", ""),
-        checkpoint=data.get("checkpoint", {}),
-        sparsity=data["sparsity"],
-        export=data.get("export", {}),
-        tolerances=data.get("tolerances", {}),
-        plan_file=data.get("plan", "plan.json"),
-        model_config=data.get("model_config"),
-    )
+        raise UserError(f"{folder / 'recipe.json'} is not JSON: {exc.msg} (line {exc.lineno})") from None
+    except (KeyError, TypeError, AttributeError) as exc:
+        raise UserError(f"{folder / 'recipe.json'} is not a recipe: missing or malformed field {exc}") from None
