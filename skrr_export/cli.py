@@ -1,7 +1,8 @@
 """Command line: parse arguments into one frozen config, make one library call, map errors to exit codes.
 
-Exit codes: 0 success, 1 accuracy failure, 2 bad input (one line on stderr, no traceback), 130 interrupted.
-Nothing heavy is imported before a command runs, so ``--help`` works without torch.
+Exit codes: 0 success (parity holds), 1 accuracy failure, 2 bad input (one line on stderr, no traceback),
+3 internal error (one line; ``--debug`` shows the traceback), 130 interrupted.
+Nothing heavy is imported before a command runs, so ``--help`` and ``--version`` work without torch.
 """
 
 from __future__ import annotations
@@ -9,25 +10,96 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
-from .errors import SkrrError
+from .errors import SkrrError, UserError
 
 PRECISIONS = ("fp32", "fp16", "bf16")
 
 
-class ArgumentError(SkrrError):
-    exit_code = 2
+class ArgumentError(UserError):
+    """A flag's value is malformed or out of range."""
 
 
 class Parser(argparse.ArgumentParser):
     """argparse that raises instead of exiting, so every bad argument is one line and exit code 2."""
 
-    def error(self, message: str) -> None:  # type: ignore[override]
-        raise ArgumentError(f"{self.prog}: {message}")
+    def error(self, message: str) -> NoReturn:
+        command = self.prog.removeprefix("skrr-export").strip()
+        raise ArgumentError(f"{command}: {message}" if command else message)
+
+
+# ----------------------------------------------------------------------------------------------- numbers
+
+
+def at_least(low: int) -> Any:
+    """argparse type: an integer >= ``low``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got '{text}'") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        return value
+
+    parse.__name__ = f"integer >= {low}"
+    return parse
+
+
+def within(low: float, high: float, open_low: bool = False, open_high: bool = False) -> Any:
+    """argparse type: a finite number in [low, high] (or open at either end)."""
+    interval = f"{'(' if open_low else '['}{low:g}, {high:g}{')' if open_high else ']'}"
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got '{text}'") from None
+        below = value <= low if open_low else value < low
+        above = value >= high if open_high else value > high
+        if not math.isfinite(value) or below or above:
+            bound = f"lie in {interval}" if math.isfinite(high) else f"be a finite number >= {low:g}"
+            raise argparse.ArgumentTypeError(f"must {bound}, got {text}")
+        return value
+
+    parse.__name__ = f"number in {interval}"
+    return parse
+
+
+def _int_list(text: str, what: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise ArgumentError(f"{what} must be comma-separated integers, got '{text}'") from None
+    if min(values) < 1:
+        raise ArgumentError(f"{what} values must be positive integers, got '{text}'")
+    return values
+
+
+# ----------------------------------------------------------------------------------------------- shared flags
+
+
+class VersionAction(argparse.Action):
+    """``--version``: the tool's version and its main libraries', read from package metadata (nothing imported)."""
+
+    def __init__(self, option_strings: list[str], dest: str, **kwargs: Any):
+        super().__init__(option_strings, dest, nargs=0, help="print the versions of skrr-export and its main libraries")
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: Any) -> NoReturn:
+        from .report import versions
+
+        print("\n".join(f"{name} {version}" for name, version in versions(all_backends=True).items()))
+        parser.exit(0)
+
+
+def _common(p: Parser) -> None:
+    p.add_argument("--debug", action="store_true", help="show the traceback of an internal error")
 
 
 def _model_arguments(p: Parser, allow_pickle: bool = True) -> None:
@@ -41,36 +113,91 @@ def _model_arguments(p: Parser, allow_pickle: bool = True) -> None:
                        help="also load .bin/.pt checkpoints (torch.load weights_only); only files you trust")
 
 
+def _plan_arguments(p: Parser) -> None:
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--plan", type=Path, help="plan file (skrr-plan/1 JSON)")
+    which.add_argument("--recipe", help="a built-in recipe by name (or a folder with recipe.json): its plan and settings")
+
+
+def _setup_logging(quiet: bool) -> None:
+    logging.basicConfig(level=logging.ERROR if quiet else logging.INFO, format="[skrr-export] %(message)s", stream=sys.stderr)
+    for noisy in ("torch", "onnxscript", "onnx_ir", "transformers"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+
+
+def _resolve_recipe(args: argparse.Namespace, command: str, config_only: bool = False) -> Any:
+    """With --recipe: its plan, and the model it needs (or a one-line error saying what to pass)."""
+    if args.recipe is None:
+        if args.plan is None:
+            raise ArgumentError(f"{command + ': ' if command else ''}give --plan PLAN or --recipe NAME")
+        return None
+    from .recipes import load_recipe
+
+    recipe = load_recipe(args.recipe)
+    args.plan = recipe.plan
+    args.model = recipe.model_folder(args.model, config_only or args.random_weights)
+    return recipe
+
+
+def _model_config(args: argparse.Namespace) -> Any:
+    from .model import load_config, model_source
+
+    return load_config(model_source(args.model, args.subfolder, args.random_weights))
+
+
+def _check_positions(config: Any, value: int, flag: str) -> None:
+    """A sequence longer than the model's positions is refused before any work."""
+    from .measure import check_shapes
+
+    try:
+        check_shapes(config, (1,), (value,))
+    except UserError as exc:
+        raise ArgumentError(f"{flag} {value}: {exc}") from None
+
+
+def _positions(config: Any) -> int | None:
+    from .measure import default_sequence
+
+    limit = default_sequence(config, sys.maxsize)
+    return None if limit == sys.maxsize else limit
+
+
+# ----------------------------------------------------------------------------------------------- export
+
+
 def _export_parser() -> Parser:
     p = Parser(
         prog="skrr-export",
         description="Apply a Skrr plan to a Hugging Face text encoder, export ONNX (and TensorRT), check parity.",
-        epilog="Other commands: inspect, calibrate, measure, triton, trtexec (each with --help).",
+        epilog="Other commands: inspect, calibrate, measure, triton, trtexec (each with --help). Exit codes: 0 parity "
+               "holds, 1 parity failed, 2 bad input, 3 internal error (--debug shows the traceback), 130 interrupted.",
     )
-    p.add_argument("--plan", type=Path, help="plan file (skrr-plan/1 JSON)")
-    p.add_argument("--recipe", help="a recipe (recipes/NAME): its plan and export settings; flags given override them")
+    p.add_argument("--version", action=VersionAction)
+    _plan_arguments(p)
     p.add_argument("--engine", choices=("onnx", "trt", "trt-rtx"), default="onnx", help="artifact to produce (default: onnx)")
     _model_arguments(p)
     p.add_argument("--out", type=Path, default=Path("out"), help="output folder (default: ./out)")
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
     p.add_argument("--precision", choices=PRECISIONS, help="fp32 (default), fp16 or bf16")
     p.add_argument("--input-dtype", choices=("int64", "int32"), help="dtype of input_ids and attention_mask (default int64)")
-    p.add_argument("--fixed-sequence", type=int, metavar="N", help="export a fixed sequence length N (batch stays dynamic)")
+    p.add_argument("--fixed-sequence", type=at_least(1), metavar="N", help="export a fixed sequence length N (batch stays dynamic)")
     p.add_argument("--external-data", action="store_true", default=None, help="store weights in model.onnx.data (automatic above 2 GB)")
-    p.add_argument("--atol", type=float, help="parity: absolute tolerance (default per precision)")
-    p.add_argument("--rtol", type=float, help="parity: relative tolerance (default per precision)")
-    p.add_argument("--min-cosine", type=float, help="parity: minimum per-token cosine similarity")
+    p.add_argument("--atol", type=within(0, math.inf), help="parity: absolute tolerance (default per precision)")
+    p.add_argument("--rtol", type=within(0, math.inf), help="parity: relative tolerance (default per precision)")
+    p.add_argument("--min-cosine", type=within(-1, 1), help="parity: minimum per-token cosine similarity")
     p.add_argument("--no-dense-distance", action="store_true", help="skip loading the dense model to measure the plan's cost")
     p.add_argument("--no-measure", action="store_true", help="with a CUDA device: skip measuring memory and latency (dense vs plan)")
     p.add_argument("-q", "--quiet", action="store_true", help="only errors")
+    _common(p)
     e = p.add_argument_group("engine options (--engine trt / trt-rtx; trtexec names in brackets)")
     e.add_argument("--batch", metavar="MIN,OPT,MAX", help="batch profile, or N for a fixed batch (default 1,1,8)")
-    e.add_argument("--sequence", metavar="MIN,OPT,MAX", help="sequence profile (default 1,128,512; --fixed-sequence overrides)")
-    e.add_argument("--workspace-mib", type=int, metavar="MIB", help="workspace memory-pool limit [--memPoolSize=workspace:N]")
+    e.add_argument("--sequence", metavar="MIN,OPT,MAX",
+                   help="sequence profile (default 1,128,512, capped at the model's positions; --fixed-sequence overrides)")
+    e.add_argument("--workspace-mib", type=at_least(1), metavar="MIB", help="workspace memory-pool limit [--memPoolSize=workspace:N]")
     e.add_argument("--opt-level", type=int, choices=range(6), metavar="0-5", help="builder optimization level [--builderOptimizationLevel]")
     e.add_argument("--timing-cache", type=Path, metavar="FILE", help="read and update a timing cache [--timingCacheFile]")
     e.add_argument("--weight-streaming", action="store_true", help="build with weight streaming [--weightStreaming]")
-    e.add_argument("--weight-streaming-budget", type=int, metavar="BYTES", help="device budget for streamed weights when running")
+    e.add_argument("--weight-streaming-budget", type=at_least(0), metavar="BYTES", help="device budget for streamed weights when running")
     e.add_argument("--refit", action="store_true", help="refittable engine (REFIT_IDENTICAL) [--refit]")
     e.add_argument("--strip-weights", action="store_true", help="weight-stripped plan, refit at deployment [--stripWeights]")
     e.add_argument("--hardware-compatibility", choices=("ampere_plus", "same_compute_capability"), help="TensorRT: run on later GPUs [--hardwareCompatibilityLevel]")
@@ -79,32 +206,48 @@ def _export_parser() -> Parser:
     return p
 
 
-EXPORT_DEFAULTS = {"precision": "fp32", "input_dtype": "int64", "fixed_sequence": None, "batch": "1,1,8",
-                   "sequence": "1,128,512"}
+EXPORT_DEFAULTS = {"precision": "fp32", "input_dtype": "int64", "fixed_sequence": None, "batch": "1,1,8"}
+DEFAULT_SEQUENCE = (1, 128, 512)
 
 
-def _apply_recipe(args: argparse.Namespace) -> Any:
-    """Fill unset flags from the recipe (if any), then from the defaults; returns the recipe or None."""
-    recipe = None
-    if args.recipe:
-        from .recipes import load_recipe
-
-        recipe = load_recipe(args.recipe)
-        args.plan = args.plan or recipe.plan
-    if args.plan is None:
-        raise ArgumentError("skrr-export: give --plan PLAN or --recipe NAME")
+def _export_settings(args: argparse.Namespace, recipe: Any) -> None:
+    """Fill unset flags from the recipe (if any), then from the defaults."""
     for key, default in EXPORT_DEFAULTS.items():
         if getattr(args, key) is None:
             setattr(args, key, (recipe.export.get(key) if recipe else None) or default)
-    return recipe
+    if args.sequence is None and recipe is not None:
+        args.sequence = recipe.export.get("sequence")
 
 
-def _engine_options(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+def _check_export_inputs(args: argparse.Namespace, recipe: Any) -> Any:
+    """Everything the config alone can show is wrong (plan, model folder, recipe, sequence lengths), checked
+    before the output folder is looked at; returns the model's config."""
+    from .model import build_meta, check_plan_fits
+    from .plan import load_plan
+
+    plan = load_plan(args.plan)
+    config = _model_config(args)
+    if recipe is not None:  # first: it names the checkpoint the recipe was made for
+        recipe.check_config(config)
+    check_plan_fits(plan, build_meta(config))
+    if args.fixed_sequence is not None:
+        _check_positions(config, args.fixed_sequence, "--fixed-sequence")
+    return config
+
+
+def _engine_options(args: argparse.Namespace, config: Any) -> Any:
     from .trt import EngineOptions, ShapeRange
 
+    if args.sequence is not None:
+        sequence = ShapeRange.parse(args.sequence, "--sequence")
+        if args.fixed_sequence is None:
+            _check_positions(config, sequence.max, "--sequence")
+    else:  # the default profile, capped at the model's positions (CLIP: 77)
+        limit = _positions(config) or DEFAULT_SEQUENCE[2]
+        sequence = ShapeRange(*(min(v, limit) for v in DEFAULT_SEQUENCE))
     return EngineOptions(
         batch=ShapeRange.parse(args.batch, "--batch"),
-        sequence=ShapeRange.parse(args.sequence, "--sequence"),
+        sequence=sequence,
         workspace_mib=args.workspace_mib,
         optimization_level=args.opt_level,
         timing_cache=args.timing_cache,
@@ -115,25 +258,6 @@ def _engine_options(args: argparse.Namespace):  # type: ignore[no-untyped-def]
         compute_capabilities=tuple(args.compute_capability),
         version_compatible=args.version_compatible,
     )
-
-
-def _inspect_parser() -> Parser:
-    p = Parser(prog="skrr-export inspect", description="What a plan keeps, skips and re-uses, from the config alone; "
-               "with --onnx, the exported model's weight bytes (and whether they agree with the plan's).")
-    p.add_argument("--plan", type=Path)
-    p.add_argument("--onnx", type=Path, help="an exported model.onnx to account for")
-    p.add_argument("--model", type=Path, help="model folder or config.json (default: the embedded all-MiniLM-L6-v2)")
-    p.add_argument("--subfolder")
-    p.add_argument("--precision", choices=PRECISIONS, default="bf16")
-    p.add_argument("--shape", metavar="BATCHxSEQ", help="shape for the executed-FLOP count (default 1x256, or the model's maximum)")
-    p.add_argument("--json", action="store_true", help="print JSON instead of text")
-    return p
-
-
-def _setup_logging(quiet: bool) -> None:
-    logging.basicConfig(level=logging.ERROR if quiet else logging.INFO, format="[skrr-export] %(message)s", stream=sys.stderr)
-    for noisy in ("torch", "onnxscript", "onnx_ir", "transformers"):
-        logging.getLogger(noisy).setLevel(logging.ERROR)
 
 
 def _tolerance(args: argparse.Namespace, recipe: Any):  # type: ignore[no-untyped-def]
@@ -152,10 +276,10 @@ def _tolerance(args: argparse.Namespace, recipe: Any):  # type: ignore[no-untype
 def cmd_export(argv: list[str]) -> int:
     args = _export_parser().parse_args(argv)
     _setup_logging(args.quiet)
-    recipe = _apply_recipe(args)
-    if args.fixed_sequence is not None and args.fixed_sequence < 1:
-        raise ArgumentError("skrr-export: --fixed-sequence must be a positive integer")
-    engine_options = _engine_options(args)
+    recipe = _resolve_recipe(args, "")
+    _export_settings(args, recipe)
+    config = _check_export_inputs(args, recipe)
+    engine_options = _engine_options(args, config)
     from .pipeline import ExportConfig, run_export
 
     cfg = ExportConfig(
@@ -178,9 +302,39 @@ def cmd_export(argv: list[str]) -> int:
         engine_options=engine_options,
         weight_streaming_budget=args.weight_streaming_budget,
     )
-    run_export(cfg)
+    report = run_export(cfg)
+    for check in report["parity"]:
+        print(_parity_line(check))
     print(f"wrote {args.out}/ ({', '.join(sorted(p.name for p in args.out.iterdir()))})")
     return 0
+
+
+def _parity_line(check: dict[str, Any]) -> str:
+    where = f" on the {check['batch']}" if "batch" in check else ""
+    if check.get("passed") is None:
+        return f"{check['test']} vs {check['reference']}{where}: {check['reason']}"
+    worst = max(check["outputs"], key=lambda o: o["max_abs"])
+    return (f"{check['test']} vs {check['reference']}{where}: {'PASSED' if check['passed'] else 'FAILED'} "
+            f"(max abs {worst['max_abs']:.3g} in {worst['name']})")
+
+
+# ----------------------------------------------------------------------------------------------- inspect
+
+
+def _inspect_parser() -> Parser:
+    p = Parser(prog="skrr-export inspect", description="What a plan keeps, skips and re-uses, from the config alone; "
+               "with --onnx, the exported model's weight bytes (and whether they agree with the plan's).")
+    _plan_arguments(p)
+    p.add_argument("--onnx", type=Path, help="an exported model.onnx to account for")
+    p.add_argument("--model", type=Path, help="model folder or config.json (default: the recipe's config, or the "
+                   "embedded all-MiniLM-L6-v2)")
+    p.add_argument("--subfolder")
+    p.add_argument("--precision", choices=PRECISIONS,
+                   help="dtype of the weights (default: the ONNX's with --onnx, else the recipe's, else bf16)")
+    p.add_argument("--shape", metavar="BATCHxSEQ", help="shape for the executed-FLOP count (default 1x256, or the model's maximum)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    _common(p)
+    return p
 
 
 def _shape(text: str | None) -> tuple[int, int] | None:
@@ -189,40 +343,51 @@ def _shape(text: str | None) -> tuple[int, int] | None:
     try:
         batch, seq = (int(v) for v in text.lower().split("x"))
     except ValueError:
-        raise ArgumentError(f"skrr-export inspect: --shape must be BATCHxSEQ, e.g. 1x256, got '{text}'") from None
+        raise ArgumentError(f"inspect: --shape must be BATCHxSEQ, e.g. 1x256, got '{text}'") from None
+    if batch < 1 or seq < 1:
+        raise ArgumentError(f"inspect: --shape {text}: batch and sequence must be positive")
     return batch, seq
+
+
+def _inspect_precision(args: argparse.Namespace, recipe: Any, exported: dict[str, Any] | None) -> str:
+    """The ONNX's own precision when there is one (a flag that contradicts it is refused)."""
+    if exported is None:
+        return args.precision or (recipe.export.get("precision") if recipe else None) or "bf16"
+    if args.precision and args.precision != exported["precision"]:
+        raise ArgumentError(f"inspect: --precision {args.precision}, but {exported['onnx']} holds "
+                            f"{exported['precision']} weights; leave --precision out to use the ONNX's")
+    return str(exported["precision"])
 
 
 def cmd_inspect(argv: list[str]) -> int:
     args = _inspect_parser().parse_args(argv)
     _setup_logging(True)
-    from .inspect_plan import inspect_plan, render
-    from .model import default_model_path
-    from .plan import load_plan
+    if args.plan is None and args.recipe is None and args.onnx is None:
+        raise ArgumentError("inspect: give --plan or --recipe (with --model) and/or --onnx")
+    from .inspect_plan import agreement, inspect_onnx, inspect_plan, render, render_onnx
 
-    if args.plan is None and args.onnx is None:
-        raise ArgumentError("skrr-export inspect: give --plan (with --model) and/or --onnx")
+    exported = inspect_onnx(args.onnx) if args.onnx is not None else None
     info: dict[str, Any] = {}
-    if args.plan is not None:
-        info = inspect_plan(load_plan(args.plan), args.model or default_model_path(), args.subfolder, args.precision,
-                            _shape(args.shape))
-    if args.onnx is not None:
-        from .inspect_plan import agreement, inspect_onnx
+    if args.plan is not None or args.recipe is not None:
+        from .model import default_model_path
+        from .plan import load_plan
 
-        info["exported"] = inspect_onnx(args.onnx)
-        if args.plan is not None:
-            info["exported"] |= agreement(info, info["exported"])
+        recipe = _resolve_recipe(args, "inspect", config_only=True)
+        info = inspect_plan(load_plan(args.plan), args.model or default_model_path(), args.subfolder,
+                            _inspect_precision(args, recipe, exported), _shape(args.shape))
+    if exported is not None:
+        info["exported"] = exported | (agreement(info, exported) if "bytes_after" in info else {})
     if args.json:
         print(json.dumps(info, indent=2))
-    else:
-        if args.plan is not None:
-            print(render(info))
-        if args.onnx is not None:
-            e = info["exported"]
-            print(f"{e['onnx']}: {e['initializers']} initializers, " + ", ".join(f"{k} {v / 1e9:.3f} GB" for k, v in e["bytes"].items()))
-            if "agrees" in e:
-                print(f"agrees with the plan: {'yes' if e['agrees'] else 'NO'} (difference {e['difference']:+,} bytes)")
+        return 0
+    if "slots" in info:
+        print(render(info))
+    if exported is not None:
+        print(render_onnx(info["exported"]))
     return 0
+
+
+# ----------------------------------------------------------------------------------------------- calibrate
 
 
 def _calibrate_parser() -> Parser:
@@ -230,31 +395,41 @@ def _calibrate_parser() -> Parser:
                description="Find Skrr plans: beam-search Skip, then greedy Re-use, against the dense model.")
     _model_arguments(p, allow_pickle=False)
     p.add_argument("--out", type=Path, required=True, help="plan file; with several --sparsity values, NAME-<pct>.json each")
-    p.add_argument("--sparsity", type=float, nargs="+", required=True, metavar="S", help="target sparsities in (0, 1)")
-    p.add_argument("--beam", type=int, default=3, help="beam width k (default 3, as the paper)")
+    p.add_argument("--sparsity", type=within(0, 1, open_low=True, open_high=True), nargs="+", required=True, metavar="S",
+                   help="target sparsities in (0, 1)")
+    p.add_argument("--beam", type=at_least(1), default=3, help="beam width k (default 3, as the paper)")
     p.add_argument("--prompts", type=Path, help="calibration prompts: one per line, or JSONL (default: the built-in set)")
-    p.add_argument("--num-prompts", type=int, help="use only the first N prompts")
-    p.add_argument("--max-length", type=int, default=256, help="tokens per prompt at most (default 256)")
-    p.add_argument("--batch-size", type=int, default=16, help="prompts per forward (default 16)")
+    p.add_argument("--num-prompts", type=at_least(1), help="use only the first N prompts")
+    p.add_argument("--max-length", type=at_least(1), help="tokens per prompt at most (default 256, or the model's positions)")
+    p.add_argument("--batch-size", type=at_least(1), default=16, help="prompts per forward (default 16)")
     p.add_argument("--projection", type=Path, help="denoiser caption projection (safetensors): PixArt caption_projection, SD3/FLUX context_embedder")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument("--precision", choices=PRECISIONS, default="fp32", help="dtype the model runs in during calibration")
+    p.add_argument("--max-memory", metavar="SIZE", help="memory the calibration may use on --device, e.g. 24GiB "
+                   "(default: what the device has free minus max(1 GiB, 10 %%)); fewer prompts run at once to stay within it")
     p.add_argument("--naive", action="store_true", help="the reference method: every candidate runs the whole encoder")
     p.add_argument("--force", action="store_true", help="replace existing plan files")
     p.add_argument("-q", "--quiet", action="store_true")
+    _common(p)
     return p
 
 
 def cmd_calibrate(argv: list[str]) -> int:
     args = _calibrate_parser().parse_args(argv)
     _setup_logging(args.quiet)
-    from .calibrate import CalibrationConfig, calibrate
+    config = _model_config(args)
+    if args.max_length is None:
+        args.max_length = min(256, _positions(config) or 256)
+    else:
+        _check_positions(config, args.max_length, "--max-length")
+    from .calibrate import CalibrationConfig, calibrate, parse_size
 
     cfg = CalibrationConfig(
         out=args.out, sparsities=tuple(args.sparsity), model=args.model, subfolder=args.subfolder,
         random_weights=args.random_weights, beam=args.beam, prompts=args.prompts, num_prompts=args.num_prompts,
         max_length=args.max_length, batch_size=args.batch_size, projection=args.projection, device=args.device,
         precision=args.precision, naive=args.naive, force=args.force,
+        max_memory=parse_size(args.max_memory) if args.max_memory is not None else None,
     )
     for target, plan in calibrate(cfg).items():
         p = plan.provenance
@@ -263,20 +438,27 @@ def cmd_calibrate(argv: list[str]) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------------------------- serving
+
+
 def _triton_parser() -> Parser:
     p = Parser(prog="skrr-export triton", description="Write a Triton model repository for the exported engine or ONNX.")
     p.add_argument("--artifacts", type=Path, required=True, help="output folder of the main job")
     p.add_argument("--repo", type=Path, required=True, help="Triton model repository to write into")
-    p.add_argument("--name", default="t5_skrr", help="model name (default t5_skrr)")
-    p.add_argument("--max-batch", type=int, help="max_batch_size (default: the engine profile's max batch, 8 for ONNX)")
-    p.add_argument("--instances", type=int, default=1, help="instances per GPU (default 1)")
-    p.add_argument("--backend", choices=("auto", "tensorrt", "onnx"), default="auto", help="auto: the engine when there is one")
+    p.add_argument("--name", help="model name (default: FAMILY_skrr, e.g. t5_skrr)")
+    p.add_argument("--max-batch", type=at_least(0), help="max_batch_size (default: the engine profile's max batch, 8 for ONNX)")
+    p.add_argument("--instances", type=at_least(1), default=1, help="instances per GPU (default 1)")
+    p.add_argument("--backend", choices=("auto", "tensorrt", "onnx"), default="auto",
+                   help="auto: a TensorRT engine when there is one, else the ONNX with ONNX Runtime")
     p.add_argument("--force", action="store_true", help="replace an existing model folder")
+    p.add_argument("-q", "--quiet", action="store_true")
+    _common(p)
     return p
 
 
 def cmd_triton(argv: list[str]) -> int:
     args = _triton_parser().parse_args(argv)
+    _setup_logging(args.quiet)
     from .serving import write_triton_repo
 
     out = write_triton_repo(args.artifacts, args.repo, args.name, args.max_batch, args.instances, args.backend, args.force)
@@ -290,13 +472,16 @@ def _trtexec_parser() -> Parser:
     p.add_argument("--target", choices=("orin-8gb", "orin-16gb", "orin-32gb", "orin-64gb"), help="check that it fits this Jetson")
     p.add_argument("--batch", metavar="MIN,OPT,MAX", help="batch profile (default: engine.json's)")
     p.add_argument("--sequence", metavar="MIN,OPT,MAX", help="sequence profile (default: engine.json's)")
-    p.add_argument("--workspace-mib", type=int, help="workspace limit (default for Jetson: half the free memory)")
-    p.add_argument("--script", type=Path, help="where to write it (default: ARTIFACTS/build_engine.sh)")
+    p.add_argument("--workspace-mib", type=at_least(1), help="workspace limit (default for Jetson: half the free memory)")
+    p.add_argument("--script", type=Path, help="where to write it (default: ARTIFACTS/build_engine.sh); it finds "
+                   "model.onnx in ARTIFACTS from wherever it is run")
+    _common(p)
     return p
 
 
 def cmd_trtexec(argv: list[str]) -> int:
     args = _trtexec_parser().parse_args(argv)
+    from .artifacts import check_writable, write_atomic
     from .serving import read_artifacts, trtexec_script
 
     profile = None
@@ -307,59 +492,52 @@ def cmd_trtexec(argv: list[str]) -> int:
                                 sequence=ShapeRange.parse(args.sequence or "1,128,512", "--sequence"))
         art = read_artifacts(args.artifacts, prefer="onnx")
         profile = profile_shapes([{"name": t.name, "shape": list(t.shape)} for t in art.inputs], options)
-    text = trtexec_script(args.artifacts, args.target, profile, args.workspace_mib)
     script = args.script or args.artifacts / "build_engine.sh"
-    from .artifacts import write_atomic
-
+    if script.is_dir():
+        raise ArgumentError(f"trtexec: --script {script} is a folder; name the script file")
+    check_writable(script.parent, force=True)
+    text = trtexec_script(args.artifacts, args.target, profile, args.workspace_mib, script.parent)
+    script.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(script, text, mode=0o755)
     print(f"wrote {script}")
     return 0
 
 
-def _int_list(text: str, what: str) -> tuple[int, ...]:
-    try:
-        values = tuple(int(v) for v in text.split(","))
-    except ValueError:
-        raise ArgumentError(f"skrr-export measure: {what} must be comma-separated integers, got '{text}'") from None
-    return values
+# ----------------------------------------------------------------------------------------------- measure
 
 
 def _measure_parser() -> Parser:
     p = Parser(prog="skrr-export measure", description="Device memory and latency of the dense model and the plan on "
                "CUDA, per backend (PyTorch, ONNX Runtime CUDA, TensorRT), with parity against PyTorch. Needs a CUDA device.")
-    p.add_argument("--plan", type=Path, help="plan file (skrr-plan/1 JSON)")
-    p.add_argument("--recipe", help="a recipe (recipes/NAME): its plan")
+    _plan_arguments(p)
     _model_arguments(p)
     p.add_argument("--backends", default="", help="comma-separated: torch, ort-cuda, trt, trt-rtx (default: all that can run here); "
                    "on request: torch-compile, ort-cuda-stock (ONNX Runtime's default CUDA settings, to compare with ours)")
     p.add_argument("--batch", default="1,4", help="batch sizes (default 1,4)")
     p.add_argument("--seq", default="256,512", help="sequence lengths (default 256,512; CLIP: 77)")
     p.add_argument("--precision", choices=PRECISIONS, default="bf16", help="default bf16")
-    p.add_argument("--warmup", type=int, default=3, help="untimed runs per shape (default 3)")
-    p.add_argument("--iterations", type=int, default=20, help="timed runs per shape (default 20)")
+    p.add_argument("--warmup", type=at_least(0), default=3, help="untimed runs per shape (default 3)")
+    p.add_argument("--iterations", type=at_least(1), default=20, help="timed runs per shape (default 20)")
     p.add_argument("--out", type=Path, default=Path("measure"), help="output folder (default ./measure)")
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
     p.add_argument("-q", "--quiet", action="store_true")
+    _common(p)
     return p
 
 
 def cmd_measure(argv: list[str]) -> int:
     args = _measure_parser().parse_args(argv)
     _setup_logging(args.quiet)
-    if args.recipe:
-        from .recipes import load_recipe
-
-        args.plan = args.plan or load_recipe(args.recipe).plan
-    if args.plan is None:
-        raise ArgumentError("skrr-export measure: give --plan PLAN or --recipe NAME")
-    if args.warmup < 0 or args.iterations < 1:
-        raise ArgumentError("skrr-export measure: --warmup must be >= 0 and --iterations >= 1")
+    _resolve_recipe(args, "measure")
+    batches, sequences = _int_list(args.batch, "--batch"), _int_list(args.seq, "--seq")
+    config = _model_config(args)
+    _check_positions(config, max(sequences), "--seq")
     from .measure import MeasureConfig, measure
 
     cfg = MeasureConfig(
         plan=args.plan, out=args.out, model=args.model, subfolder=args.subfolder, random_weights=args.random_weights,
         allow_pickle=args.allow_pickle, backends=tuple(b for b in args.backends.split(",") if b),
-        batches=_int_list(args.batch, "--batch"), sequences=_int_list(args.seq, "--seq"), precision=args.precision,
+        batches=batches, sequences=sequences, precision=args.precision,
         warmup=args.warmup, iterations=args.iterations, force=args.force,
     )
     results = measure(cfg)
@@ -370,7 +548,28 @@ def cmd_measure(argv: list[str]) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------------------------- main
+
 COMMANDS = {"measure": cmd_measure, "inspect": cmd_inspect, "calibrate": cmd_calibrate, "triton": cmd_triton, "trtexec": cmd_trtexec}
+
+
+def _one_line(text: str) -> str:
+    return " ".join("".join(c if c.isprintable() else repr(c)[1:-1] for c in line) for line in text.splitlines() if line.strip())
+
+
+def _fail(message: str, code: int, debug: bool) -> int:
+    if debug:
+        import traceback
+
+        traceback.print_exc()
+    print(f"skrr-export: error: {_one_line(message)}", file=sys.stderr)
+    return code
+
+
+def _os_error(exc: OSError) -> str:
+    """'cannot write out/x: No space left on device': what failed on which path, without a traceback."""
+    paths = " -> ".join(str(p) for p in (exc.filename, exc.filename2) if p is not None)
+    return f"{exc.strerror or exc}{f': {paths}' if paths else ''}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -378,18 +577,24 @@ def main(argv: list[str] | None = None) -> int:
     command = COMMANDS.get(argv[0], cmd_export) if argv else cmd_export
     if command is not cmd_export:
         argv = argv[1:]
+    debug = "--debug" in argv
     try:
         return command(argv)
     except SkrrError as exc:
-        one_line = "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(exc))
-        print(f"skrr-export: error: {one_line}", file=sys.stderr)
-        return exc.exit_code
+        hint = "; this is a bug: rerun with --debug for the traceback and report it" if exc.exit_code == 3 else ""
+        return _fail(f"{exc}{hint}", exc.exit_code, debug)
     except KeyboardInterrupt:
-        print("skrr-export: interrupted; the output folder was not created (partial files removed)", file=sys.stderr)
-        return 130
+        return _fail("interrupted; nothing half-written was left (an output folder appears only when complete)", 130, debug)
     except BrokenPipeError:  # `skrr-export inspect ... | head`: the reader left; not an error of ours
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - replaces the closed stream for the interpreter's exit
         return 0
+    except OSError as exc:  # the machine, not the tool: a full disk, a permission, a path that vanished
+        return _fail(_os_error(exc), 2, debug)
+    except MemoryError:
+        return _fail("ran out of host memory; free memory, use a smaller plan, or use a bigger machine", 2, debug)
+    except Exception as exc:  # anything else is a bug: one line, the traceback with --debug
+        return _fail(f"internal error: {type(exc).__name__}: {exc}; this is a bug: rerun with --debug for the "
+                     "traceback and report it", 3, debug)
 
 
 if __name__ == "__main__":

@@ -70,20 +70,29 @@ def render(info: dict[str, Any]) -> str:
 
 
 def inspect_onnx(path: Path) -> dict[str, Any]:
-    """Initializer bytes of an exported model by dtype, read from the file (external data not loaded)."""
+    """Initializer bytes of an exported model by dtype, and its precision (the dtype of its first floating
+    output), read from the file (external data not loaded)."""
     import onnx
 
     from .export import onnx_initializer_sizes
-    from .runners import check_onnx_files
+    from .serving import onnx_precision, read_onnx
 
-    check_onnx_files(path)
-    model = onnx.load(str(path), load_external_data=False)
+    model = read_onnx(path)
     by_dtype: dict[str, int] = {}
     for init, size in zip(model.graph.initializer, onnx_initializer_sizes(path)):
         name = onnx.TensorProto.DataType.Name(init.data_type).lower()
         by_dtype[name] = by_dtype.get(name, 0) + size
-    return {"onnx": str(path), "initializers": len(model.graph.initializer), "bytes": by_dtype,
-            "total_bytes": sum(by_dtype.values())}
+    return {"onnx": str(path), "precision": onnx_precision(model), "initializers": len(model.graph.initializer),
+            "bytes": by_dtype, "total_bytes": sum(by_dtype.values())}
+
+
+def render_onnx(e: dict[str, Any]) -> str:
+    lines = [f"{e['onnx']}: {e['precision']}, {e['initializers']} initializers, "
+             + ", ".join(f"{k} {v / 1e9:.3f} GB" for k, v in e["bytes"].items())]
+    if "agrees" in e:
+        lines.append(f"agrees with the plan in {e['precision']}: {'yes' if e['agrees'] else 'NO'} "
+                     f"(difference {e['difference']:+,} bytes)")
+    return "\n".join(lines)
 
 
 def agreement(plan_info: dict[str, Any], onnx_info: dict[str, Any]) -> dict[str, Any]:

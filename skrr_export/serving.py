@@ -6,6 +6,9 @@ Both read the artifacts folder written by the main job: model.onnx (+ data), eng
 from __future__ import annotations
 
 import json
+import logging
+import os
+import re
 import shlex
 import shutil
 from dataclasses import dataclass
@@ -14,6 +17,8 @@ from typing import Any
 
 from .artifacts import staged_folder
 from .errors import ArtifactError, UserError
+
+log = logging.getLogger("skrr_export")
 
 # ONNX TensorProto and TensorRT DataType names -> Triton's model-config types
 TRITON_TYPES = {
@@ -41,37 +46,108 @@ class Artifacts:
     activation_bytes: int | None
 
 
-def read_artifacts(folder: Path, prefer: str = "auto") -> Artifacts:
-    """The engine when there is one (and ``prefer`` allows it), else the ONNX model."""
-    from .export import onnx_weight_bytes
+ONNX_PRECISIONS = {"FLOAT": "fp32", "FLOAT16": "fp16", "BFLOAT16": "bf16"}
+
+
+def read_onnx(path: Path) -> Any:
+    """The ONNX model at ``path`` without its weights, once its external data files are known to be beside it."""
+    import onnx
+    from google.protobuf.message import DecodeError
+
     from .runners import check_onnx_files
 
-    engine_json = folder / "engine.json"
-    if prefer in ("auto", "tensorrt") and (folder / "engine.plan").is_file() and engine_json.is_file():
-        meta = json.loads(engine_json.read_text())
-        profile = meta["profiles"][0]
-        return Artifacts(
-            folder, "tensorrt_plan",
-            tuple(Tensor(t["name"], TRITON_TYPES[t["dtype"]], tuple(t["shape"])) for t in meta["inputs"]),
-            tuple(Tensor(t["name"], TRITON_TYPES[t["dtype"]], tuple(t["shape"])) for t in meta["outputs"]),
-            max(v[2][0] for v in profile.values()), profile, meta["onnx_weight_bytes"],
-            meta["weights"].get("activation_bytes") or meta["weights"].get("activation_bytes_builder"),
-        )
-    if prefer == "tensorrt":
-        raise ArtifactError(f"{folder} has no engine.plan with engine.json; build one with --engine trt")
-    onnx_path = folder / "model.onnx"
-    check_onnx_files(onnx_path)
+    try:
+        check_onnx_files(path)
+        model = onnx.load(str(path), load_external_data=False)
+    except (DecodeError, ValueError, RuntimeError) as exc:
+        raise ArtifactError(f"{path} is not a readable ONNX model ({type(exc).__name__}: {exc}); export it again") from None
+    if model.ir_version == 0 or not model.graph.output:
+        raise ArtifactError(f"{path} is not an ONNX model (no IR version or no outputs); export it again")
+    return model
+
+
+def onnx_precision(model: Any) -> str:
+    """fp32, fp16 or bf16: the dtype of the model's first floating-point output (what the export ran in)."""
     import onnx
 
-    graph = onnx.load(str(onnx_path), load_external_data=False).graph
+    for value in model.graph.output:
+        name = onnx.TensorProto.DataType.Name(value.type.tensor_type.elem_type)
+        if name in ONNX_PRECISIONS:
+            return ONNX_PRECISIONS[name]
+    raise ArtifactError(f"{model.graph.name or 'the ONNX model'} has no floating-point output to read a precision from")
+
+
+def _triton_type(dtype: str, where: str) -> str:
+    if dtype not in TRITON_TYPES:
+        raise ArtifactError(f"{where}: dtype {dtype} has no Triton type (known: {', '.join(sorted(TRITON_TYPES))})")
+    return TRITON_TYPES[dtype]
+
+
+def engine_metadata(folder: Path) -> dict[str, Any]:
+    path = folder / "engine.json"
+    try:
+        meta = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ArtifactError(f"{path} is not JSON ({exc.msg}, line {exc.lineno}); rebuild the engine") from None
+    if not isinstance(meta, dict):
+        raise ArtifactError(f"{path} is not skrr-export engine metadata (a JSON object); rebuild the engine")
+    return meta
+
+
+def _engine_artifacts(folder: Path, meta: dict[str, Any]) -> Artifacts:
+    def tensors(key: str) -> tuple[Tensor, ...]:
+        where = f"{folder / 'engine.json'} {key}"
+        return tuple(Tensor(str(t["name"]), _triton_type(t["dtype"], where), tuple(int(d) for d in t["shape"])) for t in meta[key])
+
+    try:
+        profile = meta["profiles"][0]
+        weights = meta["weights"]
+        return Artifacts(folder, "tensorrt_plan", tensors("inputs"), tensors("outputs"),
+                         max(int(v[2][0]) for v in profile.values()), profile, int(meta["onnx_weight_bytes"]),
+                         weights.get("activation_bytes") or weights.get("activation_bytes_builder"))
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError) as exc:
+        raise ArtifactError(f"{folder / 'engine.json'} is not skrr-export engine metadata ({type(exc).__name__}: "
+                            f"{exc}); rebuild the engine") from None
+
+
+# Triton's TensorRT backend links standard TensorRT; a TensorRT-RTX engine loads only in the TensorRT-RTX
+# runtime of the release that built it.
+TRITON_ENGINE_BACKENDS = ("trt",)
+
+
+def read_artifacts(folder: Path, prefer: str = "auto") -> Artifacts:
+    """A TensorRT engine Triton can load when there is one (and ``prefer`` allows it), else the ONNX model."""
+    if not folder.is_dir():
+        raise ArtifactError(f"artifacts folder {folder} does not exist; pass the --out folder of the main job")
+    has_engine = (folder / "engine.plan").is_file() and (folder / "engine.json").is_file()
+    if prefer in ("auto", "tensorrt") and has_engine:
+        meta = engine_metadata(folder)
+        if meta.get("backend") in TRITON_ENGINE_BACKENDS:
+            return _engine_artifacts(folder, meta)
+        if prefer == "tensorrt":
+            raise ArtifactError(
+                f"{folder / 'engine.plan'} was built by {meta.get('module')} {meta.get('version')}; Triton's TensorRT "
+                "backend runs standard TensorRT engines only (a TensorRT-RTX engine loads only in the TensorRT-RTX "
+                "runtime of its release); serve the ONNX with --backend onnx, or build with --engine trt"
+            )
+        log.warning("%s is a %s engine, which Triton's TensorRT backend cannot load; serving model.onnx with "
+                    "ONNX Runtime instead", folder / "engine.plan", meta.get("module"))
+    elif prefer == "tensorrt":
+        raise ArtifactError(f"{folder} has no engine.plan with engine.json; build one with --engine trt")
+    onnx_path = folder / "model.onnx"
+    import onnx
+
+    graph = read_onnx(onnx_path).graph
 
     def tensors(values: Any) -> tuple[Tensor, ...]:
         out = []
         for v in values:
             t = v.type.tensor_type
             dims = tuple(d.dim_value if d.HasField("dim_value") else -1 for d in t.shape.dim)
-            out.append(Tensor(v.name, TRITON_TYPES[onnx.TensorProto.DataType.Name(t.elem_type)], dims))
+            out.append(Tensor(v.name, _triton_type(onnx.TensorProto.DataType.Name(t.elem_type), str(onnx_path)), dims))
         return tuple(out)
+
+    from .export import onnx_weight_bytes
 
     return Artifacts(folder, "onnxruntime_onnx", tensors(graph.input), tensors(graph.output), None, None,
                      onnx_weight_bytes(onnx_path), None)
@@ -100,10 +176,27 @@ def triton_config(art: Artifacts, name: str, max_batch: int, instances: int) -> 
     return "\n".join(lines) + "\n"
 
 
-def write_triton_repo(artifacts: Path, repo: Path, name: str, max_batch: int | None, instances: int,
+def default_model_name(artifacts: Path) -> str:
+    """FAMILY_skrr (t5_skrr, clip_skrr, bert_skrr) from the main job's report.json; skrr_encoder without one."""
+    try:
+        family = json.loads((artifacts / "report.json").read_text())["model"]["family"]
+    except (OSError, ValueError, KeyError, TypeError):
+        log.warning("%s has no readable report.json to take the encoder family from; naming the model skrr_encoder",
+                    artifacts)
+        return "skrr_encoder"
+    return f"{family}_skrr"
+
+
+MODEL_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+
+
+def write_triton_repo(artifacts: Path, repo: Path, name: str | None, max_batch: int | None, instances: int,
                       prefer: str = "auto", force: bool = False) -> Path:
     """Write ``repo/name/config.pbtxt`` and ``repo/name/1/model.plan`` (or model.onnx + its data file)."""
     art = read_artifacts(artifacts, prefer)
+    name = name or default_model_name(artifacts)
+    if not MODEL_NAME.fullmatch(name):
+        raise UserError(f"--name '{name}': a Triton model name is a folder name: letters, digits, '_', '.', '-'")
     batch = art.max_batch if max_batch is None else max_batch
     if batch is None:
         batch = 8
@@ -173,11 +266,13 @@ def recipes_that_fit(target: str, precision: str, activations: int) -> list[str]
 
 
 def trtexec_script(artifacts: Path, target: str | None, profile: dict[str, list[list[int]]] | None,
-                   workspace_mib: int | None) -> str:
-    """A shell script that rebuilds the engine on the target from model.onnx with trtexec."""
+                   workspace_mib: int | None, script_dir: Path | None = None) -> str:
+    """A shell script that rebuilds the engine on the target from model.onnx with trtexec. It changes into the
+    artifacts folder, found relative to where the script is written (``script_dir``, default the artifacts
+    folder itself), so it runs from any working folder; its first argument overrides that folder."""
     art = read_artifacts(artifacts, prefer="onnx")
-    engine = artifacts / "engine.json"
-    profile = profile or (json.loads(engine.read_text())["profiles"][0] if engine.is_file() else None)
+    if profile is None and (artifacts / "engine.json").is_file():
+        profile = _engine_profile(artifacts)
     if profile is None:
         raise UserError("no engine.json to take profiles from; pass --batch and --sequence")
     activations = activation_estimate(art, profile)
@@ -201,13 +296,31 @@ def trtexec_script(artifacts: Path, target: str | None, profile: dict[str, list[
             "--timingCacheFile=timing.cache"]
     if workspace_mib:
         args.append(f"--memPoolSize=workspace:{workspace_mib}M")
+    relative = os.path.relpath(artifacts.resolve(), (script_dir or artifacts).resolve())
     header = [
         "#!/usr/bin/env bash",
         "# Rebuild the TensorRT engine on this device from the portable ONNX (engines are specific to a GPU",
-        "# generation and a TensorRT version). Written by skrr-export; run it in the folder holding model.onnx.",
+        "# generation and a TensorRT version). Written by skrr-export. Usage: build_engine.sh [FOLDER]",
+        "# FOLDER holds model.onnx (default: the artifacts folder it was written for, found relative to this script);",
+        "# model.plan is written there.",
         f"# Target: {target or 'any'}; weights {art.weight_bytes / GIB:.2f} GiB, activations ~{activations / GIB:.2f} GiB.",
         "set -euo pipefail",
-        'cd "$(dirname "$0")"',
-        "test -f model.onnx || { echo 'model.onnx not found beside this script' >&2; exit 2; }",
+        f'cd "${{1:-$(dirname "$0")/{_bash_quoted(relative)}}}"',
+        "test -f model.onnx || { echo \"model.onnx not found in $PWD\" >&2; exit 2; }",
     ]
     return "\n".join(header + [" \\\n  ".join(shlex.quote(a) for a in args)]) + "\n"
+
+
+def _bash_quoted(text: str) -> str:
+    """``text`` safe inside a double-quoted bash string."""
+    return re.sub(r'(["\\$`])', r"\\\1", text)
+
+
+def _engine_profile(artifacts: Path) -> dict[str, list[list[int]]]:
+    meta = engine_metadata(artifacts)
+    try:
+        profile = meta["profiles"][0]
+        return {str(k): [[int(d) for d in s] for s in v] for k, v in profile.items()}
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError) as exc:
+        raise ArtifactError(f"{artifacts / 'engine.json'} has no usable profile ({type(exc).__name__}: {exc}); "
+                            "pass --batch and --sequence") from None

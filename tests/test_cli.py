@@ -58,6 +58,9 @@ def test_parity_failure_exits_1_and_names_the_tolerance(tmp_path, tiny_models, c
     report = json.loads((out / "report.json").read_text())
     first = report["parity"][0]["outputs"][0]
     assert not first["passed"] and first["needed_atol"] > 0
+    md = (out / "report.md").read_text()
+    assert f"- last_hidden_state: max abs error {first['max_abs']:.3g} exceeds atol 0 (rtol 0); " \
+           f"atol={first['needed_atol']:.3g} would have passed" in md
 
 
 @pytest.mark.parametrize(
@@ -85,12 +88,88 @@ def test_missing_weights_and_bad_arguments_exit_2(tmp_path, tiny_models, capsys)
     empty.mkdir()
     (empty / "config.json").write_text((folder / "config.json").read_text())
     plan = write_plan(tmp_path, {"format": "skrr-plan/1", "encoder": {"family": "bert", "num_blocks": 3}})
-    assert main(["--plan", str(plan), "--model", str(empty), "--out", str(tmp_path / "o"), "-q"]) == 2
+    out = ["--out", str(tmp_path / "o"), "-q"]
+    assert main(["--plan", str(plan), "--model", str(empty), *out]) == 2
     assert "has no *.safetensors weights" in capsys.readouterr().err
-    assert main(["--plan", str(plan), "--precision", "fp8"]) == 2
+    assert main(["--plan", str(plan), "--precision", "fp8", *out]) == 2
     assert "invalid choice: 'fp8'" in capsys.readouterr().err
-    assert main(["--plan", str(plan), "--model", str(tmp_path / "nowhere"), "-q"]) == 2
+    assert main(["--plan", str(plan), "--model", str(tmp_path / "nowhere"), *out]) == 2
     assert "has no config.json" in capsys.readouterr().err
+
+
+def test_inputs_are_checked_before_the_output_folder(tmp_path, tiny_models, capsys, monkeypatch):
+    """The README's main job leaves ./out behind; a later mistake in the inputs is still named as such."""
+    _, folder = tiny_models["bert"]
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "out").mkdir()
+    good = write_plan(tmp_path, {"format": "skrr-plan/1", "encoder": {"family": "bert", "num_blocks": 3}})
+    cases = [
+        (["--plan", str(good), "--model", str(tmp_path / "nowhere")], "nowhere has no config.json"),
+        (["--plan", str(tmp_path / "missing.json"), "--model", str(folder)], "missing.json"),
+        (["--plan", str(good), "--model", str(folder), "--fixed-sequence", "100"], "exceeds this model's 64 positions"),
+        (["--recipe", "minilm", "--model", str(folder)], "recipe minilm expects hidden_size=384"),
+        (["--plan", str(good), "--model", str(folder)], "output folder out exists; pass --force"),
+    ]
+    for argv, message in cases:
+        assert main([*argv, "-q"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], (argv, err)
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_an_output_path_under_a_file_is_refused_before_any_work(tmp_path, tiny_models, capsys, monkeypatch):
+    import skrr_export.model
+
+    _, folder = tiny_models["bert"]
+    plan = write_plan(tmp_path, {"format": "skrr-plan/1", "encoder": {"family": "bert", "num_blocks": 3}})
+    (tmp_path / "file").write_text("mine")
+    monkeypatch.setattr(skrr_export.model, "load_encoder", lambda *a, **k: pytest.fail("loaded weights"))
+    assert main(["--plan", str(plan), "--model", str(folder), "--out", str(tmp_path / "file" / "sub"), "-q"]) == 2
+    assert "cannot be created: " + str(tmp_path / "file") + " is a file" in capsys.readouterr().err
+    for extra in ([], ["--force"]):  # --force cannot help, so it is not suggested
+        assert main(["--plan", str(plan), "--model", str(folder), "--out", str(tmp_path / "file"), "-q", *extra]) == 2
+        err = capsys.readouterr().err
+        assert "is a file, not a folder" in err and "--force" not in err
+    assert (tmp_path / "file").read_text() == "mine"
+
+
+def test_version_names_the_tool_and_its_libraries_without_importing_them():
+    import importlib.metadata as md
+
+    code = ("import sys\nfrom skrr_export.cli import main\ntry:\n    main(['--version'])\nexcept SystemExit as e:\n"
+            "    assert e.code == 0\nassert 'torch' not in sys.modules and 'onnx' not in sys.modules\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    lines = dict(line.split(" ", 1) for line in done.stdout.splitlines())
+    assert lines["skrr-export"] == md.version("skrr-export")
+    for package in ("torch", "transformers", "onnx", "onnxruntime"):
+        assert lines[package] == md.version(package)
+    assert set(lines) >= {"python", "tensorrt", "tensorrt-rtx"}
+
+
+def test_an_internal_error_is_one_line_with_exit_3_and_debug_shows_the_traceback(capsys, monkeypatch):
+    import skrr_export.inspect_plan
+
+    def bug(*args, **kwargs):
+        return {}["missing"]
+
+    monkeypatch.setattr(skrr_export.inspect_plan, "inspect_plan", bug)
+    argv = ["inspect", "--plan", str(PIXART_PLAN), "--model", str(T5XXL_CONFIG)]
+    assert main(argv) == 3
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert err.startswith("skrr-export: error: internal error: KeyError: 'missing'") and "--debug" in err
+    assert main([*argv, "--debug"]) == 3
+    err = capsys.readouterr().err
+    assert "Traceback (most recent call last)" in err and 'return {}["missing"]' in err
+    assert err.strip().splitlines()[-1].startswith("skrr-export: error: internal error: KeyError")
+
+
+def test_plan_and_recipe_together_are_refused(capsys):
+    assert main(["--plan", str(MINILM_PLAN), "--recipe", "minilm", "-q"]) == 2
+    assert "not allowed with argument" in capsys.readouterr().err
+    assert main(["inspect", "--plan", str(MINILM_PLAN), "--recipe", "minilm"]) == 2
+    assert "not allowed with argument" in capsys.readouterr().err
 
 
 def test_existing_output_needs_force(tmp_path, tiny_models, capsys):
@@ -106,6 +185,9 @@ def test_existing_output_needs_force(tmp_path, tiny_models, capsys):
     assert main(args + ["--force"]) == 0
     assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "model.onnx", "report.json", "report.md"]
     assert leftovers(tmp_path) == []
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0].startswith("onnxruntime vs pytorch on the prompts, ") and ": PASSED (max abs " in printed[0]
+    assert printed[1].startswith("onnxruntime vs pytorch on the empty prompt, ") and ": PASSED" in printed[1]
 
 
 def test_interrupt_during_export_leaves_nothing(tmp_path, tiny_models, monkeypatch, capsys):
@@ -191,21 +273,52 @@ def test_inspect_counts_the_plans_executed_flops(capsys):
     assert "--shape must be BATCHxSEQ" in capsys.readouterr().err
 
 
-def test_inspect_of_the_export_agrees_with_inspect_of_the_plan(tmp_path, tiny_models, capsys):
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_inspect_of_the_export_agrees_with_inspect_of_the_plan(precision, tmp_path, tiny_models, capsys):
+    """No --precision: inspect reads it from the ONNX (it used to assume bf16 and report a correct export as NO)."""
     _, folder = tiny_models["t5"]
     plan = write_plan(tmp_path, {"format": "skrr-plan/1", "encoder": {"family": "t5", "num_blocks": 3}, "skip": [1, 2, 4],
                                  "reuse": {"2": 0, "4": 0}})
     out = tmp_path / "out"
-    assert main(["--plan", str(plan), "--model", str(folder), "--out", str(out), "--no-dense-distance", "-q"]) == 0
+    assert main(["--plan", str(plan), "--model", str(folder), "--out", str(out), "--no-dense-distance",
+                 "--precision", precision, "-q"]) == 0
     capsys.readouterr()
-    assert main(["inspect", "--plan", str(plan), "--model", str(folder), "--precision", "fp32",
-                 "--onnx", str(out / "model.onnx"), "--json"]) == 0
+    assert main(["inspect", "--plan", str(plan), "--model", str(folder), "--onnx", str(out / "model.onnx"), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     exported = info["exported"]
+    assert info["precision"] == exported["precision"] == precision
     assert exported["plan_kept_bytes"] == sum(info["bytes_after"].values())
     assert exported["onnx_initializer_bytes"] == json.loads((out / "report.json").read_text())["onnx"]["initializer_bytes"]
     assert exported["agrees"]
+    assert main(["inspect", "--plan", str(plan), "--model", str(folder), "--onnx", str(out / "model.onnx")]) == 0
+    assert f"agrees with the plan in {precision}: yes" in capsys.readouterr().out
+    other = "bf16"
+    assert main(["inspect", "--plan", str(plan), "--model", str(folder), "--onnx", str(out / "model.onnx"),
+                 "--precision", other]) == 2
+    assert f"--precision {other}, but {out / 'model.onnx'} holds {precision} weights" in capsys.readouterr().err
     assert main(["inspect"]) == 2
+
+
+def test_recipes_run_from_any_folder_and_inspect_takes_them(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "skrr_export.cli", "inspect", "--recipe", "pixart-sigma-41.9", "--json"],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    info = json.loads(done.stdout)
+    assert round(info["sparsity"] * 100, 2) == 41.92 and info["precision"] == "bf16"  # the recipe's precision
+    assert info["bytes_after"]["bfloat16"] == 5_531_471_872
+
+
+def test_a_recipe_that_needs_a_checkpoint_says_so(tmp_path, capsys):
+    from skrr_export.recipes import load_recipe
+
+    assert main(["--recipe", "pixart-sigma-41.9", "--out", str(tmp_path / "o"), "-q"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1
+    assert ("recipe pixart-sigma-41.9 needs its checkpoint, PixArt-alpha/PixArt-Sigma-XL-2-1024-MS (subfolder "
+            "text_encoder): pass --model with its local folder and --subfolder text_encoder, or --random-weights") in err[0]
+    recipe = load_recipe("pixart-sigma-41.9")
+    assert recipe.model_folder(None, random_weights=True) == T5XXL_CONFIG.parent  # the config it ships
+    assert load_recipe("minilm").model_folder(None, random_weights=False) is None  # the embedded default is its model
 
 
 def test_output_piped_into_a_reader_that_leaves_is_not_an_error():

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from skrr_export.cli import main
-from skrr_export.errors import ModelError
+from skrr_export.errors import ModelError, UserError
 from skrr_export.inspect_plan import inspect_plan
 from skrr_export.plan import load_plan
 from skrr_export.recipes import available_recipes, load_recipe
@@ -66,10 +66,30 @@ def test_running_a_recipe_uses_its_settings_and_checks_the_model(tmp_path, tiny_
     assert report["parity"][0]["outputs"][0]["tolerance"] == load_recipe("minilm").tolerances["fp32"]
     _, t5 = tiny_models["t5"]
     assert main(["--recipe", "pixart-sigma-41.9", "--model", str(t5), "--out", str(tmp_path / "x"), "-q"]) == 2
-    assert "num_blocks: plan has 24 blocks but the model has 3" in capsys.readouterr().err
+    assert "recipe pixart-sigma-41.9 expects d_model=4096 (PixArt-alpha/PixArt-Sigma-XL-2-1024-MS), the model has " \
+           "d_model=32" in capsys.readouterr().err
     with pytest.raises(ModelError, match="recipe minilm expects hidden_size=384"):
         from skrr_export.model import ModelSource, load_config
 
         load_recipe("minilm").check_config(load_config(ModelSource(tiny_models["bert"][1])))
     assert main(["--recipe", "nope", "-q"]) == 2
     assert "no recipe 'nope'; available: flux-dev-40.5" in capsys.readouterr().err
+
+
+def test_recipes_are_the_installations_not_the_working_folders(tmp_path, monkeypatch):
+    """A recipes/ folder in the working folder neither adds nor shadows recipes; a folder path still loads one."""
+    from skrr_export.recipes import recipe_root
+
+    fake = tmp_path / "recipes" / "minilm"
+    fake.mkdir(parents=True)
+    (fake / "recipe.json").write_text('{"name": "impostor", "sparsity": 0.5}')
+    monkeypatch.chdir(tmp_path)
+    assert load_recipe("minilm").folder == recipe_root() / "minilm" != fake
+    assert set(available_recipes()) == set(EXPECTED)
+    assert load_recipe(str(fake)).name == "impostor"
+    (fake / "recipe.json").write_text('{"name": "broken"')
+    with pytest.raises(UserError, match=r"recipe.json is not JSON"):
+        load_recipe(str(fake))
+    (fake / "recipe.json").write_text('{"name": "no sparsity"}')
+    with pytest.raises(UserError, match=r"recipe.json is not a recipe: missing or malformed field 'sparsity'"):
+        load_recipe(str(fake))
