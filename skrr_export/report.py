@@ -6,6 +6,27 @@ import json
 from pathlib import Path
 from typing import Any
 
+LIBRARIES = ("torch", "transformers", "onnx", "onnxruntime", "onnxruntime-gpu", "onnxscript")
+BACKENDS = ("tensorrt", "tensorrt-rtx")
+
+
+def versions(all_backends: bool = False) -> dict[str, str]:
+    """skrr-export's version, Python's and the main libraries' (from package metadata: nothing is imported).
+    ``all_backends`` also lists the TensorRT packages, as 'not installed' where they are absent."""
+    import importlib.metadata as md
+    import platform
+
+    from . import __version__
+
+    out = {"skrr-export": __version__, "python": platform.python_version()}
+    for package in LIBRARIES + BACKENDS:
+        try:
+            out[package] = md.version(package)
+        except md.PackageNotFoundError:
+            if all_backends and package in BACKENDS:
+                out[package] = "not installed"
+    return out
+
 
 def write_report(folder: Path, report: dict[str, Any]) -> None:
     (folder / "report.json").write_text(json.dumps(report, indent=2, sort_keys=False) + "\n")
@@ -60,6 +81,7 @@ def render_markdown(r: dict[str, Any]) -> str:
                 f"{t['atol']:g} / {t['rtol']:g} / {t['min_cosine']:g} | {'yes' if o['passed'] else 'NO'} |"
             )
         lines.append("")
+        lines += [f"- {line}" for line in _failures(check)] + ([""] if not check["passed"] else [])
     dense = r.get("distance_to_dense")
     if dense:
         lines += ["## What the plan costs (PyTorch, plan vs dense model)", "", "| batch | output | MSE | mean cos | min cos | dense norm | plan norm |", "|---|---|---|---|---|---|---|"]
@@ -75,6 +97,47 @@ def render_markdown(r: dict[str, Any]) -> str:
 
         lines += [render_measure(r["measure"], level=2)]
     if r.get("engine"):
-        lines += ["## Engine", "", "```json", json.dumps(r["engine"], indent=2), "```", ""]
+        lines += render_engine(r["engine"])
     lines += ["## Stages", ""] + [f"- {k}: {v:.1f} s" for k, v in r["seconds"].items()] + [""]
     return "\n".join(lines)
+
+
+def _failures(check: dict[str, Any]) -> list[str]:
+    """For every failing output, what failed and the tolerance that would have passed (the comparator's words)."""
+    from .compare import OutputStats, Tolerance
+
+    lines = []
+    for o in check["outputs"]:
+        if not o["passed"]:
+            fields = {k: v for k, v in o.items() if k != "passed"}
+            lines.append(OutputStats(**fields | {"tolerance": Tolerance(**o["tolerance"])}).failure())
+    return lines
+
+
+def _bytes(n: int | None) -> str:
+    return "not reported" if n is None else f"{n:,} B ({_mib(n)})"
+
+
+def render_engine(e: dict[str, Any]) -> list[str]:
+    """engine.json as tables: what built it, the weight accounting, the profile, the tensors, the options set."""
+    w = e.get("weights", {})
+    rows = [
+        ("built by", f"{e.get('module')} {e.get('version')} ({e.get('backend')}) in {e.get('build_seconds')} s"),
+        ("engine file", _bytes(e.get("serialized_bytes"))),
+        ("engine weights", f"{_bytes(w.get('total_bytes'))}; source: {w.get('source')}"),
+        ("ONNX weights", f"{_bytes(e.get('onnx_weight_bytes'))}; 256-byte aligned {_bytes(e.get('onnx_weight_bytes_aligned'))}"),
+        ("activations", _bytes(w.get("activation_bytes", w.get("activation_bytes_builder")))),
+        ("engine sha256", f"`{str(e.get('engine_sha256'))[:16]}`"),
+    ]
+    if "streamable_bytes" in w:
+        rows.append(("streamable weights", _bytes(w["streamable_bytes"])))
+    lines = ["## Engine", "", "| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows] + [""]
+    lines += ["| tensor | io | dtype | shape | profile min / opt / max |", "|---|---|---|---|---|"]
+    profile = (e.get("profiles") or [{}])[0]
+    for io in ("inputs", "outputs"):
+        for t in e.get(io, []):
+            ranges = " / ".join("x".join(map(str, s)) for s in profile.get(t["name"], []))
+            lines.append(f"| {t['name']} | {io[:-1]} | {t['dtype']} | {'x'.join(map(str, t['shape']))} | {ranges} |")
+    options = {k: v for k, v in e.get("options", {}).items() if v not in (None, False, (), []) and k not in ("batch", "sequence")}
+    lines += ["", "Options set: " + (", ".join(f"{k}={v}" for k, v in options.items()) or "none beyond the profile"), ""]
+    return lines
