@@ -34,7 +34,7 @@ def staged_folder(out: Path, force: bool) -> Iterator[Path]:
     """Yield a fresh staging folder; on success it becomes ``out``, on any failure (Ctrl-C too) it is removed.
 
     Publishing renames onto a path that must not exist, so a folder that appeared while the job ran is never
-    replaced; with ``force`` only the folder that was there when the job started is."""
+    replaced; with ``force`` only the folder that was there when the job started, unchanged, is."""
     check_writable(out, force)
     existing = _identity(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -48,18 +48,20 @@ def staged_folder(out: Path, force: bool) -> Iterator[Path]:
     _publish(stage, out, existing)
 
 
-def _identity(path: Path) -> tuple[int, int] | None:
+def _identity(path: Path) -> tuple[int, int, int] | None:
+    """Device, inode and change time: a folder recreated under the same name (inode numbers are reused) or
+    written into meanwhile no longer matches."""
     try:
         st = path.stat()
     except FileNotFoundError:
         return None
-    return st.st_dev, st.st_ino
+    return st.st_dev, st.st_ino, st.st_ctime_ns
 
 
-def _publish(stage: Path, out: Path, existing: tuple[int, int] | None) -> None:
+def _publish(stage: Path, out: Path, existing: tuple[int, int, int] | None) -> None:
     now = _identity(out)
     if now is not None and now != existing:
-        raise ArtifactError(f"output folder {out} appeared while this job ran and was left alone; "
+        raise ArtifactError(f"output folder {out} appeared or changed while this job ran and was left alone; "
                             f"the finished result is in {stage}")
     old = None
     if now is not None:

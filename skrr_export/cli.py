@@ -155,6 +155,15 @@ def _check_positions(config: Any, value: int, flag: str) -> None:
         raise ArgumentError(f"{flag} {value}: {exc}") from None
 
 
+def _check_file_path(path: Path, flag: str) -> None:
+    """``path`` can be written as a file: it is not a folder and nothing above it is a file."""
+    from .artifacts import check_writable
+
+    if path.is_dir():
+        raise ArgumentError(f"{flag} {path} is a folder; name a file")
+    check_writable(path.parent, force=True)
+
+
 def _positions(config: Any) -> int | None:
     from .measure import default_sequence
 
@@ -245,6 +254,8 @@ def _engine_options(args: argparse.Namespace, config: Any) -> Any:
     else:  # the default profile, capped at the model's positions (CLIP: 77)
         limit = _positions(config) or DEFAULT_SEQUENCE[2]
         sequence = ShapeRange(*(min(v, limit) for v in DEFAULT_SEQUENCE))
+    if args.timing_cache is not None:
+        _check_file_path(args.timing_cache, "--timing-cache")
     return EngineOptions(
         batch=ShapeRange.parse(args.batch, "--batch"),
         sequence=sequence,
@@ -260,17 +271,10 @@ def _engine_options(args: argparse.Namespace, config: Any) -> Any:
     )
 
 
-def _tolerance(args: argparse.Namespace, recipe: Any):  # type: ignore[no-untyped-def]
-    """The precision's default, then the recipe's, then each flag given."""
-    from dataclasses import replace
-
-    from .compare import DEFAULT_TOLERANCES, Tolerance
-
-    base = DEFAULT_TOLERANCES[args.precision]
-    if recipe and args.precision in recipe.tolerances:
-        base = Tolerance(**recipe.tolerances[args.precision])
+def _tolerance_overrides(args: argparse.Namespace) -> dict[str, float]:
+    """The tolerance values given as flags; each check's default and the recipe's come first (compare.tolerance_for)."""
     given = {"atol": args.atol, "rtol": args.rtol, "min_cosine": args.min_cosine}
-    return replace(base, **{k: v for k, v in given.items() if v is not None})
+    return {k: v for k, v in given.items() if v is not None}
 
 
 def cmd_export(argv: list[str]) -> int:
@@ -294,7 +298,7 @@ def cmd_export(argv: list[str]) -> int:
         input_dtype=args.input_dtype,
         fixed_sequence=args.fixed_sequence,
         external_data=args.external_data,
-        tolerance=_tolerance(args, recipe),
+        tolerance_overrides=_tolerance_overrides(args),
         recipe=recipe,
         dense_distance=not args.no_dense_distance,
         measure=not args.no_measure,
@@ -481,7 +485,7 @@ def _trtexec_parser() -> Parser:
 
 def cmd_trtexec(argv: list[str]) -> int:
     args = _trtexec_parser().parse_args(argv)
-    from .artifacts import check_writable, write_atomic
+    from .artifacts import write_atomic
     from .serving import read_artifacts, trtexec_script
 
     profile = None
@@ -493,9 +497,7 @@ def cmd_trtexec(argv: list[str]) -> int:
         art = read_artifacts(args.artifacts, prefer="onnx")
         profile = profile_shapes([{"name": t.name, "shape": list(t.shape)} for t in art.inputs], options)
     script = args.script or args.artifacts / "build_engine.sh"
-    if script.is_dir():
-        raise ArgumentError(f"trtexec: --script {script} is a folder; name the script file")
-    check_writable(script.parent, force=True)
+    _check_file_path(script, "--script")
     text = trtexec_script(args.artifacts, args.target, profile, args.workspace_mib, script.parent)
     script.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(script, text, mode=0o755)

@@ -6,6 +6,9 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import onnx
 import pytest
@@ -14,6 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from skrr_export.apply import apply_plan, first_nonfinite
+from skrr_export.artifacts import staged_folder
 from skrr_export.cli import main
 from skrr_export.errors import ArtifactError, PlanError
 from skrr_export.model import ModelSource, load_encoder
@@ -132,6 +136,205 @@ def test_not_enough_memory_or_disk_is_refused_before_work(tmp_path, tiny_models,
     assert run(tmp_path, folder) == 2
     assert "on disk but" in capsys.readouterr().err
     assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
+
+
+@pytest.fixture(scope="module")
+def broken(tmp_path_factory, tiny_models):
+    """A good artifacts folder (ONNX with external data) and broken copies of it, a file to put paths under,
+    and the tiny BERT (64 positions)."""
+    _, folder = tiny_models["bert"]
+    tmp = tmp_path_factory.mktemp("broken")
+    good = tmp / "good"
+    assert main(["--plan", str(write_plan(tmp, BERT_PLAN)), "--model", str(folder), "--out", str(good),
+                 "--external-data", "--no-dense-distance", "-q"]) == 0
+    corrupt = Path(shutil.copytree(good, tmp / "corrupt-onnx"))
+    (corrupt / "model.onnx").write_bytes((good / "model.onnx").read_bytes()[:200])
+    no_data = Path(shutil.copytree(good, tmp / "no-data"))
+    (no_data / "model.onnx.data").unlink()
+    bad_engine = Path(shutil.copytree(good, tmp / "corrupt-engine-json"))
+    (bad_engine / "engine.plan").write_bytes(b"not an engine")
+    (bad_engine / "engine.json").write_text('{"backend": "trt", "profiles": [')
+    wrong_engine = Path(shutil.copytree(bad_engine, tmp / "wrong-engine-json"))
+    (wrong_engine / "engine.json").write_text('{"backend": "trt", "profiles": []}')
+    (tmp / "file").write_text("a file, not a folder")
+    (tmp / "plan-not-json.json").write_text("{")
+    return {"tmp": tmp, "model": folder, "plan": write_plan(tmp, BERT_PLAN), "good": good, "corrupt": corrupt,
+            "no_data": no_data, "bad_engine": bad_engine, "wrong_engine": wrong_engine, "file": tmp / "file"}
+
+
+def export(b):
+    return ["--plan", str(b["plan"]), "--model", str(b["model"]), "--out", str(b["tmp"] / "never")]
+
+
+def calibrate(b):
+    return ["calibrate", "--model", str(b["model"]), "--out", str(b["tmp"] / "never.json"), "--sparsity", "0.2"]
+
+
+def measure(b):
+    return ["measure", "--plan", str(b["plan"]), "--model", str(b["model"]), "--out", str(b["tmp"] / "never")]
+
+
+def triton(b, folder="good"):
+    return ["triton", "--artifacts", str(b[folder]), "--repo", str(b["tmp"] / "repo")]
+
+
+def trtexec(b, folder="good"):
+    return ["trtexec", "--artifacts", str(b[folder]), "--script", str(b["tmp"] / "never.sh")]
+
+
+BAD_INPUTS = {
+    # the main job
+    "export: out under a file": (lambda b: [*export(b)[:-1], str(b["file"] / "sub")], "is a file, not a folder"),
+    "export: out is a file": (lambda b: [*export(b)[:-1], str(b["file"])], "is a file, not a folder"),
+    "export: plan not JSON": (lambda b: ["--plan", str(b["tmp"] / "plan-not-json.json"), *export(b)[2:]], "is not JSON"),
+    "export: plan missing": (lambda b: ["--plan", str(b["tmp"] / "nowhere.json"), *export(b)[2:]], "cannot read plan file"),
+    "export: model under a file": (lambda b: [*export(b), "--model", str(b["file"] / "m")], "has no config.json"),
+    "export: sequence beyond positions": (lambda b: [*export(b), "--fixed-sequence", "100"], "exceeds this model's 64 positions"),
+    "export: profile beyond positions": (lambda b: [*export(b), "--sequence", "1,16,65"], "--sequence 65: sequence length 65 exceeds"),
+    "export: fixed sequence 0": (lambda b: [*export(b), "--fixed-sequence", "0"], "--fixed-sequence: must be at least 1, got 0"),
+    "export: negative atol": (lambda b: [*export(b), "--atol", "-1"], "--atol: must be a finite number >= 0, got -1"),
+    "export: NaN rtol": (lambda b: [*export(b), "--rtol", "nan"], "--rtol: must be a finite number >= 0, got nan"),
+    "export: cosine above 1": (lambda b: [*export(b), "--min-cosine", "1.5"], "--min-cosine: must lie in [-1, 1], got 1.5"),
+    "export: workspace 0": (lambda b: [*export(b), "--workspace-mib", "0"], "--workspace-mib: must be at least 1"),
+    "export: budget -1": (lambda b: [*export(b), "--weight-streaming-budget", "-1"], "must be at least 0, got -1"),
+    "export: batch profile": (lambda b: [*export(b), "--batch", "4,2,1"], "must satisfy 1 <= min <= opt <= max"),
+    "export: timing cache under a file": (lambda b: [*export(b), "--timing-cache", str(b["file"] / "cache")],
+                                          "is a file, not a folder"),
+    "export: recipe unknown": (lambda b: ["--recipe", "nope", "--out", str(b["tmp"] / "never")], "no recipe 'nope'"),
+    # inspect
+    "inspect: corrupt ONNX": (lambda b: ["inspect", "--onnx", str(b["corrupt"] / "model.onnx")], "is not a readable ONNX model"),
+    "inspect: missing data file": (lambda b: ["inspect", "--onnx", str(b["no_data"] / "model.onnx")],
+                                   "needs its external data file 'model.onnx.data'"),
+    "inspect: ONNX under a file": (lambda b: ["inspect", "--onnx", str(b["file"] / "model.onnx")], "does not exist"),
+    "inspect: shape 0": (lambda b: ["inspect", "--plan", str(b["plan"]), "--model", str(b["model"]), "--shape", "0x8"],
+                         "batch and sequence must be positive"),
+    "inspect: shape beyond positions": (lambda b: ["inspect", "--plan", str(b["plan"]), "--model", str(b["model"]),
+                                                   "--shape", "1x100"], "exceeds this model's 64 positions"),
+    # calibrate
+    "calibrate: 0 prompts": (lambda b: [*calibrate(b), "--num-prompts", "0"], "--num-prompts: must be at least 1, got 0"),
+    "calibrate: -3 prompts": (lambda b: [*calibrate(b), "--num-prompts", "-3"], "--num-prompts: must be at least 1, got -3"),
+    "calibrate: beam 0": (lambda b: [*calibrate(b), "--beam", "0"], "--beam: must be at least 1"),
+    "calibrate: sparsity 1": (lambda b: [*calibrate(b)[:-1], "1"], "--sparsity: must lie in (0, 1), got 1"),
+    "calibrate: sparsity nan": (lambda b: [*calibrate(b)[:-1], "nan"], "--sparsity: must lie in (0, 1), got nan"),
+    "calibrate: batch size 0": (lambda b: [*calibrate(b), "--batch-size", "0"], "--batch-size: must be at least 1"),
+    "calibrate: max length beyond positions": (lambda b: [*calibrate(b), "--max-length", "100"], "--max-length 100: sequence length"),
+    "calibrate: missing prompts": (lambda b: [*calibrate(b), "--prompts", str(b["tmp"] / "none.txt")], "cannot read prompt file"),
+    "calibrate: out under a file": (lambda b: [*calibrate(b)[:4], str(b["file"] / "plan.json"), "--sparsity", "0.2",
+                                               "--num-prompts", "2"], str("file")),
+    # measure
+    "measure: batch 0": (lambda b: [*measure(b), "--batch", "0"], "--batch values must be positive integers"),
+    "measure: seq not numbers": (lambda b: [*measure(b), "--seq", "x"], "--seq must be comma-separated integers"),
+    "measure: seq beyond positions": (lambda b: [*measure(b), "--seq", "100"], "--seq 100: sequence length 100 exceeds"),
+    "measure: iterations 0": (lambda b: [*measure(b), "--iterations", "0"], "--iterations: must be at least 1"),
+    "measure: warmup -1": (lambda b: [*measure(b), "--warmup", "-1"], "--warmup: must be at least 0"),
+    # triton
+    "triton: corrupt ONNX": (lambda b: triton(b, "corrupt"), "is not a readable ONNX model"),
+    "triton: missing data file": (lambda b: triton(b, "no_data"), "needs its external data file"),
+    "triton: corrupt engine.json": (lambda b: triton(b, "bad_engine"), "engine.json is not JSON"),
+    "triton: engine.json without profiles": (lambda b: triton(b, "wrong_engine"), "is not skrr-export engine metadata"),
+    "triton: no artifacts": (lambda b: ["triton", "--artifacts", str(b["tmp"] / "nowhere"), "--repo", str(b["tmp"])],
+                             "does not exist"),
+    "triton: repo under a file": (lambda b: ["triton", "--artifacts", str(b["good"]), "--repo", str(b["file"] / "r")],
+                                  "is a file, not a folder"),
+    "triton: max batch -1": (lambda b: [*triton(b), "--max-batch", "-1"], "--max-batch: must be at least 0"),
+    "triton: instances 0": (lambda b: [*triton(b), "--instances", "0"], "--instances: must be at least 1"),
+    # trtexec
+    "trtexec: corrupt engine.json": (lambda b: trtexec(b, "bad_engine"), "engine.json is not JSON"),
+    "trtexec: engine.json without profiles": (lambda b: trtexec(b, "wrong_engine"), "has no usable profile"),
+    "trtexec: corrupt ONNX": (lambda b: [*trtexec(b, "corrupt"), "--batch", "1"], "is not a readable ONNX model"),
+    "trtexec: missing data file": (lambda b: [*trtexec(b, "no_data"), "--batch", "1"], "needs its external data file"),
+    "trtexec: script under a file": (lambda b: ["trtexec", "--artifacts", str(b["good"]), "--batch", "1",
+                                                "--script", str(b["file"] / "build.sh")], "is a file, not a folder"),
+    "trtexec: workspace 0": (lambda b: [*trtexec(b), "--workspace-mib", "0"], "--workspace-mib: must be at least 1"),
+    "trtexec: profile 0": (lambda b: [*trtexec(b), "--sequence", "0,1,2"], "must satisfy 1 <= min <= opt <= max"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_every_command_turns_bad_input_into_one_line_and_exit_2(case, broken, capsys):
+    argv, message = BAD_INPUTS[case]
+    argv = argv(broken)
+    capsys.readouterr()
+    code = main([*argv, "-q"] if argv[0] not in ("inspect", "trtexec") else argv)
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("skrr-export: error: "), (code, err)
+    assert message in lines[0], lines[0]
+    assert not (broken["tmp"] / "never").exists() and not (broken["tmp"] / "repo").exists()
+    assert not (broken["tmp"] / "never.sh").exists() and leftovers(broken["tmp"]) == []
+
+
+def test_bad_input_from_the_console_script_shows_no_traceback(broken):
+    """The installed entry point, not just main(): one line on stderr and exit 2."""
+    for argv in (["inspect", "--onnx", str(broken["corrupt"] / "model.onnx")], triton(broken, "bad_engine")):
+        done = subprocess.run([sys.executable, "-m", "skrr_export.cli", *argv], capture_output=True, text=True, timeout=300)
+        assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
+        assert "Traceback" not in done.stderr
+
+
+def test_a_folder_that_appears_while_the_job_runs_is_never_replaced(tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(ArtifactError, match=r"appeared or changed while this job ran and was left alone; the finished result is in"):
+        with staged_folder(out, force=False) as stage:
+            (stage / "model.onnx").write_text("ours")
+            out.mkdir()  # someone else's, empty: a plain rename(2) would silently replace it
+    assert list(out.iterdir()) == []
+    kept = [p for p in tmp_path.iterdir() if ".partial-" in p.name]
+    assert len(kept) == 1 and (kept[0] / "model.onnx").read_text() == "ours"
+
+
+def test_force_replaces_only_the_folder_that_was_there_at_the_start(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    with staged_folder(out, force=True) as stage:
+        (stage / "new.txt").write_text("new")
+    assert sorted(p.name for p in out.iterdir()) == ["new.txt"] and leftovers(tmp_path) == []
+    with pytest.raises(ArtifactError, match="appeared or changed while this job ran"):
+        with staged_folder(out, force=True) as stage:
+            (stage / "newer.txt").write_text("newer")
+            shutil.rmtree(out)
+            out.mkdir()  # a different folder under the same name (often with the same inode number)
+            (out / "theirs.txt").write_text("theirs")
+    assert sorted(p.name for p in out.iterdir()) == ["theirs.txt"]
+    with pytest.raises(ArtifactError, match="appeared or changed while this job ran"):
+        with staged_folder(out, force=True) as stage:
+            (out / "written-meanwhile.txt").write_text("someone is using it")
+    assert sorted(p.name for p in out.iterdir()) == ["theirs.txt", "written-meanwhile.txt"]
+
+
+def test_rename_never_replaces_an_existing_path(tmp_path):
+    from skrr_export.artifacts import rename_noreplace
+
+    for existing in ("empty-folder", "file"):
+        src, dst = tmp_path / f"src-{existing}", tmp_path / existing
+        src.mkdir()
+        dst.mkdir() if existing == "empty-folder" else dst.write_text("x")
+        with pytest.raises(FileExistsError):
+            rename_noreplace(src, dst)
+        assert src.is_dir() and dst.exists()
+    rename_noreplace(tmp_path / "src-file", tmp_path / "fresh")
+    assert (tmp_path / "fresh").is_dir()
+
+
+def test_concurrent_atomic_writes_to_one_file_never_collide(tmp_path):
+    """Two builds sharing one --timing-cache: each write lands whole, and no temporary file is shared or left."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from skrr_export.artifacts import write_atomic
+
+    target = tmp_path / "timing.cache"
+    payloads = [bytes([i]) * (1 << 20) for i in range(8)]
+
+    def writer(i: int) -> None:
+        for _ in range(25):
+            write_atomic(target, memoryview(payloads[i]))
+
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(writer, range(8)))  # re-raises any writer's exception
+    assert target.read_bytes() in payloads
+    assert [p.name for p in tmp_path.iterdir()] == ["timing.cache"]
 
 
 JSON = st.recursive(
