@@ -16,13 +16,9 @@ import sys
 from pathlib import Path
 from typing import Any, NoReturn
 
-from .errors import SkrrError, UserError
+from .errors import ArgumentError, SkrrError, UserError
 
 PRECISIONS = ("fp32", "fp16", "bf16")
-
-
-class ArgumentError(UserError):
-    """A flag's value is malformed or out of range."""
 
 
 class Parser(argparse.ArgumentParser):

@@ -1,7 +1,8 @@
 """One exception hierarchy for skrr-export.
 
-User errors (bad plan, bad model folder, missing dependency) exit with code 2, accuracy failures with
-code 1. Anything else is a bug and keeps its traceback.
+User errors (bad plan, bad flag, bad model folder, missing dependency) exit with code 2, accuracy failures
+with code 1, interruptions with 130. Anything else is a bug: the command line prints it as one line with
+exit code 3, and its traceback with ``--debug``.
 """
 
 
@@ -15,6 +16,10 @@ class UserError(SkrrError):
     """The input is wrong; the message says what was expected, what was found and what to do."""
 
     exit_code = 2
+
+
+class ArgumentError(UserError):
+    """A command-line flag is malformed, out of range, or contradicts another."""
 
 
 class PlanError(UserError):
