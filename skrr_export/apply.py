@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -29,13 +32,33 @@ class SkrrEncoder(nn.Module):
         self.output_names = enc.adapter.output_names(enc.config)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        hidden, ctx = self.stem(input_ids, attention_mask)
-        penultimate = hidden
+        state = self.start(input_ids, attention_mask)
         for slot, src in self.schedule:
-            hidden = self.kept[str(src)](hidden, ctx)
-            if slot < self.penultimate_before:
-                penultimate = hidden
-        return self.head(hidden, penultimate, ctx)
+            self.step(state, slot, self.kept[str(src)])
+        return self.finish(state)
+
+    def start(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> Running:
+        hidden, ctx = self.stem(input_ids, attention_mask)
+        return Running(hidden, hidden, ctx)
+
+    def step(self, state: Running, slot: int, sub_block: nn.Module) -> None:
+        """Run ``sub_block`` at ``slot``: the one rule for how a slot updates the hidden states."""
+        state.hidden = sub_block(state.hidden, state.ctx)
+        if slot < self.penultimate_before:
+            state.penultimate = state.hidden
+
+    def finish(self, state: Running) -> tuple[torch.Tensor, ...]:
+        return self.head(state.hidden, state.penultimate, state.ctx)
+
+
+@dataclass
+class Running:
+    """One batch on its way through the schedule: hidden states, the last block's input (CLIP's penultimate
+    output) and what the stem computed once."""
+
+    hidden: torch.Tensor
+    penultimate: torch.Tensor
+    ctx: Any
 
 
 def unique_parameter_bytes(module: nn.Module) -> int:
@@ -144,18 +167,60 @@ def first_nonfinite(module: SkrrEncoder, input_ids: torch.Tensor, attention_mask
     """Run the plan slot by slot and name the first place whose output holds NaN or Inf (None if none does)."""
     from .plan import kind_of
 
-    hidden, ctx = module.stem(input_ids, attention_mask)
-    if not torch.isfinite(hidden).all():
+    state = module.start(input_ids, attention_mask)
+    if not torch.isfinite(state.hidden).all():
         return "the embeddings (stem)"
-    penultimate = hidden
     for slot, src in module.schedule:
-        hidden = module.kept[str(src)](hidden, ctx)
-        if not torch.isfinite(hidden).all():
+        module.step(state, slot, module.kept[str(src)])
+        if not torch.isfinite(state.hidden).all():
             runs = f"sub-block {src}" + (" (re-used)" if src != slot else "")
             return f"slot {slot} (block {slot // 2} {kind_of(slot)}, running {runs})"
-        if slot < module.penultimate_before:
-            penultimate = hidden
-    for name, out in zip(module.output_names, module.head(hidden, penultimate, ctx)):
+    for name, out in zip(module.output_names, module.finish(state)):
         if not torch.isfinite(out).all():
             return f"the head ({name})"
     return None
+
+
+@contextmanager
+def computed_in_fp32(module: SkrrEncoder) -> Iterator[SkrrEncoder]:
+    """``module`` computing in fp32 on its own (bf16- or fp16-rounded) weights, one part at a time: the stem, each
+    kept sub-block and the head have their parameters widened just before they run and restored after, so memory
+    stays at the stored weights plus one part in fp32. Widening is exact, so both precisions see the same weights."""
+
+    def widen(part: nn.Module, args: object) -> None:
+        part._narrow = {n: p.data for n, p in part.named_parameters()}  # type: ignore[assignment]
+        for p in part.parameters():
+            p.data = p.data.float()
+
+    def restore(part: nn.Module, args: object, output: object) -> None:
+        for n, p in part.named_parameters():
+            p.data = part._narrow[n]  # type: ignore[index]
+        del part._narrow
+
+    parts = [module.stem, module.head, *module.kept.values()]
+    hooks = [h for part in parts for h in (part.register_forward_pre_hook(widen), part.register_forward_hook(restore))]
+    try:
+        yield module
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+@torch.no_grad()
+def dense_outputs_streamed(source: Any, precision: str, feeds: list[tuple[torch.Tensor, torch.Tensor]]) -> list[tuple[torch.Tensor, ...]]:
+    """The dense model's outputs on every ``(input_ids, attention_mask)`` of ``feeds``, with one sub-block in
+    memory at a time besides the stem and head: each is read from the checkpoint, run on every feed's hidden
+    states, and dropped with its file pages. Peak memory: stem + head + the largest sub-block + activations."""
+    from .model import PartStreamer
+
+    streamer = PartStreamer(source, precision)
+    enc = streamer.enc
+    dense = SkrrEncoder(enc, Plan.dense(enc.adapter.family, enc.adapter.num_blocks(enc.config)))
+    with streamer.part([dense.stem, dense.head]):
+        states = [dense.start(ids, mask) for ids, mask in feeds]
+        for slot, src in dense.schedule:
+            sub_block = dense.kept[str(src)]
+            with streamer.part([sub_block]):
+                for state in states:
+                    dense.step(state, slot, sub_block)
+        return [dense.finish(state) for state in states]

@@ -89,6 +89,13 @@ class Checkpoint:
             release(key)
         return converted
 
+    def release(self, names: list[str]) -> None:
+        """Drop the file pages of a tensor read earlier (whose tensors are no longer used)."""
+        key = self.key_for(names)
+        release = getattr(self._handle(self._files[key]), "release", None)
+        if release is not None:
+            release(key)
+
     def _handle(self, path: Path) -> Any:
         if path not in self._handles:
             if not path.is_file():

@@ -4,7 +4,7 @@ results that are truthy when they pass and say which tolerance would have passed
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -21,13 +21,23 @@ class Tolerance:
     min_cosine: float
 
 
-# PyTorch vs another backend in the same precision. fp32 kernels agree to ~1e-6; half precisions round
-# differently per kernel, so their bounds follow their unit roundoff (fp16 ~1e-3, bf16 ~8e-3).
+# Per check: PyTorch vs another backend in the same precision ("fp32", "fp16", "bf16"), or a bf16 graph and
+# PyTorch both computing in fp32 on the same bf16 weights ("bf16-as-fp32", ONNX Runtime's CPU provider).
 DEFAULT_TOLERANCES: dict[str, Tolerance] = {
     "fp32": Tolerance(atol=1e-4, rtol=1e-4, min_cosine=0.99999),
     "fp16": Tolerance(atol=2e-2, rtol=1e-2, min_cosine=0.999),
     "bf16": Tolerance(atol=1e-1, rtol=5e-2, min_cosine=0.995),
+    "bf16-as-fp32": Tolerance(atol=1e-2, rtol=1e-2, min_cosine=0.99999),
 }
+
+
+def tolerance_for(check: str, recipe: dict[str, dict[str, float]] | None = None,
+                  overrides: dict[str, float] | None = None) -> Tolerance:
+    """The check's default, then the recipe's tolerance for it, then each value given on the command line."""
+    base = DEFAULT_TOLERANCES[check]
+    if recipe and check in recipe:
+        base = Tolerance(**recipe[check])
+    return replace(base, **(overrides or {}))
 
 
 @dataclass(frozen=True)

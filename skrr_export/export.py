@@ -1,4 +1,8 @@
-"""ONNX export of an applied plan: dynamo exporter, initializers deduplicated by content, weight bytes asserted."""
+"""ONNX export of an applied plan: the dynamo exporter, then named graph passes, then the weight invariant.
+
+Passes, in order: ``_optimize`` (the exporter's own optimizer, minus the two things that break "one named
+weight per parameter"), ``_fusable_rms_norms``, ``_merge_equal_constants``; ``weights_once`` checks the result.
+"""
 
 from __future__ import annotations
 
@@ -21,6 +25,10 @@ IR_VERSION = 10  # ONNX Runtime 1.30/1.31 refuse IR > 13; onnx 1.23 would write 
 EXTERNAL_DATA_THRESHOLD = 2 * 1024**3  # protobuf's limit for a single file
 # Graph constants that are not parameters (shape vectors, scalars, masks' fill values) may add up to this.
 SMALL_CONSTANT_BYTES = 64 * 1024
+# The largest tensor constant folding may write into the graph (elements). Larger results stay computed:
+# with a fixed sequence, T5's [S, S] position buckets stay a few nodes instead of an S*S*8-byte table
+# (benchmarks/README.md, "T5 positions at a fixed sequence").
+FOLDED_CONSTANT_LIMIT = 1024
 INPUT_NAMES = ("input_ids", "attention_mask")
 
 
@@ -32,25 +40,44 @@ class ExportOptions:
 
 
 @dataclass(frozen=True)
+class Initializers:
+    """What the exported graph stores: one initializer per parameter (named as in the module), and constants."""
+
+    weight_count: int
+    weight_bytes: int
+    constant_count: int
+    constant_bytes: int
+
+    @property
+    def total_bytes(self) -> int:
+        return self.weight_bytes + self.constant_bytes
+
+
+@dataclass(frozen=True)
 class OnnxArtifact:
     path: Path
     data_path: Path | None
     input_names: tuple[str, ...]
     output_names: tuple[str, ...]
-    initializer_bytes: int
+    initializers: Initializers
     unique_parameter_bytes: int
-    duplicates_removed: int
     seconds: float
 
+    @property
+    def initializer_bytes(self) -> int:
+        return self.initializers.total_bytes
+
     def to_json(self) -> dict[str, Any]:
+        i = self.initializers
         return {
             "path": self.path.name,
             "data_path": self.data_path.name if self.data_path else None,
             "inputs": list(self.input_names),
             "outputs": list(self.output_names),
-            "initializer_bytes": self.initializer_bytes,
+            "initializer_bytes": i.total_bytes,
+            "weights": {"count": i.weight_count, "bytes": i.weight_bytes},
+            "constants": {"count": i.constant_count, "bytes": i.constant_bytes},
             "unique_parameter_bytes": self.unique_parameter_bytes,
-            "duplicate_initializers_removed": self.duplicates_removed,
             "seconds": round(self.seconds, 2),
         }
 
@@ -64,34 +91,29 @@ def sample_inputs(options: ExportOptions, vocab_size: int) -> tuple[torch.Tensor
 
 
 def export_onnx(module: SkrrEncoder, path: Path, options: ExportOptions, vocab_size: int) -> OnnxArtifact:
-    """Export ``module`` to ``path`` (plus ``path.data`` when external) and check the weight-bytes invariant."""
+    """Export ``module`` to ``path`` (plus ``path.data`` when external) and check the weight invariant."""
     start = time.perf_counter()
     program = _torch_export(module, options, vocab_size)
-    removed = _deduplicate(program.model)
+    weights = weight_names(module)
+    _optimize(program.model, weights)
     _fusable_rms_norms(program.model)
-    _transpose_lazily(program.model)
+    _merge_equal_constants(program.model, weights)
     program.model.ir_version = IR_VERSION
-    init_bytes = sum(v.const_value.nbytes for v in program.model.graph.initializers.values())
-    unique = unique_parameter_bytes(module)
-    if init_bytes > unique + SMALL_CONSTANT_BYTES:
-        raise InvariantError(
-            f"exported initializers hold {init_bytes} bytes but the module has {unique} unique parameter bytes: "
-            "a weight is stored more than once"
-        )
-    external = options.external_data if options.external_data is not None else init_bytes > EXTERNAL_DATA_THRESHOLD
+    stored = weights_once(program.model, module)
+    external = options.external_data if options.external_data is not None else stored.total_bytes > EXTERNAL_DATA_THRESHOLD
     data_path = path.with_name(path.name + ".data") if external else None
     program.save(str(path), external_data=external)
     _check(path)
     seconds = time.perf_counter() - start
-    log.info("exported %s: %d initializer bytes (%d unique parameter bytes) in %.1f s", path.name, init_bytes, unique, seconds)
+    log.info("exported %s: %d weights (%d bytes, each parameter once), %d constants (%d bytes) in %.1f s",
+             path.name, stored.weight_count, stored.weight_bytes, stored.constant_count, stored.constant_bytes, seconds)
     return OnnxArtifact(
         path=path,
         data_path=data_path,
         input_names=INPUT_NAMES,
         output_names=tuple(module.output_names),
-        initializer_bytes=init_bytes,
-        unique_parameter_bytes=unique,
-        duplicates_removed=removed,
+        initializers=stored,
+        unique_parameter_bytes=unique_parameter_bytes(module),
         seconds=seconds,
     )
 
@@ -101,7 +123,7 @@ def _torch_export(module: SkrrEncoder, options: ExportOptions, vocab_size: int) 
     axes = {0: "batch"} if options.fixed_sequence else {0: "batch", 1: "sequence"}
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # "torchvision is not installed" and the like
     # With autograd on, the exporter cannot decompose HF T5 attention with dynamic shapes (DESIGN.md).
-    # Its internal warnings are not the user's to act on.
+    # Its internal warnings are not the user's to act on. Its optimizer runs later, as _optimize.
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return torch.onnx.export(
@@ -112,8 +134,37 @@ def _torch_export(module: SkrrEncoder, options: ExportOptions, vocab_size: int) 
             input_names=list(INPUT_NAMES),
             output_names=list(module.output_names),
             dynamic_shapes=(axes, axes),
+            optimize=False,
             verbose=False,
         )
+
+
+def weight_names(module: torch.nn.Module) -> set[str]:
+    """Every name a parameter of ``module`` goes by (the exporter names each initializer after one of them)."""
+    return {name for name, _ in module.named_parameters(remove_duplicate=False)}
+
+
+def _optimize(model: Any, weights: set[str]) -> None:
+    """The exporter's optimizer (onnxscript's ``optimize_ir``: inline, fold constants, rewrite, lift, CSE) with
+    two changes. A node that reads a weight is never folded: the weight stays one initializer under its
+    parameter's name, which refit and weight-stripped engines look up (folding wrote a transposed copy per call
+    site of a re-used weight, and folded T5's position table into a constant). And nothing is merged by value:
+    two parameters that hold equal numbers stay two weights (onnx_ir's DeduplicateInitializersPass merged them)."""
+    import onnx_ir.passes.common as common
+    from onnxscript import optimizer, rewriter
+
+    def should_fold(node: Any) -> bool | None:
+        return False if any(v is not None and v.name in weights for v in node.inputs) else None
+
+    optimizer.inline(model)
+    for _ in range(2):
+        optimizer.fold_constants(model, onnx_shape_inference=True, output_size_limit=FOLDED_CONSTANT_LIMIT,
+                                 should_fold=should_fold)
+        rewriter.rewrite(model)
+    common.RemoveUnusedNodesPass()(model)
+    common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model)
+    common.CommonSubexpressionEliminationPass()(model)  # one Transpose per re-used weight, not one per slot
+    common.RemoveUnusedNodesPass()(model)
 
 
 def _fusable_rms_norms(model: Any) -> int:
@@ -133,72 +184,54 @@ def _fusable_rms_norms(model: Any) -> int:
     return int(rules.apply_to_model(model))
 
 
-CONTENT_HASH_LIMIT = 1 << 20  # bytes; larger initializers are compared by the tensor storage they view
-
-
-def _deduplicate(model: Any) -> int:
-    """Merge initializers that hold the same data: small ones by content (the exporter folds a copy per call
-    site of a re-used weight), large ones by the parameter storage they view (a re-used weight is one
-    parameter). onnx_ir's own pass hashes contiguous buffers only, which would copy every transposed view
-    of a weight: +3.7 GB on the 5.5 GB PixArt-Sigma plan (measured)."""
-    merged = 0
-    for graph in model.graphs():
-        seen: dict[tuple[Any, ...], Any] = {}
-        for name, value in tuple(graph.initializers.items()):
-            if value.const_value is None or value.is_graph_input() or value.is_graph_output():
-                continue
-            key = _identity(value.const_value)
-            if key in seen:
-                value.replace_all_uses_with(seen[key])
-                graph.initializers.pop(name)
-                merged += 1
-            else:
-                seen[key] = value
-    return merged
-
-
-def _identity(tensor: Any) -> tuple[Any, ...]:
-    """Large tensors: the memory they view (a parameter, or the optimizer's transposed view of one);
-    small ones: their content."""
+def _merge_equal_constants(model: Any, weights: set[str]) -> int:
+    """Merge graph constants (not weights) that hold the same values: the lifted scalars and shape vectors."""
     import hashlib
 
     import numpy as np
 
-    raw = getattr(tensor, "raw", None)
-    if tensor.nbytes > CONTENT_HASH_LIMIT:
-        if isinstance(raw, torch.Tensor):
-            address = raw.untyped_storage().data_ptr() + raw.storage_offset() * raw.element_size()
-            return ("memory", address, tuple(raw.shape), tuple(raw.stride()), str(raw.dtype))
-        if isinstance(raw, np.ndarray):
-            return ("memory", raw.__array_interface__["data"][0], raw.shape, raw.strides, str(raw.dtype))
-    data = np.ascontiguousarray(tensor.numpy())
-    return ("content", str(tensor.dtype), tuple(tensor.shape), hashlib.sha256(data.view(np.uint8)).hexdigest())
-
-
-def _transpose_lazily(model: Any) -> None:
-    """The optimizer folds ``Transpose(W)`` into a strided numpy view of each weight; saving copies it with
-    numpy's strided loop (0.2 GB/s here). Copy with torch's blocked transpose instead (1.1 GB/s), one tensor at
-    a time while saving, so no second copy of the weights is ever held."""
-    import numpy as np
-    import onnx_ir as ir
-
-    for value in model.graph.initializers.values():
-        raw = getattr(value.const_value, "raw", None)
-        if not isinstance(raw, np.ndarray) or raw.flags.c_contiguous or raw.nbytes <= CONTENT_HASH_LIMIT:
+    merged = 0
+    seen: dict[tuple[Any, ...], Any] = {}
+    for name, value in tuple(model.graph.initializers.items()):
+        if name in weights or value.const_value is None or value.is_graph_output():
             continue
-        tensor = value.const_value
-        value.const_value = ir.LazyTensor(_contiguous(raw), tensor.dtype, tensor.shape, name=tensor.name)
+        tensor = value.const_value  # its declared shape: a folded tensor may hold a numpy array of another rank
+        digest = hashlib.sha256(np.ascontiguousarray(tensor.numpy()).view(np.uint8)).hexdigest()
+        key = (str(tensor.dtype), tuple(tensor.shape), digest)
+        if key in seen:
+            value.replace_all_uses_with(seen[key])
+            model.graph.initializers.pop(name)
+            merged += 1
+        else:
+            seen[key] = value
+    return merged
 
 
-def _contiguous(array: Any) -> Any:
-    import numpy as np
-    import onnx_ir as ir
-
-    def materialize() -> Any:
-        ints = {1: np.int8, 2: np.int16, 4: np.int32, 8: np.int64}[array.itemsize]  # torch lacks ml_dtypes' bf16
-        return ir.tensor(torch.from_numpy(array.view(ints)).contiguous().numpy().view(array.dtype))
-
-    return materialize
+def weights_once(model: Any, module: torch.nn.Module) -> Initializers:
+    """The invariant: every parameter of ``module`` is exactly one initializer, and the weights' bytes are the
+    module's unique parameter bytes; everything else the graph stores is a constant, counted apart."""
+    params = dict(module.named_parameters(remove_duplicate=False))
+    owners: dict[tuple[int, int], str] = {}
+    weight_bytes = constant_count = constant_bytes = 0
+    for name, value in model.graph.initializers.items():
+        nbytes = value.const_value.nbytes
+        if name not in params:
+            constant_count, constant_bytes = constant_count + 1, constant_bytes + nbytes
+            continue
+        p = params[name]
+        key = (p.untyped_storage().data_ptr(), p.storage_offset())
+        if key in owners:
+            raise InvariantError(f"parameter {name} is stored twice in the ONNX graph (also as {owners[key]})")
+        owners[key] = name
+        weight_bytes += nbytes
+    unique = unique_parameter_bytes(module)
+    if weight_bytes != unique:
+        missing = sorted(n for n, p in params.items() if (p.untyped_storage().data_ptr(), p.storage_offset()) not in owners)
+        raise InvariantError(
+            f"exported weights hold {weight_bytes} bytes but the module has {unique} unique parameter bytes"
+            + (f"; not stored as weights: {', '.join(missing[:3])}" if missing else "")
+        )
+    return Initializers(len(owners), weight_bytes, constant_count, constant_bytes)
 
 
 def _check(path: Path) -> None:

@@ -281,13 +281,16 @@ def node_placement(profile: Path | None) -> dict[str, Any]:
 
 
 def measure_trt(engine: str, onnx_path: Path, shapes: list[Shape], feeds: dict[Shape, Any], cfg: MeasureConfig,
-                probe: DeviceMemory, work: Path, reference: Any = None) -> dict[str, Any]:
-    """Build an engine whose one profile spans the shapes, then measure it like ONNX Runtime."""
+                probe: DeviceMemory, work: Path, reference: Any = None, built: Any = None) -> dict[str, Any]:
+    """Measure ``built`` (an EngineArtifact), or build an engine whose one profile spans the shapes; then measure
+    it like ONNX Runtime."""
     from .trt import EngineOptions, ShapeRange, TrtRunner, build_engine
 
-    b, s = [sh.batch for sh in shapes], [sh.seq for sh in shapes]
-    options = EngineOptions(batch=ShapeRange(min(b), max(b), max(b)), sequence=ShapeRange(min(s), max(s), max(s)))
-    artifact = build_engine(onnx_path, engine, options, work / f"{engine}.plan", {})
+    artifact = built
+    if artifact is None:
+        b, s = [sh.batch for sh in shapes], [sh.seq for sh in shapes]
+        options = EngineOptions(batch=ShapeRange(min(b), max(b), max(b)), sequence=ShapeRange(min(s), max(s), max(s)))
+        artifact = build_engine(onnx_path, engine, options, work / f"{engine}.plan", {})
     base = probe.settle()
     with TrtRunner(artifact.path, engine) as runner:
         resident = probe.used() - base
@@ -328,6 +331,14 @@ def measure(cfg: MeasureConfig) -> dict[str, Any]:
     return results
 
 
+@dataclass(frozen=True)
+class MeasuredArtifacts:
+    """The main job's exported ONNX and the engines it built (backend -> trt.EngineArtifact)."""
+
+    onnx: Path
+    engines: dict[str, Any]
+
+
 @dataclass
 class _Job:
     """What the measurements of both variants share; ``results`` fills up as they run."""
@@ -342,6 +353,7 @@ class _Job:
     tolerances: dict[str, Any]
     vocab: int
     results: dict[str, Any]
+    artifacts: Any = None  # the main job's: its ONNX and engine are measured as the plan; the dense side in PyTorch only
 
     def record(self, variant: str, backend: str, unique: int, result: dict[str, Any]) -> None:
         self.results["parity"] += [p | {"backend": backend} for p in result.pop("parity", [])]
@@ -349,9 +361,10 @@ class _Job:
 
 
 def run_measurements(meta: Any, source: Any, plan: Any, backends: tuple[str, ...], shapes: list[Shape],
-                     cfg: MeasureConfig, work: Path) -> dict[str, Any]:
+                     cfg: MeasureConfig, work: Path, artifacts: Any = None) -> dict[str, Any]:
     """Dense model and plan, each backend, each shape; parity of every backend against PyTorch for the plan.
-    ``meta``: the model's structure (build_meta of ``source``'s config), which the caller has already built."""
+    ``meta``: the model's structure (build_meta of ``source``'s config), which the caller has already built.
+    ``artifacts``: what the main job wrote (``MeasuredArtifacts``), measured instead of exporting and building again."""
     import torch
 
     from .apply import plan_cost
@@ -375,7 +388,7 @@ def run_measurements(meta: Any, source: Any, plan: Any, backends: tuple[str, ...
     }
     job = _Job(source, backends, shapes, cfg, DeviceMemory(), {shape: timing_feed(config, shape) for shape in shapes},
                prompt_batch(None, meta.config, "int64", None), {"*": DEFAULT_TOLERANCES[cfg.precision]},
-               config.vocab_size, results)
+               config.vocab_size, results, artifacts)
     for variant, variant_plan in variants.items():
         _measure_variant(job, variant, variant_plan, work / variant)
     for run in results["runs"]:
@@ -394,8 +407,12 @@ def _measure_variant(job: _Job, variant: str, plan: Any, folder: Path) -> None:
     module = apply_plan(load_encoder(job.source, plan, job.cfg.precision), plan)
     unique = unique_parameter_bytes(module)
     folder.mkdir(parents=True)
-    exported = [b for b in job.backends if b not in TORCH_BACKENDS]
-    onnx_path = _export(job, module, unique, folder) if exported else None
+    given = job.artifacts if variant == "plan" else None
+    exported = [b for b in job.backends if b not in TORCH_BACKENDS and (given or job.artifacts is None)]
+    if given:
+        onnx_path = given.onnx
+    else:
+        onnx_path = _export(job, module, unique, folder) if exported else None
     reference = None
     modes = [b for b in job.backends if b in TORCH_BACKENDS]
     if modes or variant == "plan":
@@ -413,7 +430,9 @@ def _measure_variant(job: _Job, variant: str, plan: Any, folder: Path) -> None:
                 result = measure_ort(onnx_path, job.shapes, job.feeds, job.cfg, job.probe, folder, reference,
                                      stock=backend == "ort-cuda-stock")
             else:
-                result = measure_trt(backend, onnx_path, job.shapes, job.feeds, job.cfg, job.probe, folder, reference)
+                built = given.engines.get(backend) if given else None
+                result = measure_trt(backend, onnx_path, job.shapes, job.feeds, job.cfg, job.probe, folder, reference,
+                                     built)
         except UserError as exc:  # e.g. the provider has no kernel for this precision
             log.warning("%s (%s): not measured: %s", backend, variant, exc)
             job.results["errors"].append({"variant": variant, "backend": backend, "error": str(exc)})

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -215,3 +217,38 @@ def _check_complete(enc: Encoder, ckpt: Any) -> None:
 def _read_parameters(enc: Encoder, needed: list[Needed], ckpt: Any) -> None:
     for item in needed:
         item.assign(ckpt.read(item.names, tuple(item.meta.shape), target_dtype(enc, item.name)))
+
+
+class PartStreamer:
+    """A meta-device encoder whose parts are materialized one at a time and dropped again: ``part(roots)`` reads
+    the parameters of ``roots`` that are not in memory yet (from the checkpoint, or random values) and, on exit,
+    puts them back on the meta device and releases their checkpoint pages, so memory holds what is in use only."""
+
+    def __init__(self, source: ModelSource, precision: str):
+        self.enc = build_meta(load_config(source))
+        self.enc.dtype, self.enc.source = DTYPES[precision], source
+        self.ckpt: Any = None
+        if not source.random_weights:
+            from .checkpoint import Checkpoint
+
+            self.ckpt = Checkpoint.open(source.folder, self.enc.adapter, source.allow_pickle)
+            self.ckpt.check_keys(_all_names(self.enc.model))
+            _check_complete(self.enc, self.ckpt)
+
+    @contextmanager
+    def part(self, roots: list[nn.Module]) -> Iterator[None]:
+        needed = [item for item in _needed_parameters(self.enc.model, roots) if item.meta.is_meta]
+        metas = [item.meta for item in needed]
+        _materialize_buffers(self.enc.model, roots)
+        if self.ckpt is None:
+            _random_parameters(self.enc, needed)
+        else:
+            _read_parameters(self.enc, needed, self.ckpt)
+        try:
+            yield
+        finally:
+            for item, meta in zip(needed, metas):
+                for module, leaf in item.owners:
+                    module._parameters[leaf] = meta
+                if self.ckpt is not None:
+                    self.ckpt.release(item.names)

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .compare import DEFAULT_TOLERANCES, Tolerance, distance, runner_parity
+from .compare import Tolerance, distance, runner_parity, tolerance_for
 from .errors import AccuracyError, UserError
 from .plan import Plan, load_plan
 from .trt import cuda_available
@@ -39,7 +39,7 @@ class ExportConfig:
     input_dtype: str = "int64"
     fixed_sequence: int | None = None
     external_data: bool | None = None
-    tolerance: Tolerance | None = None  # None: the precision's default
+    tolerance_overrides: dict[str, float] = field(default_factory=dict)  # --atol, --rtol, --min-cosine
     dense_distance: bool = True
     measure: bool = True  # with a CUDA device: memory and latency, dense vs plan (skrr-export measure's numbers)
     force: bool = False
@@ -62,26 +62,28 @@ class Stages:
 
 
 def run_export(cfg: ExportConfig) -> dict[str, Any]:
-    """Run the whole job into ``cfg.out``; returns the report. Raises AccuracyError after writing a failing report."""
+    """Run the whole job into ``cfg.out``; returns the report. Raises AccuracyError after writing a failing report.
+
+    Memory: the PyTorch module (the kept weights) is dropped after the export, before ONNX Runtime loads the
+    graph; the dense model for the distance is streamed one sub-block at a time."""
     from .apply import apply_plan
     from .artifacts import check_disk, check_writable, staged_folder, write_manifest
     from .export import ExportOptions, export_onnx
     from .inputs import load_tokenizer, prompt_batch
     from .model import load_encoder, model_source
-    from .runners import TorchRunner
 
     if cfg.engine not in ENGINES:
         raise UserError(f"--engine must be one of {', '.join(ENGINES)}, got '{cfg.engine}'")
+    stages = Stages()
+    plan = load_plan(cfg.plan)
+    source = model_source(cfg.model, cfg.subfolder, cfg.random_weights, cfg.allow_pickle)
+    tolerances = {"*": _tolerance(cfg, cfg.precision)}
+    cost = _check_resources(source, plan, cfg)
     check_writable(cfg.out, cfg.force)
     if cfg.engine != "onnx":
         from .trt import load_backend
 
         load_backend(cfg.engine)  # fail before any work when the backend is missing
-    stages = Stages()
-    plan = load_plan(cfg.plan)
-    source = model_source(cfg.model, cfg.subfolder, cfg.random_weights, cfg.allow_pickle)
-    tolerances = {"*": cfg.tolerance or DEFAULT_TOLERANCES[cfg.precision]}
-    cost = _check_resources(source, plan, cfg)
     with stages.stage("load"):
         enc = load_encoder(source, plan, cfg.precision)
     with stages.stage("apply"):
@@ -89,32 +91,35 @@ def run_export(cfg: ExportConfig) -> dict[str, Any]:
     options = ExportOptions(cfg.input_dtype, cfg.fixed_sequence, cfg.external_data)
     vocab = getattr(enc.config, "text_config", enc.config).vocab_size
     tokenizer = None if cfg.random_weights else load_tokenizer(source.folder)
-    prompts, empty = prompt_batch(tokenizer, enc.config, cfg.input_dtype, cfg.fixed_sequence)
-    batches = (prompts, empty)
+    batches = prompt_batch(tokenizer, enc.config, cfg.input_dtype, cfg.fixed_sequence)
+    check = ort_check(cfg.precision)
     with stages.stage("pytorch reference"):
-        plan_outputs = _reference_outputs(TorchRunner(module, module.output_names), batches)
+        plan_outputs = reference_outputs(module, batches)
         _check_finite(module, batches, plan_outputs)
+        ort_reference = reference_outputs(module, batches, fp32_arithmetic=True) if check.fp32_arithmetic else plan_outputs
     check_disk(cfg.out.parent, int(cost.kept_weight_bytes * (2.05 if cfg.engine != "onnx" else 1.05)), "the export")
     with staged_folder(cfg.out, cfg.force) as stage:
         with stages.stage("export"):
             onnx = export_onnx(module, stage / "model.onnx", options, vocab)
+        del module, enc  # ONNX Runtime, the engine builder and the dense model need the memory
+        gc.collect()
         with stages.stage("parity"):
-            parity = _ort_parity(onnx.path, cfg.precision, plan_outputs, batches, tolerances)
+            parity = runner_parity(ort_reference, check.runner(onnx.path), batches, check.tolerances(cfg),
+                                   check.reference)
+            parity = [p | {"method": check.method} for p in parity]
         engine = None
         if cfg.engine != "onnx":
             with stages.stage("engine"):
                 engine, engine_parity = _engine(cfg, onnx.path, plan, stage, plan_outputs, batches, tolerances)
             parity += engine_parity
-        del module, enc
-        gc.collect()
         dense = None
         if cfg.dense_distance:
             with stages.stage("dense distance"):
-                dense = _distance_to_dense(source, plan, cfg.precision, batches, plan_outputs)
+                dense = _distance_to_dense(source, cfg.precision, batches, plan_outputs)
         measured = None
         if cfg.measure and cuda_available():
             with stages.stage("measure"):
-                measured = _measure(cfg, source, plan, stage)
+                measured = _measure(cfg, source, plan, stage, onnx.path, engine)
         report: dict[str, Any] = {
             "tool": {"name": "skrr-export", "version": __version__, "python": platform.python_version(), **_versions()},
             "model": {"path": str(source.folder), "family": plan.family, "random_weights": source.random_weights},
@@ -129,7 +134,7 @@ def run_export(cfg: ExportConfig) -> dict[str, Any]:
             "onnx": onnx.to_json() | {"export_options": asdict(options)},
             "parity": parity,
             "distance_to_dense": dense,
-            "engine": engine,
+            "engine": engine.metadata if engine else None,
             "measure": measured,
             "seconds": stages.seconds,
         }
@@ -146,8 +151,10 @@ def run_export(cfg: ExportConfig) -> dict[str, Any]:
 
 
 def _check_resources(source: Any, plan: Plan, cfg: ExportConfig) -> Any:
-    """Refuse before loading when the kept weights cannot fit in host memory (estimate: weights + 0.6 GiB)."""
-    from .apply import plan_cost
+    """Refuse before loading when the run cannot fit in host memory. What it holds at its peak: the kept weights
+    (load, export; then ONNX Runtime's copy once the module is dropped), or, while the dense distance streams,
+    the stem and head and the largest sub-block; plus 10 % and 0.6 GiB for activations and the runtime."""
+    from .apply import plan_cost, sub_block_parameters
     from .artifacts import check_memory
     from .model import DTYPES, build_meta, check_plan_fits, load_config
 
@@ -157,7 +164,12 @@ def _check_resources(source: Any, plan: Plan, cfg: ExportConfig) -> Any:
         cfg.recipe.check_config(meta.config)
     meta.dtype = DTYPES[cfg.precision]
     cost = plan_cost(meta, plan)
-    check_memory(int(cost.kept_weight_bytes * 1.1) + (600 << 20), f"loading the kept weights ({cost.kept_weight_bytes / 2**30:.2f} GiB)")
+    itemsize = meta.dtype.itemsize
+    largest_sub_block = max(sum(p.numel() for _, p in block) for block in sub_block_parameters(meta)) * itemsize
+    always = sum(p.numel() for part in (meta.stem, meta.head) for p in part.parameters()) * itemsize
+    streaming = always + largest_sub_block if cfg.dense_distance else 0
+    held = max(cost.kept_weight_bytes, streaming)
+    check_memory(int(held * 1.1) + (600 << 20), f"holding {held / 2**30:.2f} GiB of weights at the run's peak")
     return cost
 
 
@@ -176,9 +188,14 @@ def _check_finite(module: Any, batches: tuple[Any, ...], outputs: dict[str, Any]
             raise AccuracyError(f"PyTorch output {bad[0]} holds NaN/Inf on the {batch.label}; first produced by {where}")
 
 
-def _reference_outputs(torch_runner: Any, batches: tuple[Any, ...]) -> dict[str, Any]:
-    with torch_runner:
-        return {batch.label: torch_runner.infer(batch.feed) for batch in batches}
+def reference_outputs(module: Any, batches: tuple[Any, ...], fp32_arithmetic: bool = False) -> dict[str, Any]:
+    from contextlib import nullcontext
+
+    from .apply import computed_in_fp32
+    from .runners import TorchRunner
+
+    with computed_in_fp32(module) if fp32_arithmetic else nullcontext(), TorchRunner(module, module.output_names) as runner:
+        return {batch.label: runner.infer(batch.feed) for batch in batches}
 
 
 def not_executed(test: str, reason: str) -> dict[str, Any]:
@@ -186,25 +203,56 @@ def not_executed(test: str, reason: str) -> dict[str, Any]:
     return {"reference": "pytorch", "test": test, "passed": None, "reason": reason}
 
 
-def _ort_parity(onnx_path: Path, precision: str, reference: dict[str, Any], batches: tuple[Any, ...],
-                tolerances: dict[str, Tolerance]) -> list[dict[str, Any]]:
-    """ONNX Runtime's CUDA provider (TF32 off) where it can run, its CPU provider otherwise."""
+@dataclass(frozen=True)
+class OrtCheck:
+    """How the ONNX graph is checked against PyTorch on this machine."""
+
+    provider: str  # CUDAExecutionProvider or CPUExecutionProvider
+    fp32_arithmetic: bool  # a bf16 graph on the CPU provider, which has no bf16 kernels
+    method: str
+    reference: str = "pytorch"
+
+    def runner(self, onnx_path: Path) -> Any:
+        from .runners import OrtFp32ArithmeticRunner, OrtRunner
+
+        return OrtFp32ArithmeticRunner(onnx_path) if self.fp32_arithmetic else OrtRunner(onnx_path, (self.provider,))
+
+    def tolerances(self, cfg: ExportConfig) -> dict[str, Tolerance]:
+        """fp32 arithmetic on both sides has its own, tighter tolerance (check "bf16-as-fp32")."""
+        return {"*": _tolerance(cfg, "bf16-as-fp32" if self.fp32_arithmetic else cfg.precision)}
+
+
+def _tolerance(cfg: ExportConfig, check: str) -> Tolerance:
+    return tolerance_for(check, cfg.recipe.tolerances if cfg.recipe else None, cfg.tolerance_overrides)
+
+
+def ort_check(precision: str) -> OrtCheck:
+    """ONNX Runtime's CUDA provider (TF32 off) where it can run; its CPU provider otherwise, with a bf16 graph
+    computed in fp32 on its bf16 weights (the CPU provider has no bf16 kernels)."""
     from .measure import backend_blockers
-    from .runners import OrtRunner
+    from .runners import OrtFp32ArithmeticRunner
 
     if cuda_available() and backend_blockers()["ort-cuda"] is None:
-        return runner_parity(reference, OrtRunner(onnx_path, ("CUDAExecutionProvider",)), batches, tolerances)
-    if precision == "bf16":  # ONNX Runtime's CPU provider has no bf16 kernels (Add, Mul, MatMul ...)
-        return [not_executed("onnxruntime", "not executed: ONNX Runtime's CPU provider has no bf16 kernels; "
-                             "the graph passed onnx.checker (run it with the CUDA provider, or build an engine)")]
-    return runner_parity(reference, OrtRunner(onnx_path), batches, tolerances)
+        return OrtCheck("CUDAExecutionProvider", False, f"ONNX Runtime CUDA in {precision} (TF32 off) against PyTorch")
+    if precision == "bf16":
+        return OrtCheck("CPUExecutionProvider", True, OrtFp32ArithmeticRunner.method, "pytorch-fp32-arithmetic")
+    return OrtCheck("CPUExecutionProvider", False, f"ONNX Runtime CPU in {precision} against PyTorch")
 
 
-def _measure(cfg: ExportConfig, source: Any, plan: Plan, stage: Path) -> dict[str, Any]:
-    """The measure command's numbers at batch 1 and one sequence length, for the backends this job produced."""
+def _measure(cfg: ExportConfig, source: Any, plan: Plan, stage: Path, onnx_path: Path, engine: Any) -> dict[str, Any]:
+    """The measure command's numbers at batch 1 and one sequence length: the artifacts this job wrote (its ONNX in
+    ONNX Runtime CUDA, its engine), and PyTorch for both the plan and the dense model."""
     import shutil
 
-    from .measure import MeasureConfig, backend_blockers, check_shapes, default_sequence, plot_memory, run_measurements
+    from .measure import (
+        MeasureConfig,
+        MeasuredArtifacts,
+        backend_blockers,
+        check_shapes,
+        default_sequence,
+        plot_memory,
+        run_measurements,
+    )
     from .model import build_meta, load_config
 
     blockers = backend_blockers()
@@ -214,29 +262,33 @@ def _measure(cfg: ExportConfig, source: Any, plan: Plan, stage: Path) -> dict[st
     settings = MeasureConfig(plan=cfg.plan, out=cfg.out, precision=cfg.precision, batches=(1,), sequences=(seq,),
                              warmup=3, iterations=10)
     work = stage / "measure-work"
-    results = run_measurements(meta, source, plan, backends, check_shapes(meta.config, (1,), (seq,)), settings, work)
+    artifacts = MeasuredArtifacts(onnx_path, {cfg.engine: engine} if engine else {})
+    results = run_measurements(meta, source, plan, backends, check_shapes(meta.config, (1,), (seq,)), settings, work,
+                               artifacts)
     shutil.rmtree(work, ignore_errors=True)
     plot_memory(results, stage / "memory.png")
     return results
 
 
-def _distance_to_dense(source: Any, plan: Plan, precision: str, batches: tuple[Any, ...], plan_outputs: dict[str, Any]) -> dict[str, Any]:
-    """The plan's cost in quality: its outputs against the dense model's, on the prompts and the empty prompt."""
-    from .apply import apply_plan
-    from .model import load_encoder
-    from .runners import TorchRunner
+def _distance_to_dense(source: Any, precision: str, batches: tuple[Any, ...], plan_outputs: dict[str, Any]) -> dict[str, Any]:
+    """The plan's cost in quality: its outputs against the dense model's (streamed one sub-block at a time), on
+    the prompts and the empty prompt."""
+    import torch
 
-    dense_plan = Plan.dense(plan.family, plan.num_blocks)
-    dense = apply_plan(load_encoder(source, dense_plan, precision), dense_plan)
-    out = {}
-    with TorchRunner(dense, dense.output_names) as runner:
-        for batch in batches:
-            out[batch.label] = distance(runner.infer(batch.feed), plan_outputs[batch.label], batch.mask)
-    return out
+    from .apply import dense_outputs_streamed
+    from .runners import to_numpy
+
+    feeds = [tuple(torch.from_numpy(b.feed[k]) for k in ("input_ids", "attention_mask")) for b in batches]
+    names = list(plan_outputs[batches[0].label])
+    dense = dense_outputs_streamed(source, precision, feeds)
+    return {
+        batch.label: distance({n: to_numpy(t) for n, t in zip(names, outputs)}, plan_outputs[batch.label], batch.mask)
+        for batch, outputs in zip(batches, dense)
+    }
 
 
 def _engine(cfg: ExportConfig, onnx_path: Path, plan: Plan, stage: Path, reference: dict[str, Any], batches: tuple[Any, ...],
-            tolerances: dict[str, Tolerance]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+            tolerances: dict[str, Tolerance]) -> tuple[Any, list[dict[str, Any]]]:
     """Build the engine; run it against PyTorch where a CUDA runtime can, else say why it was not run."""
     from .trt import EngineOptions, TrtRunner, build_engine, execution_blocker
 
@@ -248,9 +300,9 @@ def _engine(cfg: ExportConfig, onnx_path: Path, plan: Plan, stage: Path, referen
     artifact = build_engine(onnx_path, cfg.engine, options, stage / "engine.plan", {"plan_sha256": plan.digest()})
     blocker = execution_blocker(cfg.engine)
     if blocker:
-        return artifact.metadata, [not_executed(cfg.engine, blocker)]
+        return artifact, [not_executed(cfg.engine, blocker)]
     runner = TrtRunner(artifact.path, cfg.engine, cfg.weight_streaming_budget)
-    return artifact.metadata, runner_parity(reference, runner, batches, tolerances)
+    return artifact, runner_parity(reference, runner, batches, tolerances)
 
 
 def _versions() -> dict[str, str]:

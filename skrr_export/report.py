@@ -55,9 +55,9 @@ def render_markdown(r: dict[str, Any]) -> str:
         f"({cost['kept_params']:,} of {cost['total_params']:,} parameters kept)",
         f"- Executed sub-blocks: {cost['executed_slots']} of {cost['num_slots']} "
         f"(compute fraction {cost['compute_fraction']:.3f})",
-        f"- ONNX `{onnx['path']}`: initializers {_mib(onnx['initializer_bytes'])}, "
-        f"unique parameters {_mib(onnx['unique_parameter_bytes'])}, "
-        f"{onnx['duplicate_initializers_removed']} duplicate initializers merged",
+        f"- ONNX `{onnx['path']}`: {onnx['weights']['count']} weights, {_mib(onnx['weights']['bytes'])} "
+        f"(each parameter once: unique parameters {_mib(onnx['unique_parameter_bytes'])}); "
+        f"{onnx['constants']['count']} other constants, {onnx['constants']['bytes']:,} bytes",
         "",
         "## Parity",
         "",

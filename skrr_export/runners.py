@@ -157,6 +157,7 @@ class OrtRunner(Runner):
         check_onnx_files(self.path)
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
+        self.configure(opts)
         for key, value in self.session_config.items():
             opts.add_session_config_entry(key, value)
         if self.profile_prefix is not None:
@@ -166,13 +167,20 @@ class OrtRunner(Runner):
             (p, dict(self.cuda_options)) if p == "CUDAExecutionProvider" else p for p in self.providers
         ]
         try:
-            self.session = ort.InferenceSession(str(self.path), opts, providers=providers)
+            self.session = ort.InferenceSession(str(self.session_path()), opts, providers=providers)
         except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
             raise ArtifactError(f"ONNX Runtime cannot load {self.path.name}: {str(exc).splitlines()[0]}") from None
 
         if self.cuda and "CUDAExecutionProvider" not in self.session.get_providers():
             raise ArtifactError(f"ONNX Runtime did not enable its CUDA provider for {self.path.name} "
                                 f"(it has {', '.join(ort.get_available_providers())}); install onnxruntime-gpu")
+
+    def configure(self, opts: Any) -> None:
+        """Subclasses adjust the session options here."""
+
+    def session_path(self) -> Path:
+        """The file the session loads (subclasses may run a rewritten copy)."""
+        return self.path
 
     def bind_impl(self, feed: Feed) -> Bound:
         return _OrtBound(self.session, feed, "cuda" if self.cuda else "cpu")
@@ -185,6 +193,74 @@ class OrtRunner(Runner):
 
     def deactivate_impl(self) -> None:
         self.session = None
+
+
+class OrtFp32ArithmeticRunner(OrtRunner):
+    """A bf16 graph run by ONNX Runtime's CPU provider, which has no bf16 kernels: a copy of the graph computes in
+    fp32 on the bf16 weights. Each bf16 weight stays stored once in bf16 and is widened by a Cast just before each
+    node that reads it; Casts to bf16 and bf16 values become fp32. Graph optimizations are off, so ONNX Runtime
+    does not fold those Casts into fp32 copies of the weights: memory stays near the bf16 weights. Its reference
+    is PyTorch computing in fp32 on the same bf16 weights (``apply.computed_in_fp32``)."""
+
+    name = "onnxruntime-cpu-fp32-arithmetic"
+    method = ("the bf16 graph computed in fp32 arithmetic on its bf16 weights (ONNX Runtime CPU, a rewritten copy), "
+              "against PyTorch computing in fp32 on the same bf16 weights")
+
+    def __init__(self, path: Path):
+        super().__init__(path)
+        self.copy = path.with_name(f".{path.stem}.fp32-arithmetic.onnx")  # beside it: external data resolves
+
+    def configure(self, opts: Any) -> None:
+        import onnxruntime as ort
+
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+
+    def session_path(self) -> Path:
+        import onnx
+
+        model = onnx.load(str(self.path), load_external_data=False)
+        fp32_arithmetic(model.graph)
+        onnx.save(model, str(self.copy))
+        return self.copy
+
+    def deactivate_impl(self) -> None:
+        super().deactivate_impl()
+        self.copy.unlink(missing_ok=True)
+
+
+def fp32_arithmetic(graph: Any) -> None:
+    """Rewrite a graph in place so that it computes in fp32 wherever it computed in bf16 (weights untouched)."""
+    import onnx
+    from onnx import TensorProto, numpy_helper
+
+    bf16, fp32 = TensorProto.BFLOAT16, TensorProto.FLOAT
+    weights = {i.name for i in graph.initializer if i.data_type == bf16}
+    nodes = []
+    for node in graph.node:
+        for k, name in enumerate(node.input):
+            if name in weights:  # one Cast per reader: no fp32 copy outlives the node that needs it
+                wide = f"{name}::fp32::{len(nodes)}"
+                nodes.append(onnx.helper.make_node("Cast", [name], [wide], to=fp32))
+                node.input[k] = wide
+        for attr in node.attribute:
+            if attr.name in ("to", "dtype") and attr.type == onnx.AttributeProto.INT and attr.i == bf16:
+                attr.i = fp32
+            elif attr.type == onnx.AttributeProto.TENSOR and attr.t.data_type == bf16:
+                attr.t.CopyFrom(numpy_helper.from_array(_widen(attr.t), attr.t.name))
+        nodes.append(node)
+    graph.ClearField("node")
+    graph.node.extend(nodes)
+    for info in (*graph.value_info, *graph.input, *graph.output):
+        if info.type.tensor_type.elem_type == bf16:
+            info.type.tensor_type.elem_type = fp32
+
+
+def _widen(tensor: Any) -> np.ndarray:
+    """A bf16 TensorProto's values as fp32, exactly (bf16 is the upper half of an fp32)."""
+    from onnx import numpy_helper
+
+    bits = numpy_helper.to_array(tensor).view(np.uint16).astype(np.uint32) << 16
+    return bits.view(np.float32)
 
 
 class _OrtBound:

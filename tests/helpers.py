@@ -69,3 +69,30 @@ def ids_and_mask(vocab: int = 96, eos: int = 4, seed: int = 0):
         ids[row, n - 1] = eos
         ids[row, n:] = eos
     return ids, mask
+
+
+def plant_wiring_error(path) -> str:
+    """Rewire an exported graph as a wrong re-use would: the last MatMul that reads a re-used weight reads another
+    weight of the same shape instead (a re-used slot pointing at the wrong sub-block). Returns what was changed."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    weights = {i.name: tuple(i.dims) for i in model.graph.initializer}
+    transposed = {n.output[0]: n.input[0] for n in model.graph.node if n.op_type == "Transpose" and n.input[0] in weights}
+    readers: dict[str, list] = {}
+    for node in model.graph.node:
+        if node.op_type == "MatMul" and node.input[1] in transposed:
+            readers.setdefault(node.input[1], []).append(node)
+    for value, nodes in readers.items():
+        if len(nodes) < 2:
+            continue
+        weight = transposed[value]
+        role = weight.split(".", 2)[-1]  # kept.<sub-block>.<role>: the same role in another sub-block first
+        same_shape = [v for v, w in transposed.items() if w != weight and weights[w] == weights[weight]]
+        other = next((v for v in same_shape if transposed[v].split(".", 2)[-1] == role), None)
+        other = other or next(iter(same_shape), None)
+        if other is not None:
+            nodes[-1].input[1] = other
+            onnx.save(model, str(path))
+            return f"{nodes[-1].name} reads {transposed[other]} instead of {weight}"
+    raise AssertionError("no re-used weight with a same-shape sibling to rewire")
