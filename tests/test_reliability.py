@@ -381,8 +381,9 @@ TOKENS = st.sampled_from(["--plan", "--engine", "trt", "onnx", "--precision", "f
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.lists(TOKENS | st.text(max_size=6), max_size=8))
-def test_fuzz_command_line_never_shows_a_traceback(tmp_path, capsys, argv):
+def test_fuzz_command_line_never_shows_a_traceback(tmp_path, capsys, monkeypatch, argv):
     CASES["cli"] += 1
+    monkeypatch.chdir(tmp_path)  # whatever a relative path in argv names lands here, not in the checkout
     argv = [str(tmp_path / "missing.json") if a == "" else a for a in argv]
     try:
         code = main(["--out", str(tmp_path / "o"), *argv] if argv and argv[0] not in ("inspect", "calibrate") else argv)
