@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +33,6 @@ from .plan import Plan
 log = logging.getLogger("skrr_export")
 
 Schedule = tuple[int | None, ...]  # per slot: the sub-block that runs there, or None
-Trace = list[list[torch.Tensor]]  # per batch: the state entering every slot, then the final state
 
 
 def schedule_of(num_slots: int, skip: tuple[int, ...], reuse: dict[int, int] | None = None) -> Schedule:
@@ -116,134 +116,248 @@ def _linear(tensors: dict[str, torch.Tensor], prefix: str) -> nn.Linear:
 
 # ----------------------------------------------------------------------------------------------- scoring
 
+PROMPTS, EMPTY = 0, 1  # the two terms of D
+
 
 @dataclass
-class Batch:
-    hidden: torch.Tensor  # stem output
-    ctx: Context
-    mask: torch.Tensor  # (b, s) 1 for real tokens
-    reference: torch.Tensor  # f(dense output)
+class Feed:
+    """One forward batch: calibration prompts, or the empty prompt."""
+
+    ids: torch.Tensor  # (b, s) on the host
+    mask: torch.Tensor  # (b, s) 1 for real tokens, on the host
+    term: int  # PROMPTS or EMPTY
+    reference: torch.Tensor = field(default_factory=lambda: torch.empty(0))  # f(dense) at the real tokens, fp32
 
 
 def _expand(ctx: Context, n: int) -> Context:
     """The context of ``n`` candidates stacked along the batch axis."""
     if n == 1:
         return ctx
-    pb = ctx.position_bias
     return Context(input_ids=ctx.input_ids.repeat(n, 1), mask=ctx.mask.repeat(n, *[1] * (ctx.mask.dim() - 1)),
-                   position_bias=pb)
+                   position_bias=ctx.position_bias)
+
+
+Branch = tuple[int, int | None]  # (slot, what runs there instead of the base schedule's sub-block); later slots follow the base
 
 
 class Scorer:
-    """Runs schedules of sub-blocks from cached slot-boundary states and scores them against the dense model."""
+    """Scores schedules of sub-blocks against the dense model.
 
-    def __init__(self, enc: Any, feeds: list[tuple[torch.Tensor, torch.Tensor]], projection: nn.Module | None,
-                 device: str, chunk: int = 8):
+    D = sum over the two terms (the prompts, the empty prompt) of the squared error summed over the term's real
+    tokens, divided once by its token count x output width: the same number whatever the batching. Only the batch
+    in flight has cached states; the dense reference is kept at real tokens only.
+    """
+
+    def __init__(self, enc: Any, batches: list[tuple[torch.Tensor, torch.Tensor]], empty: tuple[torch.Tensor, torch.Tensor],
+                 projection: nn.Module | None, device: str, width: int = 1):
         self.stem, self.blocks, self.head = enc.stem, enc.sub_blocks, enc.head
         self.num_slots = len(self.blocks)
         self.projection = projection.to(device=device, dtype=torch.float32) if projection is not None else None
-        self.device, self.chunk = device, chunk
-        self.evaluations = 0
-        self.batches: list[Batch] = []
+        self.device, self.width = device, width
+        self.feeds = [Feed(ids, mask, PROMPTS) for ids, mask in batches] + [Feed(*empty, EMPTY)]
+        self.tokens = [int(sum(f.mask.sum() for f in self.feeds if f.term == t)) for t in (PROMPTS, EMPTY)]
+        if min(self.tokens) == 0:
+            raise UserError("calibration needs at least one real token in the prompts and in the empty prompt")
         dense = schedule_of(self.num_slots, ())
         with torch.no_grad():
-            for ids, mask in feeds:
-                ids, mask = ids.to(device), mask.to(device)
-                hidden, ctx = self.stem(ids, mask)
-                self.batches.append(Batch(hidden, ctx, mask, torch.empty(0)))
-            self.dense_trace = self.trace(dense)  # also the root beam's cache
-            for b, states in zip(self.batches, self.dense_trace):
-                b.reference = self._project(states[-1], b.ctx)
-        self.evaluations = 0  # the dense reference is not part of the search
+            for f in self.feeds:
+                hidden, ctx, keep = self._begin(f)
+                f.reference = self._outputs(self._walk(dense, hidden, ctx, 0, False), ctx, keep)
+        self.width_out = self.feeds[0].reference.shape[-1]
+        self.evaluations = 0  # one = one sub-block of one candidate over the whole calibration set
 
-    def _project(self, hidden: torch.Tensor, ctx: Context) -> torch.Tensor:
+    def _begin(self, feed: Feed) -> tuple[torch.Tensor, Context, torch.Tensor]:
+        ids, mask = feed.ids.to(self.device), feed.mask.to(self.device)
+        hidden, ctx = self.stem(ids, mask)
+        return hidden, ctx, mask.bool()
+
+    def _outputs(self, hidden: torch.Tensor, ctx: Context, keep: torch.Tensor) -> torch.Tensor:
+        """f(head(hidden)) at the real tokens: (tokens, width), fp32."""
         out = self.head(hidden, hidden, ctx)[0].float()
-        return self.projection(out) if self.projection is not None else out
+        out = self.projection(out) if self.projection is not None else out
+        return out[keep]
 
-    def _mse(self, batch: Batch, projected: torch.Tensor) -> float:
-        mask = batch.mask.to(projected.dtype)[..., None]
-        err = ((projected - batch.reference) ** 2 * mask).sum()
-        return float(err / (mask.sum() * projected.shape[-1]))
+    def _error(self, feed: Feed, hidden: torch.Tensor, ctx: Context, keep: torch.Tensor) -> float:
+        """Squared error summed over the feed's real tokens (not yet divided)."""
+        return float((self._outputs(hidden, ctx, keep) - feed.reference).pow(2).sum(dtype=torch.float64))
 
-    def discrepancy(self, finals: list[torch.Tensor]) -> float:
-        return sum(self._mse(b, self._project(f, b.ctx)) for b, f in zip(self.batches, finals))
-
-    @torch.no_grad()
-    def trace(self, schedule: Schedule) -> Trace:
-        """Per batch, the hidden state entering every slot, and the final one: 2N + 1 states."""
-        out = []
-        for i, b in enumerate(self.batches):
-            states = [b.hidden]
-            for src in schedule:
-                states.append(self._run(src, states[-1], b.ctx, 1, i == 0))
-            out.append(states)
-        return out
-
-    def finals(self, schedule: Schedule) -> list[torch.Tensor]:
-        return [states[-1] for states in self.trace(schedule)]
+    def _d(self, sums: list[float]) -> float:
+        return sum(s / (n * self.width_out) for s, n in zip(sums, self.tokens))
 
     def _run(self, src: int | None, hidden: torch.Tensor, ctx: Context, n: int, count: bool) -> torch.Tensor:
-        """Run sub-block ``src`` for ``n`` stacked candidates; one evaluation = one sub-block of one candidate
-        over the whole calibration set, so only the first batch counts."""
+        """Run sub-block ``src`` for ``n`` stacked candidates (only the first feed counts evaluations)."""
         if src is None:
             return hidden
         if count:
             self.evaluations += n
         return self.blocks[src](hidden, _expand(ctx, n))
 
+    def _walk(self, schedule: Schedule, hidden: torch.Tensor, ctx: Context, start: int, count: bool) -> torch.Tensor:
+        for t in range(start, self.num_slots):
+            hidden = self._run(schedule[t], hidden, ctx, 1, count)
+        return hidden
+
     @torch.no_grad()
-    def score_skips(self, schedule: Schedule, trace: Trace, slots: list[int], keep: int) -> tuple[dict[int, float], dict[int, Trace]]:
-        """D of ``schedule`` with each one of ``slots`` additionally emptied, from the cached ``trace``.
+    def score_full(self, schedules: list[Schedule]) -> list[float]:
+        """D of each schedule, every one run from the stem (the naive method)."""
+        sums = [[0.0, 0.0] for _ in schedules]
+        for i, feed in enumerate(self.feeds):
+            hidden, ctx, keep = self._begin(feed)
+            for k, schedule in enumerate(schedules):
+                sums[k][feed.term] += self._error(feed, self._walk(schedule, hidden, ctx, 0, i == 0), ctx, keep)
+        return [self._d(s) for s in sums]
 
-        Also returns the full traces of the ``keep`` best candidates, so a new beam needs no re-run.
-        """
-        scores: dict[int, float] = {}
-        kept: dict[int, Trace] = {}
-        for start in range(0, len(slots), self.chunk):
-            chunk = sorted(slots[start:start + self.chunk])
-            suffixes = [self._suffixes(schedule, trace[i], b, chunk, i == 0) for i, b in enumerate(self.batches)]
-            for k, slot in enumerate(chunk):
-                scores[slot] = sum(self._mse(b, self._project(suf[k][-1], b.ctx)) for b, suf in zip(self.batches, suffixes))
-            best = sorted(scores, key=lambda j: (scores[j], j))[:keep]
-            for k, slot in enumerate(chunk):
-                if slot in best:
-                    kept[slot] = [trace[i][: slot + 1] + suffixes[i][k] for i in range(len(self.batches))]
-            kept = {j: t for j, t in kept.items() if j in best}
-        return scores, kept
+    def discrepancy(self, schedule: Schedule) -> float:
+        return self.score_full([schedule])[0]
 
-    def _suffixes(self, schedule: Schedule, states: list[torch.Tensor], batch: Batch, slots: list[int], count: bool) -> list[list[torch.Tensor]]:
-        """Candidates join at their slot (which they skip) and then run every later slot together, stacked on
-        the batch axis; returns each candidate's states at the boundaries after its slot."""
+    @torch.no_grad()
+    def score(self, base: Schedule, branches: list[Branch]) -> list[float]:
+        """D of ``base`` changed at one slot per branch: each branch runs from ``base``'s state at its slot, and
+        ``width`` branches run together, stacked on the batch axis. ``base`` runs once per batch, up to the last
+        branch; its states are cached for the batch in flight only."""
+        sums = [[0.0, 0.0] for _ in branches]
+        order = sorted(range(len(branches)), key=lambda k: branches[k])
+        last = branches[order[-1]][0]
+        for i, feed in enumerate(self.feeds):
+            hidden, ctx, keep = self._begin(feed)
+            states = [hidden]
+            for t in range(last):
+                states.append(self._run(base[t], states[-1], ctx, 1, i == 0))
+            for g in range(0, len(order), self.width):
+                group = order[g:g + self.width]
+                finals = self._branches(base, states, ctx, [branches[k] for k in group], i == 0)
+                for k, final in zip(group, finals):
+                    sums[k][feed.term] += self._error(feed, final, ctx, keep)
+            del states
+        return [self._d(s) for s in sums]
+
+    def _branches(self, base: Schedule, states: list[torch.Tensor], ctx: Context, group: list[Branch],
+                  count: bool) -> list[torch.Tensor]:
+        """Branches (sorted by slot) join at their slot and then run every later slot of ``base`` together."""
         active: torch.Tensor | None = None
-        history: list[torch.Tensor] = []  # stacked states after each slot from slots[0] on
         n = 0
-        for t in range(slots[0], self.num_slots):
+        for t in range(group[0][0], self.num_slots):
             if active is not None:
-                active = self._run(schedule[t], active, batch.ctx, n, count)
-                history.append(active)
-            if t in slots:
-                active = states[t] if active is None else torch.cat([active, states[t]])
-                n += 1
-                history[-1:] = [active] if history else [active]
-        b = batch.hidden.shape[0]
-        out = []
-        for k, slot in enumerate(slots):  # candidate k joined at slot; history index t - slots[0] is boundary t + 1
-            out.append([h[k * b:(k + 1) * b] for h in history[slot - slots[0]:]])
-        return out
+                active = self._run(base[t], active, ctx, n, count)
+            for slot, src in group:
+                if slot == t:
+                    joined = self._run(src, states[t], ctx, 1, count)
+                    active = joined if active is None else torch.cat([active, joined])
+                    n += 1
+        assert active is not None
+        return list(active.split(states[0].shape[0]))
 
-    @torch.no_grad()
-    def score_schedules(self, schedules: list[Schedule], start: int, trace: Trace) -> list[float]:
-        """D of schedules that agree with ``trace``'s schedule before slot ``start``."""
-        out = []
-        for schedule in schedules:
-            finals = []
-            for i, b in enumerate(self.batches):
-                hidden = trace[i][start]
-                for t in range(start, self.num_slots):
-                    hidden = self._run(schedule[t], hidden, b.ctx, 1, i == 0)
-                finals.append(hidden)
-            out.append(self.discrepancy(finals))
-        return out
+
+# ----------------------------------------------------------------------------------------------- memory
+
+
+@dataclass(frozen=True)
+class Shapes:
+    """What the calibration's memory depends on, from the config (no weights)."""
+
+    num_slots: int
+    hidden: int
+    heads: int
+    ffn: int
+    out_width: int  # after the projection (or the hidden size without one)
+    element: int  # bytes per element of the model's dtype
+
+
+def shapes_of(enc: Any, out_width: int | None = None) -> Shapes:
+    config = getattr(enc.config, "text_config", enc.config)
+    hidden = int(getattr(config, "d_model", None) or config.hidden_size)
+    heads = int(getattr(config, "num_heads", None) or config.num_attention_heads)
+    ffn = int(getattr(config, "d_ff", None) or config.intermediate_size)
+    return Shapes(len(enc.sub_blocks), hidden, heads, ffn, out_width or hidden, torch.empty((), dtype=enc.dtype).element_size())
+
+
+def working_set(shapes: Shapes, batch: int, seq: int, width: int) -> tuple[int, int]:
+    """Bytes of (cached states, activations) while ``batch`` prompts of ``seq`` tokens are in flight.
+
+    States: the base schedule's state entering every slot, plus the stacked candidates (current, next, joining).
+    Activations: the larger of one attention (q, k, v, context; scores, position bias plus mask, the softmax in
+    fp32, probabilities) and one feed-forward (two gate inputs and their product) over ``width`` stacked
+    candidates, the norms' fp32 temporaries, and the fp32 outputs scored (head output, projection, difference,
+    square).
+    """
+    e, rows = shapes.element, width * batch
+    state = batch * seq * shapes.hidden * e
+    states = (shapes.num_slots + 1) * state + 3 * width * state
+    attention = rows * seq * (4 * shapes.hidden * e + shapes.heads * seq * (3 * e + 4))
+    feed_forward = rows * seq * 3 * shapes.ffn * e
+    norms = 3 * rows * seq * shapes.hidden * 4
+    outputs = batch * seq * (shapes.hidden + 3 * shapes.out_width) * 4
+    return states, max(attention, feed_forward) + norms + outputs
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    device: str
+    budget: int
+    weights: int  # dense weights and projection, resident all along
+    references: int  # f(dense) at every real token (prompts and empty prompt), fp32, resident all along
+    batch: int  # prompts in flight
+    seq: int  # their padded length at most
+    states: int
+    activations: int
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.references + self.states + self.activations
+
+    def describe(self) -> str:
+        gib = 2**30
+        return (f"memory plan on {self.device}: weights {self.weights / gib:.2f} GiB + reference outputs "
+                f"{self.references / gib:.2f} GiB + {self.batch} prompts in flight (cached states {self.states / gib:.2f} "
+                f"GiB, activations {self.activations / gib:.2f} GiB) = {self.total / gib:.2f} GiB of {self.budget / gib:.2f} GiB")
+
+    def to_json(self) -> dict[str, Any]:
+        return {"device": self.device, "budget": self.budget, "weights": self.weights, "references": self.references,
+                "batch": self.batch, "seq": self.seq, "states": self.states, "activations": self.activations,
+                "total": self.total}
+
+
+def plan_memory(shapes: Shapes, weights: int, tokens: int, seq: int, batch: int, width: int, budget: int,
+                device: str) -> MemoryPlan:
+    """The largest batch up to ``batch`` whose working set fits ``budget`` next to the resident weights and the
+    reference outputs of all ``tokens``; UserError when not even one prompt fits."""
+    references = tokens * shapes.out_width * 4
+    for b in range(batch, 0, -1):
+        states, activations = working_set(shapes, b, seq, width)
+        plan = MemoryPlan(device, budget, weights, references, b, seq, states, activations)
+        if plan.total <= budget:
+            return plan
+    one = MemoryPlan(device, budget, weights, references, 1, seq, *working_set(shapes, 1, seq, width))
+    gib = 2**30
+    raise UserError(f"calibration needs at least {one.total / gib:.2f} GiB on {device} (weights {weights / gib:.2f} GiB, "
+                    f"reference outputs {references / gib:.2f} GiB, one prompt in flight "
+                    f"{(one.states + one.activations) / gib:.2f} GiB) but the budget is {budget / gib:.2f} GiB; raise "
+                    "--max-memory, or use --precision bf16, fewer --num-prompts or a smaller --max-length")
+
+
+def default_budget(device: str) -> int | None:
+    """What the device has free, minus a margin (max(1 GiB, 10 %)); None where unknown."""
+    from .artifacts import available_memory
+
+    if device.startswith("cuda"):
+        free, total = torch.cuda.mem_get_info(torch.device(device))
+        return free - max(1 << 30, total // 10)
+    host = available_memory()
+    return None if host is None else host - max(1 << 30, host // 10)
+
+
+def parse_size(text: str) -> int:
+    """'24GiB', '800MiB', '80GB' (decimal), or bytes."""
+    units = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9, "t": 10**12,
+             "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
+    unit = match.group(2).lower() if match else ""
+    if not match or unit not in units:
+        raise UserError(f"--max-memory {text}: expected a size such as 24GiB, 800MiB or 80GB")
+    size = int(float(match.group(1)) * units[unit])
+    if size <= 0:
+        raise UserError(f"--max-memory {text}: the budget must be more than zero bytes")
+    return size
 
 
 # ----------------------------------------------------------------------------------------------- search
@@ -253,7 +367,6 @@ class Scorer:
 class Beam:
     order: tuple[int, ...]  # skipped slots, in the order they were chosen
     score: float
-    trace: Trace | None = None  # cached slot-boundary states (not checkpointed)
 
 
 @dataclass
@@ -290,7 +403,7 @@ def skip_search(scorer: Scorer, sizes: list[int], total: int, target: float, bea
                 state: SearchState | None = None, on_step: Any = None) -> SearchState:
     """Beam search until the best beam removes at least ``target`` of the parameters (or one slot is left)."""
     n = scorer.num_slots
-    state = state or SearchState(beams=[Beam((), 0.0, scorer.dense_trace)])
+    state = state or SearchState(beams=[Beam((), 0.0)])
 
     def sparsity(order: tuple[int, ...]) -> float:
         return sum(sizes[i] for i in order) / total
@@ -300,27 +413,26 @@ def skip_search(scorer: Scorer, sizes: list[int], total: int, target: float, bea
         before = scorer.evaluations
         candidates = _candidates(state.beams, n)
         for rank, parent in enumerate(state.beams):
-            mine = {key: c for key, c in candidates.items() if c.parent == rank}
-            free = sorted(c.slot for c in mine.values())
-            traces: dict[int, Trace] = {}
+            mine = [c for c in candidates.values() if c.parent == rank]
             every = [j for j in range(n) if j not in parent.order]  # the naive method runs them all, repeats included
             state.naive_evaluations += len(every) * naive_cost(n, len(parent.order) + 1)
             if naive:
-                all_scores = {j: scorer.discrepancy(scorer.finals(schedule_of(n, (*parent.order, j)))) for j in every}
-                scores = {c.slot: all_scores[c.slot] for c in mine.values()}
-            elif free:
-                parent.trace = parent.trace or scorer.trace(schedule_of(n, parent.order))
-                scores, traces = scorer.score_skips(schedule_of(n, parent.order), parent.trace, free, beam)
-            for c in mine.values():
-                c.beam.score, c.beam.trace = scores[c.slot], traces.get(c.slot)
+                all_scores = dict(zip(every, scorer.score_full([schedule_of(n, (*parent.order, j)) for j in every])))
+                scores = [all_scores[c.slot] for c in mine]
+            elif mine:
+                scores = scorer.score(schedule_of(n, parent.order), [(c.slot, None) for c in mine])
+            for c, score in zip(mine, scores):
+                c.beam.score = score
         ranked = sorted((c.beam for c in candidates.values()), key=lambda b: (b.score, b.order))
         state.beams = ranked[:beam]
         state.step += 1
         state.evaluations += scorer.evaluations - before
         state.seconds += time.perf_counter() - start
         best = state.beams[0]
+        margin = ranked[beam].score - ranked[beam - 1].score if len(ranked) > beam else None
         state.history.append({"step": state.step, "order": list(best.order), "score": best.score,
-                              "sparsity": sparsity(best.order), "evaluations": state.evaluations})
+                              "sparsity": sparsity(best.order), "evaluations": state.evaluations,
+                              "beam_scores": [b.score for b in state.beams], "margin": margin})
         if on_step:
             on_step(state)
     return state
@@ -356,7 +468,7 @@ def reuse_search(scorer: Scorer, skip: tuple[int, ...], naive: bool = False) -> 
     n = scorer.num_slots
     skipped = set(skip)
     reuse: dict[int, int] = {}
-    current = initial = scorer.discrepancy(scorer.finals(schedule_of(n, skip)))
+    current = initial = scorer.discrepancy(schedule_of(n, skip))
     naive_count = naive_cost(n, len(skip))
     steps = []
     for slot in skip:
@@ -366,12 +478,13 @@ def reuse_search(scorer: Scorer, skip: tuple[int, ...], naive: bool = False) -> 
         trials = [schedule_of(n, skip, reuse | {slot: s}) for s in sources]
         naive_count += sum(sum(src is not None for src in t) for t in trials)
         if naive:
-            scores = [scorer.discrepancy(scorer.finals(t)) for t in trials]
+            scores = scorer.score_full(trials)
         else:
-            scores = scorer.score_schedules(trials, slot, scorer.trace(schedule_of(n, skip, reuse)))
+            scores = scorer.score(schedule_of(n, skip, reuse), [(slot, s) for s in sources])
         best = min(range(len(sources)), key=lambda i: (scores[i], sources[i]))
         accepted = scores[best] < current
-        steps.append({"slot": slot, "tried": dict(zip(map(str, sources), scores)), "accepted": sources[best] if accepted else None})
+        steps.append({"slot": slot, "before": current, "tried": dict(zip(map(str, sources), scores)),
+                      "accepted": sources[best] if accepted else None})
         if accepted:
             reuse[slot], current = sources[best], scores[best]
     return reuse, initial, current, steps, naive_count
@@ -427,10 +540,11 @@ class CalibrationConfig:
     prompts: Path | None = None
     num_prompts: int | None = None
     max_length: int = 256
-    batch_size: int = 16
+    batch_size: int = 16  # at most; fewer when --max-memory needs it
     projection: Path | None = None
     device: str = "cpu"
     precision: str = "fp32"
+    max_memory: int | None = None  # bytes of device memory the calibration may use (default: free minus a margin)
     naive: bool = False  # the reference method: every candidate runs the whole encoder
     force: bool = False  # replace existing plan files
 
@@ -441,8 +555,10 @@ def check_config(cfg: CalibrationConfig) -> None:
     for s in cfg.sparsities:
         if not 0 < s < 1:
             raise UserError(f"--sparsity {s}: a target sparsity must lie in (0, 1)")
-    if cfg.beam < 1:
-        raise UserError(f"--beam {cfg.beam}: the beam width must be at least 1")
+    for flag, value in (("--beam", cfg.beam), ("--num-prompts", cfg.num_prompts), ("--max-length", cfg.max_length),
+                        ("--batch-size", cfg.batch_size), ("--max-memory", cfg.max_memory)):
+        if value is not None and value < 1:
+            raise UserError(f"{flag} {value}: must be at least 1")
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {cfg.device}: no CUDA device on this machine; use --device cpu")
     if cfg.out.suffix != ".json":
@@ -462,7 +578,7 @@ def calibrate(cfg: CalibrationConfig) -> dict[float, Plan]:
     """Run the calibration and write one plan file per target sparsity."""
     from .apply import sub_block_parameters
     from .inputs import load_tokenizer
-    from .model import build_meta, load_config, load_encoder, model_source
+    from .model import build_meta, load_config, model_source
 
     check_config(cfg)
     start = time.perf_counter()
@@ -477,35 +593,40 @@ def calibrate(cfg: CalibrationConfig) -> dict[float, Plan]:
         if not least <= s <= most:
             raise UserError(f"--sparsity {s}: not reachable for this model; a plan removes between {least:.4f} "
                             f"(one sub-block) and {most:.4f} (all but one) of its parameters")
+    _check_length(meta.config, cfg.max_length)
     prompts = read_prompts(cfg.prompts, cfg.num_prompts)
+    tokenizer = None if cfg.random_weights else load_tokenizer(source.folder)
+    prompts, ids, empty = _tokenize(tokenizer, meta.config, prompts, cfg.max_length, str(cfg.prompts or "the built-in calibration set"))
+    projection = load_projection(cfg.projection, _hidden_size(meta.config)) if cfg.projection else None
+    memory = _memory_plan(meta, cfg, ids, empty, projection)
+    log.info("%s", memory.describe())
     cfg.out.parent.mkdir(parents=True, exist_ok=True)
     dense = Plan.dense(family, num_blocks)
-    _check_memory(meta, dense, cfg)
-    enc = load_encoder(source, dense, cfg.precision)
-    projection = load_projection(cfg.projection, _hidden_size(enc.config)) if cfg.projection else None
-    tokenizer = None if cfg.random_weights else load_tokenizer(source.folder)
-    feeds = _feeds(tokenizer, enc.config, prompts, cfg.max_length, cfg.batch_size)
+    enc = _load(source, dense, cfg.precision)
     for m in (enc.stem, enc.head, *enc.sub_blocks):
         m.to(cfg.device)
     # Candidates stacked on the batch axis: worth it on a GPU; on CPU one at a time is fastest
     # (MiniLM skip phase, 32 prompts, 2 cores: 38.4 s unstacked, 41.8 s by 2, 50.5 s by 8).
-    scorer = Scorer(enc, feeds, projection, cfg.device, chunk=8 if cfg.device.startswith("cuda") else 1)
+    width = 8 if cfg.device.startswith("cuda") else 1
+    batches = [_pad(tokenizer, ids[i:i + memory.batch]) for i in range(0, len(ids), memory.batch)]
+    scorer = Scorer(enc, batches, _pad(tokenizer, [empty]), projection, cfg.device, width)
 
-    config_hash = fingerprint(enc.config.to_dict())
     prompt_hash = fingerprint(prompts, cfg.max_length)
     checkpoint = cfg.out.with_name(cfg.out.name + ".calibration-checkpoint.json")
-    key = fingerprint(config_hash, prompt_hash, cfg.beam, max(targets), cfg.precision, cfg.device, cfg.naive,
-                      sha256_file(cfg.projection) if cfg.projection else None, cfg.random_weights)
+    key = resume_key(cfg, source, enc.config, prompts, memory.batch)
     state = _resume(checkpoint, key)
     progress = _progress(round(max(targets) * total / (sum(sizes) / len(sizes))), state)
 
     def on_step(st: SearchState) -> None:
         _save_checkpoint(checkpoint, key, st)
+        progress.total = max(progress.total, st.step)
         progress.update(1)
         progress.set_postfix(step=st.step, best=f"{st.beams[0].score:.4g}", sparsity=f"{st.history[-1]['sparsity']:.3f}")
 
     try:
         state = skip_search(scorer, sizes, total, max(targets), cfg.beam, cfg.naive, state, on_step)
+        progress.total = progress.n  # the estimate was a guess; the bar ends at the steps taken
+        progress.refresh()
     except KeyboardInterrupt:
         kept = f"checkpoint {checkpoint} kept" if checkpoint.is_file() else "no step had finished, nothing kept"
         raise Interrupted(f"calibration interrupted; {kept}; run the same command again to resume") from None
@@ -521,10 +642,11 @@ def calibrate(cfg: CalibrationConfig) -> dict[float, Plan]:
         provenance = {
             "tool": "skrr-export calibrate",
             "method": "Skrr: beam-search Skip, greedy Re-use (Seo et al., ICML 2025)",
-            "metric": "MSE(dense, pruned) on the prompts + MSE on the empty prompt, padded tokens masked, after "
+            "metric": "MSE(dense, pruned) over every real token of the prompts + the same on the empty prompt, after "
                       + (f"projection {cfg.projection.name}" if cfg.projection else "no projection (raw encoder output)"),
             "model": str(source.folder),
-            "model_config_sha256": config_hash,
+            "model_config_sha256": key["model_config"],
+            "model_sha256": key["model"],
             "prompts": str(cfg.prompts) if cfg.prompts else "built-in calibration set",
             "prompt_set_sha256": prompt_hash,
             "num_prompts": len(prompts),
@@ -532,6 +654,7 @@ def calibrate(cfg: CalibrationConfig) -> dict[float, Plan]:
             "beam": cfg.beam,
             "precision": cfg.precision,
             "device": cfg.device,
+            "memory_plan": memory.to_json(),
             "skip_order": list(order),
             "skip_steps": state.history,
             "skip_score": skip_score,
@@ -539,6 +662,8 @@ def calibrate(cfg: CalibrationConfig) -> dict[float, Plan]:
             "score": score,
             "subblock_evaluations": state.evaluations + scorer.evaluations - before,
             "naive_subblock_evaluations": state.naive_evaluations + naive_reuse,
+            "skip_seconds": round(state.seconds, 2),
+            "skip_subblock_evaluations_per_second": round(state.evaluations / state.seconds, 2) if state.seconds else None,
             "wall_seconds": round(time.perf_counter() - start, 2),
         }
         plan = Plan(family, num_blocks, skip=skip, reuse=reuse, sparsity=round(sparsity, 6), provenance=provenance)
@@ -549,17 +674,68 @@ def calibrate(cfg: CalibrationConfig) -> dict[float, Plan]:
     return plans
 
 
-def _check_memory(meta: Any, dense: Plan, cfg: CalibrationConfig) -> None:
-    """Calibration holds the dense weights (plus cached states): refuse early when they cannot fit."""
+def _load(source: Any, dense: Plan, precision: str) -> Any:
+    """The dense encoder; random weights are drawn from a fixed seed, so a resumed run scores the same model."""
+    from .model import load_encoder
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return load_encoder(source, dense, precision)
+
+
+def _check_length(config: Any, max_length: int) -> None:
+    positions = getattr(getattr(config, "text_config", config), "max_position_embeddings", None)
+    if isinstance(positions, int) and max_length > positions:
+        raise UserError(f"--max-length {max_length}: this model has {positions} positions; use at most {positions}")
+
+
+def _memory_plan(meta: Any, cfg: CalibrationConfig, ids: list[list[int]], empty: list[int],
+                 projection: nn.Module | None) -> MemoryPlan:
+    """Weights, reference outputs and the batch in flight against ``--max-memory`` (default: free minus a margin)."""
     from .apply import plan_cost
-    from .artifacts import check_device_memory, check_memory
+    from .artifacts import check_memory
     from .model import DTYPES
 
     meta.dtype = DTYPES[cfg.precision]
-    weights = plan_cost(meta, dense).kept_weight_bytes
-    if cfg.device.startswith("cuda"):
-        check_device_memory(int(weights * 1.2), f"calibrating on {cfg.device} (dense weights {weights / 2**30:.1f} GiB)")
-    check_memory(int(weights * 1.1) + (600 << 20), f"calibration (dense weights {weights / 2**30:.1f} GiB)")
+    weights = plan_cost(meta, Plan.dense(meta.adapter.family, meta.adapter.num_blocks(meta.config))).kept_weight_bytes
+    out_width = None
+    if projection is not None:
+        weights += sum(p.numel() * 4 for p in projection.parameters())
+        out_width = [m for m in projection.modules() if isinstance(m, nn.Linear)][-1].out_features
+    if cfg.device.startswith("cuda"):  # the checkpoint is read into host memory before it moves to the GPU
+        check_memory(int(weights * 1.1) + (600 << 20), f"loading the model for calibration (dense weights {weights / 2**30:.1f} GiB)")
+    budget = cfg.max_memory or default_budget(cfg.device) or 2**62
+    device = "cuda" if cfg.device.startswith("cuda") else "cpu"
+    tokens = sum(map(len, ids)) + len(empty)
+    width = 8 if device == "cuda" else 1
+    plan = plan_memory(shapes_of(meta, out_width), weights, tokens, max(map(len, ids)), cfg.batch_size, width, budget, device)
+    if plan.batch < cfg.batch_size:
+        log.info("batch size %d -> %d to stay within %.2f GiB", cfg.batch_size, plan.batch, budget / 2**30)
+    return plan
+
+
+def resume_key(cfg: CalibrationConfig, source: Any, config: Any, prompts: list[str], batch: int) -> dict[str, Any]:
+    """Everything that changes the search's answer, bit for bit. The targets are not in it: a step does not depend
+    on them, so a run with a higher target continues where a lower one stopped."""
+    return {
+        "model": _model_hash(source),
+        "model_config": fingerprint(config.to_dict()),
+        "prompts": fingerprint(prompts),
+        "num_prompts": len(prompts),
+        "max_length": cfg.max_length,
+        "batch_size": batch,  # D does not depend on it, but padding changes the float rounding of near-ties
+        "precision": cfg.precision,
+        "device": "cuda" if cfg.device.startswith("cuda") else "cpu",
+        "beam": cfg.beam,
+        "projection": sha256_file(cfg.projection) if cfg.projection else None,
+        "method": "naive" if cfg.naive else "fast",
+    }
+
+
+def _model_hash(source: Any) -> str:
+    if source.random_weights:
+        return "random weights (seed 0)"
+    return fingerprint([(p.name, sha256_file(p)) for p in sorted(source.folder.glob("*.safetensors"))])
 
 
 def _hidden_size(config: Any) -> int:
@@ -567,45 +743,67 @@ def _hidden_size(config: Any) -> int:
     return int(getattr(config, "d_model", None) or config.hidden_size)
 
 
-def _feeds(tokenizer: Any, config: Any, prompts: list[str], max_length: int, batch_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Calibration batches (padded to the longest in each), then the empty prompt as its own batch."""
+def _tokenize(tokenizer: Any, config: Any, prompts: list[str], max_length: int, where: str
+              ) -> tuple[list[str], list[list[int]], list[int]]:
+    """(prompts kept, their token ids, the empty prompt's ids). Prompts that tokenize like the empty prompt are
+    dropped (all of them: an error). Without a tokenizer: seeded random ids of ``max_length`` tokens."""
     import numpy as np
 
     from .inputs import prompt_batch, random_ids
 
-    feeds = []
-    if tokenizer is not None:
-        for i in range(0, len(prompts), batch_size):
-            enc = tokenizer(prompts[i:i + batch_size], padding=True, truncation=True, max_length=max_length, return_tensors="pt")
-            feeds.append((enc["input_ids"], enc["attention_mask"]))
-        _, empty = prompt_batch(tokenizer, config, "int64", None)
-    else:  # random-weights work: seeded ids of the calibration length, one batch per batch_size prompts
-        rng = np.random.default_rng(0)
-        for i in range(0, len(prompts), batch_size):
-            n = min(batch_size, len(prompts) - i)
-            ids = torch.from_numpy(random_ids(config, (n, max_length), rng))
-            feeds.append((ids, torch.ones_like(ids)))
+    if tokenizer is None:
+        ids = random_ids(config, (len(prompts), max_length), np.random.default_rng(0))
         _, empty = prompt_batch(None, config, "int64", None)
-    feeds.append((torch.from_numpy(empty.feed["input_ids"]), torch.from_numpy(empty.feed["attention_mask"])))
-    return feeds
+        return prompts, ids.tolist(), empty.feed["input_ids"][0].tolist()
+    empty_ids = tokenizer("", truncation=True, max_length=max_length)["input_ids"]
+    ids = tokenizer(prompts, truncation=True, max_length=max_length)["input_ids"]
+    kept = [i for i, t in enumerate(ids) if t != empty_ids]
+    if not kept:
+        raise UserError(f"{where}: all {len(prompts)} prompts are empty after tokenization (e.g. {prompts[0]!r}); "
+                        "give prompts with text the tokenizer keeps")
+    if len(kept) < len(prompts):
+        log.warning("%s: %d prompts are empty after tokenization and were left out", where, len(prompts) - len(kept))
+    return [prompts[i] for i in kept], [ids[i] for i in kept], empty_ids
 
 
-def _resume(checkpoint: Path, key: str) -> SearchState | None:
+def _pad(tokenizer: Any, ids: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch padded to its longest prompt: (input_ids, attention_mask)."""
+    if tokenizer is not None:
+        enc = tokenizer.pad({"input_ids": ids}, return_tensors="pt")
+        return enc["input_ids"], enc["attention_mask"]
+    longest = max(map(len, ids))
+    out = torch.zeros(len(ids), longest, dtype=torch.long)
+    mask = torch.zeros_like(out)
+    for row, t in enumerate(ids):
+        out[row, :len(t)] = torch.tensor(t)
+        mask[row, :len(t)] = 1
+    return out, mask
+
+
+def _resume(checkpoint: Path, key: dict[str, Any]) -> SearchState | None:
     if not checkpoint.is_file():
         return None
     try:
         data = json.loads(checkpoint.read_text())
     except json.JSONDecodeError:
         raise ArtifactError(f"calibration checkpoint {checkpoint} is corrupt; delete it to start over") from None
-    if data.get("key") != key:
-        log.info("ignoring %s: it was made with other arguments", checkpoint.name)
+    old = data.get("key") if isinstance(data.get("key"), dict) else {}
+    changed = [k for k in key if old.get(k) != key[k]]
+    if changed:
+        what = "; ".join(f"{k} {_short(old.get(k))}, now {_short(key[k])}" for k in changed)
+        log.warning("starting over: %s was made with other settings (%s)", checkpoint.name, what)
         return None
     state = SearchState.from_json(data["state"])
     log.info("resuming calibration from %s at step %d", checkpoint.name, state.step)
     return state
 
 
-def _save_checkpoint(path: Path, key: str, state: SearchState) -> None:
+def _short(value: Any) -> str:
+    text = "none" if value is None else str(value)
+    return text[:12] if len(text) == 64 else text  # sha256 hashes: their first 12 digits
+
+
+def _save_checkpoint(path: Path, key: dict[str, Any], state: SearchState) -> None:
     _write_json(path, {"key": key, "state": state.to_json()})
 
 
@@ -616,5 +814,6 @@ def _write_json(path: Path, data: Any) -> None:
 def _progress(expected_steps: int, state: SearchState | None) -> Any:
     from tqdm import tqdm
 
-    return tqdm(total=expected_steps, initial=state.step if state else 0, desc="skip search", unit="step",
+    done = state.step if state else 0
+    return tqdm(total=max(expected_steps, done), initial=done, desc="skip search", unit="step",
                 disable=not log.isEnabledFor(logging.INFO))

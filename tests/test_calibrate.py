@@ -3,62 +3,146 @@ calibrated plans beat whole-block and random plans on real MiniLM weights; bad i
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
 import random
+import re
 from pathlib import Path
 
+import numpy
 import pytest
 import torch
 from safetensors.torch import save_file
 
 from skrr_export.apply import apply_plan, plan_cost, sub_block_parameters
-from skrr_export.calibrate import CalibrationConfig, Scorer, calibrate, read_prompts, reuse_search, skip_search
+from skrr_export.calibrate import (CalibrationConfig, Scorer, calibrate, read_prompts, reuse_search, schedule_of,
+                                   skip_search)
 from skrr_export.cli import main
 from skrr_export.errors import UserError
 from skrr_export.inputs import load_tokenizer
 from skrr_export.model import ModelSource, load_encoder
 from skrr_export.plan import Plan, load_plan
 
+from .helpers import NUM_BLOCKS
+from .reference import reference_forward
+
 SMALL = dict(num_prompts=8, max_length=48, batch_size=8)
 
 
-def tiny_t5_24_blocks(tmp_path: Path) -> Path:
+def tiny_t5(tmp_path: Path, blocks: int) -> Path:
+    """A tiny T5 whose odd blocks are near-copies of the block before (so re-using a neighbour can pay)."""
     from transformers import T5Config, T5EncoderModel
 
     torch.manual_seed(0)
-    config = T5Config(vocab_size=64, d_model=16, d_kv=4, d_ff=24, num_layers=24, num_heads=4,
+    config = T5Config(vocab_size=64, d_model=16, d_kv=4, d_ff=24, num_layers=blocks, num_heads=4,
                       feed_forward_proj="gated-gelu", is_encoder_decoder=False, use_cache=False)
     model = T5EncoderModel(config)
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.05)
+        layers = model.encoder.block
+        for b in range(1, blocks, 2):
+            twin = dict(layers[b - 1].named_parameters())
+            for name, mine in layers[b].named_parameters():
+                mine.copy_(twin[name] + torch.randn_like(mine) * 0.02)
     model.save_pretrained(tmp_path)
     return tmp_path
 
 
-def test_fast_search_equals_naive_with_at_most_half_the_evaluations(tmp_path):
-    folder = tiny_t5_24_blocks(tmp_path)
-    enc = load_encoder(ModelSource(folder), Plan.dense("t5", 24))
+def padded_prompts(n: int, vocab: int, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n`` prompts of 3 to 12 tokens, right-padded."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(3, 13, (n,), generator=g)
+    ids = torch.randint(5, vocab, (n, int(lengths.max())), generator=g)
+    mask = (torch.arange(ids.shape[1])[None, :] < lengths[:, None]).long()
+    return ids * mask, mask
+
+
+def batched(ids: torch.Tensor, mask: torch.Tensor, size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Batches of ``size`` prompts, each cut to its own longest prompt (so padding differs per batch)."""
+    out = []
+    for i in range(0, len(ids), size):
+        m = mask[i:i + size]
+        longest = int(m.sum(1).max())
+        out.append((ids[i:i + size, :longest], m[:, :longest]))
+    return out
+
+
+def test_search_is_the_same_for_every_batch_size_and_equals_the_naive_search(tmp_path):
+    """Batch sizes 1, 3 and 16 (padding differs in each) give the same scores, skip order and re-use map, and
+    the fast search gives the naive one's answer with fewer sub-block evaluations. The runs are checked to be
+    free of near-ties first, so any difference is a real one."""
+    folder = tiny_t5(tmp_path, 6)
+    enc = load_encoder(ModelSource(folder), Plan.dense("t5", 6))
     sizes = [sum(p.numel() for _, p in b) for b in sub_block_parameters(enc)]
     total = sum(p.numel() for p in enc.model.parameters())
-    g = torch.Generator().manual_seed(1)
-    ids = torch.randint(2, 64, (3, 8), generator=g)
-    mask = torch.ones_like(ids)
-    mask[2, 5:] = 0
-    feeds = [(ids, mask), (torch.tensor([[1]]), torch.tensor([[1]]))]
-    results = {}
-    for naive in (False, True):
-        scorer = Scorer(enc, feeds, None, "cpu")
-        state = skip_search(scorer, sizes, total, 0.42, beam=3, naive=naive)
+    ids, mask = padded_prompts(10, 64)
+    empty = (torch.tensor([[1]]), torch.tensor([[1]]))
+    runs = {}
+    for batch, naive in ((1, False), (3, False), (16, False), (3, True)):
+        scorer = Scorer(enc, batched(ids, mask, batch), empty, None, "cpu")
+        state = skip_search(scorer, sizes, total, 0.35, beam=3, naive=naive)
+        skip = state.beams[0].order
         before = scorer.evaluations
-        reuse, _, score, _, naive_reuse = reuse_search(scorer, state.beams[0].order[:12], naive=naive)
-        results[naive] = (state.beams[0].order, reuse, score, state.evaluations, state.naive_evaluations,
-                          scorer.evaluations - before, naive_reuse)
-    fast, slow = results[False], results[True]
-    assert fast[:3] == slow[:3], "skip order, re-use map and score must be identical"
-    assert slow[3] == slow[4] and slow[5] == slow[6], "the naive run's measured evaluations are the naive count"
-    assert fast[3] <= 0.5 * slow[3], f"skip phase: fast {fast[3]} vs naive {slow[3]}"
-    assert fast[3] + fast[5] <= 0.5 * (slow[3] + slow[5]), "both phases together"
+        reuse, _, score, steps, naive_reuse = reuse_search(scorer, skip, naive=naive)
+        for h in state.history:  # no near-ties: the kept beams are apart from the first dropped candidate
+            assert h["margin"] is None or h["margin"] > 1e-4 * h["beam_scores"][-1], h
+        for r in steps:
+            assert all(abs(v - r["before"]) > 1e-4 * r["before"] for v in r["tried"].values()), r
+        runs[batch, naive] = dict(order=state.beams[0].order, reuse=reuse, score=score,
+                                  scores=[h["beam_scores"] for h in state.history], evaluations=state.evaluations,
+                                  naive=state.naive_evaluations, reuse_evaluations=scorer.evaluations - before,
+                                  naive_reuse=naive_reuse)
+    reference = runs[3, True]
+    assert reference["evaluations"] == reference["naive"] and reference["reuse_evaluations"] == reference["naive_reuse"], \
+        "the naive run's measured evaluations are the naive count"
+    assert len(reference["order"]) >= 4 and len(reference["reuse"]) >= 2, "a search deep enough to test, with re-use"
+    for key, run in runs.items():
+        assert (run["order"], run["reuse"]) == (reference["order"], reference["reuse"]), key
+        assert run["score"] == pytest.approx(reference["score"], rel=1e-5), key
+        assert numpy.allclose(run["scores"], reference["scores"], rtol=1e-5), key
+    fast = runs[16, False]
+    assert fast["evaluations"] + fast["reuse_evaluations"] < 0.7 * (fast["naive"] + fast["naive_reuse"])
+
+
+def reference_d(model, family: str, blocks: int, skip, reuse, prompts, empty) -> float:
+    """D from the Hugging Face submodules, one unpadded prompt at a time: squared error summed over every real
+    token of the prompts / (tokens x width), plus the same on the empty prompt."""
+    total = 0.0
+    for group in (prompts, [empty]):
+        err, tokens = 0.0, 0
+        for ids, mask in group:
+            dense = reference_forward(family, model, blocks, (), {}, ids, mask)["last_hidden_state"]
+            pruned = reference_forward(family, model, blocks, skip, reuse, ids, mask)["last_hidden_state"]
+            err += float(((dense - pruned).double() ** 2).sum())
+            tokens += ids.numel()
+        total += err / (tokens * dense.shape[-1])
+    return total
+
+
+@pytest.mark.parametrize("family", ["t5", "bert"])
+def test_score_is_the_papers_d_whatever_the_batching(family, tiny_models):
+    """Every candidate's score equals D computed independently, one prompt at a time, for batch sizes 1, 3 and
+    16 (a batch-weighted mean would count the empty prompt once per batch) and for the fast and naive paths."""
+    model, folder = tiny_models[family]
+    enc = load_encoder(ModelSource(folder), Plan.dense(family, NUM_BLOCKS))
+    ids, mask = padded_prompts(7, 96)
+    prompts = [(ids[i:i + 1, :int(mask[i].sum())], mask[i:i + 1, :int(mask[i].sum())]) for i in range(len(ids))]
+    empty = (torch.tensor([[4]]), torch.tensor([[1]]))
+    n = 2 * NUM_BLOCKS
+    skips = [(j,) for j in range(n)] + [(2, j) for j in range(n) if j != 2]
+    expected = [reference_d(model, family, NUM_BLOCKS, s, {}, prompts, empty) for s in skips]
+    expected_reuse = reference_d(model, family, NUM_BLOCKS, (2, 3), {2: 0}, prompts, empty)
+    for batch in (1, 3, 16):
+        scorer = Scorer(enc, batched(ids, mask, batch), empty, None, "cpu")
+        single = scorer.score(schedule_of(n, ()), [(j, None) for j in range(n)])
+        double = scorer.score(schedule_of(n, (2,)), [(j, None) for j in range(n) if j != 2])
+        naive = scorer.score_full([schedule_of(n, s) for s in skips])
+        assert single + double == pytest.approx(expected, rel=1e-5), batch
+        assert naive == pytest.approx(expected, rel=1e-5), batch
+        reused = scorer.score(schedule_of(n, (2, 3)), [(2, 0)])[0]
+        assert reused == pytest.approx(expected_reuse, rel=1e-5), batch
 
 
 def discrepancy(enc, plan: Plan, feeds) -> float:
@@ -97,9 +181,14 @@ def shortgpt_plan(enc, feeds, blocks: int) -> Plan:
     return Plan("bert", 6, skip=tuple(s for b in order for s in (2 * b, 2 * b + 1)))
 
 
-def test_calibrated_minilm_plan_beats_whole_block_and_random_plans(minilm_path, tmp_path):
+def test_calibrated_minilm_plan_beats_whole_block_and_random_plans(minilm_path, tmp_path, caplog, capsys):
     out = tmp_path / "plan.json"
-    plan = calibrate(CalibrationConfig(out=out, sparsities=(0.16,), **SMALL))[0.16]
+    with caplog.at_level(logging.INFO, logger="skrr_export"):
+        plan = calibrate(CalibrationConfig(out=out, sparsities=(0.16,), **SMALL))[0.16]
+    bars = re.findall(r"(\d+)/(\d+) \[", capsys.readouterr().err)
+    steps = len(plan.provenance["skip_steps"])
+    assert bars and bars[-1] == (str(steps), str(steps)), "the progress bar ends at the steps taken"
+    assert "memory plan on cpu: weights 0.08 GiB" in caplog.text
     assert load_plan(out) == plan
     enc = load_encoder(ModelSource(minilm_path), Plan.dense("bert", 6))
     feeds = minilm_feeds(minilm_path)
@@ -182,13 +271,62 @@ def test_interrupted_calibration_resumes_from_its_checkpoint(minilm_path, tmp_pa
     uninterrupted = calibrate(CalibrationConfig(out=tmp_path / "again.json", sparsities=(0.16,), **SMALL))[0.16]
     resumed = load_plan(out)
     assert (resumed.skip, resumed.reuse) == (uninterrupted.skip, uninterrupted.reuse)
+    assert resumed.provenance["score"] == uninterrupted.provenance["score"]
+
+
+def test_a_checkpoint_made_otherwise_is_not_resumed_and_the_log_says_why(minilm_path, tmp_path, caplog):
+    """Every input that changes the answer changes the resume key; a different key starts over, naming what changed."""
+    import skrr_export.calibrate as cal
+    from skrr_export.model import load_config
+
+    source = ModelSource(minilm_path)
+    config = load_config(source)
+    prompts = read_prompts(None, 8)
+    cfg = CalibrationConfig(out=tmp_path / "p.json", sparsities=(0.1,), **SMALL)
+    key = cal.resume_key(cfg, source, config, prompts, 8)
+    proj = tmp_path / "proj.safetensors"
+    save_file({"weight": torch.zeros(4, 384)}, proj)
+    other_model = tmp_path / "other"
+    other_model.mkdir()
+    for f in minilm_path.iterdir():
+        if f.is_file():
+            (other_model / f.name).write_bytes(f.read_bytes())
+    weights = other_model / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1  # one bit of one weight
+    weights.write_bytes(bytes(data))
+    variants = {
+        "prompts": cal.resume_key(cfg, source, config, prompts[::-1], 8),
+        "num_prompts": cal.resume_key(cfg, source, config, prompts[:7], 8),
+        "batch_size": cal.resume_key(cfg, source, config, prompts, 4),
+        "model": cal.resume_key(cfg, ModelSource(other_model), config, prompts, 8),
+    }
+    for field, value in [("max_length", 40), ("precision", "bf16"), ("device", "cuda:1"), ("beam", 2),
+                         ("projection", proj), ("naive", True)]:
+        variants[field] = cal.resume_key(dataclasses.replace(cfg, **{field: value}), source, config, prompts, 8)
+    assert cal.resume_key(dataclasses.replace(cfg, sparsities=(0.3,)), source, config, prompts, 8) == key, \
+        "targets are not in the key: a deeper run continues a shallower one"
+    for field, changed in variants.items():
+        assert changed != key, field
+    checkpoint = tmp_path / "p.json.calibration-checkpoint.json"
+    cal._save_checkpoint(checkpoint, key, cal.SearchState(step=2, beams=[cal.Beam((3, 5), 0.25)]))
+    assert cal._resume(checkpoint, key).beams[0].order == (3, 5)
+    with caplog.at_level(logging.INFO, logger="skrr_export"):
+        assert cal._resume(checkpoint, variants["batch_size"]) is None
+    assert "starting over" in caplog.text and "batch_size 8, now 4" in caplog.text
 
 
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--sparsity", "1.5"], "a target sparsity must lie in (0, 1)"),
-        (["--sparsity", "0"], "a target sparsity must lie in (0, 1)"),
+        (["--sparsity", "1.5"], "must lie in (0, 1)"),
+        (["--sparsity", "0"], "must lie in (0, 1)"),
+        (["--sparsity", "0.1", "--num-prompts", "0"], "must be at least 1"),
+        (["--sparsity", "0.1", "--num-prompts", "-3"], "must be at least 1"),
+        (["--sparsity", "0.1", "--prompts", "BLANK"], "all 2 prompts are empty after tokenization"),
+        (["--sparsity", "0.1", "--max-memory", "50MiB"], "needs at least"),
+        (["--sparsity", "0.1", "--max-memory", "lots"], "expected a size such as 24GiB"),
+        (["--sparsity", "0.1", "--max-memory", "0GiB"], "more than zero bytes"),
         (["--sparsity", "0.9"], "not reachable for this model"),
         (["--sparsity", "0.01"], "not reachable for this model"),
         (["--sparsity", "0.1", "--prompts", "MISSING"], "cannot read prompt file"),
@@ -199,10 +337,11 @@ def test_interrupted_calibration_resumes_from_its_checkpoint(minilm_path, tmp_pa
 )
 def test_bad_calibration_input_is_one_line_and_exit_2(args, message, tmp_path, capsys):
     (tmp_path / "EMPTY").write_text("\n\n")
+    (tmp_path / "BLANK").write_text("\u200b\n\u200b \u200b\n")  # zero-width spaces: BERT's tokenizer drops them
     gpt2 = tmp_path / "GPT2"
     gpt2.mkdir()
     (gpt2 / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_layer": 2}))
-    args = [str(tmp_path / a) if a in ("MISSING", "EMPTY", "GPT2") else a for a in args]
+    args = [str(tmp_path / a) if a in ("MISSING", "EMPTY", "BLANK", "GPT2") else a for a in args]
     if "cuda" in args and torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
     code = main(["calibrate", "--out", str(tmp_path / "p.json"), "-q", *args])
@@ -221,3 +360,11 @@ def test_prompt_files_accept_lines_and_jsonl(tmp_path):
     bad.write_text('{"nope": 1}\n')
     with pytest.raises(UserError, match="bad.jsonl:1: JSON line has no 'prompt'"):
         read_prompts(bad, None)
+
+
+def test_numbers_out_of_range_are_refused_by_the_library_too(tmp_path):
+    for field, value in [("num_prompts", 0), ("num_prompts", -3), ("batch_size", 0), ("max_length", 0), ("beam", 0),
+                         ("max_memory", 0)]:
+        cfg = CalibrationConfig(out=tmp_path / "p.json", sparsities=(0.1,), **{field: value})
+        with pytest.raises(UserError, match="must be at least 1"):
+            calibrate(cfg)
