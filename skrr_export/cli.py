@@ -225,16 +225,11 @@ def _export_settings(args: argparse.Namespace, recipe: Any) -> None:
 
 
 def _check_export_inputs(args: argparse.Namespace, recipe: Any) -> Any:
-    """Everything the config alone can show is wrong (plan, model folder, recipe, sequence lengths), checked
-    before the output folder is looked at; returns the model's config."""
-    from .model import build_meta, check_plan_fits
-    from .plan import load_plan
-
-    plan = load_plan(args.plan)
+    """What the pipeline does not check before the output folder: the recipe's checkpoint (first, it names the
+    model the recipe was made for) and sequence lengths against the model's positions; returns the config."""
     config = _model_config(args)
-    if recipe is not None:  # first: it names the checkpoint the recipe was made for
+    if recipe is not None:
         recipe.check_config(config)
-    check_plan_fits(plan, build_meta(config))
     if args.fixed_sequence is not None:
         _check_positions(config, args.fixed_sequence, "--fixed-sequence")
     return config
