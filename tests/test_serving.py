@@ -201,3 +201,21 @@ def test_too_big_for_the_target_is_a_clear_error(artifacts, monkeypatch):
     profile = {"input_ids": [[1, 1], [1, 16], [4, 77]], "attention_mask": [[1, 1], [1, 16], [4, 77]]}
     with pytest.raises(UserError, match=r"does not fit orin-8gb: needs .* GiB too much; in fp32, recipes that fit: none"):
         trtexec_script(artifacts, "orin-8gb", profile, None)
+
+
+def test_a_full_disk_while_writing_the_repository_is_one_line_and_leaves_nothing(artifacts, tmp_path, capsys, monkeypatch):
+    """An OSError from the machine (here ENOSPC, raised where the model file is copied) is bad input for the
+    command line, not a traceback; the half-written model folder is removed."""
+    import errno
+    import os
+
+    import skrr_export.serving as serving
+
+    def full(src, dst, *args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(dst))
+
+    monkeypatch.setattr(serving.shutil, "copy2", full)
+    assert main(["triton", "--artifacts", str(artifacts), "--repo", str(tmp_path), "--backend", "onnx", "-q"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("skrr-export: error: No space left on device: ") and "model.onnx" in err[0]
+    assert list(tmp_path.iterdir()) == []
