@@ -216,6 +216,7 @@ BAD_INPUTS = {
     "calibrate: beam 0": (lambda b: [*calibrate(b), "--beam", "0"], "--beam: must be at least 1"),
     "calibrate: sparsity 1": (lambda b: [*calibrate(b)[:-1], "1"], "--sparsity: must lie in (0, 1), got 1"),
     "calibrate: sparsity nan": (lambda b: [*calibrate(b)[:-1], "nan"], "--sparsity: must lie in (0, 1), got nan"),
+    "calibrate: max memory not a size": (lambda b: [*calibrate(b), "--max-memory", "lots"], "expected a size such as 24GiB"),
     "calibrate: batch size 0": (lambda b: [*calibrate(b), "--batch-size", "0"], "--batch-size: must be at least 1"),
     "calibrate: max length beyond positions": (lambda b: [*calibrate(b), "--max-length", "100"], "--max-length 100: sequence length"),
     "calibrate: missing prompts": (lambda b: [*calibrate(b), "--prompts", str(b["tmp"] / "none.txt")], "cannot read prompt file"),
