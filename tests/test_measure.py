@@ -254,7 +254,7 @@ def test_measure_without_cuda_says_so_and_writes_nothing(tmp_path, capsys):
 
 @pytest.mark.parametrize("args, message", [
     (["--batch", "1,x"], "--batch must be comma-separated integers"),
-    (["--iterations", "0"], "--iterations >= 1"),
+    (["--iterations", "0"], "--iterations: must be at least 1, got 0"),
     ([], "give --plan PLAN or --recipe NAME"),
 ])
 def test_measure_bad_arguments_are_one_line(args, message, tmp_path, capsys):
