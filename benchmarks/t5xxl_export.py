@@ -1,9 +1,10 @@
-"""Issue 5 benchmark: T5-v1.1-XXL-size exports from sharded synthetic checkpoints, skrr-export vs the simple script.
+"""T5-v1.1-XXL-size exports from sharded synthetic checkpoints, skrr-export (default flags) vs the simple script.
 
     python benchmarks/t5xxl_export.py write --dir /tmp/t5xxl    # bf16 (2 shards) and fp32 (4 shards), random values
     python benchmarks/t5xxl_export.py run --dir /tmp/t5xxl      # the matrix, measured with /usr/bin/time -v
 
-Each run exports bf16 (external data). Results: benchmarks/results/t5xxl-export-cpu.json.
+Each run exports bf16 (external data); skrr-export also runs its parity check (bf16 computed in fp32 on ONNX
+Runtime's CPU provider) and the distance to the dense model (streamed). Results: benchmarks/results/t5xxl-export-cpu.json.
 """
 
 from __future__ import annotations
@@ -82,7 +83,7 @@ def run(folder: Path, only: str | None) -> None:
                 shutil.rmtree(work, ignore_errors=True)
                 if tool == "skrr-export":
                     cmd = [sys.executable, "-m", "skrr_export.cli", "--plan", str(plan), "--model", str(folder / ckpt),
-                           "--precision", "bf16", "--out", str(work), "--no-dense-distance", "-q"]
+                           "--precision", "bf16", "--out", str(work), "-q"]  # default flags: dense distance on
                 else:
                     cmd = [sys.executable, str(ROOT / "benchmarks" / "simple_export.py"), "--plan", str(plan),
                            "--model", str(folder / ckpt), "--out", str(work)]

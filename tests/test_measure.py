@@ -300,28 +300,10 @@ def test_measurement_flow_on_cpu_with_the_cuda_counters_patched(tiny_models, tmp
     """The orchestration CI can run: CUDA's memory counters and synchronization are patched to no-ops (every
     memory figure is 0 and is not asserted), PyTorch runs on the CPU and ONNX Runtime on its CPU provider.
     Timings, FLOPs and parity are real; a TensorRT-RTX engine is really built and reported as not run."""
-    import types
-
     import skrr_export.measure as measure
-    import skrr_export.runners as runners
     from skrr_export.trt import available
 
-    cuda = torch.cuda
-    for name in ("synchronize", "empty_cache", "reset_peak_memory_stats"):
-        monkeypatch.setattr(cuda, name, lambda *a, **k: None)
-    for name in ("memory_allocated", "max_memory_allocated"):
-        monkeypatch.setattr(cuda, name, lambda *a, **k: 0)
-    monkeypatch.setattr(cuda, "mem_get_info", lambda *a: (1, 1))
-    monkeypatch.setattr(cuda, "get_device_name", lambda *a: "patched")
-    monkeypatch.setattr(cuda, "get_device_capability", lambda *a: (9, 0))  # torch.cuda.is_available() stays False
-    monkeypatch.setattr(cuda, "get_device_properties", lambda *a: types.SimpleNamespace(total_memory=1))
-    monkeypatch.setattr(measure, "DEVICE", "cpu")
-
-    class CpuOrtRunner(runners.OrtRunner):
-        def __init__(self, path, providers, *args, **kwargs):
-            super().__init__(path, ("CPUExecutionProvider",), *args, **kwargs)
-
-    monkeypatch.setattr(runners, "OrtRunner", CpuOrtRunner)
+    _cuda_counters_patched(monkeypatch)
     _, folder = tiny_models["t5"]
     plan = make_plan("t5", "skip-only")
     backends = ("torch", "ort-cuda", "ort-cuda-stock") + (("trt-rtx",) if available("trt-rtx") else ())
@@ -344,3 +326,54 @@ def test_measurement_flow_on_cpu_with_the_cuda_counters_patched(tiny_models, tmp
     assert not (tmp_path / "work").exists() or not any((tmp_path / "work").rglob("*.onnx"))
     write_results(tmp_path, results)
     assert "ONNX Runtime node placement (ort-cuda, plan)" in (tmp_path / "results.md").read_text()
+
+
+def _cuda_counters_patched(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """CUDA's memory counters and synchronization as no-ops (every memory figure 0, not asserted); PyTorch on the
+    CPU and ONNX Runtime on its CPU provider."""
+    import types
+
+    import skrr_export.measure as measure
+    import skrr_export.runners as runners
+
+    cuda = torch.cuda
+    for name in ("synchronize", "empty_cache", "reset_peak_memory_stats"):
+        monkeypatch.setattr(cuda, name, lambda *a, **k: None)
+    for name in ("memory_allocated", "max_memory_allocated"):
+        monkeypatch.setattr(cuda, name, lambda *a, **k: 0)
+    monkeypatch.setattr(cuda, "mem_get_info", lambda *a: (1, 1))
+    monkeypatch.setattr(cuda, "get_device_name", lambda *a: "patched")
+    monkeypatch.setattr(cuda, "get_device_capability", lambda *a: (9, 0))  # torch.cuda.is_available() stays False
+    monkeypatch.setattr(cuda, "get_device_properties", lambda *a: types.SimpleNamespace(total_memory=1))
+    monkeypatch.setattr(measure, "DEVICE", "cpu")
+
+    class CpuOrtRunner(runners.OrtRunner):
+        def __init__(self, path, providers, *args, **kwargs):
+            super().__init__(path, ("CPUExecutionProvider",), *args, **kwargs)
+
+    monkeypatch.setattr(runners, "OrtRunner", CpuOrtRunner)
+
+
+def test_main_jobs_measure_stage_uses_the_artifacts_it_wrote(tiny_models, tmp_path, monkeypatch):
+    """No second export or build: the plan is measured from the job's own ONNX (and engine); the dense model in
+    PyTorch only."""
+    import skrr_export.measure as measure
+    from skrr_export.apply import apply_plan
+    from skrr_export.export import ExportOptions, export_onnx
+    from skrr_export.model import load_encoder
+
+    _cuda_counters_patched(monkeypatch)
+    _, folder = tiny_models["t5"]
+    plan = make_plan("t5", "heavy-reuse")
+    onnx = export_onnx(apply_plan(load_encoder(ModelSource(folder), plan), plan), tmp_path / "model.onnx",
+                       ExportOptions(), 96).path
+    monkeypatch.setattr(measure, "_export", lambda *a: pytest.fail("the measure stage exported the model again"))
+    cfg = MeasureConfig(plan=tmp_path / "unused.json", out=tmp_path / "unused", precision="fp32", warmup=1, iterations=2)
+    meta = build_meta(load_config(ModelSource(folder)))
+    results = measure.run_measurements(meta, ModelSource(folder), plan, ("torch", "ort-cuda"), [Shape(1, 8)], cfg,
+                                       tmp_path / "work", measure.MeasuredArtifacts(onnx, {}))
+    assert {(r["variant"], r["backend"]) for r in results["runs"]} == {("dense", "torch"), ("plan", "torch"),
+                                                                        ("plan", "ort-cuda")}
+    assert [p["passed"] for p in results["parity"]] == [True, True]
+    assert onnx.is_file(), "the job's own artifact is left where it was"
+    write_results(tmp_path, results)
