@@ -1,14 +1,16 @@
 """Finding Skrr plans: beam-search Skip, then greedy Re-use (Seo et al., ICML 2025; DESIGN.md section 1).
 
 D(pruned) = MSE(f(dense(C)), f(pruned(C))) + MSE(f(dense("")), f(pruned(""))): f is the denoiser's caption
-projection (or the identity), C the calibration prompts, padded tokens masked out.
+projection (or the identity), C the calibration prompts; each MSE runs over every real (unpadded) token of its
+term, accumulated as sums and token counts batch by batch and divided once, so the batching does not change it.
 
 The naive method runs the whole pruned encoder for every candidate (every beam x every slot it still keeps).
-This one gives the same answer with fewer sub-block evaluations: each beam keeps its hidden states at every
-slot boundary, so a candidate that additionally skips slot j starts from the beam's state at j and runs only
-the slots after it (about half); a skip set that several beams reach is scored once, from the beam that
-leaves the fewest slots to run; the best candidates' states become the next beams' caches; and the
-candidates of one beam run together, stacked along the batch axis.
+This one gives the same answer with fewer sub-block evaluations: batch by batch, each beam runs once up to its
+last candidate slot, keeping its state entering every slot, and a candidate that additionally skips slot j
+starts from that state and runs only the slots after it; a skip set that several beams reach is scored once,
+from the beam that leaves the fewest slots to run; and the candidates of one beam can run together, stacked
+along the batch axis. Only the batch in flight holds cached states, so memory does not grow with the prompts
+(see ``MemoryPlan``).
 """
 
 from __future__ import annotations
@@ -216,7 +218,7 @@ class Scorer:
         ``width`` branches run together, stacked on the batch axis. ``base`` runs once per batch, up to the last
         branch; its states are cached for the batch in flight only."""
         sums = [[0.0, 0.0] for _ in branches]
-        order = sorted(range(len(branches)), key=lambda k: branches[k])
+        order = sorted(range(len(branches)), key=lambda k: branches[k][0])
         last = branches[order[-1]][0]
         for i, feed in enumerate(self.feeds):
             hidden, ctx, keep = self._begin(feed)
