@@ -187,9 +187,11 @@ def _export_parser() -> Parser:
     p.add_argument("--input-dtype", choices=("int64", "int32"), help="dtype of input_ids and attention_mask (default int64)")
     p.add_argument("--fixed-sequence", type=at_least(1), metavar="N", help="export a fixed sequence length N (batch stays dynamic)")
     p.add_argument("--external-data", action="store_true", default=None, help="store weights in model.onnx.data (automatic above 2 GB)")
-    p.add_argument("--atol", type=within(0, math.inf), help="parity: absolute tolerance (default per precision)")
+    p.add_argument("--atol", type=within(0, math.inf), help="parity: element-wise absolute tolerance (default: not checked; absolute errors depend on the model)")
     p.add_argument("--rtol", type=within(0, math.inf), help="parity: relative tolerance (default per precision)")
     p.add_argument("--min-cosine", type=within(-1, 1), help="parity: minimum per-token cosine similarity")
+    p.add_argument("--max-token-error", type=within(0, math.inf),
+                   help="parity: maximum per-token ||test - ref|| / ||ref|| (default per precision)")
     p.add_argument("--no-dense-distance", action="store_true", help="skip loading the dense model to measure the plan's cost")
     p.add_argument("--no-measure", action="store_true", help="with a CUDA device: skip measuring memory and latency (dense vs plan)")
     p.add_argument("-q", "--quiet", action="store_true", help="only errors")
@@ -264,7 +266,7 @@ def _engine_options(args: argparse.Namespace, config: Any) -> Any:
 
 def _tolerance_overrides(args: argparse.Namespace) -> dict[str, float]:
     """The tolerance values given as flags; each check's default and the recipe's come first (compare.tolerance_for)."""
-    given = {"atol": args.atol, "rtol": args.rtol, "min_cosine": args.min_cosine}
+    given = {"atol": args.atol, "rtol": args.rtol, "min_cosine": args.min_cosine, "max_token_error": args.max_token_error}
     return {k: v for k, v in given.items() if v is not None}
 
 

@@ -14,11 +14,14 @@ log = logging.getLogger("skrr_export")
 
 @dataclass(frozen=True)
 class Tolerance:
-    """Element-wise ``|test - ref| <= atol + rtol * |ref|`` and per-token cosine >= ``min_cosine``."""
+    """Per real token: cosine >= ``min_cosine`` and ``||test - ref|| / ||ref|| <= max_token_error`` (scale-free:
+    it also catches a token whose norm changes, which cosine does not). Element-wise ``|test - ref| <= atol +
+    rtol * |ref|`` where ``atol`` is given (None: not checked; absolute errors depend on the model's scale)."""
 
-    atol: float
+    atol: float | None
     rtol: float
     min_cosine: float
+    max_token_error: float | None = None
 
 
 # Per check: PyTorch vs another backend in the same precision ("fp32", "fp16", "bf16"), or a bf16 graph and
@@ -52,20 +55,27 @@ class OutputStats:
     nonfinite: int
     tolerance: Tolerance
     needed_atol: float  # smallest atol that passes at this rtol
+    max_token_error: float = 0.0  # max over real tokens of ||test - ref|| / ||ref||
 
     @property
     def passed(self) -> bool:
+        tol = self.tolerance
         return (
             self.nonfinite == 0
-            and self.needed_atol <= self.tolerance.atol
-            and self.min_cosine >= self.tolerance.min_cosine
+            and (tol.atol is None or self.needed_atol <= tol.atol)
+            and self.min_cosine >= tol.min_cosine
+            and (tol.max_token_error is None or self.max_token_error <= tol.max_token_error)
         )
 
     def failure(self) -> str:
         if self.nonfinite:
             return f"{self.name}: {self.nonfinite} NaN/Inf values"
         parts = []
-        if self.needed_atol > self.tolerance.atol:
+        tol = self.tolerance
+        if tol.max_token_error is not None and self.max_token_error > tol.max_token_error:
+            parts.append(f"token error {self.max_token_error:.3g} exceeds {tol.max_token_error:g}; "
+                         f"max_token_error={self.max_token_error * 1.0001:.3g} would have passed")
+        if tol.atol is not None and self.needed_atol > tol.atol:
             parts.append(
                 f"max abs error {self.max_abs:.3g} exceeds atol {self.tolerance.atol:g} (rtol {self.tolerance.rtol:g}); "
                 f"atol={self.needed_atol:.3g} would have passed"
@@ -124,10 +134,12 @@ def output_stats(name: str, ref: np.ndarray, test: np.ndarray, mask: np.ndarray 
     nonfinite = int((~np.isfinite(t)).sum() + (~np.isfinite(r)).sum())
     if nonfinite:
         nan = float("nan")
-        return OutputStats(name, nan, nan, nan, nan, nan, nan, nonfinite, tol, nan)
+        return OutputStats(name, nan, nan, nan, nan, nan, nan, nonfinite, tol, nan, nan)
     err = np.abs(r - t)
     rel = err / np.maximum(np.abs(r), np.finfo(np.float32).tiny)
     cos = cosine(r, t)
+    diff, norm = np.linalg.norm(r - t, axis=-1), np.linalg.norm(r, axis=-1)
+    token_error = np.where(norm > 0, diff / np.maximum(norm, 1e-300), np.where(diff > 0, np.inf, 0.0))
     return OutputStats(
         name=name,
         max_abs=float(err.max()),
@@ -139,6 +151,7 @@ def output_stats(name: str, ref: np.ndarray, test: np.ndarray, mask: np.ndarray 
         nonfinite=0,
         tolerance=tol,
         needed_atol=float(max((err - tol.rtol * np.abs(r)).max(), 0.0)),
+        max_token_error=float(token_error.max()),
     )
 
 
@@ -182,6 +195,6 @@ def runner_parity(reference: dict[str, Any], runner: Any, batches: Any, toleranc
         for batch in batches:
             result = compare((reference_name, reference[batch.label]), (runner.name, runner.infer(batch.feed)),
                              batch.mask, tolerances)
-            log.info("%s", result)
+            log.info("%s on the %s (%s)", result, batch.label, batch.source)
             results.append(result.to_json() | {"batch": f"{batch.label}, {batch.source}"})
     return results

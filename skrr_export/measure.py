@@ -318,12 +318,12 @@ def measure(cfg: MeasureConfig) -> dict[str, Any]:
 
     require_cuda()
     backends = resolve_backends(cfg.backends, backend_blockers())
-    check_writable(cfg.out, cfg.force)
     plan = load_plan(cfg.plan)
     source = model_source(cfg.model, cfg.subfolder, cfg.random_weights, cfg.allow_pickle)
     meta = build_meta(load_config(source))
     check_plan_fits(plan, meta)
     shapes = check_shapes(meta.config, cfg.batches, cfg.sequences)
+    check_writable(cfg.out, cfg.force)  # after the inputs: a bad plan is named before an existing folder
     with staged_folder(cfg.out, cfg.force) as stage:
         results = run_measurements(meta, source, plan, backends, shapes, cfg, stage / "work")
         shutil.rmtree(stage / "work", ignore_errors=True)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import gc
 import logging
-import platform
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -15,10 +14,10 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from . import __version__
 from .compare import Tolerance, distance, runner_parity, tolerance_for
 from .errors import AccuracyError, UserError
 from .plan import Plan, load_plan
+from .report import versions, write_report
 from .trt import cuda_available
 
 log = logging.getLogger("skrr_export")
@@ -121,7 +120,7 @@ def run_export(cfg: ExportConfig) -> dict[str, Any]:
             with stages.stage("measure"):
                 measured = _measure(cfg, source, plan, stage, onnx.path, engine)
         report: dict[str, Any] = {
-            "tool": {"name": "skrr-export", "version": __version__, "python": platform.python_version(), **_versions()},
+            "tool": {"name": "skrr-export", **versions()},
             "model": {"path": str(source.folder), "family": plan.family, "random_weights": source.random_weights},
             "precision": cfg.precision,
             "plan": {
@@ -138,7 +137,6 @@ def run_export(cfg: ExportConfig) -> dict[str, Any]:
             "measure": measured,
             "seconds": stages.seconds,
         }
-        from .report import write_report
 
         write_report(stage, report)
         write_manifest(stage, plan.digest(), report["tool"])
@@ -156,12 +154,15 @@ def _check_resources(source: Any, plan: Plan, cfg: ExportConfig) -> Any:
     the stem and head and the largest sub-block; plus 10 % and 0.6 GiB for activations and the runtime."""
     from .apply import plan_cost, sub_block_parameters
     from .artifacts import check_memory
+    from .measure import check_shapes
     from .model import DTYPES, build_meta, check_plan_fits, load_config
 
     meta = build_meta(load_config(source))
-    check_plan_fits(plan, meta)
-    if cfg.recipe is not None:
+    if cfg.recipe is not None:  # first: its message names the checkpoint the recipe was made for
         cfg.recipe.check_config(meta.config)
+    check_plan_fits(plan, meta)
+    if cfg.fixed_sequence is not None:
+        check_shapes(meta.config, (1,), (cfg.fixed_sequence,))
     meta.dtype = DTYPES[cfg.precision]
     cost = plan_cost(meta, plan)
     itemsize = meta.dtype.itemsize
@@ -303,15 +304,3 @@ def _engine(cfg: ExportConfig, onnx_path: Path, plan: Plan, stage: Path, referen
         return artifact, [not_executed(cfg.engine, blocker)]
     runner = TrtRunner(artifact.path, cfg.engine, cfg.weight_streaming_budget)
     return artifact, runner_parity(reference, runner, batches, tolerances)
-
-
-def _versions() -> dict[str, str]:
-    import importlib.metadata as md
-
-    out = {}
-    for pkg in ("torch", "transformers", "onnx", "onnxruntime", "onnxscript"):
-        try:
-            out[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            pass
-    return out

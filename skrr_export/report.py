@@ -70,15 +70,15 @@ def render_markdown(r: dict[str, Any]) -> str:
         lines += [
             f"### {check['test']} vs {check['reference']} ({check['batch']}): {verdict}",
             "",
-            "| output | max abs | mean abs | max rel | mean rel | min cos | mean cos | atol / rtol / cos | pass |",
+            *([f"Method: {check['method']}.", ""] if check.get("method") else []),
+            "| output | max abs | mean abs | max rel | min cos | mean cos | token error | tolerance | pass |",
             "|---|---|---|---|---|---|---|---|---|",
         ]
         for o in check["outputs"]:
-            t = o["tolerance"]
             lines.append(
                 f"| {o['name']} | {_fmt(o['max_abs'])} | {_fmt(o['mean_abs'])} | {_fmt(o['max_rel'])} | "
-                f"{_fmt(o['mean_rel'])} | {_fmt(o['min_cosine'])} | {_fmt(o['mean_cosine'])} | "
-                f"{t['atol']:g} / {t['rtol']:g} / {t['min_cosine']:g} | {'yes' if o['passed'] else 'NO'} |"
+                f"{_fmt(o['min_cosine'])} | {_fmt(o['mean_cosine'])} | {_fmt(o['max_token_error'])} | "
+                f"{_tolerance(o['tolerance'])} | {'yes' if o['passed'] else 'NO'} |"
             )
         lines.append("")
         lines += [f"- {line}" for line in _failures(check)] + ([""] if not check["passed"] else [])
@@ -100,6 +100,15 @@ def render_markdown(r: dict[str, Any]) -> str:
         lines += render_engine(r["engine"])
     lines += ["## Stages", ""] + [f"- {k}: {v:.1f} s" for k, v in r["seconds"].items()] + [""]
     return "\n".join(lines)
+
+
+def _tolerance(t: dict[str, Any]) -> str:
+    parts = [f"cos >= {t['min_cosine']:g}"]
+    if t.get("max_token_error") is not None:
+        parts.append(f"token error <= {t['max_token_error']:g}")
+    if t.get("atol") is not None:
+        parts.append(f"atol {t['atol']:g} + rtol {t['rtol']:g}")
+    return ", ".join(parts)
 
 
 def _failures(check: dict[str, Any]) -> list[str]:

@@ -304,7 +304,12 @@ def check_onnx_files(path: Path) -> None:
 
     if not path.is_file():
         raise ArtifactError(f"{path} does not exist")
-    model = onnx.load(str(path), load_external_data=False)
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # protobuf's DecodeError and the like: not an ONNX file
+        raise ArtifactError(f"{path} is not a readable ONNX model ({type(exc).__name__})") from None
+    if model.ir_version == 0 or not model.graph.node:
+        raise ArtifactError(f"{path} is not an ONNX model (empty or truncated)")
     folder = path.parent.resolve()
     for init in model.graph.initializer:
         if init.data_location != onnx.TensorProto.EXTERNAL:

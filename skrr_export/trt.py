@@ -334,7 +334,8 @@ def build_engine(onnx_path: Path, engine: str, options: EngineOptions, out: Path
     }
     metadata_path = out.with_suffix(".json")
     metadata_path.write_text(json.dumps(meta, indent=2) + "\n")
-    log.info("built %s with %s %s in %.1f s: %s", out.name, backend.module.__name__, backend.version, seconds, accounting)
+    log.info("built %s with %s %s in %.1f s: %s weight bytes (%s) for %d unique ONNX weight bytes", out.name,
+             backend.module.__name__, backend.version, seconds, accounting.get("total_bytes"), accounting.get("source"), unique)
     _check_weights(accounting, aligned, folded, out)
     return EngineArtifact(out, metadata_path, meta)
 

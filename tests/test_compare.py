@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -80,3 +82,23 @@ def test_distance_is_mse_and_cosine_over_real_tokens():
     assert d["mse"] == pytest.approx(float((r**2).mean()), rel=1e-9)
     assert d["mean_cosine"] == pytest.approx(1.0)
     assert d["pruned_norm"] == pytest.approx(2 * d["dense_norm"])
+
+
+def test_token_error_is_scale_free_and_catches_a_norm_change_cosine_misses():
+    ref, mask = batch()
+    test = ref.copy()
+    test[0, 1] *= 1.5  # same direction, norm x1.5: cosine 1, token error 0.5
+    tol = Tolerance(atol=None, rtol=0.0, min_cosine=0.999, max_token_error=0.1)
+    result = compare(("torch", {"h": ref}), ("ort", {"h": test}), mask, {"*": tol})
+    stats = result.outputs[0]
+    r, t = np.stack(real_tokens(ref, mask)).astype(np.float64), np.stack(real_tokens(test, mask)).astype(np.float64)
+    assert stats.max_token_error == pytest.approx(float((np.linalg.norm(t - r, axis=1) / np.linalg.norm(r, axis=1)).max()))
+    assert stats.max_token_error == pytest.approx(0.5) and stats.min_cosine == pytest.approx(1.0)
+    assert not result and "max_token_error=0.5" in result.failures()[0]
+    scaled = compare(("torch", {"h": ref * 1000}), ("ort", {"h": test * 1000}), mask, {"*": tol}).outputs[0]
+    assert scaled.max_token_error == pytest.approx(stats.max_token_error), "independent of the output's scale"
+    bumped = ref.copy()
+    bumped[0, 2, 3] += 0.05  # fails atol 1e-3 (test above); without atol only the token criteria judge it
+    no_atol = Tolerance(atol=None, rtol=0.0, min_cosine=0.99, max_token_error=0.1)
+    assert compare(("torch", {"h": ref}), ("ort", {"h": bumped}), mask, {"*": no_atol})
+    assert not compare(("torch", {"h": ref}), ("ort", {"h": bumped}), mask, {"*": replace(no_atol, atol=1e-3)})
