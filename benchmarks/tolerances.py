@@ -91,7 +91,7 @@ def run_case(name: str, precision: str, work: Path) -> dict:
     planted = runner_parity(reference, check.runner(onnx_path), batches, everything, check.reference)
     scale = {b.label: {n: float(np.abs(v).max()) for n, v in reference[b.label].items()} for b in batches}
     shutil.rmtree(out, ignore_errors=True)
-    return {"model": name, "precision": precision, "check": "bf16-as-fp32" if check.fp32_arithmetic else precision,
+    return {"model": name, "precision": precision, "check": check.name,
             "method": check.method, "reference_max_abs": scale, "planted": planted_what,
             "correct": {r["batch"]: stats(r) for r in correct}, "wiring_error": {r["batch"]: stats(r) for r in planted}}
 

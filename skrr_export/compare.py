@@ -24,13 +24,15 @@ class Tolerance:
     max_token_error: float | None = None
 
 
-# Per check: PyTorch vs another backend in the same precision ("fp32", "fp16", "bf16"), or a bf16 graph and
-# PyTorch both computing in fp32 on the same bf16 weights ("bf16-as-fp32", ONNX Runtime's CPU provider).
+# Per check: PyTorch vs another backend in the same precision ("fp32", "fp16", "bf16"), or a half-precision graph
+# and PyTorch both computing in fp32 on the same weights ("bf16-as-fp32", "fp16-as-fp32": ONNX Runtime's CPU
+# provider).
 DEFAULT_TOLERANCES: dict[str, Tolerance] = {
     "fp32": Tolerance(atol=1e-4, rtol=1e-4, min_cosine=0.99999),
     "fp16": Tolerance(atol=2e-2, rtol=1e-2, min_cosine=0.999),
     "bf16": Tolerance(atol=1e-1, rtol=5e-2, min_cosine=0.995),
     "bf16-as-fp32": Tolerance(atol=1e-2, rtol=1e-2, min_cosine=0.99999),
+    "fp16-as-fp32": Tolerance(atol=1e-2, rtol=1e-2, min_cosine=0.99999),
 }
 
 

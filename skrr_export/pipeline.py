@@ -208,19 +208,37 @@ def not_executed(test: str, reason: str) -> dict[str, Any]:
 class OrtCheck:
     """How the ONNX graph is checked against PyTorch on this machine."""
 
+    precision: str
     provider: str  # CUDAExecutionProvider or CPUExecutionProvider
-    fp32_arithmetic: bool  # a bf16 graph on the CPU provider, which has no bf16 kernels
-    method: str
-    reference: str = "pytorch"
+    fp32_arithmetic: bool  # a half-precision graph on the CPU provider, computed in fp32 on its weights
+
+    @property
+    def name(self) -> str:
+        """The tolerance's key: the precision, or "bf16-as-fp32" / "fp16-as-fp32"."""
+        return f"{self.precision}-as-fp32" if self.fp32_arithmetic else self.precision
+
+    @property
+    def reference(self) -> str:
+        return "pytorch-fp32-arithmetic" if self.fp32_arithmetic else "pytorch"
+
+    @property
+    def method(self) -> str:
+        if self.fp32_arithmetic:
+            from .runners import OrtFp32ArithmeticRunner
+
+            return OrtFp32ArithmeticRunner(Path("model.onnx"), self.precision).method
+        where = "CUDA (TF32 off)" if self.provider == "CUDAExecutionProvider" else "CPU"
+        return f"ONNX Runtime {where} in {self.precision} against PyTorch in {self.precision}"
 
     def runner(self, onnx_path: Path) -> Any:
         from .runners import OrtFp32ArithmeticRunner, OrtRunner
 
-        return OrtFp32ArithmeticRunner(onnx_path) if self.fp32_arithmetic else OrtRunner(onnx_path, (self.provider,))
+        if self.fp32_arithmetic:
+            return OrtFp32ArithmeticRunner(onnx_path, self.precision)
+        return OrtRunner(onnx_path, (self.provider,))
 
     def tolerances(self, cfg: ExportConfig) -> dict[str, Tolerance]:
-        """fp32 arithmetic on both sides has its own, tighter tolerance (check "bf16-as-fp32")."""
-        return {"*": _tolerance(cfg, "bf16-as-fp32" if self.fp32_arithmetic else cfg.precision)}
+        return {"*": _tolerance(cfg, self.name)}
 
 
 def _tolerance(cfg: ExportConfig, check: str) -> Tolerance:
@@ -228,16 +246,13 @@ def _tolerance(cfg: ExportConfig, check: str) -> Tolerance:
 
 
 def ort_check(precision: str) -> OrtCheck:
-    """ONNX Runtime's CUDA provider (TF32 off) where it can run; its CPU provider otherwise, with a bf16 graph
-    computed in fp32 on its bf16 weights (the CPU provider has no bf16 kernels)."""
+    """ONNX Runtime's CUDA provider (TF32 off) in the export's precision where it can run; its CPU provider
+    otherwise, with half-precision graphs computed in fp32 on their weights (OrtFp32ArithmeticRunner says why)."""
     from .measure import backend_blockers
-    from .runners import OrtFp32ArithmeticRunner
 
     if cuda_available() and backend_blockers()["ort-cuda"] is None:
-        return OrtCheck("CUDAExecutionProvider", False, f"ONNX Runtime CUDA in {precision} (TF32 off) against PyTorch")
-    if precision == "bf16":
-        return OrtCheck("CPUExecutionProvider", True, OrtFp32ArithmeticRunner.method, "pytorch-fp32-arithmetic")
-    return OrtCheck("CPUExecutionProvider", False, f"ONNX Runtime CPU in {precision} against PyTorch")
+        return OrtCheck(precision, "CUDAExecutionProvider", False)
+    return OrtCheck(precision, "CPUExecutionProvider", precision in ("bf16", "fp16"))
 
 
 def _measure(cfg: ExportConfig, source: Any, plan: Plan, stage: Path, onnx_path: Path, engine: Any) -> dict[str, Any]:

@@ -196,19 +196,27 @@ class OrtRunner(Runner):
 
 
 class OrtFp32ArithmeticRunner(OrtRunner):
-    """A bf16 graph run by ONNX Runtime's CPU provider, which has no bf16 kernels: a copy of the graph computes in
-    fp32 on the bf16 weights. Each bf16 weight stays stored once in bf16 and is widened by a Cast just before each
-    node that reads it; Casts to bf16 and bf16 values become fp32. Graph optimizations are off, so ONNX Runtime
-    does not fold those Casts into fp32 copies of the weights: memory stays near the bf16 weights. Its reference
-    is PyTorch computing in fp32 on the same bf16 weights (``apply.computed_in_fp32``)."""
+    """A half-precision (bf16 or fp16) graph run by ONNX Runtime's CPU provider in fp32 arithmetic. The CPU provider
+    has no bf16 kernels, and its fp16 kernels round differently from PyTorch's (on a 24-block T5 of T5-base width
+    with random weights, fp16 outputs of a correct export differed as much as a miswired one's: benchmarks/README.md),
+    so a copy of the graph computes in fp32 on the half-precision weights. Each weight stays stored once in its
+    precision and is widened by a Cast just before each node that reads it; Casts to the half precision and half
+    values become fp32. Graph optimizations are off, so ONNX Runtime does not fold those Casts into fp32 copies of
+    the weights: memory stays near the stored weights. Its reference is PyTorch computing in fp32 on the same
+    weights (``apply.computed_in_fp32``). What it checks: the graph's wiring and operators, not half-precision
+    rounding (which the CUDA provider and the engines check where a GPU is)."""
 
     name = "onnxruntime-cpu-fp32-arithmetic"
-    method = ("the bf16 graph computed in fp32 arithmetic on its bf16 weights (ONNX Runtime CPU, a rewritten copy), "
-              "against PyTorch computing in fp32 on the same bf16 weights")
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, precision: str = "bf16"):
         super().__init__(path)
+        self.precision = precision
         self.copy = path.with_name(f".{path.stem}.fp32-arithmetic.onnx")  # beside it: external data resolves
+
+    @property
+    def method(self) -> str:
+        return (f"the {self.precision} graph computed in fp32 arithmetic on its {self.precision} weights (ONNX Runtime "
+                f"CPU, a rewritten copy), against PyTorch computing in fp32 on the same weights")
 
     def configure(self, opts: Any) -> None:
         import onnxruntime as ort
@@ -229,12 +237,12 @@ class OrtFp32ArithmeticRunner(OrtRunner):
 
 
 def fp32_arithmetic(graph: Any) -> None:
-    """Rewrite a graph in place so that it computes in fp32 wherever it computed in bf16 (weights untouched)."""
+    """Rewrite a graph in place so that it computes in fp32 wherever it computed in bf16 or fp16 (weights untouched)."""
     import onnx
     from onnx import TensorProto, numpy_helper
 
-    bf16, fp32 = TensorProto.BFLOAT16, TensorProto.FLOAT
-    weights = {i.name for i in graph.initializer if i.data_type == bf16}
+    halves, fp32 = {TensorProto.BFLOAT16, TensorProto.FLOAT16}, TensorProto.FLOAT
+    weights = {i.name for i in graph.initializer if i.data_type in halves}
     nodes = []
     for node in graph.node:
         for k, name in enumerate(node.input):
@@ -243,24 +251,26 @@ def fp32_arithmetic(graph: Any) -> None:
                 nodes.append(onnx.helper.make_node("Cast", [name], [wide], to=fp32))
                 node.input[k] = wide
         for attr in node.attribute:
-            if attr.name in ("to", "dtype") and attr.type == onnx.AttributeProto.INT and attr.i == bf16:
+            if attr.name in ("to", "dtype") and attr.type == onnx.AttributeProto.INT and attr.i in halves:
                 attr.i = fp32
-            elif attr.type == onnx.AttributeProto.TENSOR and attr.t.data_type == bf16:
+            elif attr.type == onnx.AttributeProto.TENSOR and attr.t.data_type in halves:
                 attr.t.CopyFrom(numpy_helper.from_array(_widen(attr.t), attr.t.name))
         nodes.append(node)
     graph.ClearField("node")
     graph.node.extend(nodes)
     for info in (*graph.value_info, *graph.input, *graph.output):
-        if info.type.tensor_type.elem_type == bf16:
+        if info.type.tensor_type.elem_type in halves:
             info.type.tensor_type.elem_type = fp32
 
 
 def _widen(tensor: Any) -> np.ndarray:
-    """A bf16 TensorProto's values as fp32, exactly (bf16 is the upper half of an fp32)."""
-    from onnx import numpy_helper
+    """A bf16 or fp16 TensorProto's values as fp32, exactly (bf16 is the upper half of an fp32)."""
+    from onnx import TensorProto, numpy_helper
 
-    bits = numpy_helper.to_array(tensor).view(np.uint16).astype(np.uint32) << 16
-    return bits.view(np.float32)
+    values = numpy_helper.to_array(tensor)
+    if tensor.data_type == TensorProto.FLOAT16:
+        return values.astype(np.float32)
+    return (values.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
 
 
 class _OrtBound:

@@ -149,30 +149,34 @@ def test_fp16_t5_export_matches_pytorch(tiny_models, tmp_path):
     assert result, str(result)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_bf16_export_is_executed_in_fp32_arithmetic_and_catches_a_wiring_error(family, tiny_models, tmp_path):
-    """ONNX Runtime's CPU provider has no bf16 kernels: the graph runs in fp32 on its bf16 weights, against PyTorch
-    computing in fp32 on the same weights. The weights stay bf16 in the rewritten graph (no fp32 copy); a planted
-    wiring error (a re-used slot reading another sub-block's weight) fails the check."""
-    module, art = exported(tiny_models, family, tmp_path, precision="bf16")
+@pytest.mark.parametrize("family, precision", [(f, "bf16") for f in FAMILIES] + [("t5", "fp16"), ("clip", "fp16")])
+def test_half_export_is_executed_in_fp32_arithmetic_and_catches_a_wiring_error(family, precision, tiny_models, tmp_path):
+    """On ONNX Runtime's CPU provider a half-precision graph runs in fp32 on its own weights, against PyTorch
+    computing in fp32 on the same weights. The weights keep their precision in the rewritten graph (no fp32 copy);
+    a planted wiring error (a re-used slot reading another sub-block's weight) fails the check."""
+    module, art = exported(tiny_models, family, tmp_path, precision=precision)
+    half = {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
     batch = feed()
     with computed_in_fp32(module), TorchRunner(module, module.output_names) as torch_runner:
         reference = torch_runner.infer(batch)
-    assert all(p.dtype == torch.bfloat16 for p in module.parameters()), "the weights are restored after the run"
-    tolerances = {"*": DEFAULT_TOLERANCES["bf16-as-fp32"]}
-    with OrtFp32ArithmeticRunner(art.path) as runner:
+    dtypes = {n: p.dtype for n, p in module.named_parameters()}
+    assert set(dtypes.values()) <= {half, torch.float32} and half in dtypes.values(), "weights restored after the run"
+    tolerances = {"*": DEFAULT_TOLERANCES[f"{precision}-as-fp32"]}
+    with OrtFp32ArithmeticRunner(art.path, precision) as runner:
         result = compare(("pytorch", reference), ("onnxruntime", runner.infer(batch)), batch["attention_mask"], tolerances)
         rewritten = onnx.load(str(runner.copy))
     assert result, str(result)
     assert not runner.copy.exists()
     weights = {n for n, _ in module.named_parameters(remove_duplicate=False)}
-    assert {i.data_type for i in rewritten.graph.initializer if i.name in weights} == {onnx.TensorProto.BFLOAT16}
-    casts = [n for n in rewritten.graph.node if n.op_type == "Cast" and n.input[0] in weights]
-    assert len(casts) == sum(1 for n in onnx.load(str(art.path)).graph.node for i in n.input if i in weights)
+    stored = {i.name: i.data_type for i in onnx.load(str(art.path)).graph.initializer if i.name in weights}
+    assert {i.name: i.data_type for i in rewritten.graph.initializer if i.name in weights} == stored
+    halves = {n for n, dtype in stored.items() if dtype != onnx.TensorProto.FLOAT}  # T5's fp16 wo stays fp32
+    casts = [n for n in rewritten.graph.node if n.op_type == "Cast" and n.input[0] in halves]
+    assert len(casts) == sum(1 for n in onnx.load(str(art.path)).graph.node for i in n.input if i in halves)
     plant_wiring_error(art.path)
-    with OrtFp32ArithmeticRunner(art.path) as runner:
+    with OrtFp32ArithmeticRunner(art.path, precision) as runner:
         planted = compare(("pytorch", reference), ("onnxruntime", runner.infer(batch)), batch["attention_mask"], tolerances)
-    assert not planted, "a wiring error passed the bf16 check"
+    assert not planted, f"a wiring error passed the {precision} check"
 
 
 def test_block_count_is_unrolled_statically(tiny_models, tmp_path):
