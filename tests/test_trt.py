@@ -221,3 +221,30 @@ def test_rtx_builder_options_build(tiny_models, tmp_path):
         build_engine(onnx_path, "trt-rtx", replace(options, compute_capabilities=("sm99",)), tmp_path / "x.plan", {})
     with pytest.raises(UserError, match="TensorRT-RTX has no hardware compatibility levels"):
         build_engine(onnx_path, "trt-rtx", replace(options, hardware_compatibility="ampere_plus"), tmp_path / "y.plan", {})
+
+
+@pytest.mark.skipif(not cuda_available(), reason="the refittable weights list needs the engine deserialized on a CUDA device")
+@needs_rtx
+def test_refit_engine_lists_equal_valued_parameters_as_two_weights(tiny_models, tmp_path):  # pragma: no cover - GPU only
+    """Deduplication is by identity: two parameters holding equal values are two refittable weights by name."""
+    import torch
+
+    from skrr_export.trt import execution_blocker
+
+    if execution_blocker("trt-rtx"):
+        pytest.skip(execution_blocker("trt-rtx"))
+    plan = make_plan("bert", "dense")
+    module = apply_plan(load_encoder(ModelSource(tiny_models["bert"][1]), plan), plan)
+    with torch.no_grad():
+        for sub_block in module.kept.values():
+            for name, p in sub_block.named_parameters():
+                if name.endswith("LayerNorm.bias"):
+                    p.fill_(0.25)
+    onnx_path = export_onnx(module, tmp_path / "model.onnx", ExportOptions(), vocab_size=96).path
+    art = build_engine(onnx_path, "trt-rtx", replace(OPTIONS, refit=True), tmp_path / "engine.plan", {})
+    trt = load_backend("trt-rtx").module
+    logger = trt.Logger(trt.Logger.ERROR)
+    engine = trt.Runtime(logger).deserialize_cuda_engine(art.path.read_bytes())
+    listed = set(trt.Refitter(engine, logger).get_all_weights())
+    biases = {n for n, _ in module.named_parameters() if n.endswith("LayerNorm.bias") and n.startswith("kept.")}
+    assert biases <= listed
