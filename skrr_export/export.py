@@ -6,6 +6,7 @@ weight per parameter"), ``_fusable_rms_norms``, ``_merge_equal_constants``; ``we
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 import warnings
@@ -156,11 +157,14 @@ def _optimize(model: Any, weights: set[str]) -> None:
     def should_fold(node: Any) -> bool | None:
         return False if any(v is not None and v.name in weights for v in node.inputs) else None
 
+    # A private copy of the default rules: the shared ones keep the last graph they matched (their matchers'
+    # _graph), which would keep every weight of the module alive for the rest of the run.
+    rules = copy.deepcopy(getattr(rewriter, "_DEFAULT_REWRITE_RULES", None))
     optimizer.inline(model)
     for _ in range(2):
         optimizer.fold_constants(model, onnx_shape_inference=True, output_size_limit=FOLDED_CONSTANT_LIMIT,
                                  should_fold=should_fold)
-        rewriter.rewrite(model)
+        rewriter.rewrite(model, rules)
     common.RemoveUnusedNodesPass()(model)
     common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model)
     common.CommonSubexpressionEliminationPass()(model)  # one Transpose per re-used weight, not one per slot

@@ -137,7 +137,6 @@ def run_export(cfg: ExportConfig) -> dict[str, Any]:
             "measure": measured,
             "seconds": stages.seconds,
         }
-
         write_report(stage, report)
         write_manifest(stage, plan.digest(), report["tool"])
     failed = [p for p in parity if p.get("passed") is False]
@@ -226,7 +225,7 @@ class OrtCheck:
         if self.fp32_arithmetic:
             from .runners import OrtFp32ArithmeticRunner
 
-            return OrtFp32ArithmeticRunner(Path("model.onnx"), self.precision).method
+            return OrtFp32ArithmeticRunner.method(self.precision)
         where = "CUDA (TF32 off)" if self.provider == "CUDAExecutionProvider" else "CPU"
         return f"ONNX Runtime {where} in {self.precision} against PyTorch in {self.precision}"
 

@@ -213,10 +213,10 @@ class OrtFp32ArithmeticRunner(OrtRunner):
         self.precision = precision
         self.copy = path.with_name(f".{path.stem}.fp32-arithmetic.onnx")  # beside it: external data resolves
 
-    @property
-    def method(self) -> str:
-        return (f"the {self.precision} graph computed in fp32 arithmetic on its {self.precision} weights (ONNX Runtime "
-                f"CPU, a rewritten copy), against PyTorch computing in fp32 on the same weights")
+    @staticmethod
+    def method(precision: str) -> str:
+        return (f"the {precision} graph computed in fp32 arithmetic on its {precision} weights (ONNX Runtime CPU, "
+                "a rewritten copy), against PyTorch computing in fp32 on the same weights")
 
     def configure(self, opts: Any) -> None:
         import onnxruntime as ort
