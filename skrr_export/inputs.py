@@ -33,7 +33,16 @@ class Batch:
         return self.feed["attention_mask"]
 
 
+# Files a Hugging Face tokenizer is built from. Without any of them, transformers 5 still returns a tokenizer for
+# some families (T5: an empty one whose every word is <unk>), which would make every prompt the same ids.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "spiece.model", "sentencepiece.bpe.model", "vocab.txt",
+                   "vocab.json")
+
+
 def load_tokenizer(folder: Path) -> Any | None:
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        log.info("no tokenizer files in %s; using seeded random ids", folder)
+        return None
     try:
         from transformers import AutoTokenizer
 

@@ -236,3 +236,15 @@ def test_export_lets_go_of_the_weights(tiny_models, tmp_path):
     del module
     gc.collect()
     assert art.path.is_file() and not any(w() is not None for w in weights)
+
+
+def test_a_folder_without_tokenizer_files_gets_seeded_random_ids(tiny_models):
+    """transformers 5 builds an empty T5 tokenizer (every word <unk>) from a folder with only a config: the
+    parity prompts would all be the same ids. Such a folder gets seeded random ids instead."""
+    from skrr_export.inputs import load_tokenizer, prompt_batch
+    from skrr_export.model import load_config
+
+    model, folder = tiny_models["t5"]
+    assert load_tokenizer(folder) is None
+    prompts, _ = prompt_batch(load_tokenizer(folder), load_config(ModelSource(folder)), "int64", None)
+    assert prompts.source.startswith("random ids") and len(np.unique(prompts.feed["input_ids"])) > 10
