@@ -26,13 +26,18 @@ class Tolerance:
 
 # Per check: PyTorch vs another backend in the same precision ("fp32", "fp16", "bf16"), or a half-precision graph
 # and PyTorch both computing in fp32 on the same weights ("bf16-as-fp32", "fp16-as-fp32": ONNX Runtime's CPU
-# provider).
+# provider). Set from benchmarks/results/tolerances-cpu.json (benchmarks/README.md): over correct exports of the real
+# MiniLM and of 24-block T5, UMT5 and CLIP with random weights, the worst token error was 0.035 and the worst cosine
+# 0.99938 (UMT5, fp32); with a planted wiring error the best were 0.20 and 0.980. The bounds sit between, ~2.3x
+# and ~5x from each side. Absolute errors follow the model's scale (random T5: up to 0.13; MiniLM: 2e-6), so atol
+# is not checked unless given. The fp16 and bf16 checks run on CUDA only and are not measured yet (no GPU here).
+MEASURED = Tolerance(atol=None, rtol=0.0, min_cosine=0.997, max_token_error=0.08)
 DEFAULT_TOLERANCES: dict[str, Tolerance] = {
-    "fp32": Tolerance(atol=1e-4, rtol=1e-4, min_cosine=0.99999),
-    "fp16": Tolerance(atol=2e-2, rtol=1e-2, min_cosine=0.999),
-    "bf16": Tolerance(atol=1e-1, rtol=5e-2, min_cosine=0.995),
-    "bf16-as-fp32": Tolerance(atol=1e-2, rtol=1e-2, min_cosine=0.99999),
-    "fp16-as-fp32": Tolerance(atol=1e-2, rtol=1e-2, min_cosine=0.99999),
+    "fp32": MEASURED,
+    "bf16-as-fp32": MEASURED,
+    "fp16-as-fp32": MEASURED,
+    "fp16": Tolerance(atol=None, rtol=0.0, min_cosine=0.995, max_token_error=0.1),
+    "bf16": Tolerance(atol=None, rtol=0.0, min_cosine=0.99, max_token_error=0.15),
 }
 
 
