@@ -565,6 +565,9 @@ def check_config(cfg: CalibrationConfig) -> None:
         raise UserError(f"--device {cfg.device}: no CUDA device on this machine; use --device cpu")
     if cfg.out.suffix != ".json":
         raise UserError(f"--out {cfg.out}: plan files end in .json")
+    blocker = next((p for p in cfg.out.parents if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        raise UserError(f"--out {cfg.out} cannot be written: {blocker} is a file, not a folder")
     existing = [p for p in output_paths(cfg).values() if p.exists()]
     if existing and not cfg.force:
         raise UserError(f"{existing[0]} exists; pass --force to replace it")

@@ -368,3 +368,11 @@ def test_numbers_out_of_range_are_refused_by_the_library_too(tmp_path):
         cfg = CalibrationConfig(out=tmp_path / "p.json", sparsities=(0.1,), **{field: value})
         with pytest.raises(UserError, match="must be at least 1"):
             calibrate(cfg)
+
+
+def test_plan_path_under_a_file_is_refused_before_loading(tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    code = main(["calibrate", "--out", str(tmp_path / "file" / "p.json"), "--sparsity", "0.1", "-q"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err == [f"skrr-export: error: --out {tmp_path / 'file' / 'p.json'} cannot be written: "
+                                 f"{tmp_path / 'file'} is a file, not a folder"]
