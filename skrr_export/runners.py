@@ -228,6 +228,7 @@ class OrtFp32ArithmeticRunner(OrtRunner):
 
         model = onnx.load(str(self.path), load_external_data=False)
         fp32_arithmetic(model.graph)
+        model.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))  # FusedMatMul
         onnx.save(model, str(self.copy))
         return self.copy
 
@@ -243,7 +244,8 @@ def fp32_arithmetic(graph: Any) -> None:
     ``Cast(Reshape(W, shape that depends on the node's activation input))`` (+ the Transpose): the Reshape's shape
     waits for the activation, so ONNX Runtime cannot widen every weight at the start of the run (it schedules
     input-free nodes first: a dense T5-v1.1-XXL then held 22 GB for 9.5 GB of bf16 weights), and no fp32 copy
-    outlives the node that reads it. Reshape to the weight's own shape changes nothing but the order."""
+    outlives the node that reads it. Reshape to the weight's own shape changes nothing but the order. A MatMul
+    reading a transposed weight becomes ONNX Runtime's FusedMatMul(transB=1): no transposed fp32 copy either."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
@@ -276,9 +278,14 @@ def fp32_arithmetic(graph: Any) -> None:
                 node.input[k] = widened(name, activation, tag)
             elif name in transposed:
                 t = transposed[name]
+                perm = [list(helper.get_attribute_value(a)) for a in t.attribute if a.name == "perm"][0]
+                if node.op_type == "MatMul" and k == 1 and perm == [1, 0]:  # x @ W^T without a transposed copy
+                    node.op_type, node.domain = "FusedMatMul", "com.microsoft"
+                    node.attribute.extend([helper.make_attribute("transB", 1), helper.make_attribute("alpha", 1.0)])
+                    node.input[k] = widened(t.input[0], activation, tag)
+                    continue
                 nodes.append(helper.make_node("Transpose", [widened(t.input[0], activation, tag)], [f"{tag}::t"],
-                                              perm=list(helper.get_attribute_value(a) for a in t.attribute
-                                                        if a.name == "perm")[0]))
+                                              perm=perm))
                 node.input[k] = f"{tag}::t"
         for attr in node.attribute:
             if attr.name in ("to", "dtype") and attr.type == onnx.AttributeProto.INT and attr.i in halves:

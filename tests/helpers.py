@@ -71,9 +71,11 @@ def ids_and_mask(vocab: int = 96, eos: int = 4, seed: int = 0):
     return ids, mask
 
 
-def plant_wiring_error(path) -> str:
-    """Rewire an exported graph as a wrong re-use would: the last MatMul that reads a re-used weight reads another
-    weight of the same shape instead (a re-used slot pointing at the wrong sub-block). Returns what was changed."""
+def plant_wiring_error(path, every: bool = False) -> str:
+    """Rewire an exported graph as a wrong re-use would: the last MatMul that reads a re-used weight reads the same
+    weight of another sub-block instead (a re-used slot pointing at the wrong sub-block). ``every``: do so for every
+    re-used weight (the slot's query, key, value, output and FFN projections), not only the first found (tiny
+    random models barely notice a swapped query: their attention is near uniform). Returns what was changed."""
     import onnx
 
     model = onnx.load(str(path), load_external_data=False)
@@ -83,6 +85,7 @@ def plant_wiring_error(path) -> str:
     for node in model.graph.node:
         if node.op_type == "MatMul" and node.input[1] in transposed:
             readers.setdefault(node.input[1], []).append(node)
+    changed = []
     for value, nodes in readers.items():
         if len(nodes) < 2:
             continue
@@ -93,6 +96,9 @@ def plant_wiring_error(path) -> str:
         other = other or next(iter(same_shape), None)
         if other is not None:
             nodes[-1].input[1] = other
-            onnx.save(model, str(path))
-            return f"{nodes[-1].name} reads {transposed[other]} instead of {weight}"
-    raise AssertionError("no re-used weight with a same-shape sibling to rewire")
+            changed.append(f"{nodes[-1].name} reads {transposed[other]} instead of {weight}")
+            if not every:
+                break
+    assert changed, "no re-used weight with a same-shape sibling to rewire"
+    onnx.save(model, str(path))
+    return "; ".join(changed)

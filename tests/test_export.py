@@ -176,7 +176,7 @@ def test_half_export_is_executed_in_fp32_arithmetic_and_catches_a_wiring_error(f
     assert readers and all(n.op_type == "Reshape" for n in readers), "a half weight is read only to be widened"
     # ... and widened only once the activation its reader needs exists (Size of it), not all at the start
     assert all(produced[produced[produced[n.input[1]].input[1]].input[0]].op_type == "Size" for n in readers)
-    plant_wiring_error(art.path)
+    plant_wiring_error(art.path, every=True)
     with OrtFp32ArithmeticRunner(art.path, precision) as runner:
         planted = compare(("pytorch", reference), ("onnxruntime", runner.infer(batch)), batch["attention_mask"], tolerances)
     assert not planted, f"a wiring error passed the {precision} check"
