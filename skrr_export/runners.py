@@ -222,6 +222,7 @@ class OrtFp32ArithmeticRunner(OrtRunner):
         import onnxruntime as ort
 
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        opts.enable_cpu_mem_arena = False  # each widened weight goes back when its node is done, not to an arena
 
     def session_path(self) -> Path:
         import onnx
