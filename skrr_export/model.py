@@ -129,11 +129,7 @@ def load_encoder(source: ModelSource, plan: Plan, precision: str = "fp32") -> En
     if source.random_weights:
         _random_parameters(enc, needed)
     else:
-        from .checkpoint import Checkpoint
-
-        with Checkpoint.open(source.folder, enc.adapter, source.allow_pickle) as ckpt:
-            ckpt.check_keys(_all_names(enc.model))
-            _check_complete(enc, ckpt)
+        with _open_checkpoint(enc, source) as ckpt:
             _read_parameters(enc, needed, ckpt)
             enc.tensors_read = tuple(ckpt.reads)
     log.info("loaded %d tensors (%s) in %.1f s", len(needed), precision, time.perf_counter() - start)
@@ -208,6 +204,16 @@ def _all_names(model: nn.Module) -> set[str]:
     return params | {n for n, _ in model.named_buffers(remove_duplicate=False)}
 
 
+def _open_checkpoint(enc: Encoder, source: ModelSource) -> Any:
+    """``source``'s checkpoint, checked against the model by names (nothing is read)."""
+    from .checkpoint import Checkpoint
+
+    ckpt = Checkpoint.open(source.folder, enc.adapter, source.allow_pickle)
+    ckpt.check_keys(_all_names(enc.model))
+    _check_complete(enc, ckpt)
+    return ckpt
+
+
 def _check_complete(enc: Encoder, ckpt: Any) -> None:
     """Every parameter of the model, kept or skipped, must be in the checkpoint (names only, nothing read)."""
     for item in _needed_parameters(enc.model, [enc.model]):
@@ -227,13 +233,7 @@ class PartStreamer:
     def __init__(self, source: ModelSource, precision: str):
         self.enc = build_meta(load_config(source))
         self.enc.dtype, self.enc.source = DTYPES[precision], source
-        self.ckpt: Any = None
-        if not source.random_weights:
-            from .checkpoint import Checkpoint
-
-            self.ckpt = Checkpoint.open(source.folder, self.enc.adapter, source.allow_pickle)
-            self.ckpt.check_keys(_all_names(self.enc.model))
-            _check_complete(self.enc, self.ckpt)
+        self.ckpt = None if source.random_weights else _open_checkpoint(self.enc, source)
 
     @contextmanager
     def part(self, roots: list[nn.Module]) -> Iterator[None]:
