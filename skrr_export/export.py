@@ -24,7 +24,8 @@ log = logging.getLogger("skrr_export")
 OPSET = 20
 IR_VERSION = 10  # ONNX Runtime 1.30/1.31 refuse IR > 13; onnx 1.23 would write a newer one
 EXTERNAL_DATA_THRESHOLD = 2 * 1024**3  # protobuf's limit for a single file
-# Graph constants that are not parameters (shape vectors, scalars, masks' fill values) may add up to this.
+# Graph constants that are not parameters (shape vectors, scalars, masks' fill values) stay below this: `inspect`
+# counts an ONNX as agreeing with a plan when its initializers exceed the kept weight bytes by no more.
 SMALL_CONSTANT_BYTES = 64 * 1024
 # The largest tensor constant folding may write into the graph (elements). Larger results stay computed:
 # with a fixed sequence, T5's [S, S] position buckets stay a few nodes instead of an S*S*8-byte table

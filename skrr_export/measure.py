@@ -408,11 +408,9 @@ def _measure_variant(job: _Job, variant: str, plan: Any, folder: Path) -> None:
     unique = unique_parameter_bytes(module)
     folder.mkdir(parents=True)
     given = job.artifacts if variant == "plan" else None
-    exported = [b for b in job.backends if b not in TORCH_BACKENDS and (given or job.artifacts is None)]
-    if given:
-        onnx_path = given.onnx
-    else:
-        onnx_path = _export(job, module, unique, folder) if exported else None
+    main_jobs_dense = job.artifacts is not None and given is None  # measured in PyTorch only
+    exported = [] if main_jobs_dense else [b for b in job.backends if b not in TORCH_BACKENDS]
+    onnx_path = given.onnx if given else (_export(job, module, unique, folder) if exported else None)
     reference = None
     modes = [b for b in job.backends if b in TORCH_BACKENDS]
     if modes or variant == "plan":

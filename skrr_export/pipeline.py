@@ -38,7 +38,7 @@ class ExportConfig:
     input_dtype: str = "int64"
     fixed_sequence: int | None = None
     external_data: bool | None = None
-    tolerance_overrides: dict[str, float] = field(default_factory=dict)  # --atol, --rtol, --min-cosine
+    tolerance_overrides: dict[str, float] = field(default_factory=dict)  # --atol --rtol --min-cosine --max-token-error
     dense_distance: bool = True
     measure: bool = True  # with a CUDA device: memory and latency, dense vs plan (skrr-export measure's numbers)
     force: bool = False
