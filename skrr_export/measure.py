@@ -10,12 +10,14 @@ device (``Bound.run``); median and p90.
 
 from __future__ import annotations
 
+import copy
 import gc
 import json
 import logging
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,11 +28,13 @@ from .errors import UserError
 
 log = logging.getLogger("skrr_export")
 
-BACKENDS = ("torch", "ort-cuda", "trt", "trt-rtx", "torch-compile", "ort-cuda-stock")
-TORCH_BACKENDS = ("torch", "torch-compile")
-# Only when asked for: torch-compile (compiling takes minutes on big models) and ort-cuda-stock (ONNX Runtime's
-# own CUDA defaults, TF32 off only, to compare with our settings).
-ON_REQUEST = ("torch-compile", "ort-cuda-stock")
+BACKENDS = ("torch", "ort-cuda", "trt", "trt-rtx", "torch-compile", "ort-cuda-stock", "hf")
+TORCH_BACKENDS = ("torch", "torch-compile", "hf")
+# Only when asked for: torch-compile (compiling takes minutes on big models), ort-cuda-stock (ONNX Runtime's
+# own CUDA defaults, TF32 off only, to compare with our settings) and hf (the Hugging Face model's own forward,
+# dense only: the baseline the plan is compared with).
+ON_REQUEST = ("torch-compile", "ort-cuda-stock", "hf")
+DENSE_ONLY = ("hf",)
 DEVICE = "cuda"
 VARIANTS = ("dense", "plan")
 
@@ -59,6 +63,7 @@ class MeasureConfig:
     warmup: int = 3
     iterations: int = 20
     force: bool = False
+    compile_dynamic: bool | None = None  # torch.compile's ``dynamic``; None: its default (recompile on new shapes)
 
 
 def require_cuda() -> None:
@@ -74,7 +79,7 @@ def backend_blockers() -> dict[str, str | None]:
     """Why each backend cannot run here (None: it can)."""
     from .trt import available, execution_blocker
 
-    out: dict[str, str | None] = {"torch": None, "torch-compile": None}
+    out: dict[str, str | None] = {"torch": None, "torch-compile": None, "hf": None}
     try:
         import onnxruntime as ort
 
@@ -199,13 +204,12 @@ def _shape_rows(runner: Any, shapes: list[Shape], feeds: dict[Shape, Any], cfg: 
 
 
 def measure_torch(module: Any, modes: list[str], shapes: list[Shape], feeds: dict[Shape, Any], cfg: MeasureConfig,
-                  probe: DeviceMemory, parity: tuple[Any, Any] | None = None) -> tuple[dict[str, Any], Any]:
-    """Moves ``module`` to the device and measures each of ``modes`` ("torch": eager, "torch-compile");
-    resident and peak bytes from PyTorch's allocator statistics. ``parity`` = (batches, tolerances): the eager
-    outputs become the reference every other backend is checked against (returned); torch-compile is too."""
+                  probe: DeviceMemory, parity: tuple[Any, Any] | None = None, hf_model: Any = None) -> tuple[dict[str, Any], Any]:
+    """Moves ``module`` to the device and measures each of ``modes`` ("torch": eager, "torch-compile", "hf": the
+    Hugging Face model ``hf_model``, which holds the same weights, run by its own forward); resident and peak bytes
+    from PyTorch's allocator statistics. ``parity`` = (batches, tolerances): the eager outputs become the reference
+    every other backend is checked against (returned); torch-compile is too."""
     import torch
-
-    from .runners import TorchRunner
 
     probe.settle()
     base = torch.cuda.memory_allocated()
@@ -220,15 +224,37 @@ def measure_torch(module: Any, modes: list[str], shapes: list[Shape], feeds: dic
 
     out = {}
     for mode in modes:
-        if mode == "torch-compile":
-            torch._dynamo.reset()  # a fresh cache per model: the recompile limit is not spent on the other variant
-        runnable = torch.compile(module) if mode == "torch-compile" else module
-        with TorchRunner(runnable, module.output_names, DEVICE, name=mode) as runner:
+        start = time.perf_counter()
+        with _torch_runner(mode, module, hf_model, cfg) as runner:
             rows = _shape_rows(runner, shapes, feeds, cfg, peak, resident)
-            checks = reference(runner) if reference and mode != "torch" else []
+            checks = reference(runner) if reference and mode not in ("torch", "hf") else []
         out[mode] = {"resident_bytes": resident, "resident_source": "torch.cuda.memory_allocated", "shapes": rows,
-                     "parity": checks}
+                     "parity": checks, "seconds": round(time.perf_counter() - start, 1)}
     return out, reference
+
+
+def _torch_runner(mode: str, module: Any, hf_model: Any, cfg: MeasureConfig) -> Any:
+    """The runner of one PyTorch mode (its wall time, compilation included, is recorded as ``seconds``)."""
+    import torch
+
+    from .runners import TorchRunner
+
+    if mode == "hf":
+        return TorchRunner(_HfForward(hf_model), ("last_hidden_state",), DEVICE, name=mode)
+    if mode == "torch-compile":
+        torch._dynamo.reset()  # a fresh cache per model: the recompile limit is not spent on the other variant
+        return TorchRunner(torch.compile(module, dynamic=cfg.compile_dynamic), module.output_names, DEVICE, name=mode)
+    return TorchRunner(module, module.output_names, DEVICE, name=mode)
+
+
+class _HfForward:
+    """A Hugging Face encoder called as the runners call a module: (input_ids, attention_mask) -> (hidden,)."""
+
+    def __init__(self, model: Any):
+        self.model = model
+
+    def __call__(self, input_ids: Any, attention_mask: Any) -> tuple[Any]:
+        return (self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state,)
 
 
 def measure_ort(onnx_path: Path, shapes: list[Shape], feeds: dict[Shape, Any], cfg: MeasureConfig, probe: DeviceMemory,
@@ -310,6 +336,36 @@ def _driver_peak(probe: DeviceMemory, base: int) -> Callable[[Any], int]:
     return peak
 
 
+@contextmanager
+def rehearsal_on_cpu() -> Iterator[None]:
+    """Run the CUDA measurement flow on the CPU, to rehearse it where no GPU is: CUDA's memory counters and
+    synchronization become no-ops (every memory figure reads 0 and means nothing), PyTorch runs on the CPU and
+    ONNX Runtime on its CPU provider. Timings, FLOPs and parity are real CPU numbers."""
+    import types
+    from unittest import mock
+
+    import torch
+
+    from . import runners
+
+    class CpuOrtRunner(runners.OrtRunner):
+        def __init__(self, path: Path, providers: tuple[str, ...], *args: Any, **kwargs: Any):
+            super().__init__(path, ("CPUExecutionProvider",), *args, **kwargs)
+
+    cuda = torch.cuda
+    stand_ins: dict[str, Any] = {name: (lambda *a, **k: None) for name in ("synchronize", "empty_cache", "reset_peak_memory_stats")}
+    stand_ins |= {"memory_allocated": lambda *a, **k: 0, "max_memory_allocated": lambda *a, **k: 0,
+                  "mem_get_info": lambda *a: (1, 1), "get_device_name": lambda *a: "cpu (rehearsal)",
+                  "get_device_capability": lambda *a: (0, 0),
+                  "get_device_properties": lambda *a: types.SimpleNamespace(total_memory=1)}
+    with ExitStack() as stack:
+        for name, value in stand_ins.items():
+            stack.enter_context(mock.patch.object(cuda, name, value))
+        stack.enter_context(mock.patch(f"{__name__}.DEVICE", "cpu"))
+        stack.enter_context(mock.patch.object(runners, "OrtRunner", CpuOrtRunner))
+        yield
+
+
 def measure(cfg: MeasureConfig) -> dict[str, Any]:
     """Measure into ``cfg.out`` (results.json, results.md, memory.png); returns the results."""
     from .artifacts import check_writable, staged_folder
@@ -360,11 +416,25 @@ class _Job:
         self.results["runs"].append({"variant": variant, "backend": backend, "unique_weight_bytes": unique, **result})
 
 
+def measure_plans(meta: Any, source: Any, plans: dict[str, Any], backends: tuple[str, ...], shapes: list[Shape],
+                  cfg: MeasureConfig, work: Path) -> dict[str, dict[str, Any]]:
+    """``run_measurements`` for several plans of one model: the dense model is measured once, with the first plan,
+    and its runs are reused for every other plan (same model, backends, shapes and settings)."""
+    out: dict[str, dict[str, Any]] = {}
+    dense = None
+    for label, plan in plans.items():
+        out[label] = run_measurements(meta, source, plan, backends, shapes, cfg, work / label, dense=dense)
+        dense = [run for run in out[label]["runs"] if run["variant"] == "dense"]
+    return out
+
+
 def run_measurements(meta: Any, source: Any, plan: Any, backends: tuple[str, ...], shapes: list[Shape],
-                     cfg: MeasureConfig, work: Path, artifacts: Any = None) -> dict[str, Any]:
+                     cfg: MeasureConfig, work: Path, artifacts: Any = None, dense: list[dict[str, Any]] | None = None
+                     ) -> dict[str, Any]:
     """Dense model and plan, each backend, each shape; parity of every backend against PyTorch for the plan.
     ``meta``: the model's structure (build_meta of ``source``'s config), which the caller has already built.
-    ``artifacts``: what the main job wrote (``MeasuredArtifacts``), measured instead of exporting and building again."""
+    ``artifacts``: what the main job wrote (``MeasuredArtifacts``), measured instead of exporting and building again.
+    ``dense``: the dense runs of an earlier call on the same model and shapes, reused instead of measured again."""
     import torch
 
     from .apply import plan_cost
@@ -390,6 +460,9 @@ def run_measurements(meta: Any, source: Any, plan: Any, backends: tuple[str, ...
                prompt_batch(None, meta.config, "int64", None), {"*": DEFAULT_TOLERANCES[cfg.precision]},
                config.vocab_size, results, artifacts)
     for variant, variant_plan in variants.items():
+        if variant == "dense" and dense is not None:
+            results["runs"] += [copy.deepcopy(run) | {"reused": True} for run in dense]
+            continue
         _measure_variant(job, variant, variant_plan, work / variant)
     for run in results["runs"]:
         run["resident_over_unique"] = run["resident_bytes"] / run["unique_weight_bytes"]
@@ -404,7 +477,8 @@ def _measure_variant(job: _Job, variant: str, plan: Any, folder: Path) -> None:
     from .artifacts import check_device_memory
     from .model import load_encoder
 
-    module = apply_plan(load_encoder(job.source, plan, job.cfg.precision), plan)
+    enc = load_encoder(job.source, plan, job.cfg.precision)
+    module = apply_plan(enc, plan)
     unique = unique_parameter_bytes(module)
     folder.mkdir(parents=True)
     given = job.artifacts if variant == "plan" else None
@@ -412,14 +486,15 @@ def _measure_variant(job: _Job, variant: str, plan: Any, folder: Path) -> None:
     exported = [] if main_jobs_dense else [b for b in job.backends if b not in TORCH_BACKENDS]
     onnx_path = given.onnx if given else (_export(job, module, unique, folder) if exported else None)
     reference = None
-    modes = [b for b in job.backends if b in TORCH_BACKENDS]
+    modes = [b for b in job.backends if b in TORCH_BACKENDS and (variant == "dense" or b not in DENSE_ONLY)]
     if modes or variant == "plan":
         check_device_memory(int(unique * 1.1), f"the {variant} model's weights ({unique / 1e9:.2f} GB)")
         parity = (job.batches, job.tolerances) if variant == "plan" else None
-        torch_results, reference = measure_torch(module, modes, job.shapes, job.feeds, job.cfg, job.probe, parity)
+        torch_results, reference = measure_torch(module, modes, job.shapes, job.feeds, job.cfg, job.probe, parity,
+                                                 enc.model)
         for backend, result in torch_results.items():
             job.record(variant, backend, unique, result)
-    del module
+    del module, enc
     job.probe.settle()
     for backend in exported:
         assert onnx_path is not None
@@ -510,13 +585,19 @@ def summarize(results: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def check_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
-    """The targets of the measurement issue, evaluated on what was measured (nothing for what was not)."""
+    """The targets of the measurement issues, evaluated on what was measured (nothing for what was not)."""
     runs = {(r["variant"], r["backend"]): r for r in results["runs"]}
-    out = []
+    out: list[dict[str, Any]] = []
 
     def target(name: str, value: float, limit: float, met: bool) -> None:
         out.append({"target": name, "value": value, "limit": limit, "met": bool(met)})
 
+    _memory_targets(runs, target)
+    _latency_targets(runs, {(f["batch"], f["seq"]): f["fraction"] for f in results["flops"]}, target)
+    return out
+
+
+def _memory_targets(runs: dict[tuple[str, str], Any], target: Callable[..., None]) -> None:
     torch_plan, torch_dense, ort_plan = runs.get(("plan", "torch")), runs.get(("dense", "torch")), runs.get(("plan", "ort-cuda"))
     if torch_plan:
         ratio = torch_plan["resident_over_unique"]
@@ -531,13 +612,29 @@ def check_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     if ort_plan:
         ratio = ort_plan["resident_over_unique"]
         target("ort-cuda: plan resident / unique weight bytes <= 1.05", ratio, 1.05, ratio <= 1.05)
-    if ort_plan and torch_plan:
-        for t in torch_plan["shapes"]:
-            o = _row(ort_plan, t)
-            if o:
-                target(f"ort-cuda {t['batch']}x{t['seq']}: plan latency <= torch eager's (ms)", o["median_ms"],
-                       t["median_ms"], o["median_ms"] <= t["median_ms"])
-    return out
+
+
+def _latency_targets(runs: dict[tuple[str, str], Any], fractions: dict[tuple[int, int], float],
+                     target: Callable[..., None]) -> None:
+    """Eager: plan / dense latency within 5 % of the executed-FLOP fraction. Compiled: the compiled plan at most
+    0.80 x the compiled dense model. ONNX Runtime CUDA: the plan no slower than PyTorch eager."""
+    pairs = [("torch", "torch"), ("torch-compile", "torch-compile"), ("ort-cuda", "torch")]
+    for backend, against in pairs:
+        plan, base = runs.get(("plan", backend)), runs.get(("plan" if backend == "ort-cuda" else "dense", against))
+        for row in plan["shapes"] if plan and base else []:
+            other, shape = _row(base, row), f"{row['batch']}x{row['seq']}"
+            if other is None:
+                continue
+            ratio = row["median_ms"] / other["median_ms"]
+            if backend == "torch":
+                fraction = fractions[(row["batch"], row["seq"])]
+                target(f"torch {shape}: plan / dense latency within 5 % of the executed-FLOP fraction "
+                       f"({fraction:.3f})", ratio, 1.05 * fraction, abs(ratio / fraction - 1) <= 0.05)
+            elif backend == "torch-compile":
+                target(f"torch-compile {shape}: compiled plan / compiled dense latency <= 0.80", ratio, 0.80, ratio <= 0.80)
+            else:
+                target(f"ort-cuda {shape}: plan latency <= torch eager's (ms)", row["median_ms"], other["median_ms"],
+                       row["median_ms"] <= other["median_ms"])
 
 
 def write_results(folder: Path, results: dict[str, Any]) -> None:

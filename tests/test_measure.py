@@ -218,10 +218,27 @@ def test_targets_follow_the_issue():
     assert all(t["met"] for t in check_targets(good)), check_targets(good)
     # 1.05 x (600 unique + 200 dense activation peak) = 840 is the limit for the plan's forward peak
     bad = runs(plan_resident=612, plan_peak=841, ort_resident=631, ort_ms=7.6)
-    assert [t["met"] for t in check_targets(bad)] == [False, False, False, False]
+    # the memory targets and ONNX Runtime's latency miss; the eager ratio (0.75) stays within 5 % of 0.76
+    assert [t["met"] for t in check_targets(bad)] == [False, False, False, True, False]
     summary = summarize(good)
     assert [(s["backend"], s["latency_ratio"], s["flop_fraction"]) for s in summary] == [
         ("torch", 0.75, 0.76), ("ort-cuda", 7.0 / 12.0, 0.76)]
+
+
+def test_latency_targets_follow_the_flop_fraction_and_the_compiled_dense_model():
+    results = runs(plan_resident=605, plan_peak=840, ort_resident=625, ort_ms=7.0)
+    results["runs"] = [r for r in results["runs"] if r["backend"] == "torch"]
+    for ms, compiled_ms in ((8.5, 4.0), (7.4, 3.9)):  # eager 0.85 (11.8 % off 0.76), compiled 0.80; 0.74, 0.78
+        results["runs"][1]["shapes"][0]["median_ms"] = ms
+        compiled = [copy.deepcopy(r) | {"backend": "torch-compile"} for r in results["runs"]]
+        compiled[0]["shapes"][0]["median_ms"], compiled[1]["shapes"][0]["median_ms"] = 5.0, compiled_ms
+        targets = {t["target"].split(" ")[0]: t for t in check_targets(results | {"runs": results["runs"] + compiled})
+                   if "latency" in t["target"]}
+        assert targets["torch"]["value"] == ms / 10.0 and targets["torch-compile"]["value"] == compiled_ms / 5.0
+        assert (targets["torch"]["met"], targets["torch-compile"]["met"]) == ((False, True) if ms == 8.5 else (True, True))
+    compiled[1]["shapes"][0]["median_ms"] = 4.1
+    assert not [t for t in check_targets(results | {"runs": results["runs"] + compiled})
+                if t["target"].startswith("torch-compile")][0]["met"]
 
 
 def test_results_are_written_as_json_markdown_and_a_chart(tmp_path):
@@ -296,14 +313,13 @@ def test_main_job_reports_the_same_measurements_on_cuda(tiny_models, tmp_path): 
     assert report["parity"][0]["test"] in ("onnxruntime", "onnxruntime-cuda")
 
 
-def test_measurement_flow_on_cpu_with_the_cuda_counters_patched(tiny_models, tmp_path, monkeypatch):
+def test_measurement_flow_on_cpu_with_the_cuda_counters_patched(tiny_models, tmp_path, on_cpu):
     """The orchestration CI can run: CUDA's memory counters and synchronization are patched to no-ops (every
     memory figure is 0 and is not asserted), PyTorch runs on the CPU and ONNX Runtime on its CPU provider.
     Timings, FLOPs and parity are real; a TensorRT-RTX engine is really built and reported as not run."""
     import skrr_export.measure as measure
     from skrr_export.trt import available
 
-    _cuda_counters_patched(monkeypatch)
     _, folder = tiny_models["t5"]
     plan = make_plan("t5", "skip-only")
     backends = ("torch", "ort-cuda", "ort-cuda-stock") + (("trt-rtx",) if available("trt-rtx") else ())
@@ -328,33 +344,16 @@ def test_measurement_flow_on_cpu_with_the_cuda_counters_patched(tiny_models, tmp
     assert "ONNX Runtime node placement (ort-cuda, plan)" in (tmp_path / "results.md").read_text()
 
 
-def _cuda_counters_patched(monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    """CUDA's memory counters and synchronization as no-ops (every memory figure 0, not asserted); PyTorch on the
-    CPU and ONNX Runtime on its CPU provider."""
-    import types
-
+@pytest.fixture
+def on_cpu():  # type: ignore[no-untyped-def]
+    """The CUDA flow rehearsed on the CPU (measure.rehearsal_on_cpu): every memory figure is 0, never asserted."""
     import skrr_export.measure as measure
-    import skrr_export.runners as runners
 
-    cuda = torch.cuda
-    for name in ("synchronize", "empty_cache", "reset_peak_memory_stats"):
-        monkeypatch.setattr(cuda, name, lambda *a, **k: None)
-    for name in ("memory_allocated", "max_memory_allocated"):
-        monkeypatch.setattr(cuda, name, lambda *a, **k: 0)
-    monkeypatch.setattr(cuda, "mem_get_info", lambda *a: (1, 1))
-    monkeypatch.setattr(cuda, "get_device_name", lambda *a: "patched")
-    monkeypatch.setattr(cuda, "get_device_capability", lambda *a: (9, 0))  # torch.cuda.is_available() stays False
-    monkeypatch.setattr(cuda, "get_device_properties", lambda *a: types.SimpleNamespace(total_memory=1))
-    monkeypatch.setattr(measure, "DEVICE", "cpu")
-
-    class CpuOrtRunner(runners.OrtRunner):
-        def __init__(self, path, providers, *args, **kwargs):
-            super().__init__(path, ("CPUExecutionProvider",), *args, **kwargs)
-
-    monkeypatch.setattr(runners, "OrtRunner", CpuOrtRunner)
+    with measure.rehearsal_on_cpu():
+        yield
 
 
-def test_main_jobs_measure_stage_uses_the_artifacts_it_wrote(tiny_models, tmp_path, monkeypatch):
+def test_main_jobs_measure_stage_uses_the_artifacts_it_wrote(tiny_models, tmp_path, monkeypatch, on_cpu):
     """No second export or build: the plan is measured from the job's own ONNX (and engine); the dense model in
     PyTorch only."""
     import skrr_export.measure as measure
@@ -362,7 +361,6 @@ def test_main_jobs_measure_stage_uses_the_artifacts_it_wrote(tiny_models, tmp_pa
     from skrr_export.export import ExportOptions, export_onnx
     from skrr_export.model import load_encoder
 
-    _cuda_counters_patched(monkeypatch)
     _, folder = tiny_models["t5"]
     plan = make_plan("t5", "heavy-reuse")
     onnx = export_onnx(apply_plan(load_encoder(ModelSource(folder), plan), plan), tmp_path / "model.onnx",
@@ -377,3 +375,42 @@ def test_main_jobs_measure_stage_uses_the_artifacts_it_wrote(tiny_models, tmp_pa
     assert [p["passed"] for p in results["parity"]] == [True, True]
     assert onnx.is_file(), "the job's own artifact is left where it was"
     write_results(tmp_path, results)
+
+
+def test_several_plans_share_one_dense_measurement(tiny_models, tmp_path, monkeypatch, on_cpu):
+    """measure_plans: the dense model is loaded and measured once for every plan of the model; the Hugging Face
+    baseline ("hf") runs on the dense model only."""
+    import skrr_export.measure as measure
+    import skrr_export.model as model
+
+    loaded = []
+    real = model.load_encoder
+    monkeypatch.setattr(model, "load_encoder", lambda source, plan, precision: loaded.append(plan) or real(source, plan, precision))
+    _, folder = tiny_models["t5"]
+    plans = {"skip": make_plan("t5", "skip-only"), "reuse": make_plan("t5", "heavy-reuse")}
+    cfg = MeasureConfig(plan=tmp_path / "unused.json", out=tmp_path / "unused", precision="fp32", warmup=1, iterations=2)
+    meta = build_meta(load_config(ModelSource(folder)))
+    results = measure.measure_plans(meta, ModelSource(folder), plans, ("torch", "hf"), [Shape(1, 8)], cfg, tmp_path / "w")
+
+    assert [p.skip for p in loaded] == [(), plans["skip"].skip, plans["reuse"].skip]
+    for label, r in results.items():
+        assert {(x["variant"], x["backend"]) for x in r["runs"]} == {("dense", "torch"), ("dense", "hf"), ("plan", "torch")}
+        assert r["plan"]["sha256"] == plans[label].digest() and [s["backend"] for s in r["summary"]] == ["torch"]
+    dense = [[x for x in r["runs"] if x["variant"] == "dense"] for r in results.values()]
+    assert [{k: v for k, v in x.items() if k != "reused"} for x in dense[1]] == dense[0]
+    assert all(x["reused"] for x in dense[1])
+
+
+def test_the_hugging_face_baseline_computes_the_dense_model(tiny_models):
+    import skrr_export.measure as measure
+
+    for family in ("t5", "bert", "clip"):
+        _, folder = tiny_models[family]
+        enc = load_encoder(ModelSource(folder), Plan(family, NUM_BLOCKS))
+        ids = torch.randint(3, 90, (2, 7))
+        mask = torch.ones_like(ids)
+        mask[1, 5:] = 0
+        with torch.no_grad():
+            ours = apply_plan(enc, Plan(family, NUM_BLOCKS))(ids, mask)[0]
+            theirs = measure._HfForward(enc.model)(ids, mask)[0]
+        torch.testing.assert_close(theirs[mask.bool()], ours[mask.bool()], rtol=1e-5, atol=1e-5)
