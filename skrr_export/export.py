@@ -92,16 +92,22 @@ def sample_inputs(options: ExportOptions, vocab_size: int) -> tuple[torch.Tensor
     return ids, torch.ones(2, seq, dtype=dtype)
 
 
-def export_onnx(module: SkrrEncoder, path: Path, options: ExportOptions, vocab_size: int) -> OnnxArtifact:
-    """Export ``module`` to ``path`` (plus ``path.data`` when external) and check the weight invariant."""
+def export_onnx(module: SkrrEncoder, path: Path, options: ExportOptions, vocab_size: int,
+                quantized: Any = None) -> OnnxArtifact:
+    """Export ``module`` to ``path`` (plus ``path.data`` when external) and check the weight invariant.
+    ``quantized`` (``quantize.QuantizedWeights``): store those weights quantized (opset 21), checked likewise."""
+    from . import quantize
+
     start = time.perf_counter()
-    program = _torch_export(module, options, vocab_size)
+    program = _torch_export(module, options, vocab_size, quantize.OPSET if quantized is not None else OPSET)
     weights = weight_names(module)
     _optimize(program.model, weights)
     _fusable_rms_norms(program.model)
     _merge_equal_constants(program.model, weights)
     program.model.ir_version = IR_VERSION
     stored = weights_once(program.model, module)
+    if quantized is not None:
+        stored = quantize.store_quantized(program.model, module, quantized)
     external = options.external_data if options.external_data is not None else stored.total_bytes > EXTERNAL_DATA_THRESHOLD
     data_path = path.with_name(path.name + ".data") if external else None
     program.save(str(path), external_data=external)
@@ -120,7 +126,7 @@ def export_onnx(module: SkrrEncoder, path: Path, options: ExportOptions, vocab_s
     )
 
 
-def _torch_export(module: SkrrEncoder, options: ExportOptions, vocab_size: int) -> Any:
+def _torch_export(module: SkrrEncoder, options: ExportOptions, vocab_size: int, opset: int = OPSET) -> Any:
     ids, mask = sample_inputs(options, vocab_size)
     axes = {0: "batch"} if options.fixed_sequence else {0: "batch", 1: "sequence"}
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # "torchvision is not installed" and the like
@@ -132,7 +138,7 @@ def _torch_export(module: SkrrEncoder, options: ExportOptions, vocab_size: int) 
             module,
             (ids, mask),
             dynamo=True,
-            opset_version=OPSET,
+            opset_version=opset,
             input_names=list(INPUT_NAMES),
             output_names=list(module.output_names),
             dynamic_shapes=(axes, axes),

@@ -1,0 +1,428 @@
+"""Weight-only quantization stacked on a plan: int8 per output channel, or int4 in blocks along the input width.
+
+What is quantized: the weight of every ``nn.Linear`` in the kept sub-blocks (the attention and feed-forward
+projections, nearly all of the bytes). Embeddings, norms, biases, T5's position table and the head (CLIP's
+projection) stay in the export's precision: benchmarks/README.md, "Weight-only quantization", measures the choice.
+Quantization is symmetric (no zero point); a scale has the weight's own dtype (T5's ``wo`` in an fp16 export: fp32).
+
+One parameter is quantized once, however many slots run it: ``quantize_module`` keys its results by the parameter
+object, which a re-used sub-block shares between its slots. Stages:
+``quantize_module`` (PyTorch: each weight replaced by its dequantized values, the parity reference) ->
+``store_quantized`` (ONNX pass: int8/int4 initializers + scales -> DequantizeLinear -> MatMul) ->
+``quantized_weights_once`` (the invariant: the stored bytes are the plan's kept weights at their quantized size).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .errors import ArgumentError, InvariantError, UserError
+
+SCHEMES = {"int8": 8, "int4": 4}
+BLOCKS = (32, 64, 128)
+DEFAULT_BLOCK = 64  # by measurement: benchmarks/README.md, "Weight-only quantization"
+OPSET = 21  # block-wise DequantizeLinear and the int4 type
+QUANTIZED_SUFFIX, SCALE_SUFFIX = ".quantized", ".scale"
+BYTES_SLACK = 0.01  # stored quantized bytes may differ from the plan's by 1 % (int4 packing of joined weights)
+
+
+@dataclass(frozen=True)
+class Quantization:
+    scheme: str  # "int8" (per output channel) or "int4" (block-wise)
+    block: int | None = None  # int4 only: input-width elements per scale
+
+    @property
+    def bits(self) -> int:
+        return SCHEMES[self.scheme]
+
+    @property
+    def qmax(self) -> int:
+        return 2 ** (self.bits - 1) - 1  # symmetric: -qmax .. qmax
+
+    def __str__(self) -> str:
+        return self.scheme + (f" (block {self.block})" if self.block else " (per output channel)")
+
+    def sizes(self, out_features: int, in_features: int, itemsize: int) -> tuple[int, int]:
+        """(integer bytes, scale bytes) of one [out, in] weight whose dtype has ``itemsize`` bytes."""
+        scales = out_features * (in_features // self.block if self.block else 1)
+        return -(-out_features * in_features * self.bits // 8), scales * itemsize
+
+
+def quantization(scheme: str | None, block: int | None) -> Quantization | None:
+    """The flags ``--quantize`` and ``--quant-block`` as one setting (None: no quantization)."""
+    if scheme is None:
+        if block is not None:
+            raise ArgumentError("--quant-block needs --quantize int4")
+        return None
+    if scheme not in SCHEMES:
+        raise ArgumentError(f"--quantize must be one of {', '.join(SCHEMES)}, got '{scheme}'")
+    if scheme == "int8":
+        if block is not None:
+            raise ArgumentError("--quant-block applies to --quantize int4 only (int8 is per output channel)")
+        return Quantization("int8")
+    block = DEFAULT_BLOCK if block is None else block
+    if block not in BLOCKS:
+        raise ArgumentError(f"--quant-block must be one of {', '.join(map(str, BLOCKS))}, got {block}")
+    return Quantization("int4", block)
+
+
+def check_backends(q: Quantization, engine: str, backend: Any = None) -> None:
+    """Refuse, before any work, a runtime or engine builder that cannot take block-wise int4 / int8 weights."""
+    import onnxruntime
+
+    if tuple(int(v) for v in onnxruntime.__version__.split(".")[:2]) < (1, 20):
+        raise UserError(f"--quantize needs onnxruntime >= 1.20 (opset 21 DequantizeLinear), found {onnxruntime.__version__}")
+    if backend is not None and not backend.rtx and backend.major < 10 and q.scheme == "int4":
+        raise UserError(f"--quantize int4 needs TensorRT >= 10 (block-wise int4 weights), found {backend.version}; "
+                        "use --quantize int8, --engine trt-rtx, or a newer TensorRT")
+
+
+# ----------------------------------------------------------------------------------------------- which weights
+
+
+def quantizable(parts: dict[str, nn.Module], always: Iterable[nn.Module] = ()) -> Iterator[tuple[str, nn.Parameter]]:
+    """``(name, weight)`` of every ``nn.Linear`` in ``parts`` (kept sub-blocks, by name), each parameter once; a
+    weight also owned by an ``always`` module (stem, head) is not a sub-block's and is left alone."""
+    skip = {id(p) for m in always for p in m.parameters()}
+    for prefix, part in parts.items():
+        for name, module in part.named_modules():
+            w = getattr(module, "weight", None) if isinstance(module, nn.Linear) else None
+            if w is not None and id(w) not in skip:
+                skip.add(id(w))
+                yield f"{prefix}.{name}.weight" if name else f"{prefix}.weight", w
+
+
+def kept_parts(module: Any) -> dict[str, nn.Module]:
+    """The kept sub-blocks of an applied plan (``SkrrEncoder``), by their parameter-name prefix."""
+    return {f"kept.{i}": part for i, part in module.kept.items()}
+
+
+def check_blocks(q: Quantization, weights: Iterable[tuple[str, Any]]) -> None:
+    """Every quantized weight's input width is a whole number of blocks."""
+    for name, w in weights:
+        if q.block and w.shape[1] % q.block:
+            raise ArgumentError(f"--quant-block {q.block} does not divide the input width {w.shape[1]} of {name}; "
+                                f"use a block in {', '.join(str(b) for b in BLOCKS if w.shape[1] % b == 0) or 'none'}")
+
+
+# ----------------------------------------------------------------------------------------------- PyTorch side
+
+
+@dataclass(frozen=True)
+class QuantizedWeight:
+    """One parameter's integers ``[in, out]`` (the MatMul's layout: no Transpose in the graph) and its scales
+    (``[out]`` for int8, ``[in / block, out]`` for int4), in the weight's dtype."""
+
+    name: str
+    bits: int
+    values: torch.Tensor  # int8 holding -qmax .. qmax
+    scales: torch.Tensor
+
+    @property
+    def nbytes(self) -> int:
+        return -(-self.values.numel() * self.bits // 8) + self.scales.numel() * self.scales.element_size()
+
+
+def quantize_tensor(weight: torch.Tensor, q: Quantization, name: str = "weight") -> QuantizedWeight:
+    """Symmetric quantization of a ``[out, in]`` weight; the integers are rounded against the scales as stored
+    (in the weight's dtype), so that ``values * scales`` is what every runtime computes."""
+    w = weight.detach().float().t()  # [in, out]
+    blocks = w.reshape(-1, q.block, w.shape[1]) if q.block else w[None]
+    scales = (blocks.abs().amax(dim=1) / q.qmax).to(weight.dtype)  # [in / block, out] or [1, out]
+    stored = scales.float()
+    values = torch.round(blocks / torch.where(stored == 0, 1.0, stored)[:, None]).clamp_(-q.qmax, q.qmax)
+    return QuantizedWeight(name, q.bits, values.reshape(w.shape).to(torch.int8), scales if q.block else scales[0])
+
+
+def dequantize(qw: QuantizedWeight, dtype: torch.dtype) -> torch.Tensor:
+    """The ``[out, in]`` weight the graph computes with: ``values * scales`` in fp32, rounded once to ``dtype``."""
+    values = qw.values.float()
+    scales = qw.scales.float()
+    if scales.ndim == 2:  # int4: one scale per block of rows
+        scales = scales.repeat_interleave(values.shape[0] // scales.shape[0], dim=0)
+    return (values * scales).to(dtype).t().contiguous()
+
+
+@dataclass
+class QuantizedWeights:
+    """What ``quantize_module`` did: each quantized parameter once (by identity), and what it left alone."""
+
+    quantization: Quantization
+    weights: dict[int, QuantizedWeight]  # id(parameter) -> its quantized form
+    kept: dict[str, int]  # parameters left in the export's precision: name -> bytes
+
+    @property
+    def bytes(self) -> int:
+        return sum(w.nbytes for w in self.weights.values())
+
+
+@torch.no_grad()
+def quantize_module(module: Any, q: Quantization) -> QuantizedWeights:
+    """Quantize the kept sub-blocks' linear weights of an applied plan, one tensor at a time; each parameter's data
+    becomes its dequantized values, so ``module`` is the PyTorch reference of the quantized graph."""
+    targets = list(quantizable(kept_parts(module), (module.stem, module.head)))
+    check_blocks(q, ((n, p) for n, p in targets))
+    done: dict[int, QuantizedWeight] = {}
+    for name, p in targets:
+        qw = quantize_tensor(p.data, q, name)
+        p.data = dequantize(qw, p.dtype)
+        done[id(p)] = qw
+    kept: dict[str, int] = {}
+    seen = set(done)
+    for name, p in module.named_parameters(remove_duplicate=False):
+        if id(p) not in seen:
+            seen.add(id(p))
+            kept[name] = p.numel() * p.element_size()
+    return QuantizedWeights(q, done, kept)
+
+
+# ----------------------------------------------------------------------------------------------- ONNX pass
+
+
+@dataclass
+class _Reader:
+    """A quantized weight in the exported graph: its initializer, the Transpose that reads it, the MatMuls after."""
+
+    name: str
+    value: Any
+    transpose: Any
+    matmuls: list[Any]
+
+    def activations(self) -> tuple[str, ...]:
+        return tuple(sorted(m.inputs[0].name for m in self.matmuls))
+
+
+def store_quantized(model: Any, module: Any, quantized: QuantizedWeights) -> Any:
+    """Replace each quantized weight of the exported graph (``W -> Transpose -> MatMul`` per slot) by its integers
+    and scales feeding one DequantizeLinear. Weights whose MatMuls read the same activations in every slot (q, k, v;
+    T5's gate and up projections) are stored joined along the output width, one MatMul per slot and a Split:
+    TensorRT-RTX 1.7 fails to build re-used sub-blocks whose parallel MatMuls each have their own DequantizeLinear
+    (benchmarks/README.md). Returns the invariant's accounting (``quantized_weights_once``)."""
+    params = dict(module.named_parameters(remove_duplicate=False))
+    readers = [_reader(model, name, value) for name, value in tuple(model.graph.initializers.items())
+               if name in params and id(params[name]) in quantized.weights]
+    if len(readers) != len(quantized.weights):
+        raise InvariantError(f"{len(quantized.weights)} weights were quantized but the graph stores {len(readers)} of them")
+    groups: dict[tuple[Any, ...], list[_Reader]] = {}
+    for r in readers:
+        groups.setdefault((r.activations(), r.value.shape[1]), []).append(r)
+    for group in groups.values():
+        _join(model.graph, group, [quantized.weights[id(params[r.name])] for r in group])
+    model.opset_imports[""] = OPSET
+    return quantized_weights_once(model, module, quantized)
+
+
+def _reader(model: Any, name: str, value: Any) -> _Reader:
+    uses = list(value.uses())
+    transpose = uses[0][0] if len(uses) == 1 else None
+    if transpose is None or transpose.op_type != "Transpose" or list(transpose.attributes["perm"].value) != [1, 0]:
+        raise InvariantError(f"quantized weight {name} is read by {[u[0].op_type for u in uses]}, not one Transpose")
+    matmuls = [node for node, index in transpose.outputs[0].uses()]
+    if any(node.op_type != "MatMul" for node in matmuls) or any(i != 1 for _, i in transpose.outputs[0].uses()):
+        raise InvariantError(f"quantized weight {name} reaches {[n.op_type for n in matmuls]}, not only MatMul weights")
+    return _Reader(name, value, transpose, matmuls)
+
+
+def _join(graph: Any, group: list[_Reader], weights: list[QuantizedWeight]) -> None:
+    """One DequantizeLinear for the group's joined integers and scales; per slot one MatMul (and a Split)."""
+    import onnx_ir as ir
+
+    name = "+".join(r.name for r in group)
+    values = _int_tensor(torch.cat([w.values for w in weights], dim=1), weights[0].bits, name + QUANTIZED_SUFFIX)
+    scales = _float_tensor(torch.cat([w.scales for w in weights], dim=-1), name + SCALE_SUFFIX)
+    inits = [ir.Value(name=t.name, const_value=t, shape=t.shape, type=ir.TensorType(t.dtype)) for t in (values, scales)]
+    for v in inits:
+        graph.register_initializer(v)
+    block = {"block_size": values.shape[0] // scales.shape[0]} if len(scales.shape) == 2 else {}
+    dq = ir.node("DequantizeLinear", inits, attributes={"axis": 0 if block else 1, **block}, name=name + ".dequantize")
+    graph.insert_before(graph[0], dq)  # it reads initializers only
+    widths = [int(w.values.shape[1]) for w in weights]
+    for slot, matmuls in enumerate(zip(*(sorted(r.matmuls, key=lambda m: m.inputs[0].name) for r in group))):
+        _one_matmul(graph, dq, list(matmuls), widths, f"{name}.{slot}")
+    for r in group:
+        graph.remove([*r.matmuls, r.transpose], safe=True)
+        graph.initializers.pop(r.name)
+
+
+def _one_matmul(graph: Any, dq: Any, matmuls: list[Any], widths: list[int], name: str) -> None:
+    """One MatMul of a slot's activation with the joined weight, placed right after the activation is made."""
+    import onnx_ir as ir
+
+    activation = matmuls[0].inputs[0]
+    joined = ir.node("MatMul", [activation, dq.outputs[0]], name=name + ".matmul")
+    joined.outputs[0].name = name + ".matmul"
+    new = [joined]
+    outputs = joined.outputs
+    if len(matmuls) > 1:
+        sizes = ir.Value(name=name + ".widths", const_value=ir.tensor(np.array(widths, np.int64), name=name + ".widths"))
+        graph.register_initializer(sizes)
+        split = ir.node("Split", [joined.outputs[0], sizes], attributes={"axis": -1}, num_outputs=len(matmuls),
+                        name=name + ".split")
+        new.append(split)
+        outputs = split.outputs
+        for i, out in enumerate(outputs):
+            out.name = f"{name}.split.{i}"
+    graph.insert_after(activation.producer() or dq, new)
+    for old, out in zip(matmuls, outputs):
+        out.dtype = old.outputs[0].dtype
+        old.outputs[0].replace_all_uses_with(out, replace_graph_outputs=True)
+
+
+def _int_tensor(values: torch.Tensor, bits: int, name: str) -> Any:
+    import onnx_ir as ir
+
+    v = values.numpy()
+    if bits == 8:
+        return ir.Tensor(v, name=name)
+    nibbles = (v.reshape(-1).astype(np.uint8) & 0x0F)
+    if nibbles.size % 2:
+        nibbles = np.append(nibbles, np.uint8(0))
+    packed = nibbles[0::2] | (nibbles[1::2] << 4)  # first element in the low nibble (ONNX's int4 layout)
+    return ir.PackedTensor(packed, ir.DataType.INT4, shape=list(v.shape), name=name)
+
+
+def _float_tensor(t: torch.Tensor, name: str) -> Any:
+    import ml_dtypes
+    import onnx_ir as ir
+
+    if t.dtype == torch.bfloat16:
+        return ir.Tensor(t.float().numpy().astype(ml_dtypes.bfloat16), name=name)
+    return ir.Tensor(t.numpy(), name=name)
+
+
+# ----------------------------------------------------------------------------------------------- the invariant
+
+
+def _sources(name: str, params: dict[str, Any]) -> list[str] | None:
+    """The parameters a quantized initializer holds (its name joins theirs), or None for any other initializer."""
+    for suffix in (QUANTIZED_SUFFIX, SCALE_SUFFIX):
+        if name.endswith(suffix):
+            parts = name.removesuffix(suffix).split("+")
+            if all(p in params for p in parts):
+                return parts
+    return None
+
+
+def expected_bytes(module: Any, quantized: QuantizedWeights) -> int:
+    """The plan's kept weights at their quantized size, from the parameters' shapes alone."""
+    q, total, seen = quantized.quantization, 0, set()
+    for _, p in module.named_parameters(remove_duplicate=False):
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        total += sum(q.sizes(*p.shape, p.element_size())) if id(p) in quantized.weights else p.numel() * p.element_size()
+    return total
+
+
+def quantized_weights_once(model: Any, module: Any, quantized: QuantizedWeights) -> Any:
+    """The weight invariant with quantized bytes: every kept parameter is stored exactly once (plain, or inside one
+    integer and one scale initializer), and the weights' bytes are the plan's kept weights at their quantized size
+    (within 1 %: int4 pairs packed across joined weights)."""
+    from .export import Initializers
+
+    params = dict(module.named_parameters(remove_duplicate=False))
+    holders: dict[tuple[int, str], str] = {}
+    weight_bytes = constant_count = constant_bytes = count = 0
+    for name, value in model.graph.initializers.items():
+        sources = [name] if name in params else _sources(name, params)
+        if sources is None:
+            constant_count, constant_bytes = constant_count + 1, constant_bytes + value.const_value.nbytes
+            continue
+        kind = "scale" if name.endswith(SCALE_SUFFIX) and name not in params else "values"
+        for source in sources:
+            key = (id(params[source]), kind)
+            if key in holders:
+                raise InvariantError(f"parameter {source} is stored twice in the ONNX graph ({holders[key]} and {name})")
+            holders[key] = name
+        weight_bytes, count = weight_bytes + value.const_value.nbytes, count + 1
+    _check_coverage(params, quantized, holders)
+    expected = expected_bytes(module, quantized)
+    if abs(weight_bytes - expected) > BYTES_SLACK * expected:
+        raise InvariantError(f"quantized weights hold {weight_bytes} bytes but the plan's kept weights are {expected} "
+                             f"bytes at {quantized.quantization} (limit 1 %)")
+    return Initializers(count, weight_bytes, constant_count, constant_bytes)
+
+
+def _check_coverage(params: dict[str, Any], quantized: QuantizedWeights, holders: dict[tuple[int, str], str]) -> None:
+    for name, p in params.items():
+        need = ("values", "scale") if id(p) in quantized.weights else ("values",)
+        missing = [k for k in need if (id(p), k) not in holders]
+        if missing:
+            raise InvariantError(f"parameter {name} is not stored in the ONNX graph ({', '.join(missing)} missing)")
+
+
+# ----------------------------------------------------------------------------------------------- accounting
+
+
+def _role(name: str) -> str:
+    """A parameter's name with its sub-block or block index replaced by '*': one row per kind of weight."""
+    import re
+
+    return re.sub(r"\.\d+\.", ".*.", name, count=1)
+
+
+def accounting(q: Quantization, entries: Iterable[tuple[str, tuple[int, ...], int, bool]]) -> dict[str, Any]:
+    """What was quantized and what was not, with bytes, by role. ``entries``: (name, shape, itemsize, quantized)
+    for every kept parameter once."""
+    out: dict[str, Any] = {"scheme": q.scheme, "block": q.block, "opset": OPSET,
+                           "quantized": {"count": 0, "bytes_before": 0, "bytes": 0, "roles": {}},
+                           "not_quantized": {"count": 0, "bytes": 0, "roles": {}}}
+    for name, shape, itemsize, is_quantized in entries:
+        before = int(np.prod(shape)) * itemsize
+        after = sum(q.sizes(*shape, itemsize)) if is_quantized else before
+        side = out["quantized" if is_quantized else "not_quantized"]
+        row = side["roles"].setdefault(_role(name), {"count": 0, "bytes": 0} | ({"bytes_before": 0} if is_quantized else {}))
+        for d in (side, row):
+            d["count"] += 1
+            d["bytes"] += after
+            if is_quantized:
+                d["bytes_before"] += before
+    out["total_bytes"] = out["quantized"]["bytes"] + out["not_quantized"]["bytes"]
+    return out
+
+
+def module_accounting(module: Any, quantized: QuantizedWeights) -> dict[str, Any]:
+    """``accounting`` of an applied (and quantized) plan."""
+    seen: set[int] = set()
+    entries = []
+    for name, p in module.named_parameters(remove_duplicate=False):
+        if id(p) not in seen:
+            seen.add(id(p))
+            entries.append((name, tuple(p.shape), p.element_size(), id(p) in quantized.weights))
+    return accounting(quantized.quantization, entries)
+
+
+def plan_accounting(enc: Any, plan: Any, q: Quantization) -> dict[str, Any]:
+    """``accounting`` from the model's structure alone (a meta-device ``model.Encoder``): ``inspect --quantize``."""
+    from .model import target_dtype
+
+    kept = {str(i): enc.sub_blocks[i] for i in sorted(set(plan.kept))}
+    targets = dict(quantizable(kept, (enc.stem, enc.head)))
+    check_blocks(q, targets.items())
+    quantized = {id(p) for p in targets.values()}
+    parts = [enc.stem, enc.head, *kept.values()]
+    kept_ids = {id(p) for part in parts for p in part.parameters()}
+    entries = [(name, tuple(p.shape), torch.empty((), dtype=target_dtype(enc, name)).element_size(), id(p) in quantized)
+               for name, p in enc.model.named_parameters() if id(p) in kept_ids]
+    return accounting(q, entries)
+
+
+def render(a: dict[str, Any]) -> list[str]:
+    """report.md / inspect lines: the two sides and their roles."""
+    def mb(n: int) -> str:
+        return f"{n / 1e6:,.2f} MB"
+
+    qd, nq = a["quantized"], a["not_quantized"]
+    lines = [f"weight-only {a['scheme']}" + (f", block {a['block']}" if a["block"] else ", per output channel")
+             + f" (opset {a['opset']}): {mb(a['total_bytes'])} of weights",
+             f"  quantized: {qd['count']} weights, {mb(qd['bytes_before'])} -> {mb(qd['bytes'])} (integers + scales)"]
+    lines += [f"    {role}: {r['count']} x, {mb(r['bytes_before'])} -> {mb(r['bytes'])}" for role, r in qd["roles"].items()]
+    lines.append(f"  kept in the export's precision: {nq['count']} tensors, {mb(nq['bytes'])}")
+    lines += [f"    {role}: {r['count']} x, {mb(r['bytes'])}" for role, r in nq["roles"].items()]
+    return lines
