@@ -115,6 +115,18 @@ def _plan_arguments(p: Parser) -> None:
     which.add_argument("--recipe", help="a built-in recipe by name (or a folder with recipe.json): its plan and settings")
 
 
+def _quantize_arguments(p: Parser) -> None:
+    p.add_argument("--quantize", choices=("int8", "int4"), help="weight-only quantization of the kept sub-blocks' linear "
+                   "weights: int8 per output channel, int4 block-wise (DequantizeLinear, opset 21)")
+    p.add_argument("--quant-block", type=int, metavar="32|64|128", help="int4: input-width elements per scale (default 64)")
+
+
+def _quantization(args: argparse.Namespace) -> Any:
+    from .quantize import quantization
+
+    return quantization(args.quantize, args.quant_block)
+
+
 def _setup_logging(quiet: bool) -> None:
     logging.basicConfig(level=logging.ERROR if quiet else logging.INFO, format="[skrr-export] %(message)s", stream=sys.stderr)
     for noisy in ("torch", "onnxscript", "onnx_ir", "transformers"):
@@ -192,6 +204,7 @@ def _export_parser() -> Parser:
     p.add_argument("--min-cosine", type=within(-1, 1), help="parity: minimum per-token cosine similarity")
     p.add_argument("--max-token-error", type=within(0, math.inf),
                    help="parity: maximum per-token ||test - ref|| / ||ref|| (default per precision)")
+    _quantize_arguments(p)
     p.add_argument("--no-dense-distance", action="store_true", help="skip loading the dense model to measure the plan's cost")
     p.add_argument("--no-measure", action="store_true", help="with a CUDA device: skip measuring memory and latency (dense vs plan)")
     p.add_argument("-q", "--quiet", action="store_true", help="only errors")
@@ -273,6 +286,7 @@ def _tolerance_overrides(args: argparse.Namespace) -> dict[str, float]:
 def cmd_export(argv: list[str]) -> int:
     args = _export_parser().parse_args(argv)
     _setup_logging(args.quiet)
+    quantization = _quantization(args)
     recipe = _resolve_recipe(args, "")
     _export_settings(args, recipe)
     config = _check_export_inputs(args, recipe)
@@ -293,6 +307,7 @@ def cmd_export(argv: list[str]) -> int:
         external_data=args.external_data,
         tolerance_overrides=_tolerance_overrides(args),
         recipe=recipe,
+        quantization=quantization,
         dense_distance=not args.no_dense_distance,
         measure=not args.no_measure,
         force=args.force,
@@ -328,6 +343,7 @@ def _inspect_parser() -> Parser:
     p.add_argument("--subfolder")
     p.add_argument("--precision", choices=PRECISIONS,
                    help="dtype of the weights (default: the ONNX's with --onnx, else the recipe's, else bf16)")
+    _quantize_arguments(p)
     p.add_argument("--shape", metavar="BATCHxSEQ", help="shape for the executed-FLOP count (default 1x256, or the model's maximum)")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
     _common(p)
@@ -359,6 +375,7 @@ def _inspect_precision(args: argparse.Namespace, recipe: Any, exported: dict[str
 def cmd_inspect(argv: list[str]) -> int:
     args = _inspect_parser().parse_args(argv)
     _setup_logging(True)
+    quantization = _quantization(args)
     if args.plan is None and args.recipe is None and args.onnx is None:
         raise ArgumentError("inspect: give --plan or --recipe (with --model) and/or --onnx")
     from .inspect_plan import agreement, inspect_onnx, inspect_plan, render, render_onnx
@@ -371,7 +388,7 @@ def cmd_inspect(argv: list[str]) -> int:
 
         recipe = _resolve_recipe(args, "inspect", config_only=True)
         info = inspect_plan(load_plan(args.plan), args.model or default_model_path(), args.subfolder,
-                            _inspect_precision(args, recipe, exported), _shape(args.shape))
+                            _inspect_precision(args, recipe, exported), _shape(args.shape), quantization)
     if exported is not None:
         info["exported"] = exported | (agreement(info, exported) if "bytes_after" in info else {})
     if args.json:

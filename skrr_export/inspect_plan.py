@@ -9,8 +9,9 @@ from .plan import Plan, kind_of
 
 
 def inspect_plan(plan: Plan, model: Path, subfolder: str | None, precision: str,
-                 shape: tuple[int, int] | None = None) -> dict[str, Any]:
-    """``shape`` (batch, sequence) for the FLOP count; default batch 1 and 256 tokens (or the model's maximum)."""
+                 shape: tuple[int, int] | None = None, quantization: Any = None) -> dict[str, Any]:
+    """``shape`` (batch, sequence) for the FLOP count; default batch 1 and 256 tokens (or the model's maximum).
+    ``quantization`` (``quantize.Quantization``): also the kept bytes with the sub-blocks' linear weights quantized."""
     from .apply import check_sparsity, plan_cost
     from .measure import check_shapes, default_sequence, executed_flops
     from .model import DTYPES, ModelSource, build_meta, load_config
@@ -28,7 +29,7 @@ def inspect_plan(plan: Plan, model: Path, subfolder: str | None, precision: str,
         shape = (1, default_sequence(enc.config, 256))
     (at,) = check_shapes(enc.config, (shape[0],), (shape[1],))
     flops = {"dense": executed_flops(enc, Plan.dense(plan.family, plan.num_blocks), at), "plan": executed_flops(enc, plan, at)}
-    return {
+    info = {
         "family": plan.family,
         "num_blocks": plan.num_blocks,
         "precision": precision,
@@ -43,6 +44,11 @@ def inspect_plan(plan: Plan, model: Path, subfolder: str | None, precision: str,
         "compute_fraction": cost.compute_fraction,
         "flops": {"batch": at.batch, "seq": at.seq, **flops, "fraction": flops["plan"] / flops["dense"]},
     }
+    if quantization is not None:
+        from .quantize import plan_accounting
+
+        info["quantization"] = plan_accounting(enc, plan, quantization)
+    return info
 
 
 def render(info: dict[str, Any]) -> str:
@@ -66,6 +72,10 @@ def render(info: dict[str, Any]) -> str:
     f = info["flops"]
     lines.append(f"executed FLOPs at {f['batch']}x{f['seq']}: {f['plan'] / 1e12:.4g} of {f['dense'] / 1e12:.4g} TFLOP "
                  f"(fraction {f['fraction']:.3f}; matmuls and attention, counted by torch)")
+    if "quantization" in info:
+        from .quantize import render as render_quantization
+
+        lines += render_quantization(info["quantization"])
     return "\n".join(lines)
 
 

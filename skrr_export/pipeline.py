@@ -45,6 +45,7 @@ class ExportConfig:
     engine_options: Any = None  # trt.EngineOptions for --engine trt / trt-rtx
     recipe: Any = None  # recipes.Recipe whose checkpoint expectations the model must meet
     weight_streaming_budget: int | None = None
+    quantization: Any = None  # quantize.Quantization: weight-only int8 / int4 of the kept sub-blocks (quantize.py)
 
 
 @dataclass
@@ -83,10 +84,15 @@ def run_export(cfg: ExportConfig) -> dict[str, Any]:
         from .trt import load_backend
 
         load_backend(cfg.engine)  # fail before any work when the backend is missing
+    if cfg.quantization is not None:
+        from .quantize import check_backends
+
+        check_backends(cfg.quantization, cfg.engine)
     with stages.stage("load"):
         enc = load_encoder(source, plan, cfg.precision)
     with stages.stage("apply"):
         module = apply_plan(enc, plan)
+    quantized, quantization = _quantize(module, cfg, stages)
     options = ExportOptions(cfg.input_dtype, cfg.fixed_sequence, cfg.external_data)
     vocab = getattr(enc.config, "text_config", enc.config).vocab_size
     tokenizer = None if cfg.random_weights else load_tokenizer(source.folder)
@@ -99,8 +105,8 @@ def run_export(cfg: ExportConfig) -> dict[str, Any]:
     check_disk(cfg.out.parent, int(cost.kept_weight_bytes * (2.05 if cfg.engine != "onnx" else 1.05)), "the export")
     with staged_folder(cfg.out, cfg.force) as stage:
         with stages.stage("export"):
-            onnx = export_onnx(module, stage / "model.onnx", options, vocab)
-        del module, enc  # ONNX Runtime, the engine builder and the dense model need the memory
+            onnx = export_onnx(module, stage / "model.onnx", options, vocab, quantized)
+        del module, enc, quantized  # ONNX Runtime, the engine builder and the dense model need the memory
         gc.collect()
         with stages.stage("parity"):
             parity = runner_parity(ort_reference, check.runner(onnx.path), batches, check.tolerances(cfg),
@@ -131,6 +137,7 @@ def run_export(cfg: ExportConfig) -> dict[str, Any]:
             },
             "cost": asdict(cost) | {"sparsity": cost.sparsity},
             "onnx": onnx.to_json() | {"export_options": asdict(options)},
+            "quantization": quantization,
             "parity": parity,
             "distance_to_dense": dense,
             "engine": engine.metadata if engine else None,
@@ -145,6 +152,18 @@ def run_export(cfg: ExportConfig) -> dict[str, Any]:
             f"parity failed ({failed[0]['test']} vs {failed[0]['reference']}); see {cfg.out / 'report.md'}"
         )
     return report
+
+
+def _quantize(module: Any, cfg: ExportConfig, stages: Stages) -> tuple[Any, dict[str, Any] | None]:
+    """Weight-only quantization of the applied plan (the module then computes with the dequantized weights: the
+    parity reference), and what was quantized and what was not, with bytes."""
+    if cfg.quantization is None:
+        return None, None
+    from .quantize import module_accounting, quantize_module
+
+    with stages.stage("quantize"):
+        quantized = quantize_module(module, cfg.quantization)
+    return quantized, module_accounting(module, quantized)
 
 
 def _check_resources(source: Any, plan: Plan, cfg: ExportConfig) -> Any:

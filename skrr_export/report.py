@@ -82,6 +82,10 @@ def render_markdown(r: dict[str, Any]) -> str:
             )
         lines.append("")
         lines += [f"- {line}" for line in _failures(check)] + ([""] if not check["passed"] else [])
+    if r.get("quantization"):
+        from .quantize import render as render_quantization
+
+        lines += ["## Weight-only quantization", "", "```text", *render_quantization(r["quantization"]), "```", ""]
     dense = r.get("distance_to_dense")
     if dense:
         lines += ["## What the plan costs (PyTorch, plan vs dense model)", "", "| batch | output | MSE | mean cos | min cos | dense norm | plan norm |", "|---|---|---|---|---|---|---|"]
