@@ -207,6 +207,8 @@ def _export_parser() -> Parser:
     _quantize_arguments(p)
     p.add_argument("--no-dense-distance", action="store_true", help="skip loading the dense model to measure the plan's cost")
     p.add_argument("--no-measure", action="store_true", help="with a CUDA device: skip measuring memory and latency (dense vs plan)")
+    p.add_argument("--optimize", choices=("ort",), help="ort: fuse attention (MultiHeadAttention), norms and GELU into ONNX "
+                   "Runtime's com.microsoft operators; the ONNX then runs on ONNX Runtime only (not with --engine trt/trt-rtx)")
     p.add_argument("-q", "--quiet", action="store_true", help="only errors")
     _common(p)
     e = p.add_argument_group("engine options (--engine trt / trt-rtx; trtexec names in brackets)")
@@ -313,6 +315,7 @@ def cmd_export(argv: list[str]) -> int:
         force=args.force,
         engine_options=engine_options,
         weight_streaming_budget=args.weight_streaming_budget,
+        optimize=args.optimize,
     )
     report = run_export(cfg)
     for check in report["parity"]:

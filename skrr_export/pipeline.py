@@ -16,6 +16,7 @@ from typing import Any
 
 from .compare import Tolerance, distance, runner_parity, tolerance_for
 from .errors import AccuracyError, UserError
+from .ort_fusion import check_optimize
 from .plan import Plan, load_plan
 from .report import versions, write_report
 from .trt import cuda_available
@@ -46,6 +47,7 @@ class ExportConfig:
     recipe: Any = None  # recipes.Recipe whose checkpoint expectations the model must meet
     weight_streaming_budget: int | None = None
     quantization: Any = None  # quantize.Quantization: weight-only int8 / int4 of the kept sub-blocks (quantize.py)
+    optimize: str | None = None  # "ort": the ONNX Runtime-only fused variant (ort_fusion.py); never with an engine
 
 
 @dataclass
@@ -71,9 +73,11 @@ def run_export(cfg: ExportConfig) -> dict[str, Any]:
     from .export import ExportOptions, export_onnx
     from .inputs import load_tokenizer, prompt_batch
     from .model import load_encoder, model_source
+    from .ort_fusion import fuse_artifact
 
     if cfg.engine not in ENGINES:
         raise UserError(f"--engine must be one of {', '.join(ENGINES)}, got '{cfg.engine}'")
+    check_optimize(cfg.optimize, cfg.engine)
     stages = Stages()
     plan = load_plan(cfg.plan)
     source = model_source(cfg.model, cfg.subfolder, cfg.random_weights, cfg.allow_pickle)
@@ -106,6 +110,7 @@ def run_export(cfg: ExportConfig) -> dict[str, Any]:
     with staged_folder(cfg.out, cfg.force) as stage:
         with stages.stage("export"):
             onnx = export_onnx(module, stage / "model.onnx", options, vocab, quantized)
+            onnx, fusion = fuse_artifact(onnx, enc.adapter) if cfg.optimize else (onnx, None)
         del module, enc, quantized  # ONNX Runtime, the engine builder and the dense model need the memory
         gc.collect()
         with stages.stage("parity"):
@@ -136,7 +141,7 @@ def run_export(cfg: ExportConfig) -> dict[str, Any]:
                 "reused": len(plan.reuse),
             },
             "cost": asdict(cost) | {"sparsity": cost.sparsity},
-            "onnx": onnx.to_json() | {"export_options": asdict(options)},
+            "onnx": onnx.to_json() | {"export_options": asdict(options)} | ({"ort_fusion": fusion.to_json()} if fusion else {}),
             "quantization": quantization,
             "parity": parity,
             "distance_to_dense": dense,

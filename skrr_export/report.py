@@ -58,6 +58,8 @@ def render_markdown(r: dict[str, Any]) -> str:
         f"- ONNX `{onnx['path']}`: {onnx['weights']['count']} weights, {_mib(onnx['weights']['bytes'])} "
         f"(each parameter once: unique parameters {_mib(onnx['unique_parameter_bytes'])}); "
         f"{onnx['constants']['count']} other constants, {onnx['constants']['bytes']:,} bytes",
+        *([f"- **ONNX Runtime only** (--optimize ort): {onnx['ort_fusion']['fused_attention']} attention slots fused into "
+           f"MultiHeadAttention; {onnx['ort_fusion']['runtime']}"] if onnx.get("ort_fusion") else []),
         "",
         "## Parity",
         "",

@@ -51,6 +51,8 @@ class Adapter:
     foreign_prefixes: ClassVar[tuple[str, ...]] = ()
     # Prefixes a checkpoint may add to (or drop from) this model's parameter names.
     name_prefixes: ClassVar[tuple[str, ...]] = ()
+    # The model type ONNX Runtime's transformer optimizer fuses this family's norms and GELU as (--optimize ort).
+    ort_model_type: ClassVar[str] = "bert"
 
     def build(self, config: Any) -> nn.Module:
         raise NotImplementedError

@@ -44,6 +44,7 @@ class ClipAdapter(Adapter):
     model_types = ("clip_text_model", "clip")
     foreign_prefixes = ("vision_model.", "visual_projection.", "logit_scale")
     name_prefixes = ("text_model.",)
+    ort_model_type = "clip"  # quick GELU
 
     def build(self, config: Any) -> nn.Module:
         from transformers import CLIPTextModel, CLIPTextModelWithProjection

@@ -74,6 +74,7 @@ class T5Adapter(Adapter):
     family = "t5"
     model_types = ("t5",)
     fp32_in_fp16 = ("wo",)
+    ort_model_type = "t5"  # RMSNorm: SkipSimplifiedLayerNormalization
     foreign_prefixes = ("decoder.", "lm_head.")
     shared_bias = True
 

@@ -1,0 +1,199 @@
+"""--optimize ort: attention fused into MultiHeadAttention, norms and GELU into ONNX Runtime's operators, every weight
+still stored once, parity against PyTorch, and never an input to TensorRT."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import Counter
+
+import numpy as np
+import onnx
+import pytest
+
+from skrr_export.apply import computed_in_fp32, unique_parameter_bytes
+from skrr_export.cli import main
+from skrr_export.compare import DEFAULT_TOLERANCES, compare
+from skrr_export.errors import InvariantError
+from skrr_export.export import SMALL_CONSTANT_BYTES, onnx_initializer_sizes, weight_names
+from skrr_export.ort_fusion import fuse_artifact, same_weights, stored_tensors
+from skrr_export.pipeline import ExportConfig, run_export
+from skrr_export.runners import OrtFp32ArithmeticRunner, OrtRunner, TorchRunner
+
+from .test_apply import make_plan
+from .test_export import exported, feed
+
+FUSED = {  # the norm and GELU operators ONNX Runtime's optimizer writes for each family, in fp32
+    "t5": ("com.microsoft.SkipSimplifiedLayerNormalization", "com.microsoft.FastGelu"),
+    "umt5": ("com.microsoft.SkipSimplifiedLayerNormalization", "com.microsoft.FastGelu"),
+    "bert": ("com.microsoft.SkipLayerNormalization", "com.microsoft.BiasGelu"),
+    "clip": ("com.microsoft.SkipLayerNormalization", "com.microsoft.QuickGelu"),
+}
+
+
+def fused(tiny_models, family, tmp_path, precision="fp32", **options):
+    module, art = exported(tiny_models, family, tmp_path, precision=precision, **options)
+    from skrr_export.adapters import ADAPTERS
+
+    art, result = fuse_artifact(art, ADAPTERS[family.split("-")[0]])
+    return module, art, result
+
+
+def op_types(path) -> Counter:
+    return Counter(n.op_type if n.domain in ("", "ai.onnx") else f"{n.domain}.{n.op_type}"
+                   for n in onnx.load(str(path), load_external_data=False).graph.node)
+
+
+def attention_slots(family: str) -> int:
+    return sum(1 for slot, _ in make_plan(family, "heavy-reuse").schedule() if slot % 2 == 0)
+
+
+@pytest.mark.parametrize("family", FUSED)
+def test_heavy_reuse_fuses_every_attention_slot_and_keeps_weights_once(family, tiny_models, tmp_path):
+    module, art, result = fused(tiny_models, family, tmp_path)
+    ops = op_types(art.path)
+    # heavy-reuse runs attention sub-block 0 in all three attention slots: three MultiHeadAttention nodes, each
+    # reading the same three projection weights (unpacked), and no softmax attention left
+    assert ops["com.microsoft.MultiHeadAttention"] == attention_slots(family) == result.attention == 3
+    assert ops["Softmax"] == 0 and result.unfused_softmax == 0
+    norm, gelu = FUSED[family]
+    assert ops[norm] >= 4 and ops[gelu] == 3, ops
+    # read back from the file: one initializer per distinct parameter, holding the module's unique parameter bytes
+    model = onnx.load(str(art.path))
+    sizes = dict(zip((i.name for i in model.graph.initializer), onnx_initializer_sizes(art.path)))
+    aliases = {n: id(p) for n, p in module.named_parameters(remove_duplicate=False)}
+    assert sorted(aliases[n] for n in sizes if n in aliases) == sorted(id(p) for p in dict(module.named_parameters()).values())
+    assert sum(sizes[n] for n in sizes if n in aliases) == unique_parameter_bytes(module) == art.initializers.weight_bytes
+    assert sum(sizes[n] for n in sizes if n not in aliases) == art.initializers.constant_bytes <= SMALL_CONSTANT_BYTES
+    assert model.ir_version <= 10
+
+
+@pytest.mark.parametrize("family", FUSED)
+def test_fused_graph_matches_pytorch_on_onnx_runtime_cpu(family, tiny_models, tmp_path):
+    module, art, _ = fused(tiny_models, family, tmp_path)
+    batch = feed()  # padded: the padding mask reaches MultiHeadAttention as its attention bias
+    with TorchRunner(module, module.output_names) as t, OrtRunner(art.path) as o:
+        result = compare(("pytorch", t.infer(batch)), ("onnxruntime", o.infer(batch)), batch["attention_mask"],
+                         {"*": DEFAULT_TOLERANCES["fp32"]})
+    assert result, str(result)
+    assert max(out.max_abs for out in result.outputs) < 1e-4  # fp32: the fusions change rounding only
+
+
+def test_wrong_attention_scale_fails_parity(tiny_models, tmp_path):
+    """The parity check sees the fused attention: BERT's 1/sqrt(head size) dropped from every slot fails it."""
+    module, art, _ = fused(tiny_models, "bert", tmp_path)
+    model = onnx.load(str(art.path))
+    for node in model.graph.node:
+        if node.op_type == "MultiHeadAttention":
+            next(a for a in node.attribute if a.name == "scale").f = 1.0
+    onnx.save(model, str(art.path))
+    batch = feed()
+    with TorchRunner(module, module.output_names) as t, OrtRunner(art.path) as o:
+        result = compare(("pytorch", t.infer(batch)), ("onnxruntime", o.infer(batch)), batch["attention_mask"],
+                         {"*": DEFAULT_TOLERANCES["fp32"]})
+    assert max(out.max_abs for out in result.outputs) > 1e-3
+
+
+@pytest.mark.parametrize("family", ["t5", "clip"])
+def test_fp16_fused_graph_runs_in_fp32_arithmetic(family, tiny_models, tmp_path):
+    """Half-precision parity on the CPU provider goes through the fp32-arithmetic copy; it runs the com.microsoft
+    operators too. T5's fp32-computed RMSNorms fuse (SimplifiedLayerNormalization, then with the residual Add)."""
+    module, art, _ = fused(tiny_models, family, tmp_path, precision="fp16")
+    ops = op_types(art.path)
+    assert ops["com.microsoft.MultiHeadAttention"] == 3 and ops["Softmax"] == 0
+    if family == "t5":
+        assert ops["com.microsoft.SkipSimplifiedLayerNormalization"] + ops["SimplifiedLayerNormalization"] == 7
+        assert ops["ReduceMean"] == 0
+    batch = feed()
+    with computed_in_fp32(module), TorchRunner(module, module.output_names) as t:
+        reference = t.infer(batch)
+    with OrtFp32ArithmeticRunner(art.path, "fp16") as runner:
+        result = compare(("pytorch", reference), ("onnxruntime", runner.infer(batch)), batch["attention_mask"],
+                         {"*": DEFAULT_TOLERANCES["fp16-as-fp32"]})
+    assert result, str(result)
+    assert max(out.max_abs for out in result.outputs) < 1e-4
+
+
+def test_external_data_file_is_neither_read_nor_rewritten(tiny_models, tmp_path):
+    module, art = exported(tiny_models, "t5", tmp_path, external_data=True)
+    digest = hashlib.sha256(art.data_path.read_bytes()).hexdigest()
+    from skrr_export.adapters import ADAPTERS
+
+    art, result = fuse_artifact(art, ADAPTERS["t5"])
+    assert result.attention == 3
+    assert hashlib.sha256(art.data_path.read_bytes()).hexdigest() == digest
+    assert art.initializers.weight_bytes == unique_parameter_bytes(module)
+
+
+def _first_weight(proto, weights, ndim=2):
+    return next(t for t in proto.graph.initializer if t.name in weights and len(t.dims) == ndim)
+
+
+def test_the_invariant_catches_a_packed_copy(tiny_models, tmp_path):
+    """A fusion that packs Q, K and V into a new initializer stores the re-used attention weights twice."""
+    _, art = exported(tiny_models, "bert", tmp_path)
+    proto = onnx.load(str(art.path))
+    before = stored_tensors(proto)
+    parts = [onnx.numpy_helper.to_array(t) for t in proto.graph.initializer if t.name.endswith(("query.weight", "key.weight", "value.weight"))]
+    proto.graph.initializer.append(onnx.numpy_helper.from_array(np.concatenate(parts), "packed_qkv"))
+    with pytest.raises(InvariantError, match="added initializer packed_qkv of shape \\[96, 32\\]"):
+        same_weights(before, proto)
+
+
+def test_the_invariant_catches_a_weight_rewritten_in_place(tiny_models, tmp_path):
+    """ONNX Runtime's optimizer folds a weight's Transpose into the weight, under its name (left out for that)."""
+    module, art = exported(tiny_models, "t5", tmp_path)
+    weights = weight_names(module)
+    proto = onnx.load(str(art.path))
+    before = stored_tensors(proto)
+    weight = _first_weight(proto, weights)
+    weight.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(weight).T.copy(), weight.name))
+    with pytest.raises(InvariantError, match=f"changed or dropped initializer {weight.name}"):
+        same_weights(before, proto)
+
+
+def write_plan(tmp_path, family="t5"):
+    path = tmp_path / "plan.json"
+    path.write_text(json.dumps(make_plan(family, "heavy-reuse").to_json()))
+    return path
+
+
+@pytest.mark.parametrize("engine", ["trt", "trt-rtx"])
+def test_optimize_ort_with_a_tensorrt_engine_is_refused(engine, tiny_models, tmp_path, capsys):
+    out = tmp_path / "out"
+    code = main(["--plan", str(write_plan(tmp_path)), "--model", str(tiny_models["t5"][1]), "--out", str(out),
+                 "--engine", engine, "--optimize", "ort", "-q"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert "--optimize ort" in err[0] and "TensorRT" in err[0] and "Traceback" not in err[0]
+    assert not out.exists()
+
+
+def test_the_job_reports_an_onnx_runtime_only_variant(tiny_models, tmp_path):
+    """The main job with optimize="ort" (fp16: the fp32-arithmetic check on this CPU): parity executed and passed,
+    report.json and report.md say the model is for ONNX Runtime only."""
+    out = tmp_path / "out"
+    report = run_export(ExportConfig(plan=write_plan(tmp_path), out=out, model=tiny_models["t5"][1], precision="fp16",
+                                     optimize="ort", dense_distance=False, measure=False))
+    assert [p["passed"] for p in report["parity"]] == [True, True]
+    fusion = report["onnx"]["ort_fusion"]
+    assert fusion["fused_attention"] == 3 and fusion["op_counts"]["com.microsoft.MultiHeadAttention"] == 3
+    assert "never TensorRT" in fusion["runtime"]
+    assert json.loads((out / "report.json").read_text())["onnx"]["ort_fusion"] == fusion
+    assert "ONNX Runtime only" in (out / "report.md").read_text()
+    assert report["onnx"]["weights"]["bytes"] == report["onnx"]["unique_parameter_bytes"]
+
+
+
+def test_quantized_export_fuses_too(tiny_models, tmp_path):
+    """--quantize int8 joins each slot's Q, K and V MatMuls (quantize.py); the attention after the Split still fuses
+    and the quantized weights stay as the export stored them."""
+    from skrr_export.quantize import quantization
+
+    report = run_export(ExportConfig(plan=write_plan(tmp_path), out=tmp_path / "out", model=tiny_models["t5"][1],
+                                     quantization=quantization("int8", None), optimize="ort", dense_distance=False,
+                                     measure=False))
+    assert [p["passed"] for p in report["parity"]] == [True, True]
+    fusion = report["onnx"]["ort_fusion"]
+    assert fusion["fused_attention"] == 3 and fusion["unfused_softmax"] == 0
+    assert fusion["op_counts"]["DequantizeLinear"] == 4  # q+k+v, o, wi_0+wi_1, wo: each once for three slots
