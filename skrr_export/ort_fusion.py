@@ -69,6 +69,15 @@ def check_optimize(optimize: str | None, engine: str) -> None:
                         f"or --engine {engine} without it")
 
 
+def refuse_for_tensorrt(path: Path) -> None:
+    """A fused ONNX (com.microsoft operators) cannot become a TensorRT engine: one line instead of a parser error."""
+    import onnx
+
+    if any(n.domain == MS_DOMAIN for n in onnx.load(str(path), load_external_data=False).graph.node):
+        raise UserError(f"{path} was exported with --optimize ort: {RUNTIME_ONLY}; export again without --optimize to "
+                        "build a TensorRT engine")
+
+
 # ----------------------------------------------------------------------------------------------- matching
 
 

@@ -17,6 +17,7 @@ from typing import Any
 
 from .artifacts import staged_folder
 from .errors import ArtifactError, UserError
+from .ort_fusion import refuse_for_tensorrt
 
 log = logging.getLogger("skrr_export")
 
@@ -271,6 +272,7 @@ def trtexec_script(artifacts: Path, target: str | None, profile: dict[str, list[
     artifacts folder, found relative to where the script is written (``script_dir``, default the artifacts
     folder itself), so it runs from any working folder; its first argument overrides that folder."""
     art = read_artifacts(artifacts, prefer="onnx")
+    refuse_for_tensorrt(artifacts / "model.onnx")
     if profile is None and (artifacts / "engine.json").is_file():
         profile = _engine_profile(artifacts)
     if profile is None:

@@ -197,3 +197,17 @@ def test_quantized_export_fuses_too(tiny_models, tmp_path):
     fusion = report["onnx"]["ort_fusion"]
     assert fusion["fused_attention"] == 3 and fusion["unfused_softmax"] == 0
     assert fusion["op_counts"]["DequantizeLinear"] == 4  # q+k+v, o, wi_0+wi_1, wo: each once for three slots
+
+
+def test_trtexec_script_is_refused_for_a_fused_export(tiny_models, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["--plan", str(write_plan(tmp_path)), "--model", str(tiny_models["t5"][1]), "--out", str(out),
+                 "--optimize", "ort", "--no-dense-distance", "-q"]) == 0
+    capsys.readouterr()
+    code = main(["trtexec", "--artifacts", str(out), "--batch", "1,1,4", "--sequence", "1,8,16"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "--optimize ort" in err[0] and "ONNX Runtime" in err[0], err
+    assert not (out / "build_engine.sh").exists()
+    # the Triton repository for it uses the onnxruntime backend
+    assert main(["triton", "--artifacts", str(out), "--repo", str(tmp_path / "repo"), "-q"]) == 0
+    assert 'platform: "onnxruntime_onnx"' in next((tmp_path / "repo").glob("*/config.pbtxt")).read_text()
