@@ -1,0 +1,310 @@
+"""Weight-only quantization: each re-used weight quantized and stored once, the graph computes with exactly the stored
+integers and scales, the bytes match the plan's, engines build, bad flags are one line."""
+
+from __future__ import annotations
+
+import copy
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from skrr_export.apply import apply_plan
+from skrr_export.cli import main
+from skrr_export.compare import DEFAULT_TOLERANCES, compare
+from skrr_export.errors import ArgumentError, InvariantError
+from skrr_export.export import ExportOptions, export_onnx, onnx_initializer_sizes
+from skrr_export.model import ModelSource, build_meta, load_config, load_encoder
+from skrr_export.quantize import (
+    SCALE_SUFFIX,
+    QUANTIZED_SUFFIX,
+    Quantization,
+    plan_accounting,
+    quantization,
+    quantize_module,
+)
+from skrr_export.runners import OrtRunner, TorchRunner
+from skrr_export.trt import WEIGHT_SLACK, EngineOptions, ShapeRange, available, build_engine
+
+from . import helpers
+from .helpers import ids_and_mask, plan_family
+from .reference import reference_forward
+from .test_apply import PLANS, make_plan
+
+ROOT = Path(__file__).resolve().parents[1]
+FAMILIES = ("t5", "bert", "clip-projection")
+SCHEMES = {"int8": Quantization("int8"), "int4": Quantization("int4", 32)}
+WIDTH, FFN = 64, 128  # every block size the tests use divides both input widths
+needs_rtx = pytest.mark.skipif(not available("trt-rtx"), reason="tensorrt-rtx is not installed (pip install tensorrt-rtx)")
+
+
+TINY_CONFIG = helpers.tiny_config
+
+
+def wide_config(family: str):
+    config = TINY_CONFIG(family)
+    for name, value in (("d_model", WIDTH), ("hidden_size", WIDTH), ("d_ff", FFN), ("intermediate_size", FFN),
+                        ("d_kv", WIDTH // 4)):
+        if hasattr(config, name):
+            setattr(config, name, value)
+    return config
+
+
+@pytest.fixture(scope="module")
+def wide_models(tmp_path_factory):
+    """family -> (Hugging Face model in memory, its folder): the tiny models at widths 64 / 128."""
+    out = {}
+    with pytest.MonkeyPatch.context() as mp:  # only while building: other tests' tiny models keep their widths
+        mp.setattr(helpers, "tiny_config", wide_config)
+        for family in FAMILIES:
+            out[family] = (helpers.build_reference_model(family), tmp_path_factory.mktemp(f"wide-{family}"))
+    for model, folder in out.values():
+        model.save_pretrained(folder)
+    return out
+
+
+def quantized_export(folder: Path, family: str, q: Quantization, tmp_path: Path, precision: str = "fp32"):
+    plan = make_plan(plan_family(family), "heavy-reuse")
+    enc = load_encoder(ModelSource(folder), plan, precision)
+    module = apply_plan(enc, plan)
+    quantized = quantize_module(module, q)
+    art = export_onnx(module, tmp_path / "model.onnx", ExportOptions(), vocab_size=96, quantized=quantized)
+    return enc, module, quantized, art
+
+
+def stored_weights(path: Path, module) -> dict[str, np.ndarray]:
+    """Each parameter's [out, in] weight as the ONNX file stores it, computed here with numpy: integers x scales
+    for quantized ones (joined initializers cut back into their parameters), the tensor itself for the rest."""
+    model = onnx.load(str(path))
+    arrays = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
+    params = dict(module.named_parameters(remove_duplicate=False))
+    out = {n: a.astype(np.float32) for n, a in arrays.items() if n in params}
+    for name, values in arrays.items():
+        if not name.endswith(QUANTIZED_SUFFIX):
+            continue
+        sources = name.removesuffix(QUANTIZED_SUFFIX).split("+")
+        scales = arrays[name.removesuffix(QUANTIZED_SUFFIX) + SCALE_SUFFIX].astype(np.float32)
+        if scales.ndim == 2:
+            scales = np.repeat(scales, values.shape[0] // scales.shape[0], axis=0)
+        weight = values.astype(np.float32) * scales  # [in, sum of outs]
+        cuts = np.cumsum([params[s].shape[0] for s in sources])[:-1]
+        for source, part in zip(sources, np.split(weight, cuts, axis=1)):
+            assert source not in out, f"{source} stored twice"
+            out[source] = part.T
+    return out
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_heavy_reuse_quantized_weights_are_stored_once_at_the_plans_quantized_size(family, scheme, wide_models, tmp_path):
+    q = SCHEMES[scheme]
+    _, folder = wide_models[family]
+    enc, module, quantized, art = quantized_export(folder, family, q, tmp_path)
+    model = onnx.load(str(art.path))
+    sizes = dict(zip((i.name for i in model.graph.initializer), onnx_initializer_sizes(art.path)))
+    aliases = dict(module.named_parameters(remove_duplicate=False))  # every name a parameter goes by
+    params = {id(p): p for p in aliases.values()}
+    holders: dict[int, list[str]] = {}
+    for name in sizes:
+        for suffix in (QUANTIZED_SUFFIX, SCALE_SUFFIX, ""):
+            if suffix and not name.endswith(suffix):
+                continue
+            sources = (name.removesuffix(suffix) if suffix else name).split("+")
+            if all(s in aliases for s in sources):
+                for s in sources:
+                    holders.setdefault(id(aliases[s]), []).append(name)
+                break
+    linear = {id(p) for n, p in aliases.items() if p.ndim == 2 and n.startswith("kept.") and "relative" not in n
+              and "embed" not in n}
+    assert set(holders) == set(params)  # every kept parameter is stored ...
+    for key in params:  # ... once: plain, or in one integer initializer and one scale initializer
+        assert len(holders[key]) == (2 if key in linear else 1), holders[key]
+    ints = {i.name: i.data_type for i in model.graph.initializer if i.name.endswith(QUANTIZED_SUFFIX)}
+    assert set(ints.values()) == {onnx.TensorProto.INT8 if q.bits == 8 else onnx.TensorProto.INT4}
+    # the bytes, computed here from the shapes: integers at q.bits per element, one scale per output channel
+    # (int8) or per block of 32 inputs (int4), in the weight's dtype
+    expected = 0
+    for key, p in params.items():
+        if key in linear:
+            scales = p.shape[0] * (p.shape[1] // 32 if q.bits == 4 else 1)
+            expected += p.numel() * q.bits // 8 + scales * p.element_size()
+        else:
+            expected += p.numel() * p.element_size()
+    weight_bytes = sum(sizes[n] for n in {h for hs in holders.values() for h in hs})
+    assert abs(weight_bytes - expected) <= 0.01 * expected
+    assert weight_bytes == art.initializers.weight_bytes
+    linear_fp32 = sum(params[k].numel() * 4 for k in linear)
+    assert weight_bytes < sum(p.numel() * p.element_size() for p in params.values()) - 0.7 * linear_fp32
+    # the same figure from the model's config alone (what `inspect --quantize` reports)
+    meta = build_meta(load_config(ModelSource(folder)))
+    assert abs(plan_accounting(meta, make_plan(plan_family(family), "heavy-reuse"), q)["total_bytes"] - expected) <= 0.01 * expected
+    # a re-used weight: one DequantizeLinear whose output every slot running it reads
+    reused = next(n for n in ints if n.startswith("kept.0."))
+    dq = [n for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0] == reused]
+    assert len(dq) == 1
+    assert len([n for n in model.graph.node if dq[0].output[0] in n.input]) == 3  # slots 0, 2 and 4
+    assert model.opset_import[0].version == 21
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_onnx_runtime_computes_with_the_stored_integers(family, scheme, wide_models, tmp_path):
+    """The independent reference: the Hugging Face model, its kept linear weights replaced by the ONNX file's own
+    integers x scales (numpy), run by the plain reference loop; ONNX Runtime must match it as closely as an
+    unquantized export matches PyTorch. The stored weights must also be a faithful quantization of the originals."""
+    q = SCHEMES[scheme]
+    hf, folder = wide_models[family]
+    enc, module, quantized, art = quantized_export(folder, family, q, tmp_path)
+    weights = stored_weights(art.path, module)
+    hf_name = {id(p): n for n, p in enc.model.named_parameters()}
+    reference = copy.deepcopy(hf)
+    original = dict(hf.named_parameters())
+    aliases = dict(module.named_parameters(remove_duplicate=False))
+    targets = dict(reference.named_parameters())
+    changed = 0
+    with torch.no_grad():
+        for name, stored in weights.items():
+            p = aliases[name]
+            if id(p) not in quantized.weights:  # stored as it was: the reference keeps its own value
+                continue
+            w, stored = original[hf_name[id(p)]], torch.from_numpy(stored)
+            step = w.abs().amax(dim=1, keepdim=True) / q.qmax if q.bits == 8 else \
+                (w.reshape(w.shape[0], -1, 32).abs().amax(-1, keepdim=True) / q.qmax).expand(-1, -1, 32).reshape(w.shape)
+            assert ((stored - w).abs() <= step / 2 + 1e-6).all(), name  # round to nearest on the right grid
+            assert not torch.equal(stored, w)
+            targets[hf_name[id(p)]].copy_(stored)
+            changed += 1
+    assert changed == len(quantized.weights)
+    skip, reuse = PLANS["heavy-reuse"]
+    ids, mask = ids_and_mask()
+    expected = reference_forward(plan_family(family), reference, helpers.NUM_BLOCKS, skip, reuse, ids, mask)
+    with OrtRunner(art.path) as runner:
+        got = runner.infer({"input_ids": ids.numpy(), "attention_mask": mask.numpy()})
+    for name, value in expected.items():
+        np.testing.assert_allclose(got[name], value.numpy(), atol=2e-5, rtol=0)
+    # and the quantization is visible: the unquantized model differs by far more
+    dense = reference_forward(plan_family(family), hf, helpers.NUM_BLOCKS, skip, reuse, ids, mask)["last_hidden_state"]
+    assert np.abs(got["last_hidden_state"] - dense.numpy()).max() > 1e-3
+
+
+def test_the_pytorch_reference_uses_the_dequantized_weights(wide_models, tmp_path):
+    """quantize_module leaves the module computing with the quantized weights (the main job's parity reference):
+    ONNX Runtime matches it to fp32 rounding, and a scale rewired to another weight's breaks the match."""
+    _, folder = wide_models["t5"]
+    _, module, _, art = quantized_export(folder, "t5", Quantization("int4", 32), tmp_path)
+    ids, mask = ids_and_mask()
+    feed = {"input_ids": ids.numpy(), "attention_mask": mask.numpy()}
+    with TorchRunner(module, module.output_names) as t, OrtRunner(art.path) as o:
+        ref, got = t.infer(feed), o.infer(feed)
+    assert compare(("pytorch", ref), ("onnxruntime", got), feed["attention_mask"], {"*": DEFAULT_TOLERANCES["fp32"]})
+    assert np.abs(ref["last_hidden_state"] - got["last_hidden_state"]).max() < 2e-5
+    model = onnx.load(str(art.path))
+    scales = [i for i in model.graph.initializer if i.name.endswith(SCALE_SUFFIX) and "wo" in i.name][0]
+    values = onnx.numpy_helper.to_array(scales)
+    scales.CopyFrom(onnx.numpy_helper.from_array(values[:, ::-1].copy(), scales.name))  # one weight's columns swapped
+    onnx.save(model, str(art.path))
+    with OrtRunner(art.path) as o:
+        wrong = o.infer(feed)
+    assert not compare(("pytorch", ref), ("onnxruntime", wrong), feed["attention_mask"], {"*": DEFAULT_TOLERANCES["fp32"]})
+
+
+def test_the_invariant_catches_a_weight_stored_twice(wide_models, tmp_path):
+    _, folder = wide_models["bert"]
+    _, module, quantized, art = quantized_export(folder, "bert", Quantization("int8"), tmp_path)
+    import onnx_ir as ir
+
+    from skrr_export.quantize import quantized_weights_once
+
+    model = ir.load(str(art.path))
+    joined = next(n for n in model.graph.initializers if n.endswith(QUANTIZED_SUFFIX) and "+" in n)
+    first = joined.split("+")[0] + QUANTIZED_SUFFIX  # the first of the joined weights, once more on its own
+    model.graph.register_initializer(ir.Value(name=first, const_value=model.graph.initializers[joined].const_value))
+    with pytest.raises(InvariantError, match="stored twice"):
+        quantized_weights_once(model, module, quantized)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--quant-block", "64"], "--quant-block needs --quantize int4"),
+    (["--quantize", "int8", "--quant-block", "64"], "applies to --quantize int4 only"),
+    (["--quantize", "int4", "--quant-block", "48"], "must be one of 32, 64, 128"),
+    (["--quantize", "int2"], "invalid choice"),
+])
+def test_bad_quantization_flags_are_one_line_exit_2(args, message, tmp_path, capsys):
+    assert main(["--plan", str(ROOT / "recipes/minilm/plan.json"), "--out", str(tmp_path / "o"), *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1 and not (tmp_path / "o").exists()
+
+
+def test_a_block_that_does_not_divide_an_input_width_is_refused(tiny_models, tmp_path, capsys):
+    """The tiny models' feed-forward width is 48: block 32 does not divide it."""
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps({"format": "skrr-plan/1", "encoder": {"family": "t5", "num_blocks": 3}, "skip": [3]}))
+    code = main(["--plan", str(plan), "--model", str(tiny_models["t5"][1]), "--out", str(tmp_path / "o"),
+                 "--quantize", "int4", "--quant-block", "32"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "does not divide the input width 48" in err and len(err.splitlines()) == 1
+    with pytest.raises(ArgumentError):
+        quantization("int4", 16)
+
+
+def test_inspect_reports_t5_xxl_pixart_plan_under_1_7_gb_at_block_64(capsys):
+    """The real T5-v1.1-XXL config and the PixArt-Sigma 41.9 % plan: int4 kept bytes, checked against a count made
+    here from the model's dimensions (d_model 4096, d_ff 10240, 64 x 64 heads, vocab 32128, 13 attention and 14 FFN
+    sub-blocks kept, bf16 scales and embedding)."""
+    d, f, vocab = 4096, 10240, 32128
+    for block, limit in ((64, 1.7e9), (128, 1.7e9), (32, 1.8e9)):
+        assert main(["inspect", "--recipe", "pixart-sigma-41.9", "--quantize", "int4", "--quant-block", str(block), "--json"]) == 0
+        info = json.loads(capsys.readouterr().out)["quantization"]
+        linear = 13 * 4 * d * d + 14 * 3 * d * f
+        scales = 13 * 4 * d * (d // block) + 14 * (2 * f * (d // block) + d * (f // block))
+        small = vocab * d + 32 * 64 + (13 + 14 + 1) * d  # embedding, position table, norms
+        expected = linear // 2 + 2 * scales + 2 * small
+        assert info["total_bytes"] == expected and info["total_bytes"] <= limit
+        assert info["quantized"]["count"] == 13 * 4 + 14 * 3
+    assert main(["inspect", "--recipe", "pixart-sigma-41.9", "--quantize", "int4"]) == 0
+    assert "block 64" in capsys.readouterr().out
+
+
+def test_main_job_on_minilm_reports_what_was_quantized(tmp_path):
+    out = tmp_path / "out"
+    subprocess.run([sys.executable, "-m", "skrr_export.cli", "--plan", str(ROOT / "recipes/minilm/plan.json"), "--out",
+                    str(out), "--quantize", "int4", "--quant-block", "128", "-q"], check=True, cwd=ROOT)
+    report = json.loads((out / "report.json").read_text())
+    q = report["quantization"]
+    assert (q["scheme"], q["block"]) == ("int4", 128)
+    assert q["quantized"]["count"] == 26 and "stem.embeddings.word_embeddings.weight" in q["not_quantized"]["roles"]
+    unquantized = report["onnx"]["unique_parameter_bytes"]
+    assert report["onnx"]["weights"]["bytes"] == q["total_bytes"] == unquantized - q["quantized"]["bytes_before"] + q["quantized"]["bytes"]
+    assert q["quantized"]["bytes"] < 0.14 * q["quantized"]["bytes_before"]  # 4 bits of 32, and the scales
+    assert all(p["passed"] for p in report["parity"])
+    assert max(o["max_token_error"] for p in report["parity"] for o in p["outputs"]) < 1e-4
+    assert "## Weight-only quantization" in (out / "report.md").read_text()
+
+
+@needs_rtx
+@pytest.mark.parametrize("scheme", SCHEMES)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_rtx_engine_from_quantized_heavy_reuse_stores_the_quantized_bytes(family, scheme, wide_models, tmp_path):
+    _, folder = wide_models[family]
+    _, _, _, art = quantized_export(folder, family, SCHEMES[scheme], tmp_path, precision="fp16")
+    options = EngineOptions(batch=ShapeRange(1, 2, 4), sequence=ShapeRange(1, 16, 64))
+    engine = build_engine(art.path, "trt-rtx", options, tmp_path / "engine.plan", {})
+    total = engine.metadata["weights"]["total_bytes"]
+    assert engine.metadata["onnx_weight_bytes"] == sum(onnx_initializer_sizes(art.path))
+    assert engine.metadata["onnx_weight_bytes"] <= total <= engine.metadata["onnx_weight_bytes_aligned"] * WEIGHT_SLACK
+
+
+@needs_rtx
+def test_rtx_engine_of_minilm_int4_holds_the_quantized_bytes_within_2_percent(tmp_path):
+    out = tmp_path / "out"
+    assert main(["--plan", str(ROOT / "recipes/minilm/plan.json"), "--out", str(out), "--quantize", "int4",
+                 "--engine", "trt-rtx", "--no-dense-distance", "-q"]) == 0
+    engine = json.loads((out / "engine.json").read_text())
+    onnx_bytes = sum(onnx_initializer_sizes(out / "model.onnx"))
+    assert abs(engine["weights"]["total_bytes"] - onnx_bytes) <= 0.02 * onnx_bytes
+    assert onnx_bytes < 0.7 * json.loads((out / "report.json").read_text())["onnx"]["unique_parameter_bytes"]
