@@ -417,11 +417,11 @@ class _Job:
 
 
 def measure_plans(meta: Any, source: Any, plans: dict[str, Any], backends: tuple[str, ...], shapes: list[Shape],
-                  cfg: MeasureConfig, work: Path) -> dict[str, dict[str, Any]]:
-    """``run_measurements`` for several plans of one model: the dense model is measured once, with the first plan,
-    and its runs are reused for every other plan (same model, backends, shapes and settings)."""
+                  cfg: MeasureConfig, work: Path, dense: list[dict[str, Any]] | None = None) -> dict[str, dict[str, Any]]:
+    """``run_measurements`` for several plans of one model: the dense model is measured once, with the first plan
+    (or given: ``dense``, the dense runs of an earlier call), and its runs are reused for every other plan (same
+    model, backends, shapes and settings)."""
     out: dict[str, dict[str, Any]] = {}
-    dense = None
     for label, plan in plans.items():
         out[label] = run_measurements(meta, source, plan, backends, shapes, cfg, work / label, dense=dense)
         dense = [run for run in out[label]["runs"] if run["variant"] == "dense"]
