@@ -102,14 +102,20 @@ def render_onnx(e: dict[str, Any]) -> str:
     if "agrees" in e:
         lines.append(f"agrees with the plan in {e['precision']}: {'yes' if e['agrees'] else 'NO'} "
                      f"(difference {e['difference']:+,} bytes)")
+        if not e["agrees"] and {"int8", "int4"} & set(e["bytes"]):
+            lines.append("  the ONNX holds int8/int4 weights: pass its --quantize (and --quant-block) to compare")
     return "\n".join(lines)
 
 
 def agreement(plan_info: dict[str, Any], onnx_info: dict[str, Any]) -> dict[str, Any]:
-    """Does the exported model hold exactly the plan's kept weights (up to small graph constants)?"""
+    """Does the exported model hold exactly the plan's kept weights (up to small graph constants)? With
+    ``--quantize``: the kept weights at their quantized size (within the export's 1 %)."""
     from .export import SMALL_CONSTANT_BYTES
+    from .quantize import BYTES_SLACK
 
-    kept = sum(plan_info["bytes_after"].values())
+    quantized = plan_info.get("quantization")
+    kept = quantized["total_bytes"] if quantized else sum(plan_info["bytes_after"].values())
     diff = onnx_info["total_bytes"] - kept
+    slack = SMALL_CONSTANT_BYTES + (BYTES_SLACK * kept if quantized else 0)
     return {"plan_kept_bytes": kept, "onnx_initializer_bytes": onnx_info["total_bytes"], "difference": diff,
-            "agrees": abs(diff) <= SMALL_CONSTANT_BYTES}
+            "agrees": abs(diff) <= slack}

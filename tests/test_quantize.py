@@ -284,6 +284,14 @@ def test_main_job_on_minilm_reports_what_was_quantized(tmp_path):
     assert all(p["passed"] for p in report["parity"])
     assert max(o["max_token_error"] for p in report["parity"] for o in p["outputs"]) < 1e-4
     assert "## Weight-only quantization" in (out / "report.md").read_text()
+    # inspect agrees with the file when told its quantization, and says what to pass when not
+    inspect = [sys.executable, "-m", "skrr_export.cli", "inspect", "--plan", str(ROOT / "recipes/minilm/plan.json"),
+               "--onnx", str(out / "model.onnx"), "--json"]
+    told = json.loads(subprocess.run([*inspect, "--quantize", "int4", "--quant-block", "128"], check=True, cwd=ROOT,
+                                     capture_output=True, text=True).stdout)
+    assert told["exported"]["agrees"] and told["quantization"]["total_bytes"] == q["total_bytes"]
+    untold = json.loads(subprocess.run(inspect, check=True, cwd=ROOT, capture_output=True, text=True).stdout)
+    assert not untold["exported"]["agrees"]
 
 
 @needs_rtx
