@@ -28,7 +28,8 @@ def main() -> None:
 
     import skrr_export.export as export
     from skrr_export.apply import apply_plan
-    from skrr_export.measure import Shape, latency, timing_feed
+    from skrr_export.measure import latency, timing_feed
+    from skrr_export.workload import Shape
     from skrr_export.model import ModelSource, load_encoder
     from skrr_export.plan import Plan
     from skrr_export.runners import OrtRunner

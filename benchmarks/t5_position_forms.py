@@ -74,7 +74,8 @@ def main() -> None:
     from skrr_export.apply import apply_plan
     from skrr_export.compare import DEFAULT_TOLERANCES, compare
     from skrr_export.errors import ArtifactError
-    from skrr_export.measure import Shape, latency, timing_feed
+    from skrr_export.measure import latency, timing_feed
+    from skrr_export.workload import Shape
     from skrr_export.model import ModelSource, load_encoder
     from skrr_export.plan import load_plan
     from skrr_export.runners import OrtRunner, TorchRunner

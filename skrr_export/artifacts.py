@@ -188,3 +188,27 @@ def check_device_memory(needed: int, what: str) -> None:
             f"{what} needs about {needed / 2**30:.1f} GiB of GPU memory but {free / 2**30:.1f} GiB is free on "
             f"{torch.cuda.get_device_name()}"
         )
+
+
+def check_onnx_files(path: Path) -> None:
+    """The ONNX file and every external data file it names must exist (and stay inside its folder)."""
+    import onnx
+
+    if not path.is_file():
+        raise ArtifactError(f"{path} does not exist")
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # protobuf's DecodeError and the like: not an ONNX file
+        raise ArtifactError(f"{path} is not a readable ONNX model ({type(exc).__name__})") from None
+    if model.ir_version == 0 or not model.graph.node:
+        raise ArtifactError(f"{path} is not an ONNX model (empty or truncated)")
+    folder = path.parent.resolve()
+    for init in model.graph.initializer:
+        if init.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        location = {e.key: e.value for e in init.external_data}.get("location", "")
+        target = (folder / location).resolve()
+        if folder not in target.parents:
+            raise ArtifactError(f"{path.name}: external data location '{location}' points outside {folder}")
+        if not target.is_file():
+            raise ArtifactError(f"{path.name} needs its external data file '{location}', which is missing beside it")

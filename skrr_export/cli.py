@@ -155,7 +155,7 @@ def _model_config(args: argparse.Namespace) -> Any:
 
 def _check_positions(config: Any, value: int, flag: str) -> None:
     """A sequence longer than the model's positions is refused before any work."""
-    from .measure import check_shapes
+    from .workload import check_shapes
 
     try:
         check_shapes(config, (1,), (value,))
@@ -173,7 +173,7 @@ def _check_file_path(path: Path, flag: str) -> None:
 
 
 def _positions(config: Any) -> int | None:
-    from .measure import default_sequence
+    from .workload import default_sequence
 
     limit = default_sequence(config, sys.maxsize)
     return None if limit == sys.maxsize else limit

@@ -6,11 +6,12 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .runners import Feed
+if TYPE_CHECKING:
+    from .runners import Feed
 
 log = logging.getLogger("skrr_export")
 

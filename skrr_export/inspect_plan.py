@@ -13,7 +13,7 @@ def inspect_plan(plan: Plan, model: Path, subfolder: str | None, precision: str,
     """``shape`` (batch, sequence) for the FLOP count; default batch 1 and 256 tokens (or the model's maximum).
     ``quantization`` (``quantize.Quantization``): also the kept bytes with the sub-blocks' linear weights quantized."""
     from .apply import check_sparsity, plan_cost
-    from .measure import check_shapes, default_sequence, executed_flops
+    from .workload import check_shapes, default_sequence, executed_flops
     from .model import DTYPES, ModelSource, build_meta, load_config
 
     enc = build_meta(load_config(ModelSource(model, subfolder)))

@@ -24,28 +24,14 @@ from typing import Any
 
 import numpy as np
 
+from .backends import DENSE_ONLY, TORCH_BACKENDS, backend_blockers, require_cuda, resolve_backends
 from .errors import UserError
+from .workload import Shape, check_shapes, executed_flops
 
 log = logging.getLogger("skrr_export")
 
-BACKENDS = ("torch", "ort-cuda", "trt", "trt-rtx", "torch-compile", "ort-cuda-stock", "hf")
-TORCH_BACKENDS = ("torch", "torch-compile", "hf")
-# Only when asked for: torch-compile (compiling takes minutes on big models), ort-cuda-stock (ONNX Runtime's
-# own CUDA defaults, TF32 off only, to compare with our settings) and hf (the Hugging Face model's own forward,
-# dense only: the baseline the plan is compared with).
-ON_REQUEST = ("torch-compile", "ort-cuda-stock", "hf")
-DENSE_ONLY = ("hf",)
 DEVICE = "cuda"
 VARIANTS = ("dense", "plan")
-
-
-@dataclass(frozen=True)
-class Shape:
-    batch: int
-    seq: int
-
-    def __str__(self) -> str:
-        return f"{self.batch}x{self.seq}"
 
 
 @dataclass(frozen=True)
@@ -64,81 +50,6 @@ class MeasureConfig:
     iterations: int = 20
     force: bool = False
     compile_dynamic: bool | None = None  # torch.compile's ``dynamic``; None: its default (recompile on new shapes)
-
-
-def require_cuda() -> None:
-    """Exit code 2 without a CUDA device: nothing here is estimated."""
-    from .trt import cuda_available
-
-    if not cuda_available():
-        raise UserError("measure needs a CUDA device and torch sees none (torch.cuda.is_available() is False); "
-                        "nothing was measured")
-
-
-def backend_blockers() -> dict[str, str | None]:
-    """Why each backend cannot run here (None: it can)."""
-    from .trt import available, execution_blocker
-
-    out: dict[str, str | None] = {"torch": None, "torch-compile": None, "hf": None}
-    try:
-        import onnxruntime as ort
-
-        providers = ort.get_available_providers()
-        out["ort-cuda"] = None if "CUDAExecutionProvider" in providers else (
-            f"onnxruntime {ort.__version__} has no CUDA provider (has {', '.join(providers)}); install onnxruntime-gpu")
-    except ImportError:
-        out["ort-cuda"] = "onnxruntime is not installed"
-    out["ort-cuda-stock"] = out["ort-cuda"]
-    for engine in ("trt", "trt-rtx"):
-        module = "tensorrt" if engine == "trt" else "tensorrt_rtx"
-        out[engine] = execution_blocker(engine) if available(engine) else f"{module} is not installed"
-    return out
-
-
-def resolve_backends(requested: tuple[str, ...], blockers: dict[str, str | None]) -> tuple[str, ...]:
-    """Requested backends must all run here; none requested means every one that can."""
-    unknown = [b for b in requested if b not in BACKENDS]
-    if unknown:
-        raise UserError(f"--backends: unknown backend '{unknown[0]}'; choose from {', '.join(BACKENDS)}")
-    if not requested:
-        return tuple(b for b in BACKENDS if blockers.get(b) is None and b not in ON_REQUEST)
-    for backend in requested:
-        if blockers.get(backend):
-            raise UserError(f"backend {backend} cannot run here: {blockers[backend]}")
-    return tuple(dict.fromkeys(requested))
-
-
-def check_shapes(config: Any, batches: tuple[int, ...], sequences: tuple[int, ...]) -> list[Shape]:
-    """Every (batch, sequence) pair, smallest first; sequences beyond the model's positions are refused."""
-    text = getattr(config, "text_config", config)
-    limit = getattr(text, "max_position_embeddings", None)
-    for value, what in [(b, "batch size") for b in batches] + [(s, "sequence length") for s in sequences]:
-        if value < 1:
-            raise UserError(f"{what} must be a positive integer, got {value}")
-    if limit is not None and max(sequences) > limit:
-        raise UserError(f"sequence length {max(sequences)} exceeds this model's {limit} positions")
-    return sorted((Shape(b, s) for b in dict.fromkeys(batches) for s in dict.fromkeys(sequences)),
-                  key=lambda sh: (sh.batch * sh.seq, sh.batch))
-
-
-def default_sequence(config: Any, preferred: int) -> int:
-    """``preferred`` tokens, or fewer where the model has fewer positions."""
-    limit = getattr(getattr(config, "text_config", config), "max_position_embeddings", None)
-    return min(preferred, limit or preferred)
-
-
-def executed_flops(meta_encoder: Any, plan: Any, shape: Shape) -> int:
-    """FLOPs of one forward of ``plan`` at ``shape``, counted by torch's FlopCounterMode on the meta device."""
-    import torch
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from .apply import SkrrEncoder
-
-    module = SkrrEncoder(meta_encoder, plan)
-    ids = torch.zeros(shape.batch, shape.seq, dtype=torch.long, device="meta")
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
-        module(ids, torch.ones_like(ids))
-    return int(counter.get_total_flops())
 
 
 def timing_feed(config: Any, shape: Shape, seed: int = 0) -> dict[str, np.ndarray]:
@@ -621,7 +532,9 @@ def _latency_targets(runs: dict[tuple[str, str], Any], fractions: dict[tuple[int
     pairs = [("torch", "torch"), ("torch-compile", "torch-compile"), ("ort-cuda", "torch")]
     for backend, against in pairs:
         plan, base = runs.get(("plan", backend)), runs.get(("plan" if backend == "ort-cuda" else "dense", against))
-        for row in plan["shapes"] if plan and base else []:
+        if plan is None or base is None:
+            continue
+        for row in plan["shapes"]:
             other, shape = _row(base, row), f"{row['batch']}x{row['seq']}"
             if other is None:
                 continue

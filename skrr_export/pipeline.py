@@ -14,12 +14,12 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from .backends import cuda_available
 from .compare import Tolerance, distance, runner_parity, tolerance_for
 from .errors import AccuracyError, UserError
 from .ort_fusion import check_optimize
 from .plan import Plan, load_plan
 from .report import versions, write_report
-from .trt import cuda_available
 
 log = logging.getLogger("skrr_export")
 
@@ -177,7 +177,7 @@ def _check_resources(source: Any, plan: Plan, cfg: ExportConfig) -> Any:
     the stem and head and the largest sub-block; plus 10 % and 0.6 GiB for activations and the runtime."""
     from .apply import plan_cost, sub_block_parameters
     from .artifacts import check_memory
-    from .measure import check_shapes
+    from .workload import check_shapes
     from .model import DTYPES, build_meta, check_plan_fits, load_config
 
     meta = build_meta(load_config(source))
@@ -271,7 +271,7 @@ def _tolerance(cfg: ExportConfig, check: str) -> Tolerance:
 def ort_check(precision: str) -> OrtCheck:
     """ONNX Runtime's CUDA provider (TF32 off) in the export's precision where it can run; its CPU provider
     otherwise, with half-precision graphs computed in fp32 on their weights (OrtFp32ArithmeticRunner says why)."""
-    from .measure import backend_blockers
+    from .backends import backend_blockers
 
     if cuda_available() and backend_blockers()["ort-cuda"] is None:
         return OrtCheck(precision, "CUDAExecutionProvider", False)
@@ -283,16 +283,10 @@ def _measure(cfg: ExportConfig, source: Any, plan: Plan, stage: Path, onnx_path:
     ONNX Runtime CUDA, its engine), and PyTorch for both the plan and the dense model."""
     import shutil
 
-    from .measure import (
-        MeasureConfig,
-        MeasuredArtifacts,
-        backend_blockers,
-        check_shapes,
-        default_sequence,
-        plot_memory,
-        run_measurements,
-    )
+    from .backends import backend_blockers
+    from .measure import MeasureConfig, MeasuredArtifacts, plot_memory, run_measurements
     from .model import build_meta, load_config
+    from .workload import check_shapes, default_sequence
 
     blockers = backend_blockers()
     backends = tuple(b for b in ("torch", "ort-cuda", cfg.engine) if b in blockers and blockers[b] is None)

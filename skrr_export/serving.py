@@ -55,7 +55,7 @@ def read_onnx(path: Path) -> Any:
     import onnx
     from google.protobuf.message import DecodeError
 
-    from .runners import check_onnx_files
+    from .artifacts import check_onnx_files
 
     try:
         check_onnx_files(path)

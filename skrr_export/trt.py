@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .artifacts import sha256_file, write_atomic
+from .backends import cuda_available
 from .errors import ArtifactError, InvariantError, UserError
 from .runners import Bound, Feed, Runner
 
@@ -284,7 +285,7 @@ def _timing_cache(backend: Backend, config: Any, path: Path | None) -> Iterator[
 def build_engine(onnx_path: Path, engine: str, options: EngineOptions, out: Path, provenance: dict[str, Any]) -> EngineArtifact:
     """Parse ``onnx_path``, build, write ``out`` (engine.plan) and ``out.json``; check weight bytes against the ONNX."""
     from .export import onnx_initializer_sizes
-    from .runners import check_onnx_files
+    from .artifacts import check_onnx_files
 
     backend = load_backend(engine)
     check_onnx_files(onnx_path)
@@ -387,14 +388,6 @@ def _check_weights(weights: dict[str, Any], unique: int, folded: int, engine_pat
             f"(+{(total / (unique + folded) - 1) * 100:.1f} %, limit +{(WEIGHT_SLACK - 1) * 100:.0f} %): "
             "a weight is stored twice"
         )
-
-
-def cuda_available() -> bool:
-    try:
-        import torch
-    except ImportError:
-        return False
-    return bool(torch.cuda.is_available())
 
 
 def check_engine_metadata(engine_path: Path, backend: Backend) -> dict[str, Any]:

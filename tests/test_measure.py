@@ -14,22 +14,12 @@ from skrr_export.apply import apply_plan
 from skrr_export.cli import main
 from skrr_export.errors import UserError
 from skrr_export.export import ExportOptions, export_onnx
-from skrr_export.measure import (
-    MeasureConfig,
-    Shape,
-    check_shapes,
-    check_targets,
-    executed_flops,
-    latency,
-    node_placement,
-    resolve_backends,
-    summarize,
-    write_results,
-)
+from skrr_export.backends import cuda_available, resolve_backends
+from skrr_export.measure import MeasureConfig, check_targets, latency, node_placement, summarize, write_results
 from skrr_export.model import ModelSource, build_meta, load_config, load_encoder
 from skrr_export.plan import Plan
 from skrr_export.runners import OrtRunner, TorchRunner
-from skrr_export.trt import cuda_available
+from skrr_export.workload import Shape, check_shapes, executed_flops
 
 from .helpers import NUM_BLOCKS, tiny_config
 from .test_apply import make_plan
@@ -284,7 +274,8 @@ def test_measure_bad_arguments_are_one_line(args, message, tmp_path, capsys):
 
 @needs_cuda
 def test_measure_tiny_t5_on_cuda(tiny_models, tmp_path):  # pragma: no cover - GPU machines only
-    from skrr_export.measure import backend_blockers, measure
+    from skrr_export.backends import backend_blockers
+    from skrr_export.measure import measure
 
     _, folder = tiny_models["t5"]
     plan_path = write_plan(tmp_path, make_plan("t5", "skip-only").to_json())

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from skrr_export.apply import apply_plan
+from skrr_export.backends import cuda_available
 from skrr_export.errors import ArtifactError, UserError
 from skrr_export.export import ExportOptions, export_onnx, onnx_weight_bytes
 from skrr_export.model import ModelSource, load_encoder
@@ -23,7 +24,6 @@ from skrr_export.trt import (
     available,
     build_engine,
     check_engine_metadata,
-    cuda_available,
     load_backend,
 )
 
