@@ -3,7 +3,8 @@ norms and GELU as ONNX Runtime's fused operators. For ONNX Runtime and Triton's 
 
 Passes, in order, on the saved graph (its weight data is neither loaded nor rewritten): ``fuse_attention`` (ours:
 ONNX Runtime's transformer optimizer fuses no attention of these exports, DESIGN.md), ``fuse_half_norms`` (ours: T5's
-fp32-computed RMSNorm in fp16/bf16 graphs, which its optimizer does not match), ``ort_transformer_fusions`` (ONNX
+fp32-computed RMSNorm in fp16/bf16 graphs, which its optimizer does not match), ``fuse_tanh_gelus`` (ours: T5's GELU,
+which it misses in bf16), ``ort_transformer_fusions`` (ONNX
 Runtime's optimizer: SkipLayerNormalization / SkipSimplifiedLayerNormalization, fused GELU), then the invariant
 ``same_weights``: every weight is still the one initializer the export checked, and nothing was packed.
 
@@ -214,6 +215,41 @@ def match_half_norm(mul: Any) -> HalfNorm | None:
     return None
 
 
+
+GELU_TANH = (0.5, 0.044715, math.sqrt(2 / math.pi), 1.0, 3.0)  # 0.5 x (1 + tanh(c (x + a x^3)))
+HALF_ROUNDING = 4e-3  # a bf16-rounded constant is within 2^-9 of its value
+
+
+def _with_constant(value: Any, op: str, expected: float) -> Any:
+    """``op(other, c)`` or ``op(c, other)`` with c a scalar close to ``expected`` (rounded to half precision at
+    worst) -> other; None otherwise."""
+    node = _producer(value, op)
+    if node is None or len(node.inputs) != 2:
+        return None
+    for k in (0, 1):
+        c = _scalar(node.inputs[k])
+        if c is not None and abs(c - expected) <= HALF_ROUNDING * abs(expected):
+            return node.inputs[1 - k]
+    return None
+
+
+def match_tanh_gelu(mul: Any) -> Any:
+    """T5's GELU (``gelu_new``) as exported: ``Mul(Mul(x, 0.5), Add(Tanh(Mul(Add(x, Mul(Pow(x, 3), a)), c)), 1))``
+    -> x. ONNX Runtime's FastGelu fusion misses it in bf16, whose graph holds a and c rounded (0.04468, 0.7969)."""
+    half, a, c, one, three = GELU_TANH
+    for k in (0, 1):
+        x = _with_constant(mul.inputs[k], "Mul", half)
+        tanh = _producer(_with_constant(mul.inputs[1 - k], "Add", one), "Tanh")
+        inner = _producer(_with_constant(tanh.inputs[0], "Mul", c), "Add") if tanh is not None else None
+        if x is None or inner is None:
+            continue
+        for j in (0, 1):
+            cube = _producer(_with_constant(inner.inputs[1 - j], "Mul", a), "Pow")
+            if inner.inputs[j] is x and cube is not None and cube.inputs[0] is x and _scalar(cube.inputs[1]) == three:
+                return x
+    return None
+
+
 # ----------------------------------------------------------------------------------------------- rewriting
 
 
@@ -296,6 +332,23 @@ def fuse_half_norms(model: Any) -> int:
     common.RemoveUnusedNodesPass()(model)
     common.CommonSubexpressionEliminationPass()(model)
     return len(matches)
+
+
+def fuse_tanh_gelus(model: Any) -> int:
+    """Pass: each ``match_tanh_gelu`` becomes com.microsoft FastGelu, which computes with the exact constants (as
+    PyTorch does: its Python-float constants are not rounded to the tensor's precision)."""
+    import onnx_ir as ir
+    import onnx_ir.passes.common as common
+
+    found = [(n, x) for n in tuple(model.graph) if n.op_type == "Mul" for x in [match_tanh_gelu(n)] if x is not None]
+    for mul, x in found:
+        gelu = ir.node("FastGelu", [x], domain=MS_DOMAIN)
+        model.graph.insert_before(mul, [gelu])
+        _take_place(mul.outputs[0], gelu.outputs[0])
+    if found:
+        model.opset_imports.setdefault(MS_DOMAIN, 1)
+    common.RemoveUnusedNodesPass()(model)
+    return len(found)
 
 
 def ort_transformer_fusions(proto: Any, model_type: str) -> Any:
@@ -381,6 +434,7 @@ def fuse_for_ort(path: Path, model_type: str) -> tuple[list[int], FusionResult]:
     del proto
     fused = fuse_attention(model)
     fuse_half_norms(model)
+    fuse_tanh_gelus(model)
     proto = ort_transformer_fusions(ir.serde.serialize_model(model), model_type)
     same_weights(before, proto)
     proto.ir_version = IR_VERSION
