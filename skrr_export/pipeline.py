@@ -74,6 +74,7 @@ def run_export(cfg: ExportConfig) -> dict[str, Any]:
     from .inputs import load_tokenizer, prompt_batch
     from .model import load_encoder, model_source
     from .ort_fusion import fuse_artifact
+    from .polygraphy_io import save_parity_data
 
     if cfg.engine not in ENGINES:
         raise UserError(f"--engine must be one of {', '.join(ENGINES)}, got '{cfg.engine}'")
@@ -117,6 +118,7 @@ def run_export(cfg: ExportConfig) -> dict[str, Any]:
             parity = runner_parity(ort_reference, check.runner(onnx.path), batches, check.tolerances(cfg),
                                    check.reference)
             parity = [p | {"method": check.method} for p in parity]
+        polygraphy = save_parity_data(stage, batches, plan_outputs, cfg.precision)
         engine = None
         if cfg.engine != "onnx":
             with stages.stage("engine"):
@@ -144,6 +146,7 @@ def run_export(cfg: ExportConfig) -> dict[str, Any]:
             "onnx": onnx.to_json() | {"export_options": asdict(options)} | ({"ort_fusion": fusion.to_json()} if fusion else {}),
             "quantization": quantization,
             "parity": parity,
+            "polygraphy": polygraphy,
             "distance_to_dense": dense,
             "engine": engine.metadata if engine else None,
             "measure": measured,

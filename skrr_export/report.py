@@ -84,6 +84,7 @@ def render_markdown(r: dict[str, Any]) -> str:
             )
         lines.append("")
         lines += [f"- {line}" for line in _failures(check)] + ([""] if not check["passed"] else [])
+    lines += _polygraphy_lines(r.get("polygraphy"))
     if r.get("quantization"):
         from .quantize import render as render_quantization
 
@@ -131,6 +132,16 @@ def _failures(check: dict[str, Any]) -> list[str]:
 
 def _bytes(n: int | None) -> str:
     return "not reported" if n is None else f"{n:,} B ({_mib(n)})"
+
+
+def _polygraphy_lines(p: dict[str, Any] | None) -> list[str]:
+    """Where the parity data for Polygraphy is, and the command that re-checks the export with it."""
+    if not p:
+        return []
+    if not p["written"]:
+        return [f"Polygraphy parity data: not written ({p['reason']}).", ""]
+    return [f"Polygraphy parity data: `{p['inputs']}` and PyTorch's outputs `{p['reference']}` "
+            f"({', '.join(p['iterations'])}); re-check: `{p['command']}`", ""]
 
 
 def render_engine(e: dict[str, Any]) -> list[str]:
