@@ -115,7 +115,9 @@ def _heads(value: Any, perm: list[int]) -> tuple[Any, int] | None:
     """``Transpose(Reshape(x, [batch, seq, heads, head_size]), perm)`` -> (x, heads)."""
     t = _producer(value, "Transpose")
     r = _producer(t.inputs[0], "Reshape") if t is not None and _perm(t) == perm else None
-    shape = _ints(r.inputs[1]) if r is not None else None
+    if r is None:
+        return None
+    shape = _ints(r.inputs[1])
     if shape is None or len(shape) != 4:
         return None
     x = r.inputs[0]
@@ -198,15 +200,25 @@ class HalfNorm:
     output: Any
 
 
+def _chain(value: Any, steps: tuple[tuple[str, int], ...]) -> list[Any] | None:
+    """Producers up from ``value``: each step names the op and the input the walk goes on from."""
+    nodes = []
+    for op, k in steps:
+        node = _producer(value, op)
+        if node is None or len(node.inputs) <= k:
+            return None
+        nodes.append(node)
+        value = node.inputs[k]
+    return nodes
+
+
 def match_half_norm(mul: Any) -> HalfNorm | None:
     for w, c in ((0, 1), (1, 0)):
-        cast = _producer(mul.inputs[c], "Cast")
-        div = _producer(cast.inputs[0], "Div") if cast is not None else None
-        sqrt = _producer(div.inputs[1], "Sqrt") if div is not None else None
-        add = _producer(sqrt.inputs[0], "Add") if sqrt is not None else None
-        mean = _producer(add.inputs[0], "ReduceMean") if add is not None else None
-        pow_ = _producer(mean.inputs[0], "Pow") if mean is not None else None
-        if pow_ is None or pow_.inputs[0] is not div.inputs[0] or _scalar(pow_.inputs[1]) != 2.0:
+        found = _chain(mul.inputs[c], (("Cast", 0), ("Div", 1), ("Sqrt", 0), ("Add", 0), ("ReduceMean", 0), ("Pow", 0)))
+        if found is None:
+            continue
+        _, div, _, add, mean, pow_ = found
+        if pow_.inputs[0] is not div.inputs[0] or _scalar(pow_.inputs[1]) != 2.0:
             continue
         axes, eps = _ints(mean.inputs[1]) if len(mean.inputs) > 1 else None, _scalar(add.inputs[1])
         x32 = div.inputs[0]
