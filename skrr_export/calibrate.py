@@ -28,19 +28,15 @@ import torch
 from torch import nn
 
 from .adapters import Context
+from .apply import Running, SkrrEncoder
 from .artifacts import sha256_file, write_atomic
 from .errors import ArtifactError, Interrupted, UserError
-from .plan import Plan
+from .plan import Plan, slot_sources
 
 log = logging.getLogger("skrr_export")
 
 Schedule = tuple[int | None, ...]  # per slot: the sub-block that runs there, or None
-
-
-def schedule_of(num_slots: int, skip: tuple[int, ...], reuse: dict[int, int] | None = None) -> Schedule:
-    reuse = reuse or {}
-    skipped = set(skip)
-    return tuple(reuse.get(s) if s in skipped else s for s in range(num_slots))
+schedule_of = slot_sources  # a candidate's schedule: the plans' own rule
 
 
 # ----------------------------------------------------------------------------------------------- inputs
@@ -147,12 +143,14 @@ class Scorer:
 
     D = sum over the two terms (the prompts, the empty prompt) of the squared error summed over the term's real
     tokens, divided once by its token count x output width: the same number whatever the batching. Only the batch
-    in flight has cached states; the dense reference is kept at real tokens only.
+    in flight has cached states; the dense reference is kept at real tokens only. Every slot runs through the
+    dense SkrrEncoder's ``step`` (the exported module's own rule); the scorer adds caching and stacking on top.
     """
 
     def __init__(self, enc: Any, batches: list[tuple[torch.Tensor, torch.Tensor]], empty: tuple[torch.Tensor, torch.Tensor],
                  projection: nn.Module | None, device: str, width: int = 1):
-        self.stem, self.blocks, self.head = enc.stem, enc.sub_blocks, enc.head
+        self.model = SkrrEncoder(enc, Plan.dense(enc.adapter.family, enc.adapter.num_blocks(enc.config)))
+        self.blocks = [self.model.kept[str(i)] for i in range(len(enc.sub_blocks))]
         self.num_slots = len(self.blocks)
         self.projection = projection.to(device=device, dtype=torch.float32) if projection is not None else None
         self.device, self.width = device, width
@@ -163,50 +161,52 @@ class Scorer:
         dense = schedule_of(self.num_slots, ())
         with torch.no_grad():
             for f in self.feeds:
-                hidden, ctx, keep = self._begin(f)
-                f.reference = self._outputs(self._walk(dense, hidden, ctx, 0, False), ctx, keep)
+                state, keep = self._begin(f)
+                f.reference = self._outputs(self._walk(dense, state, 0, False), keep)
         self.width_out = self.feeds[0].reference.shape[-1]
         self.evaluations = 0  # one = one sub-block of one candidate over the whole calibration set
 
-    def _begin(self, feed: Feed) -> tuple[torch.Tensor, Context, torch.Tensor]:
+    def _begin(self, feed: Feed) -> tuple[Running, torch.Tensor]:
         ids, mask = feed.ids.to(self.device), feed.mask.to(self.device)
-        hidden, ctx = self.stem(ids, mask)
-        return hidden, ctx, mask.bool()
+        return self.model.start(ids, mask), mask.bool()
 
-    def _outputs(self, hidden: torch.Tensor, ctx: Context, keep: torch.Tensor) -> torch.Tensor:
-        """f(head(hidden)) at the real tokens: (tokens, width), fp32."""
-        out = self.head(hidden, hidden, ctx)[0].float()
+    def _outputs(self, state: Running, keep: torch.Tensor) -> torch.Tensor:
+        """f(first output) at the real tokens: (tokens, width), fp32."""
+        out = self.model.finish(state)[0].float()
         out = self.projection(out) if self.projection is not None else out
         return out[keep]
 
-    def _error(self, feed: Feed, hidden: torch.Tensor, ctx: Context, keep: torch.Tensor) -> float:
+    def _error(self, feed: Feed, state: Running, keep: torch.Tensor) -> float:
         """Squared error summed over the feed's real tokens (not yet divided)."""
-        return float((self._outputs(hidden, ctx, keep) - feed.reference).pow(2).sum(dtype=torch.float64))
+        return float((self._outputs(state, keep) - feed.reference).pow(2).sum(dtype=torch.float64))
 
     def _d(self, sums: list[float]) -> float:
         return sum(s / (n * self.width_out) for s, n in zip(sums, self.tokens))
 
-    def _run(self, src: int | None, hidden: torch.Tensor, ctx: Context, n: int, count: bool) -> torch.Tensor:
-        """Run sub-block ``src`` for ``n`` stacked candidates (only the first feed counts evaluations)."""
+    def _run(self, slot: int, src: int | None, state: Running, n: int, count: bool) -> Running:
+        """Sub-block ``src`` at ``slot`` for ``n`` stacked candidates (only the first feed counts evaluations); a
+        new state, so that cached ones stay as they were."""
         if src is None:
-            return hidden
+            return state
         if count:
             self.evaluations += n
-        return self.blocks[src](hidden, _expand(ctx, n))
+        stepped = Running(state.hidden, state.penultimate, _expand(state.ctx, n))
+        self.model.step(stepped, slot, self.blocks[src])
+        return Running(stepped.hidden, stepped.penultimate, state.ctx)
 
-    def _walk(self, schedule: Schedule, hidden: torch.Tensor, ctx: Context, start: int, count: bool) -> torch.Tensor:
+    def _walk(self, schedule: Schedule, state: Running, start: int, count: bool) -> Running:
         for t in range(start, self.num_slots):
-            hidden = self._run(schedule[t], hidden, ctx, 1, count)
-        return hidden
+            state = self._run(t, schedule[t], state, 1, count)
+        return state
 
     @torch.no_grad()
     def score_full(self, schedules: list[Schedule]) -> list[float]:
         """D of each schedule, every one run from the stem (the naive method)."""
         sums = [[0.0, 0.0] for _ in schedules]
         for i, feed in enumerate(self.feeds):
-            hidden, ctx, keep = self._begin(feed)
+            state, keep = self._begin(feed)
             for k, schedule in enumerate(schedules):
-                sums[k][feed.term] += self._error(feed, self._walk(schedule, hidden, ctx, 0, i == 0), ctx, keep)
+                sums[k][feed.term] += self._error(feed, self._walk(schedule, state, 0, i == 0), keep)
         return [self._d(s) for s in sums]
 
     def discrepancy(self, schedule: Schedule) -> float:
@@ -221,33 +221,40 @@ class Scorer:
         order = sorted(range(len(branches)), key=lambda k: branches[k][0])
         last = branches[order[-1]][0]
         for i, feed in enumerate(self.feeds):
-            hidden, ctx, keep = self._begin(feed)
-            states = [hidden]
+            state, keep = self._begin(feed)
+            states = [state]
             for t in range(last):
-                states.append(self._run(base[t], states[-1], ctx, 1, i == 0))
+                states.append(self._run(t, base[t], states[-1], 1, i == 0))
             for g in range(0, len(order), self.width):
                 group = order[g:g + self.width]
-                finals = self._branches(base, states, ctx, [branches[k] for k in group], i == 0)
+                finals = self._branches(base, states, [branches[k] for k in group], i == 0)
                 for k, final in zip(group, finals):
-                    sums[k][feed.term] += self._error(feed, final, ctx, keep)
+                    sums[k][feed.term] += self._error(feed, final, keep)
             del states
         return [self._d(s) for s in sums]
 
-    def _branches(self, base: Schedule, states: list[torch.Tensor], ctx: Context, group: list[Branch],
-                  count: bool) -> list[torch.Tensor]:
+    def _branches(self, base: Schedule, states: list[Running], group: list[Branch], count: bool) -> list[Running]:
         """Branches (sorted by slot) join at their slot and then run every later slot of ``base`` together."""
-        active: torch.Tensor | None = None
+        active: Running | None = None
         n = 0
         for t in range(group[0][0], self.num_slots):
             if active is not None:
-                active = self._run(base[t], active, ctx, n, count)
+                active = self._run(t, base[t], active, n, count)
             for slot, src in group:
                 if slot == t:
-                    joined = self._run(src, states[t], ctx, 1, count)
-                    active = joined if active is None else torch.cat([active, joined])
+                    joined = self._run(t, src, states[t], 1, count)
+                    active = joined if active is None else _stacked(active, joined)
                     n += 1
         assert active is not None
-        return list(active.split(states[0].shape[0]))
+        rows = states[0].hidden.shape[0]
+        return [Running(h, p, active.ctx) for h, p in zip(active.hidden.split(rows), active.penultimate.split(rows))]
+
+
+def _stacked(a: Running, b: Running) -> Running:
+    """Two states on the batch axis (the penultimate output is the hidden state itself until the last block)."""
+    hidden = torch.cat([a.hidden, b.hidden])
+    both_current = a.penultimate is a.hidden and b.penultimate is b.hidden
+    return Running(hidden, hidden if both_current else torch.cat([a.penultimate, b.penultimate]), a.ctx)
 
 
 # ----------------------------------------------------------------------------------------------- memory

@@ -27,6 +27,14 @@ def kind_of(slot: int) -> str:
     return "attention" if slot % 2 == 0 else "ffn"
 
 
+def slot_sources(num_slots: int, skip: tuple[int, ...], reuse: dict[int, int] | None = None) -> tuple[int | None, ...]:
+    """Per slot, the sub-block whose weights run there, or None where the slot is empty: the one rule that turns
+    skip and re-use into a schedule (plans, and calibration's candidates)."""
+    reuse = reuse or {}
+    skipped = set(skip)
+    return tuple(reuse.get(s) if s in skipped else s for s in range(num_slots))
+
+
 @dataclass(frozen=True)
 class Plan:
     family: str
@@ -47,13 +55,11 @@ class Plan:
 
     def source(self, slot: int) -> int | None:
         """The sub-block whose weights run at ``slot``, or None when the slot is empty."""
-        if slot in self.reuse:
-            return self.reuse[slot]
-        return None if slot in set(self.skip) else slot
+        return slot_sources(self.num_slots, self.skip, self.reuse)[slot]
 
     def schedule(self) -> tuple[tuple[int, int], ...]:
         """(slot, source sub-block) for every slot that executes, in order."""
-        pairs = ((slot, self.source(slot)) for slot in range(self.num_slots))
+        pairs = enumerate(slot_sources(self.num_slots, self.skip, self.reuse))
         return tuple((slot, src) for slot, src in pairs if src is not None)
 
     def to_json(self) -> dict[str, Any]:
