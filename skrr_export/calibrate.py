@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .adapters import Context
+from .adapters import Context, sizes_of
 from .apply import Running, SkrrEncoder
 from .artifacts import sha256_file, write_atomic
 from .errors import ArtifactError, Interrupted, UserError
@@ -273,11 +273,9 @@ class Shapes:
 
 
 def shapes_of(enc: Any, out_width: int | None = None) -> Shapes:
-    config = getattr(enc.config, "text_config", enc.config)
-    hidden = int(getattr(config, "d_model", None) or config.hidden_size)
-    heads = int(getattr(config, "num_heads", None) or config.num_attention_heads)
-    ffn = int(getattr(config, "d_ff", None) or config.intermediate_size)
-    return Shapes(len(enc.sub_blocks), hidden, heads, ffn, out_width or hidden, torch.empty((), dtype=enc.dtype).element_size())
+    sizes = enc.adapter.sizes(enc.config)
+    return Shapes(len(enc.sub_blocks), sizes.hidden, sizes.heads, sizes.ffn, out_width or sizes.hidden,
+                  torch.empty((), dtype=enc.dtype).element_size())
 
 
 def working_set(shapes: Shapes, batch: int, seq: int, width: int) -> tuple[int, int]:
@@ -609,7 +607,7 @@ def calibrate(cfg: CalibrationConfig) -> dict[float, Plan]:
     prompts = read_prompts(cfg.prompts, cfg.num_prompts)
     tokenizer = None if cfg.random_weights else load_tokenizer(source.folder)
     prompts, ids, empty = _tokenize(tokenizer, meta.config, prompts, cfg.max_length, str(cfg.prompts or "the built-in calibration set"))
-    projection = load_projection(cfg.projection, _hidden_size(meta.config)) if cfg.projection else None
+    projection = load_projection(cfg.projection, meta.adapter.sizes(meta.config).hidden) if cfg.projection else None
     memory = _memory_plan(meta, cfg, ids, empty, projection)
     log.info("%s", memory.describe())
     cfg.out.parent.mkdir(parents=True, exist_ok=True)
@@ -696,8 +694,8 @@ def _load(source: Any, dense: Plan, precision: str) -> Any:
 
 
 def _check_length(config: Any, max_length: int) -> None:
-    positions = getattr(getattr(config, "text_config", config), "max_position_embeddings", None)
-    if isinstance(positions, int) and max_length > positions:
+    positions = sizes_of(config).positions
+    if positions is not None and max_length > positions:
         raise UserError(f"--max-length {max_length}: this model has {positions} positions; use at most {positions}")
 
 
@@ -748,11 +746,6 @@ def _model_hash(source: Any) -> str:
     if source.random_weights:
         return "random weights (seed 0)"
     return fingerprint([(p.name, sha256_file(p)) for p in sorted(source.folder.glob("*.safetensors"))])
-
-
-def _hidden_size(config: Any) -> int:
-    config = getattr(config, "text_config", config)
-    return int(getattr(config, "d_model", None) or config.hidden_size)
 
 
 def _tokenize(tokenizer: Any, config: Any, prompts: list[str], max_length: int, where: str

@@ -68,15 +68,18 @@ def _tokenized(tokenizer: Any, prompts: tuple[str, ...], label: str, input_dtype
 
 
 def _eos(config: Any) -> int | None:
-    config = getattr(config, "text_config", config)
-    eos = getattr(config, "eos_token_id", None)
-    return eos if isinstance(eos, int) and 0 <= eos < config.vocab_size else None
+    from .adapters import sizes_of, text_config_of
+
+    eos = getattr(text_config_of(config), "eos_token_id", None)
+    return eos if isinstance(eos, int) and 0 <= eos < sizes_of(config).vocab else None
 
 
 def random_ids(config: Any, shape: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
     """Token ids from the vocabulary without the lowest ten (pad, eos and other special tokens in most
     vocabularies; the lower half of a tiny one)."""
-    vocab = getattr(config, "text_config", config).vocab_size
+    from .adapters import sizes_of
+
+    vocab = sizes_of(config).vocab
     return rng.integers(min(10, vocab // 2), vocab, size=shape)
 
 

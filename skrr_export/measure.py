@@ -355,7 +355,7 @@ def run_measurements(meta: Any, source: Any, plan: Any, backends: tuple[str, ...
 
     torch.backends.cuda.matmul.allow_tf32 = False  # parity and timings in the precision asked for
     torch.backends.cudnn.allow_tf32 = False
-    config = getattr(meta.config, "text_config", meta.config)
+    config = meta.adapter.text_config(meta.config)
     variants = {"dense": Plan.dense(plan.family, plan.num_blocks), "plan": plan}
     results: dict[str, Any] = {
         "tool": _environment(),
@@ -369,7 +369,7 @@ def run_measurements(meta: Any, source: Any, plan: Any, backends: tuple[str, ...
     }
     job = _Job(source, backends, shapes, cfg, DeviceMemory(), {shape: timing_feed(config, shape) for shape in shapes},
                prompt_batch(None, meta.config, "int64", None), {"*": DEFAULT_TOLERANCES[cfg.precision]},
-               config.vocab_size, results, artifacts)
+               meta.adapter.sizes(meta.config).vocab, results, artifacts)
     for variant, variant_plan in variants.items():
         if variant == "dense" and dense is not None:
             results["runs"] += [copy.deepcopy(run) | {"reused": True} for run in dense]

@@ -99,7 +99,7 @@ def run_export(cfg: ExportConfig) -> dict[str, Any]:
         module = apply_plan(enc, plan)
     quantized, quantization = _quantize(module, cfg, stages)
     options = ExportOptions(cfg.input_dtype, cfg.fixed_sequence, cfg.external_data)
-    vocab = getattr(enc.config, "text_config", enc.config).vocab_size
+    vocab = enc.adapter.sizes(enc.config).vocab
     tokenizer = None if cfg.random_weights else load_tokenizer(source.folder)
     batches = prompt_batch(tokenizer, enc.config, cfg.input_dtype, cfg.fixed_sequence)
     check = ort_check(cfg.precision)

@@ -71,7 +71,9 @@ class Recipe:
 
     def check_config(self, config: Any) -> None:
         """The model's config must have the values the recipe's plan was made for."""
-        config = getattr(config, "text_config", config)
+        from .adapters import text_config_of
+
+        config = text_config_of(config)
         for key, expected in self.checkpoint.get("config", {}).items():
             found = getattr(config, key, None)
             if found != expected:

@@ -19,8 +19,9 @@ class Shape:
 
 def check_shapes(config: Any, batches: tuple[int, ...], sequences: tuple[int, ...]) -> list[Shape]:
     """Every (batch, sequence) pair, smallest first; sequences beyond the model's positions are refused."""
-    text = getattr(config, "text_config", config)
-    limit = getattr(text, "max_position_embeddings", None)
+    from .adapters import sizes_of
+
+    limit = sizes_of(config).positions
     for value, what in [(b, "batch size") for b in batches] + [(s, "sequence length") for s in sequences]:
         if value < 1:
             raise UserError(f"{what} must be a positive integer, got {value}")
@@ -32,7 +33,9 @@ def check_shapes(config: Any, batches: tuple[int, ...], sequences: tuple[int, ..
 
 def default_sequence(config: Any, preferred: int) -> int:
     """``preferred`` tokens, or fewer where the model has fewer positions."""
-    limit = getattr(getattr(config, "text_config", config), "max_position_embeddings", None)
+    from .adapters import sizes_of
+
+    limit = sizes_of(config).positions
     return min(preferred, limit or preferred)
 
 

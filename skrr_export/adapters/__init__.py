@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..errors import ModelError
-from .base import Adapter, Context
+from .base import Adapter, Context, Sizes
 from .bert import BertAdapter
 from .clip import ClipAdapter
 from .t5 import T5Adapter, UMT5Adapter
@@ -22,4 +22,13 @@ def adapter_for(config: Any) -> Adapter:
     raise ModelError(f"model_type '{model_type}' has no adapter; supported model types: {known}")
 
 
-__all__ = ["ADAPTERS", "Adapter", "Context", "adapter_for"]
+def sizes_of(config: Any) -> Sizes:
+    """The model's sizes, read where its family's adapter says they are."""
+    return adapter_for(config).sizes(config)
+
+
+def text_config_of(config: Any) -> Any:
+    return adapter_for(config).text_config(config)
+
+
+__all__ = ["ADAPTERS", "Adapter", "Context", "Sizes", "adapter_for", "sizes_of", "text_config_of"]

@@ -40,6 +40,18 @@ def causal_padding_mask(attention_mask: torch.Tensor, dtype: torch.dtype) -> tor
     return torch.where(keep, 0.0, torch.finfo(dtype).min).to(dtype)
 
 
+@dataclass(frozen=True)
+class Sizes:
+    """A family's sizes under one set of names (each config names them its own way)."""
+
+    blocks: int
+    hidden: int
+    heads: int
+    ffn: int
+    vocab: int
+    positions: int | None  # None: relative positions, no length limit
+
+
 class Adapter:
     """Per-family knowledge, declared once. Subclasses fill in the class variables and the builders."""
 
@@ -53,12 +65,26 @@ class Adapter:
     name_prefixes: ClassVar[tuple[str, ...]] = ()
     # The model type ONNX Runtime's transformer optimizer fuses this family's norms and GELU as (--optimize ort).
     ort_model_type: ClassVar[str] = "bert"
+    # The config attributes behind the fields of Sizes (positions None: the family has no length limit).
+    size_names: ClassVar[dict[str, str]] = {"blocks": "num_hidden_layers", "hidden": "hidden_size",
+                                            "heads": "num_attention_heads", "ffn": "intermediate_size",
+                                            "vocab": "vocab_size"}
+    positions_name: ClassVar[str | None] = "max_position_embeddings"
+
+    def text_config(self, config: Any) -> Any:
+        """The part of ``config`` that describes the text encoder (a composite config nests it)."""
+        return config
+
+    def sizes(self, config: Any) -> Sizes:
+        text = self.text_config(config)
+        positions = int(getattr(text, self.positions_name)) if self.positions_name else None
+        return Sizes(**{field: int(getattr(text, name)) for field, name in self.size_names.items()}, positions=positions)
 
     def build(self, config: Any) -> nn.Module:
         raise NotImplementedError
 
     def num_blocks(self, config: Any) -> int:
-        raise NotImplementedError
+        return self.sizes(config).blocks
 
     def output_names(self, config: Any) -> tuple[str, ...]:
         raise NotImplementedError

@@ -45,9 +45,6 @@ class BertAdapter(Adapter):
 
         return BertModel(config, add_pooling_layer=False)
 
-    def num_blocks(self, config: Any) -> int:
-        return int(config.num_hidden_layers)
-
     def output_names(self, config: Any) -> tuple[str, ...]:
         return ("last_hidden_state",)
 

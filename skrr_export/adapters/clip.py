@@ -49,15 +49,15 @@ class ClipAdapter(Adapter):
     def build(self, config: Any) -> nn.Module:
         from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-        config = getattr(config, "text_config", config)
+        config = self.text_config(config)
         return CLIPTextModelWithProjection(config) if self.projected(config) else CLIPTextModel(config)
+
+    def text_config(self, config: Any) -> Any:
+        return getattr(config, "text_config", config)  # a whole CLIPModel's config nests the text tower's
 
     @staticmethod
     def projected(config: Any) -> bool:
         return any("Projection" in a or a == "CLIPModel" for a in (config.architectures or []))
-
-    def num_blocks(self, config: Any) -> int:
-        return int(getattr(config, "text_config", config).num_hidden_layers)
 
     def output_names(self, config: Any) -> tuple[str, ...]:
         pooled = "text_embeds" if self.projected(config) else "pooler_output"

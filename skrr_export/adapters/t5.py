@@ -76,15 +76,14 @@ class T5Adapter(Adapter):
     fp32_in_fp16 = ("wo",)
     ort_model_type = "t5"  # RMSNorm: SkipSimplifiedLayerNormalization
     foreign_prefixes = ("decoder.", "lm_head.")
+    size_names = {"blocks": "num_layers", "hidden": "d_model", "heads": "num_heads", "ffn": "d_ff", "vocab": "vocab_size"}
+    positions_name = None  # relative positions: no length limit
     shared_bias = True
 
     def build(self, config: Any) -> nn.Module:
         from transformers import T5EncoderModel
 
         return T5EncoderModel(config)
-
-    def num_blocks(self, config: Any) -> int:
-        return int(config.num_layers)
 
     def output_names(self, config: Any) -> tuple[str, ...]:
         return ("last_hidden_state",)
