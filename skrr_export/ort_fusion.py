@@ -175,6 +175,8 @@ def match_attention(softmax: Any) -> Attention | None:
     output = _merged_heads(context.outputs[0])
     if q is None or k is None or v is None or output is None or len({q[1], k[1], v[1]}) != 1:
         return None
+    if any(t.shape is None or len(t.shape) != 4 for t in bias):  # attention_bias is (batch|1, heads|1, seq, seq)
+        return None
     return Attention(q[0], k[0], v[0], bias, scale, q[1], output)
 
 
@@ -297,7 +299,7 @@ def _take_place(old: Any, new: Any) -> None:
 def _broadcast_rows(terms: tuple[Any, ...]) -> bool:
     """Whether the bias may have one row for all queries (a padding mask, batch x 1 x 1 x seq): MultiHeadAttention
     wants dimension 2 to be the sequence."""
-    return all(t.shape is None or len(t.shape) != 4 or t.shape[2] == 1 for t in terms)
+    return all(t.shape[2] == 1 for t in terms)
 
 
 def _expanded_rows(bias: Any) -> list[Any]:
