@@ -190,6 +190,16 @@ def test_block_count_is_unrolled_statically(tiny_models, tmp_path):
     assert len(softmaxes) == NUM_BLOCKS  # heavy-reuse: attention 0 runs in slots 0, 2, 4
 
 
+def test_the_file_carries_no_source_paths_or_stack_traces(tiny_models, tmp_path):
+    """The exporter's per-node debug metadata (stack traces with this checkout's paths and line numbers) is
+    dropped: the bytes depend on the model and the plan, not on where or how the code was laid out."""
+    _, art = exported(tiny_models, "t5", tmp_path)
+    data = art.path.read_bytes()
+    model = onnx.load_from_string(data)
+    assert not [n.name for n in model.graph.node if n.metadata_props]
+    assert b"stack_trace" not in data and b"skrr_export/" not in data
+
+
 @pytest.mark.parametrize("family, precision", [("t5", "fp32"), ("t5", "fp16"), ("umt5", "fp32")])
 @pytest.mark.parametrize("plan_name", ["skip-only", "heavy-reuse"])
 def test_every_t5_norm_fuses_in_onnx_runtime(family, precision, plan_name, tiny_models, tmp_path):
