@@ -2,6 +2,7 @@
 
     python benchmarks/t5xxl_export.py write --dir /tmp/t5xxl    # bf16 (2 shards) and fp32 (4 shards), random values
     python benchmarks/t5xxl_export.py run --dir /tmp/t5xxl      # the matrix, measured with /usr/bin/time -v
+    python benchmarks/t5xxl_export.py run --only bf16/pixart-41.9/skrr-export --quantize int4   # -> ...-cpu-int4.json
 
 Each run exports bf16 (external data); skrr-export also runs its parity check (bf16 computed in fp32 on ONNX
 Runtime's CPU provider) and the distance to the dense model (streamed). Results: benchmarks/results/t5xxl-export-cpu.json.
@@ -69,7 +70,7 @@ def dense_plan(tmp: Path) -> Path:
     return path
 
 
-def run(folder: Path, only: str | None) -> None:
+def run(folder: Path, only: str | None, quantize: str | None = None) -> None:
     from skrr_export.export import onnx_weight_bytes
 
     work = folder / "out"
@@ -84,6 +85,7 @@ def run(folder: Path, only: str | None) -> None:
                 if tool == "skrr-export":
                     cmd = [sys.executable, "-m", "skrr_export.cli", "--plan", str(plan), "--model", str(folder / ckpt),
                            "--precision", "bf16", "--out", str(work), "-q"]  # default flags: dense distance on
+                    cmd += ["--quantize", quantize] if quantize else []
                 else:
                     cmd = [sys.executable, str(ROOT / "benchmarks" / "simple_export.py"), "--plan", str(plan),
                            "--model", str(folder / ckpt), "--out", str(work)]
@@ -97,7 +99,7 @@ def run(folder: Path, only: str | None) -> None:
     shutil.rmtree(work, ignore_errors=True)
     import transformers
 
-    out = ROOT / "benchmarks" / "results" / "t5xxl-export-cpu.json"
+    out = ROOT / "benchmarks" / "results" / f"t5xxl-export-cpu{'-' + quantize if quantize else ''}.json"
     previous = json.loads(out.read_text())["runs"] if out.is_file() and only else []
     keep = [r for r in previous if not any(r["checkpoint"] == n["checkpoint"] and r["plan"] == n["plan"] and r["tool"] == n["tool"] for n in results)]
     out.write_text(json.dumps({
@@ -111,8 +113,9 @@ def main() -> None:
     p.add_argument("command", choices=("write", "run"))
     p.add_argument("--dir", type=Path, default=Path("/tmp/t5xxl"))
     p.add_argument("--only", help="substring of 'checkpoint/plan/tool' to run a part of the matrix")
+    p.add_argument("--quantize", choices=("int8", "int4"), help="skrr-export runs with --quantize (default block)")
     args = p.parse_args()
-    write(args.dir) if args.command == "write" else run(args.dir, args.only)
+    write(args.dir) if args.command == "write" else run(args.dir, args.only, args.quantize)
 
 
 if __name__ == "__main__":

@@ -126,12 +126,12 @@ class QuantizedWeight:
 
     name: str
     bits: int
-    values: torch.Tensor  # int8 holding -qmax .. qmax
+    values: torch.Tensor  # int8 [in, out]; int4: uint8 [in, out / 2], two per byte, the even column in the low nibble
     scales: torch.Tensor
 
     @property
     def nbytes(self) -> int:
-        return -(-self.values.numel() * self.bits // 8) + self.scales.numel() * self.scales.element_size()
+        return self.values.numel() + self.scales.numel() * self.scales.element_size()
 
 
 def quantize_tensor(weight: torch.Tensor, q: Quantization, name: str = "weight") -> QuantizedWeight:
@@ -142,16 +142,34 @@ def quantize_tensor(weight: torch.Tensor, q: Quantization, name: str = "weight")
     scales = (blocks.abs().amax(dim=1) / q.qmax).to(weight.dtype)  # [in / block, out] or [1, out]
     stored = scales.float()
     values = torch.round(blocks / torch.where(stored == 0, 1.0, stored)[:, None]).clamp_(-q.qmax, q.qmax)
-    return QuantizedWeight(name, q.bits, values.reshape(w.shape).to(torch.int8), scales if q.block else scales[0])
+    values = values.reshape(w.shape).to(torch.int8)
+    return QuantizedWeight(name, q.bits, _pack(values) if q.bits == 4 else values, scales if q.block else scales[0])
+
+
+def _pack(values: torch.Tensor) -> torch.Tensor:
+    """int4 [in, out] -> uint8 [in, out / 2] in ONNX's layout (the first of each pair in the low nibble); rows stay
+    rows, so weights joined along the output width are their packed rows joined."""
+    if values.shape[1] % 2:
+        raise InvariantError(f"int4 packing needs an even output width, got {values.shape[1]}")
+    nibbles = values.to(torch.uint8) & 0x0F
+    return nibbles[:, 0::2] | (nibbles[:, 1::2] << 4)
+
+
+def _unpack(packed: torch.Tensor) -> torch.Tensor:
+    """uint8 [in, out / 2] -> int8 [in, out] in -8 .. 7."""
+    low, high = (packed & 0x0F).to(torch.int8), (packed >> 4).to(torch.int8)
+    pairs = torch.stack([low, high], dim=-1).reshape(packed.shape[0], -1)
+    return (pairs ^ 8) - 8
 
 
 def dequantize(qw: QuantizedWeight, dtype: torch.dtype) -> torch.Tensor:
     """The ``[out, in]`` weight the graph computes with: ``values * scales`` in fp32, rounded once to ``dtype``."""
-    values = qw.values.float()
+    values = (_unpack(qw.values) if qw.bits == 4 else qw.values).float()
     scales = qw.scales.float()
     if scales.ndim == 2:  # int4: one scale per block of rows
-        scales = scales.repeat_interleave(values.shape[0] // scales.shape[0], dim=0)
-    return (values * scales).to(dtype).t().contiguous()
+        blocks = values.view(scales.shape[0], -1, values.shape[1]).mul_(scales[:, None, :])
+        return blocks.view(values.shape).to(dtype).t()
+    return values.mul_(scales).to(dtype).t()
 
 
 @dataclass
@@ -169,15 +187,18 @@ class QuantizedWeights:
 
 @torch.no_grad()
 def quantize_module(module: Any, q: Quantization) -> QuantizedWeights:
-    """Quantize the kept sub-blocks' linear weights of an applied plan, one tensor at a time; each parameter's data
-    becomes its dequantized values, so ``module`` is the PyTorch reference of the quantized graph."""
+    """Quantize the kept sub-blocks' linear weights of an applied plan, one tensor at a time, and let go of each
+    weight's values: its layer dequantizes it just before it runs and drops it after (``_dequantize_on_call``). So
+    ``module`` computes with the quantized weights (the parity reference) while it holds the integers and scales,
+    the unquantized parts and one layer's weight at a time (the memory floor of a T5-v1.1-XXL-size export)."""
     targets = list(quantizable(kept_parts(module), (module.stem, module.head)))
     check_blocks(q, ((n, p) for n, p in targets))
     done: dict[int, QuantizedWeight] = {}
     for name, p in targets:
-        qw = quantize_tensor(p.data, q, name)
-        p.data = dequantize(qw, p.dtype)
-        done[id(p)] = qw
+        done[id(p)] = quantize_tensor(p.data, q, name)
+        _drop_file_pages(p.data)
+        p.data = placeholder(p.data)
+    _dequantize_on_call(module, done)
     kept: dict[str, int] = {}
     seen = set(done)
     for name, p in module.named_parameters(remove_duplicate=False):
@@ -185,6 +206,54 @@ def quantize_module(module: Any, q: Quantization) -> QuantizedWeights:
             seen.add(id(p))
             kept[name] = p.numel() * p.element_size()
     return QuantizedWeights(q, done, kept)
+
+
+def _drop_file_pages(t: torch.Tensor) -> None:
+    """A weight read as a zero-copy view of a private file mapping (the loader's safetensors views) gives its pages
+    back to the page cache once quantized: they stay counted in the process's memory while mapped otherwise (measured
+    on T5-v1.1-XXL: 5.5 GB of checkpoint pages resident beside the integers). Whole pages inside the tensor only;
+    read again, they come from the file unchanged. Anything else (converted or random weights) is left alone."""
+    import ctypes
+    import mmap
+
+    start = t.data_ptr()
+    end = start + t.numel() * t.element_size()
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            fields = line.split()
+            low, high = (int(a, 16) for a in fields[0].split("-"))
+            if low <= start and end <= high:
+                if len(fields) < 6 or not fields[5].endswith(".safetensors") or fields[1][3] != "p":
+                    return
+                first, last = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE, end // mmap.PAGESIZE * mmap.PAGESIZE
+                if last > first:
+                    ctypes.CDLL(None).madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), mmap.MADV_DONTNEED)
+                return
+
+
+def placeholder(t: torch.Tensor) -> torch.Tensor:
+    """``t``'s shape and dtype without its bytes (one element, expanded): what the exporter traces; the ONNX pass
+    replaces it by the integers and scales before anything reads its values."""
+    return torch.zeros((), dtype=t.dtype).expand(t.shape)
+
+
+def _dequantize_on_call(module: Any, weights: dict[int, QuantizedWeight]) -> None:
+    """Each ``nn.Linear`` with a quantized weight gets its dequantized values (in the weight's dtype at call time:
+    fp32 inside ``apply.computed_in_fp32``) just before it runs, and a placeholder again after. Not while
+    ``torch.export`` traces: the exporter sees the placeholder."""
+    def before(layer: nn.Module, args: object) -> None:
+        if not torch.compiler.is_exporting():
+            layer.weight.data = dequantize(weights[id(layer.weight)], layer.weight.dtype)
+
+    def after(layer: nn.Module, args: object, output: object) -> None:
+        if not torch.compiler.is_exporting():
+            layer.weight.data = placeholder(layer.weight.data)
+
+    layers = {id(m): m for part in kept_parts(module).values() for m in part.modules()
+              if isinstance(m, nn.Linear) and id(m.weight) in weights}
+    for layer in layers.values():
+        layer.register_forward_pre_hook(before)
+        layer.register_forward_hook(after)
 
 
 # ----------------------------------------------------------------------------------------------- ONNX pass
@@ -247,7 +316,7 @@ def _join(graph: Any, group: list[_Reader], weights: list[QuantizedWeight]) -> N
     block = {"block_size": values.shape[0] // scales.shape[0]} if len(scales.shape) == 2 else {}
     dq = ir.node("DequantizeLinear", inits, attributes={"axis": 0 if block else 1, **block}, name=name + ".dequantize")
     graph.insert_before(graph[0], dq)  # it reads initializers only
-    widths = [int(w.values.shape[1]) for w in weights]
+    widths = [int(w.scales.shape[-1]) for w in weights]  # output widths
     for slot, matmuls in enumerate(zip(*(sorted(r.matmuls, key=lambda m: m.inputs[0].name) for r in group))):
         _one_matmul(graph, dq, list(matmuls), widths, f"{name}.{slot}")
     for r in group:
@@ -285,11 +354,7 @@ def _int_tensor(values: torch.Tensor, bits: int, name: str) -> Any:
     v = values.numpy()
     if bits == 8:
         return ir.Tensor(v, name=name)
-    nibbles = (v.reshape(-1).astype(np.uint8) & 0x0F)
-    if nibbles.size % 2:
-        nibbles = np.append(nibbles, np.uint8(0))
-    packed = nibbles[0::2] | (nibbles[1::2] << 4)  # first element in the low nibble (ONNX's int4 layout)
-    return ir.PackedTensor(packed, ir.DataType.INT4, shape=list(v.shape), name=name)
+    return ir.PackedTensor(v, ir.DataType.INT4, shape=[v.shape[0], 2 * v.shape[1]], name=name)  # packed by _pack
 
 
 def _float_tensor(t: torch.Tensor, name: str) -> Any:
