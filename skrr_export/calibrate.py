@@ -20,7 +20,7 @@ import json
 import logging
 import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -586,46 +586,91 @@ def output_paths(cfg: CalibrationConfig) -> dict[float, Path]:
 
 def calibrate(cfg: CalibrationConfig) -> dict[float, Plan]:
     """Run the calibration and write one plan file per target sparsity."""
+    start = time.perf_counter()
+    job = _prepare(cfg)
+    scorer = _scorer(job, cfg)
+    checkpoint = cfg.out.with_name(cfg.out.name + ".calibration-checkpoint.json")
+    key = resume_key(cfg, job.source, job.meta.config, job.prompts, job.memory.batch)
+    state = _search(job, cfg, scorer, checkpoint, key)
+    plans = {}
+    for target, path in job.targets.items():
+        plan = _plan_for(target, job, cfg, scorer, state, key)
+        plan = replace(plan, provenance=plan.provenance | {"wall_seconds": round(time.perf_counter() - start, 2)})
+        _write_json(path, plan.to_json())
+        log.info("wrote %s: %d sub-blocks skipped, %d re-used, sparsity %.4f, D %.5g", path, len(plan.skip),
+                 len(plan.reuse), plan.sparsity, plan.provenance["score"])
+        plans[target] = plan
+    checkpoint.unlink(missing_ok=True)
+    return plans
+
+
+@dataclass
+class _Job:
+    """What a calibration works on: the model's structure and sub-block sizes, the targets, the tokenized prompts
+    and the memory plan."""
+
+    source: Any
+    meta: Any
+    sizes: list[int]
+    total: int
+    targets: dict[float, Path]
+    tokenizer: Any
+    prompts: list[str]
+    ids: list[list[int]]
+    empty: list[int]
+    projection: nn.Module | None
+    memory: MemoryPlan
+
+
+def _prepare(cfg: CalibrationConfig) -> _Job:
+    """Check the request against the model's structure (no weights read) and tokenize the prompts."""
     from .apply import sub_block_parameters
     from .inputs import load_tokenizer
     from .model import build_meta, load_config, model_source
 
     check_config(cfg)
-    start = time.perf_counter()
     source = model_source(cfg.model, cfg.subfolder, cfg.random_weights)
     meta = build_meta(load_config(source))
-    family, num_blocks = meta.adapter.family, meta.adapter.num_blocks(meta.config)
     sizes = [sum(p.numel() for _, p in block) for block in sub_block_parameters(meta)]
     total = sum(p.numel() for p in meta.model.parameters())
-    most, least = (sum(sizes) - min(sizes)) / total, min(sizes) / total
     targets = output_paths(cfg)
+    _check_targets(targets, sizes, total)
+    _check_length(meta.config, cfg.max_length)
+    tokenizer = None if cfg.random_weights else load_tokenizer(source.folder)
+    prompts, ids, empty = _tokenize(tokenizer, meta.config, read_prompts(cfg.prompts, cfg.num_prompts), cfg.max_length,
+                                    str(cfg.prompts or "the built-in calibration set"))
+    projection = load_projection(cfg.projection, meta.adapter.sizes(meta.config).hidden) if cfg.projection else None
+    memory = _memory_plan(meta, cfg, ids, empty, projection)
+    log.info("%s", memory.describe())
+    return _Job(source, meta, sizes, total, targets, tokenizer, prompts, ids, empty, projection, memory)
+
+
+def _check_targets(targets: dict[float, Path], sizes: list[int], total: int) -> None:
+    most, least = (sum(sizes) - min(sizes)) / total, min(sizes) / total
     for s in targets:
         if not least <= s <= most:
             raise UserError(f"--sparsity {s}: not reachable for this model; a plan removes between {least:.4f} "
                             f"(one sub-block) and {most:.4f} (all but one) of its parameters")
-    _check_length(meta.config, cfg.max_length)
-    prompts = read_prompts(cfg.prompts, cfg.num_prompts)
-    tokenizer = None if cfg.random_weights else load_tokenizer(source.folder)
-    prompts, ids, empty = _tokenize(tokenizer, meta.config, prompts, cfg.max_length, str(cfg.prompts or "the built-in calibration set"))
-    projection = load_projection(cfg.projection, meta.adapter.sizes(meta.config).hidden) if cfg.projection else None
-    memory = _memory_plan(meta, cfg, ids, empty, projection)
-    log.info("%s", memory.describe())
+
+
+def _scorer(job: _Job, cfg: CalibrationConfig) -> Scorer:
+    """The dense model on the device, and the scorer of the prompts in batches the memory plan allows."""
     cfg.out.parent.mkdir(parents=True, exist_ok=True)
-    dense = Plan.dense(family, num_blocks)
-    enc = _load(source, dense, cfg.precision)
+    enc = _load(job.source, Plan.dense(job.meta.adapter.family, job.meta.adapter.num_blocks(job.meta.config)), cfg.precision)
     for m in (enc.stem, enc.head, *enc.sub_blocks):
         m.to(cfg.device)
     # Candidates stacked on the batch axis: worth it on a GPU; on CPU one at a time is fastest
     # (MiniLM skip phase, 32 prompts, 2 cores: 38.4 s unstacked, 41.8 s by 2, 50.5 s by 8).
     width = 8 if cfg.device.startswith("cuda") else 1
-    batches = [_pad(tokenizer, ids[i:i + memory.batch]) for i in range(0, len(ids), memory.batch)]
-    scorer = Scorer(enc, batches, _pad(tokenizer, [empty]), projection, cfg.device, width)
+    size = job.memory.batch
+    batches = [_pad(job.tokenizer, job.ids[i:i + size]) for i in range(0, len(job.ids), size)]
+    return Scorer(enc, batches, _pad(job.tokenizer, [job.empty]), job.projection, cfg.device, width)
 
-    prompt_hash = fingerprint(prompts, cfg.max_length)
-    checkpoint = cfg.out.with_name(cfg.out.name + ".calibration-checkpoint.json")
-    key = resume_key(cfg, source, enc.config, prompts, memory.batch)
+
+def _search(job: _Job, cfg: CalibrationConfig, scorer: Scorer, checkpoint: Path, key: dict[str, Any]) -> SearchState:
+    """The skip search to the largest target, resumed from and saved to ``checkpoint`` step by step."""
     state = _resume(checkpoint, key)
-    progress = _progress(round(max(targets) * total / (sum(sizes) / len(sizes))), state)
+    progress = _progress(round(max(job.targets) * job.total / (sum(job.sizes) / len(job.sizes))), state)
 
     def on_step(st: SearchState) -> None:
         _save_checkpoint(checkpoint, key, st)
@@ -634,7 +679,7 @@ def calibrate(cfg: CalibrationConfig) -> dict[float, Plan]:
         progress.set_postfix(step=st.step, best=f"{st.beams[0].score:.4g}", sparsity=f"{st.history[-1]['sparsity']:.3f}")
 
     try:
-        state = skip_search(scorer, sizes, total, max(targets), cfg.beam, cfg.naive, state, on_step)
+        state = skip_search(scorer, job.sizes, job.total, max(job.targets), cfg.beam, cfg.naive, state, on_step)
         progress.total = progress.n  # the estimate was a guess; the bar ends at the steps taken
         progress.refresh()
     except KeyboardInterrupt:
@@ -642,46 +687,44 @@ def calibrate(cfg: CalibrationConfig) -> dict[float, Plan]:
         raise Interrupted(f"calibration interrupted; {kept}; run the same command again to resume") from None
     finally:
         progress.close()
-    order = state.beams[0].order
-    plans = {}
-    for target, path in targets.items():
-        skip = skip_for(state, sizes, total, target)
-        before = scorer.evaluations
-        reuse, skip_score, score, reuse_steps, naive_reuse = reuse_search(scorer, skip, cfg.naive)
-        sparsity = sum(sizes[i] for i in skip) / total
-        provenance = {
-            "tool": "skrr-export calibrate",
-            "method": "Skrr: beam-search Skip, greedy Re-use (Seo et al., ICML 2025)",
-            "metric": "MSE(dense, pruned) over every real token of the prompts + the same on the empty prompt, after "
-                      + (f"projection {cfg.projection.name}" if cfg.projection else "no projection (raw encoder output)"),
-            "model": str(source.folder),
-            "model_config_sha256": key["model_config"],
-            "model_sha256": key["model"],
-            "prompts": str(cfg.prompts) if cfg.prompts else "built-in calibration set",
-            "prompt_set_sha256": prompt_hash,
-            "num_prompts": len(prompts),
-            "max_length": cfg.max_length,
-            "beam": cfg.beam,
-            "precision": cfg.precision,
-            "device": cfg.device,
-            "memory_plan": memory.to_json(),
-            "skip_order": list(order),
-            "skip_steps": state.history,
-            "skip_score": skip_score,
-            "reuse_steps": reuse_steps,
-            "score": score,
-            "subblock_evaluations": state.evaluations + scorer.evaluations - before,
-            "naive_subblock_evaluations": state.naive_evaluations + naive_reuse,
-            "skip_seconds": round(state.seconds, 2),
-            "skip_subblock_evaluations_per_second": round(state.evaluations / state.seconds, 2) if state.seconds else None,
-            "wall_seconds": round(time.perf_counter() - start, 2),
-        }
-        plan = Plan(family, num_blocks, skip=skip, reuse=reuse, sparsity=round(sparsity, 6), provenance=provenance)
-        _write_json(path, plan.to_json())
-        log.info("wrote %s: %d sub-blocks skipped, %d re-used, sparsity %.4f, D %.5g", path, len(skip), len(reuse), sparsity, score)
-        plans[target] = plan
-    checkpoint.unlink(missing_ok=True)
-    return plans
+    return state
+
+
+def _plan_for(target: float, job: _Job, cfg: CalibrationConfig, scorer: Scorer, state: SearchState,
+              key: dict[str, Any]) -> Plan:
+    """The skip set for ``target`` from the search, then the greedy re-use pass on it."""
+    skip = skip_for(state, job.sizes, job.total, target)
+    before = scorer.evaluations
+    reuse, skip_score, score, reuse_steps, naive_reuse = reuse_search(scorer, skip, cfg.naive)
+    sparsity = sum(job.sizes[i] for i in skip) / job.total
+    provenance = {
+        "tool": "skrr-export calibrate",
+        "method": "Skrr: beam-search Skip, greedy Re-use (Seo et al., ICML 2025)",
+        "metric": "MSE(dense, pruned) over every real token of the prompts + the same on the empty prompt, after "
+                  + (f"projection {cfg.projection.name}" if cfg.projection else "no projection (raw encoder output)"),
+        "model": str(job.source.folder),
+        "model_config_sha256": key["model_config"],
+        "model_sha256": key["model"],
+        "prompts": str(cfg.prompts) if cfg.prompts else "built-in calibration set",
+        "prompt_set_sha256": fingerprint(job.prompts, cfg.max_length),
+        "num_prompts": len(job.prompts),
+        "max_length": cfg.max_length,
+        "beam": cfg.beam,
+        "precision": cfg.precision,
+        "device": cfg.device,
+        "memory_plan": job.memory.to_json(),
+        "skip_order": list(state.beams[0].order),
+        "skip_steps": state.history,
+        "skip_score": skip_score,
+        "reuse_steps": reuse_steps,
+        "score": score,
+        "subblock_evaluations": state.evaluations + scorer.evaluations - before,
+        "naive_subblock_evaluations": state.naive_evaluations + naive_reuse,
+        "skip_seconds": round(state.seconds, 2),
+        "skip_subblock_evaluations_per_second": round(state.evaluations / state.seconds, 2) if state.seconds else None,
+    }
+    family, num_blocks = job.meta.adapter.family, job.meta.adapter.num_blocks(job.meta.config)
+    return Plan(family, num_blocks, skip=skip, reuse=reuse, sparsity=round(sparsity, 6), provenance=provenance)
 
 
 def _load(source: Any, dense: Plan, precision: str) -> Any:
