@@ -25,11 +25,14 @@ def save_parity_data(folder: Path, batches: Any, outputs: dict[str, dict[str, An
         from polygraphy.comparator import RunResults
         from polygraphy.comparator.struct import IterationResult
         from polygraphy.json import save_json
+        from polygraphy.logger import G_LOGGER
     except ImportError:
         return {"written": False, "reason": "polygraphy is not installed (pip install 'skrr-export[polygraphy]')"}
-    save_json([dict(batch.feed) for batch in batches], str(folder / INPUTS), description="parity inputs")
-    results = RunResults()
-    results.append(("pytorch", [IterationResult(dict(outputs[b.label]), runner_name="pytorch") for b in batches]))
-    results.save(str(folder / REFERENCE))
+    G_LOGGER.colors = False  # else its first message asks on stdout for the 'colored' package
+    with G_LOGGER.verbosity(G_LOGGER.ERROR):  # the job's console output stays the job's
+        save_json([dict(batch.feed) for batch in batches], str(folder / INPUTS), description="parity inputs")
+        results = RunResults()
+        results.append(("pytorch", [IterationResult(dict(outputs[b.label]), runner_name="pytorch") for b in batches]))
+        results.save(str(folder / REFERENCE))
     return {"written": True, "inputs": INPUTS, "reference": REFERENCE, "iterations": [b.label for b in batches],
             "command": f"polygraphy run model.onnx --onnxrt --load-inputs {INPUTS} --load-outputs {REFERENCE}"}
