@@ -252,62 +252,87 @@ def fp32_arithmetic(graph: Any) -> None:
     input-free nodes first: a dense T5-v1.1-XXL then held 22 GB for 9.5 GB of bf16 weights), and no fp32 copy
     outlives the node that reads it. Reshape to the weight's own shape changes nothing but the order. A MatMul
     reading a transposed weight becomes ONNX Runtime's FusedMatMul(transB=1): no transposed fp32 copy either."""
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import numpy_helper
 
-    halves, fp32 = {TensorProto.BFLOAT16, TensorProto.FLOAT16}, TensorProto.FLOAT
     _dequantize_per_reader(graph)
-    weights = {i.name: list(i.dims) for i in graph.initializer if i.data_type in halves}
-    transposed = {n.output[0]: n for n in graph.node if n.op_type == "Transpose" and n.input[0] in weights}
-    produced = {o for n in graph.node for o in n.output}
-    nodes: list[Any] = []
-
-    def widened(weight: str, activation: str | None, tag: str) -> str:
-        source = weight
-        if activation is not None:
-            zero = f"{tag}::zero"
-            nodes.append(helper.make_node("Size", [activation], [f"{tag}::size"]))
-            nodes.append(helper.make_node("Mul", [f"{tag}::size", "fp32_arithmetic::zero"], [zero]))
-            nodes.append(helper.make_node("Add", [f"{weight}::shape", zero], [f"{tag}::shape"]))
-            nodes.append(helper.make_node("Reshape", [weight, f"{tag}::shape"], [f"{tag}::waited"]))
-            source = f"{tag}::waited"
-        nodes.append(helper.make_node("Cast", [source], [f"{tag}::fp32"], to=fp32))
-        return f"{tag}::fp32"
-
+    widening = _Widening(graph)
     for index, node in enumerate(graph.node):
-        if node.output[0] in transposed:
-            continue  # each reader gets its own Transpose below
-        activation = next((i for i in node.input if i in produced and i not in transposed), None)
-        activation = activation or next((i.name for i in graph.input if i.name in node.input), None)
+        if node.output[0] in widening.transposed:
+            continue  # each reader gets its own Transpose
+        widening.inputs(node, index)
+        _widen_attributes(node)
+        widening.nodes.append(node)
+    graph.initializer.append(numpy_helper.from_array(np.array(0, dtype=np.int64), "fp32_arithmetic::zero"))
+    graph.initializer.extend(numpy_helper.from_array(np.array(dims, dtype=np.int64), f"{name}::shape")
+                             for name, dims in widening.weights.items())
+    graph.ClearField("node")
+    graph.node.extend(widening.nodes)
+    for info in (*graph.value_info, *graph.input, *graph.output):
+        if info.type.tensor_type.elem_type in _HALVES:
+            info.type.tensor_type.elem_type = _FP32
+
+
+_HALVES, _FP32 = {16, 10}, 1  # onnx.TensorProto.BFLOAT16, FLOAT16; FLOAT
+
+
+class _Widening:
+    """The half-precision weights of a graph, and the nodes of the rewritten graph as they are built."""
+
+    def __init__(self, graph: Any):
+        self.weights = {i.name: list(i.dims) for i in graph.initializer if i.data_type in _HALVES}
+        self.transposed = {n.output[0]: n for n in graph.node if n.op_type == "Transpose" and n.input[0] in self.weights}
+        self.produced = {o for n in graph.node for o in n.output}
+        self.graph_inputs = [i.name for i in graph.input]
+        self.nodes: list[Any] = []
+
+    def inputs(self, node: Any, index: int) -> None:
+        """Every weight ``node`` reads, directly or through a Transpose, read widened (FusedMatMul for x @ W^T)."""
+        from onnx import helper
+
+        activation = next((i for i in node.input if i in self.produced and i not in self.transposed), None)
+        activation = activation or next((i for i in self.graph_inputs if i in node.input), None)
         for k, name in enumerate(node.input):
             tag = f"fp32_arithmetic::{index}::{k}"
-            if name in weights:
-                node.input[k] = widened(name, activation, tag)
-            elif name in transposed:
-                t = transposed[name]
+            if name in self.weights:
+                node.input[k] = self.widened(name, activation, tag)
+            elif name in self.transposed:
+                t = self.transposed[name]
                 perm = [list(helper.get_attribute_value(a)) for a in t.attribute if a.name == "perm"][0]
                 if node.op_type == "MatMul" and k == 1 and perm == [1, 0]:  # x @ W^T without a transposed copy
                     node.op_type, node.domain = "FusedMatMul", "com.microsoft"
                     node.attribute.extend([helper.make_attribute("transB", 1), helper.make_attribute("alpha", 1.0)])
-                    node.input[k] = widened(t.input[0], activation, tag)
+                    node.input[k] = self.widened(t.input[0], activation, tag)
                     continue
-                nodes.append(helper.make_node("Transpose", [widened(t.input[0], activation, tag)], [f"{tag}::t"],
-                                              perm=perm))
+                self.nodes.append(helper.make_node("Transpose", [self.widened(t.input[0], activation, tag)],
+                                                   [f"{tag}::t"], perm=perm))
                 node.input[k] = f"{tag}::t"
-        for attr in node.attribute:
-            if attr.name in ("to", "dtype") and attr.type == onnx.AttributeProto.INT and attr.i in halves:
-                attr.i = fp32
-            elif attr.type == onnx.AttributeProto.TENSOR and attr.t.data_type in halves:
-                attr.t.CopyFrom(numpy_helper.from_array(_widen(attr.t), attr.t.name))
-        nodes.append(node)
-    graph.initializer.append(numpy_helper.from_array(np.array(0, dtype=np.int64), "fp32_arithmetic::zero"))
-    graph.initializer.extend(numpy_helper.from_array(np.array(dims, dtype=np.int64), f"{name}::shape")
-                             for name, dims in weights.items())
-    graph.ClearField("node")
-    graph.node.extend(nodes)
-    for info in (*graph.value_info, *graph.input, *graph.output):
-        if info.type.tensor_type.elem_type in halves:
-            info.type.tensor_type.elem_type = fp32
+
+    def widened(self, weight: str, activation: str | None, tag: str) -> str:
+        """``Cast(Reshape(weight, its shape + 0 * Size(activation)))``: the widening waits for the activation."""
+        from onnx import helper
+
+        source = weight
+        if activation is not None:
+            zero = f"{tag}::zero"
+            self.nodes.append(helper.make_node("Size", [activation], [f"{tag}::size"]))
+            self.nodes.append(helper.make_node("Mul", [f"{tag}::size", "fp32_arithmetic::zero"], [zero]))
+            self.nodes.append(helper.make_node("Add", [f"{weight}::shape", zero], [f"{tag}::shape"]))
+            self.nodes.append(helper.make_node("Reshape", [weight, f"{tag}::shape"], [f"{tag}::waited"]))
+            source = f"{tag}::waited"
+        self.nodes.append(helper.make_node("Cast", [source], [f"{tag}::fp32"], to=_FP32))
+        return f"{tag}::fp32"
+
+
+def _widen_attributes(node: Any) -> None:
+    """Cast targets and constant tensors in half precision become fp32."""
+    import onnx
+    from onnx import numpy_helper
+
+    for attr in node.attribute:
+        if attr.name in ("to", "dtype") and attr.type == onnx.AttributeProto.INT and attr.i in _HALVES:
+            attr.i = _FP32
+        elif attr.type == onnx.AttributeProto.TENSOR and attr.t.data_type in _HALVES:
+            attr.t.CopyFrom(numpy_helper.from_array(_widen(attr.t), attr.t.name))
 
 
 def _dequantize_per_reader(graph: Any) -> None:
