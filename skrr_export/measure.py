@@ -348,7 +348,6 @@ def run_measurements(meta: Any, source: Any, plan: Any, backends: tuple[str, ...
     ``dense``: the dense runs of an earlier call on the same model and shapes, reused instead of measured again."""
     import torch
 
-    from .apply import plan_cost
     from .compare import DEFAULT_TOLERANCES
     from .inputs import prompt_batch
     from .plan import Plan
@@ -357,16 +356,7 @@ def run_measurements(meta: Any, source: Any, plan: Any, backends: tuple[str, ...
     torch.backends.cudnn.allow_tf32 = False
     config = meta.adapter.text_config(meta.config)
     variants = {"dense": Plan.dense(plan.family, plan.num_blocks), "plan": plan}
-    results: dict[str, Any] = {
-        "tool": _environment(),
-        "model": {"path": str(source.folder), "family": plan.family, "random_weights": source.random_weights},
-        "plan": {"sha256": plan.digest(), "sparsity": plan_cost(meta, plan).sparsity, "skipped": len(plan.skip),
-                 "reused": len(plan.reuse)},
-        "precision": cfg.precision,
-        "backends": list(backends),
-        "flops": _flops(meta, variants, shapes),
-        "runs": [], "errors": [], "parity": [],
-    }
+    results = _results_head(meta, source, plan, cfg, backends, _flops(meta, variants, shapes))
     job = _Job(source, backends, shapes, cfg, DeviceMemory(), {shape: timing_feed(config, shape) for shape in shapes},
                prompt_batch(None, meta.config, "int64", None), {"*": DEFAULT_TOLERANCES[cfg.precision]},
                meta.adapter.sizes(meta.config).vocab, results, artifacts)
@@ -380,6 +370,23 @@ def run_measurements(meta: Any, source: Any, plan: Any, backends: tuple[str, ...
     results["summary"] = summarize(results)
     results["targets"] = check_targets(results)
     return results
+
+
+def _results_head(meta: Any, source: Any, plan: Any, cfg: MeasureConfig, backends: tuple[str, ...],
+                  flops: list[dict[str, Any]]) -> dict[str, Any]:
+    """What was measured, on what and how; the runs, errors and parity checks fill in as they come."""
+    from .apply import plan_cost
+
+    return {
+        "tool": _environment(),
+        "model": {"path": str(source.folder), "family": plan.family, "random_weights": source.random_weights},
+        "plan": {"sha256": plan.digest(), "sparsity": plan_cost(meta, plan).sparsity, "skipped": len(plan.skip),
+                 "reused": len(plan.reuse)},
+        "precision": cfg.precision,
+        "backends": list(backends),
+        "flops": flops,
+        "runs": [], "errors": [], "parity": [],
+    }
 
 
 def _measure_variant(job: _Job, variant: str, plan: Any, folder: Path) -> None:
@@ -407,8 +414,17 @@ def _measure_variant(job: _Job, variant: str, plan: Any, folder: Path) -> None:
             job.record(variant, backend, unique, result)
     del module, enc
     job.probe.settle()
-    for backend in exported:
+    if exported:
         assert onnx_path is not None
+        _measure_exported(job, variant, exported, onnx_path, reference, given, folder, unique)
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def _measure_exported(job: _Job, variant: str, backends: list[str], onnx_path: Path, reference: Any, given: Any,
+                      folder: Path, unique: int) -> None:
+    """ONNX Runtime CUDA and the engines on the exported ONNX (or the main job's); a backend that cannot run this
+    model is recorded as not measured."""
+    for backend in backends:
         try:
             if backend.startswith("ort-cuda"):
                 result = measure_ort(onnx_path, job.shapes, job.feeds, job.cfg, job.probe, folder, reference,
@@ -422,7 +438,6 @@ def _measure_variant(job: _Job, variant: str, plan: Any, folder: Path) -> None:
             job.results["errors"].append({"variant": variant, "backend": backend, "error": str(exc)})
             continue
         job.record(variant, backend, unique, result)
-    shutil.rmtree(folder, ignore_errors=True)
 
 
 def _export(job: _Job, module: Any, unique: int, folder: Path) -> Path:
@@ -580,21 +595,7 @@ def render_markdown(r: dict[str, Any], level: int = 1) -> str:
             lines.append(f"| {run['backend']} | {run['variant']} | {_gb(run['unique_weight_bytes'])} | "
                          f"{_gb(run['resident_bytes'])} | {run['resident_over_unique']:.4f} | {row['batch']}x{row['seq']} | "
                          f"{_gb(row['peak_bytes'])} | {_gb(row['activation_bytes'])} |")
-    lines += ["", f"{h}# Latency (ms; median / p90)", "", "| backend | shape | dense | plan | plan / dense | executed-FLOP fraction |",
-              "|---|---|---|---|---|---|"]
-    runs = {(x["variant"], x["backend"]): x for x in r["runs"]}
-    for s in r["summary"]:
-        d, p = (_row(runs[(v, s["backend"])], s) for v in VARIANTS)
-        assert d is not None and p is not None
-        lines.append(f"| {s['backend']} | {s['batch']}x{s['seq']} | {d['median_ms']:.2f} / {d['p90_ms']:.2f} | "
-                     f"{p['median_ms']:.2f} / {p['p90_ms']:.2f} | {s['latency_ratio']:.3f} | {s['flop_fraction']:.3f} |")
-    if r["parity"]:
-        lines += ["", f"{h}# Parity (plan): PyTorch on the device vs each backend", "",
-                  "| backend | batch | output | max abs | min cos | passed |", "|---|---|---|---|---|---|"]
-        for check in r["parity"]:
-            for o in check["outputs"]:
-                lines.append(f"| {check['backend']} | {check['batch']} | {o['name']} | {o['max_abs']:.3g} | "
-                             f"{o['min_cosine']:.6f} | {'yes' if o['passed'] else 'NO'} |")
+    lines += _latency_lines(r, h) + _parity_lines(r, h)
     if r["targets"]:
         lines += ["", f"{h}# Targets", "", "| target | value | limit | met |", "|---|---|---|---|"]
         lines += [f"| {t['target']} | {t['value']:.4g} | {t['limit']:.4g} | {'yes' if t['met'] else 'NO'} |" for t in r["targets"]]
@@ -604,6 +605,30 @@ def render_markdown(r: dict[str, Any], level: int = 1) -> str:
     for err in r["errors"]:
         lines += ["", f"**Not measured:** {err['backend']} ({err['variant']}): {err['error']}"]
     return "\n".join(lines) + "\n"
+
+
+def _latency_lines(r: dict[str, Any], h: str) -> list[str]:
+    lines = ["", f"{h}# Latency (ms; median / p90)", "", "| backend | shape | dense | plan | plan / dense | "
+             "executed-FLOP fraction |", "|---|---|---|---|---|---|"]
+    runs = {(x["variant"], x["backend"]): x for x in r["runs"]}
+    for s in r["summary"]:
+        d, p = (_row(runs[(v, s["backend"])], s) for v in VARIANTS)
+        assert d is not None and p is not None
+        lines.append(f"| {s['backend']} | {s['batch']}x{s['seq']} | {d['median_ms']:.2f} / {d['p90_ms']:.2f} | "
+                     f"{p['median_ms']:.2f} / {p['p90_ms']:.2f} | {s['latency_ratio']:.3f} | {s['flop_fraction']:.3f} |")
+    return lines
+
+
+def _parity_lines(r: dict[str, Any], h: str) -> list[str]:
+    if not r["parity"]:
+        return []
+    lines = ["", f"{h}# Parity (plan): PyTorch on the device vs each backend", "",
+             "| backend | batch | output | max abs | min cos | passed |", "|---|---|---|---|---|---|"]
+    for check in r["parity"]:
+        for o in check["outputs"]:
+            lines.append(f"| {check['backend']} | {check['batch']} | {o['name']} | {o['max_abs']:.3g} | "
+                         f"{o['min_cosine']:.6f} | {'yes' if o['passed'] else 'NO'} |")
+    return lines
 
 
 def plot_memory(r: dict[str, Any], path: Path) -> None:
