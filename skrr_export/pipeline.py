@@ -68,18 +68,76 @@ def run_export(cfg: ExportConfig) -> dict[str, Any]:
 
     Memory: the PyTorch module (the kept weights) is dropped after the export, before ONNX Runtime loads the
     graph; the dense model for the distance is streamed one sub-block at a time."""
-    from .apply import apply_plan
-    from .artifacts import check_disk, check_writable, staged_folder, write_manifest
-    from .export import ExportOptions, export_onnx
-    from .inputs import load_tokenizer, prompt_batch
-    from .model import load_encoder, model_source
-    from .ort_fusion import fuse_artifact
-    from .polygraphy_io import save_parity_data
+    from .artifacts import check_disk, staged_folder, write_manifest
+
+    job = _preflight(cfg)
+    stages = Stages()
+    ref = _pytorch_reference(cfg, job, stages)
+    check_disk(cfg.out.parent, int(job.cost.kept_weight_bytes * (2.05 if cfg.engine != "onnx" else 1.05)), "the export")
+    with staged_folder(cfg.out, cfg.force) as stage:
+        found = _artifacts(cfg, job, ref, stage, stages)
+        report = _report(cfg, job, ref, found, stages)
+        write_report(stage, report)
+        write_manifest(stage, job.plan.digest(), report["tool"])
+    failed = [p for p in found.parity if p.get("passed") is False]
+    if failed:
+        raise AccuracyError(
+            f"parity failed ({failed[0]['test']} vs {failed[0]['reference']}); see {cfg.out / 'report.md'}"
+        )
+    return report
+
+
+@dataclass
+class _Job:
+    """The checked request: the plan, where the model comes from and what the plan keeps."""
+
+    plan: Plan
+    source: Any
+    cost: Any
+    tolerances: dict[str, Tolerance]  # the engine's parity (ONNX Runtime's: OrtCheck.tolerances)
+
+
+@dataclass
+class _Reference:
+    """The applied (and quantized) module and PyTorch's outputs on the parity batches; the module is dropped after
+    the export (``drop``)."""
+
+    module: Any
+    enc: Any
+    quantized: Any
+    quantization: dict[str, Any] | None
+    batches: tuple[Any, ...]
+    plan_outputs: dict[str, Any]
+    ort_reference: dict[str, Any]
+    check: OrtCheck
+
+    def drop(self) -> None:
+        self.module = self.enc = self.quantized = None  # ONNX Runtime, the engine and the dense model need the memory
+        gc.collect()
+
+
+@dataclass
+class _Found:
+    """What the stages after the export found: the ONNX (and its fusion), parity, and the optional stages."""
+
+    onnx: Any
+    fusion: Any = None
+    parity: list[dict[str, Any]] = field(default_factory=list)
+    polygraphy: dict[str, Any] | None = None
+    engine: Any = None
+    dense: dict[str, Any] | None = None
+    measured: dict[str, Any] | None = None
+    options: Any = None  # the ExportOptions it was written with
+
+
+def _preflight(cfg: ExportConfig) -> _Job:
+    """Everything that can be refused before any work: flags, plan, model, resources, output folder, backends."""
+    from .artifacts import check_writable
+    from .model import model_source
 
     if cfg.engine not in ENGINES:
         raise UserError(f"--engine must be one of {', '.join(ENGINES)}, got '{cfg.engine}'")
     check_optimize(cfg.optimize, cfg.engine)
-    stages = Stages()
     plan = load_plan(cfg.plan)
     source = model_source(cfg.model, cfg.subfolder, cfg.random_weights, cfg.allow_pickle)
     tolerances = {"*": _tolerance(cfg, cfg.precision)}
@@ -93,73 +151,80 @@ def run_export(cfg: ExportConfig) -> dict[str, Any]:
         from .quantize import check_backends
 
         check_backends(cfg.quantization, cfg.engine)
+    return _Job(plan, source, cost, tolerances)
+
+
+def _pytorch_reference(cfg: ExportConfig, job: _Job, stages: Stages) -> _Reference:
+    """Load the kept weights, apply the plan (quantize), and run PyTorch on the parity batches."""
+    from .apply import apply_plan
+    from .inputs import load_tokenizer, prompt_batch
+    from .model import load_encoder
+
     with stages.stage("load"):
-        enc = load_encoder(source, plan, cfg.precision)
+        enc = load_encoder(job.source, job.plan, cfg.precision)
     with stages.stage("apply"):
-        module = apply_plan(enc, plan)
+        module = apply_plan(enc, job.plan)
     quantized, quantization = _quantize(module, cfg, stages)
-    options = ExportOptions(cfg.input_dtype, cfg.fixed_sequence, cfg.external_data)
-    vocab = enc.adapter.sizes(enc.config).vocab
-    tokenizer = None if cfg.random_weights else load_tokenizer(source.folder)
+    tokenizer = None if cfg.random_weights else load_tokenizer(job.source.folder)
     batches = prompt_batch(tokenizer, enc.config, cfg.input_dtype, cfg.fixed_sequence)
     check = ort_check(cfg.precision)
     with stages.stage("pytorch reference"):
         plan_outputs = reference_outputs(module, batches)
         _check_finite(module, batches, plan_outputs)
         ort_reference = reference_outputs(module, batches, fp32_arithmetic=True) if check.fp32_arithmetic else plan_outputs
-    check_disk(cfg.out.parent, int(cost.kept_weight_bytes * (2.05 if cfg.engine != "onnx" else 1.05)), "the export")
-    with staged_folder(cfg.out, cfg.force) as stage:
-        with stages.stage("export"):
-            onnx = export_onnx(module, stage / "model.onnx", options, vocab, quantized)
-            onnx, fusion = fuse_artifact(onnx, enc.adapter) if cfg.optimize else (onnx, None)
-        del module, enc, quantized  # ONNX Runtime, the engine builder and the dense model need the memory
-        gc.collect()
-        with stages.stage("parity"):
-            parity = runner_parity(ort_reference, check.runner(onnx.path), batches, check.tolerances(cfg),
-                                   check.reference)
-            parity = [p | {"method": check.method} for p in parity]
-        polygraphy = save_parity_data(stage, batches, plan_outputs, cfg.precision)
-        engine = None
-        if cfg.engine != "onnx":
-            with stages.stage("engine"):
-                engine, engine_parity = _engine(cfg, onnx.path, plan, stage, plan_outputs, batches, tolerances)
-            parity += engine_parity
-        dense = None
-        if cfg.dense_distance:
-            with stages.stage("dense distance"):
-                dense = _distance_to_dense(source, cfg.precision, batches, plan_outputs)
-        measured = None
-        if cfg.measure and cuda_available():
-            with stages.stage("measure"):
-                measured = _measure(cfg, source, plan, stage, onnx.path, engine)
-        report: dict[str, Any] = {
-            "tool": {"name": "skrr-export", **versions()},
-            "model": {"path": str(source.folder), "family": plan.family, "random_weights": source.random_weights},
-            "precision": cfg.precision,
-            "plan": {
-                **plan.to_json(),
-                "sha256": plan.digest(),
-                "skipped": len(plan.skip),
-                "reused": len(plan.reuse),
-            },
-            "cost": asdict(cost) | {"sparsity": cost.sparsity},
-            "onnx": onnx.to_json() | {"export_options": asdict(options)} | ({"ort_fusion": fusion.to_json()} if fusion else {}),
-            "quantization": quantization,
-            "parity": parity,
-            "polygraphy": polygraphy,
-            "distance_to_dense": dense,
-            "engine": engine.metadata if engine else None,
-            "measure": measured,
-            "seconds": stages.seconds,
-        }
-        write_report(stage, report)
-        write_manifest(stage, plan.digest(), report["tool"])
-    failed = [p for p in parity if p.get("passed") is False]
-    if failed:
-        raise AccuracyError(
-            f"parity failed ({failed[0]['test']} vs {failed[0]['reference']}); see {cfg.out / 'report.md'}"
-        )
-    return report
+    return _Reference(module, enc, quantized, quantization, batches, plan_outputs, ort_reference, check)
+
+
+def _artifacts(cfg: ExportConfig, job: _Job, ref: _Reference, stage: Path, stages: Stages) -> _Found:
+    """Export (and fuse), then parity on the file, Polygraphy's data, the engine, the distance and the measurement."""
+    from .export import ExportOptions, export_onnx
+    from .ort_fusion import fuse_artifact
+    from .polygraphy_io import save_parity_data
+
+    with stages.stage("export"):
+        options = ExportOptions(cfg.input_dtype, cfg.fixed_sequence, cfg.external_data)
+        onnx = export_onnx(ref.module, stage / "model.onnx", options, ref.enc.adapter.sizes(ref.enc.config).vocab,
+                           ref.quantized)
+        found = _Found(*fuse_artifact(onnx, ref.enc.adapter)) if cfg.optimize else _Found(onnx)
+        found.options = options
+    ref.drop()
+    with stages.stage("parity"):
+        parity = runner_parity(ref.ort_reference, ref.check.runner(found.onnx.path), ref.batches,
+                               ref.check.tolerances(cfg), ref.check.reference)
+        found.parity = [p | {"method": ref.check.method} for p in parity]
+    found.polygraphy = save_parity_data(stage, ref.batches, ref.plan_outputs, cfg.precision)
+    if cfg.engine != "onnx":
+        with stages.stage("engine"):
+            found.engine, engine_parity = _engine(cfg, found.onnx.path, job.plan, stage, ref.plan_outputs, ref.batches,
+                                                  job.tolerances)
+        found.parity += engine_parity
+    if cfg.dense_distance:
+        with stages.stage("dense distance"):
+            found.dense = _distance_to_dense(job.source, cfg.precision, ref.batches, ref.plan_outputs)
+    if cfg.measure and cuda_available():
+        with stages.stage("measure"):
+            found.measured = _measure(cfg, job.source, job.plan, stage, found.onnx.path, found.engine)
+    return found
+
+
+def _report(cfg: ExportConfig, job: _Job, ref: _Reference, found: _Found, stages: Stages) -> dict[str, Any]:
+    plan, source, cost = job.plan, job.source, job.cost
+    onnx = found.onnx.to_json() | {"export_options": asdict(found.options)}
+    return {
+        "tool": {"name": "skrr-export", **versions()},
+        "model": {"path": str(source.folder), "family": plan.family, "random_weights": source.random_weights},
+        "precision": cfg.precision,
+        "plan": {**plan.to_json(), "sha256": plan.digest(), "skipped": len(plan.skip), "reused": len(plan.reuse)},
+        "cost": asdict(cost) | {"sparsity": cost.sparsity},
+        "onnx": onnx | ({"ort_fusion": found.fusion.to_json()} if found.fusion else {}),
+        "quantization": ref.quantization,
+        "parity": found.parity,
+        "polygraphy": found.polygraphy,
+        "distance_to_dense": found.dense,
+        "engine": found.engine.metadata if found.engine else None,
+        "measure": found.measured,
+        "seconds": stages.seconds,
+    }
 
 
 def _quantize(module: Any, cfg: ExportConfig, stages: Stages) -> tuple[Any, dict[str, Any] | None]:
