@@ -316,3 +316,33 @@ def test_rtx_engine_of_minilm_int4_holds_the_quantized_bytes_within_2_percent(tm
     onnx_bytes = sum(onnx_initializer_sizes(out / "model.onnx"))
     assert abs(engine["weights"]["total_bytes"] - onnx_bytes) <= 0.02 * onnx_bytes
     assert onnx_bytes < 0.7 * json.loads((out / "report.json").read_text())["onnx"]["unique_parameter_bytes"]
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_half_quantized_export_runs_in_fp32_arithmetic_one_dequantize_per_reader(precision, wide_models, tmp_path):
+    """The CPU parity path of half-precision exports: the fp32-arithmetic copy dequantizes each stored weight once
+    per reading MatMul, after that MatMul's activation exists (not all up front), and matches PyTorch computing in
+    fp32 with the same quantized weights; the PyTorch module holds no weight values between calls."""
+    from skrr_export.apply import computed_in_fp32
+    from skrr_export.runners import OrtFp32ArithmeticRunner, fp32_arithmetic
+
+    _, folder = wide_models["t5"]
+    _, module, quantized, art = quantized_export(folder, "t5", Quantization("int4", 32), tmp_path, precision)
+    held = [p for n, p in module.named_parameters() if id(p) in quantized.weights]
+    assert all(p.untyped_storage().nbytes() <= 4 for p in held)  # placeholders: one element each
+    ids, mask = ids_and_mask()
+    feed = {"input_ids": ids.numpy(), "attention_mask": mask.numpy()}
+    with computed_in_fp32(module), TorchRunner(module, module.output_names) as t:
+        ref = t.infer(feed)
+    assert all(p.untyped_storage().nbytes() <= 4 for p in held)  # let go again after the run
+    with OrtFp32ArithmeticRunner(art.path, precision) as o:
+        got = o.infer(feed)
+    assert compare(("pytorch", ref), ("onnxruntime", got), feed["attention_mask"], {"*": DEFAULT_TOLERANCES[f"{precision}-as-fp32"]})
+    assert np.abs(ref["last_hidden_state"] - got["last_hidden_state"]).max() < 5e-3  # outputs ~3; bf16 graph constants
+    model = onnx.load(str(art.path))
+    stored = sum(1 for n in model.graph.node if n.op_type == "DequantizeLinear")
+    fp32_arithmetic(model.graph)
+    readers = [n for n in model.graph.node if n.op_type == "DequantizeLinear"]
+    assert stored == 4 and len(readers) == 3 * stored  # q+k+v, o, wi_0+wi_1, wo; each read in three slots
+    made_by = {o: n.op_type for n in model.graph.node for o in n.output}
+    assert all(made_by.get(n.input[1]) in ("Cast", "Reshape") for n in readers)  # the scales wait for the activation
