@@ -64,7 +64,27 @@ def render_markdown(r: dict[str, Any]) -> str:
         "## Parity",
         "",
     ]
-    for check in r["parity"]:
+    lines += _parity_lines(r["parity"])
+    lines += _polygraphy_lines(r.get("polygraphy"))
+    if r.get("quantization"):
+        from .quantize import render as render_quantization
+
+        lines += ["## Weight-only quantization", "", "```text", *render_quantization(r["quantization"]), "```", ""]
+    lines += _distance_lines(r.get("distance_to_dense"))
+    if r.get("measure"):
+        from .measure import render_markdown as render_measure
+
+        lines += [render_measure(r["measure"], level=2)]
+    if r.get("engine"):
+        lines += render_engine(r["engine"])
+    lines += ["## Stages", ""] + [f"- {k}: {v:.1f} s" for k, v in r["seconds"].items()] + [""]
+    return "\n".join(lines)
+
+
+def _parity_lines(parity: list[dict[str, Any]]) -> list[str]:
+    """One table per check: the statistics of every output against its tolerance."""
+    lines: list[str] = []
+    for check in parity:
         if "outputs" not in check:
             lines += [f"- {check['test']} vs {check['reference']}: **not executed**: {check['reason']}", ""]
             continue
@@ -84,29 +104,20 @@ def render_markdown(r: dict[str, Any]) -> str:
             )
         lines.append("")
         lines += [f"- {line}" for line in _failures(check)] + ([""] if not check["passed"] else [])
-    lines += _polygraphy_lines(r.get("polygraphy"))
-    if r.get("quantization"):
-        from .quantize import render as render_quantization
+    return lines
 
-        lines += ["## Weight-only quantization", "", "```text", *render_quantization(r["quantization"]), "```", ""]
-    dense = r.get("distance_to_dense")
-    if dense:
-        lines += ["## What the plan costs (PyTorch, plan vs dense model)", "", "| batch | output | MSE | mean cos | min cos | dense norm | plan norm |", "|---|---|---|---|---|---|---|"]
-        for batch, outputs in dense.items():
-            for name, d in outputs.items():
-                lines.append(
-                    f"| {batch} | {name} | {_fmt(d['mse'])} | {_fmt(d['mean_cosine'])} | {_fmt(d['min_cosine'])} | "
-                    f"{_fmt(d['dense_norm'])} | {_fmt(d['pruned_norm'])} |"
-                )
-        lines.append("")
-    if r.get("measure"):
-        from .measure import render_markdown as render_measure
 
-        lines += [render_measure(r["measure"], level=2)]
-    if r.get("engine"):
-        lines += render_engine(r["engine"])
-    lines += ["## Stages", ""] + [f"- {k}: {v:.1f} s" for k, v in r["seconds"].items()] + [""]
-    return "\n".join(lines)
+def _distance_lines(dense: dict[str, Any] | None) -> list[str]:
+    """The plan's cost in quality: its outputs against the dense model's."""
+    if not dense:
+        return []
+    lines = ["## What the plan costs (PyTorch, plan vs dense model)", "",
+             "| batch | output | MSE | mean cos | min cos | dense norm | plan norm |", "|---|---|---|---|---|---|---|"]
+    for batch, outputs in dense.items():
+        for name, d in outputs.items():
+            lines.append(f"| {batch} | {name} | {_fmt(d['mse'])} | {_fmt(d['mean_cosine'])} | {_fmt(d['min_cosine'])} | "
+                         f"{_fmt(d['dense_norm'])} | {_fmt(d['pruned_norm'])} |")
+    return lines + [""]
 
 
 def _tolerance(t: dict[str, Any]) -> str:
