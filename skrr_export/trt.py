@@ -284,18 +284,35 @@ def _timing_cache(backend: Backend, config: Any, path: Path | None) -> Iterator[
 
 def build_engine(onnx_path: Path, engine: str, options: EngineOptions, out: Path, provenance: dict[str, Any]) -> EngineArtifact:
     """Parse ``onnx_path``, build, write ``out`` (engine.plan) and ``out.json``; check weight bytes against the ONNX."""
-    from .export import onnx_initializer_sizes
-    from .artifacts import check_onnx_files
-
     backend = load_backend(engine)
-    check_onnx_files(onnx_path)
-    from .artifacts import check_device_memory, check_disk
+    _check_build_resources(onnx_path, options, out)
+    start = time.perf_counter()
+    inputs, outputs, shapes, accounting = _build(backend, onnx_path, options, out)
+    seconds = time.perf_counter() - start
+    meta = _engine_metadata(backend, onnx_path, options, out, (inputs, outputs, shapes), accounting)
+    meta |= {"build_seconds": round(seconds, 2), **provenance}
+    metadata_path = out.with_suffix(".json")
+    metadata_path.write_text(json.dumps(meta, indent=2) + "\n")
+    log.info("built %s with %s %s in %.1f s: %s weight bytes (%s) for %d unique ONNX weight bytes", out.name,
+             backend.module.__name__, backend.version, seconds, accounting.get("total_bytes"), accounting.get("source"),
+             meta["onnx_weight_bytes"])
+    _check_weights(accounting, meta["onnx_weight_bytes_aligned"], meta["static_sequence_table_bytes"], out)
+    return EngineArtifact(out, metadata_path, meta)
 
+
+def _check_build_resources(onnx_path: Path, options: EngineOptions, out: Path) -> None:
+    """The ONNX and its data file are there; the disk holds the engine; the device its weights (unless capped)."""
+    from .artifacts import check_device_memory, check_disk, check_onnx_files
+
+    check_onnx_files(onnx_path)
     weights = onnx_path.stat().st_size + sum(p.stat().st_size for p in onnx_path.parent.glob(onnx_path.name + ".data"))
     check_disk(out.parent, int(weights * 1.05), "the engine file")
     if options.workspace_mib is None:
         check_device_memory(int(weights * 1.1), "building the engine (weights; cap the workspace with --workspace-mib)")
-    start = time.perf_counter()
+
+
+def _build(backend: Backend, onnx_path: Path, options: EngineOptions, out: Path) -> tuple[Any, Any, Any, dict[str, Any]]:
+    """Parse, configure and build; write the engine to ``out``; return its inputs, outputs, profile and weights."""
     with bound(backend):
         logger = _make_logger()
         builder = trt.Builder(logger)
@@ -308,14 +325,18 @@ def build_engine(onnx_path: Path, engine: str, options: EngineOptions, out: Path
         if serialized is None:
             raise ArtifactError(f"{backend.engine} build failed: {'; '.join(logger.errors()[-3:]) or 'no reason logged'}")
         write_atomic(out, memoryview(serialized))
-        accounting = _weight_bytes(backend, out, logger)
-    seconds = time.perf_counter() - start
+        return inputs, outputs, shapes, _weight_bytes(backend, out, logger)
+
+
+def _engine_metadata(backend: Backend, onnx_path: Path, options: EngineOptions, out: Path, io: tuple[Any, Any, Any],
+                     accounting: dict[str, Any]) -> dict[str, Any]:
+    """engine.json: what built it, for which ONNX and shapes, and the weight bytes it holds against the ONNX's."""
+    from .export import onnx_initializer_sizes
+
+    inputs, outputs, shapes = io
     sizes = onnx_initializer_sizes(onnx_path)
-    unique = sum(sizes)
-    aligned = sum(-(-n // WEIGHT_ALIGNMENT) * WEIGHT_ALIGNMENT for n in sizes)
     seq = shapes["input_ids"][0][1] if shapes["input_ids"][0][1] == shapes["input_ids"][2][1] else 0
-    folded = STATIC_SEQUENCE_TABLE_BYTES * seq * seq
-    meta = {
+    return {
         "backend": backend.engine,
         "module": backend.module.__name__,
         "version": backend.version,
@@ -326,19 +347,11 @@ def build_engine(onnx_path: Path, engine: str, options: EngineOptions, out: Path
         "engine_sha256": sha256_file(out),
         "onnx_sha256": sha256_file(onnx_path),
         "serialized_bytes": out.stat().st_size,
-        "onnx_weight_bytes": unique,
-        "onnx_weight_bytes_aligned": aligned,
-        "static_sequence_table_bytes": folded,
+        "onnx_weight_bytes": sum(sizes),
+        "onnx_weight_bytes_aligned": sum(-(-n // WEIGHT_ALIGNMENT) * WEIGHT_ALIGNMENT for n in sizes),
+        "static_sequence_table_bytes": STATIC_SEQUENCE_TABLE_BYTES * seq * seq,
         "weights": accounting,
-        "build_seconds": round(seconds, 2),
-        **provenance,
     }
-    metadata_path = out.with_suffix(".json")
-    metadata_path.write_text(json.dumps(meta, indent=2) + "\n")
-    log.info("built %s with %s %s in %.1f s: %s weight bytes (%s) for %d unique ONNX weight bytes", out.name,
-             backend.module.__name__, backend.version, seconds, accounting.get("total_bytes"), accounting.get("source"), unique)
-    _check_weights(accounting, aligned, folded, out)
-    return EngineArtifact(out, metadata_path, meta)
 
 
 def _weight_bytes(backend: Backend, engine_path: Path, logger: Any) -> dict[str, Any]:
