@@ -13,27 +13,17 @@ def inspect_plan(plan: Plan, model: Path, subfolder: str | None, precision: str,
     """``shape`` (batch, sequence) for the FLOP count; default batch 1 and 256 tokens (or the model's maximum).
     ``quantization`` (``quantize.Quantization``): also the kept bytes with the sub-blocks' linear weights quantized."""
     from .apply import check_sparsity, plan_cost
-    from .workload import check_shapes, default_sequence, executed_flops
     from .model import DTYPES, ModelSource, build_meta, load_config
 
     enc = build_meta(load_config(ModelSource(model, subfolder)))
     enc.dtype = DTYPES[precision]
     cost = plan_cost(enc, plan)
     check_sparsity(plan, cost)
-    slots = []
-    for slot in range(plan.num_slots):
-        src = plan.source(slot)
-        state = "kept" if src == slot else "skipped" if src is None else f"re-uses {src}"
-        slots.append({"slot": slot, "block": slot // 2, "kind": kind_of(slot), "state": state})
-    if shape is None:
-        shape = (1, default_sequence(enc.config, 256))
-    (at,) = check_shapes(enc.config, (shape[0],), (shape[1],))
-    flops = {"dense": executed_flops(enc, Plan.dense(plan.family, plan.num_blocks), at), "plan": executed_flops(enc, plan, at)}
     info = {
         "family": plan.family,
         "num_blocks": plan.num_blocks,
         "precision": precision,
-        "slots": slots,
+        "slots": _slots(plan),
         "total_params": cost.total_params,
         "kept_params": cost.kept_params,
         "sparsity": cost.sparsity,
@@ -42,13 +32,32 @@ def inspect_plan(plan: Plan, model: Path, subfolder: str | None, precision: str,
         "executed_slots": cost.executed_slots,
         "num_slots": cost.num_slots,
         "compute_fraction": cost.compute_fraction,
-        "flops": {"batch": at.batch, "seq": at.seq, **flops, "fraction": flops["plan"] / flops["dense"]},
+        "flops": _flops(enc, plan, shape),
     }
     if quantization is not None:
         from .quantize import plan_accounting
 
         info["quantization"] = plan_accounting(enc, plan, quantization)
     return info
+
+
+def _slots(plan: Plan) -> list[dict[str, Any]]:
+    out = []
+    for slot in range(plan.num_slots):
+        src = plan.source(slot)
+        state = "kept" if src == slot else "skipped" if src is None else f"re-uses {src}"
+        out.append({"slot": slot, "block": slot // 2, "kind": kind_of(slot), "state": state})
+    return out
+
+
+def _flops(enc: Any, plan: Plan, shape: tuple[int, int] | None) -> dict[str, Any]:
+    """Executed FLOPs of the dense model and the plan at ``shape`` (default 1 x 256, or the model's maximum)."""
+    from .workload import check_shapes, default_sequence, executed_flops
+
+    batch, seq = shape or (1, default_sequence(enc.config, 256))
+    (at,) = check_shapes(enc.config, (batch,), (seq,))
+    flops = {"dense": executed_flops(enc, Plan.dense(plan.family, plan.num_blocks), at), "plan": executed_flops(enc, plan, at)}
+    return {"batch": at.batch, "seq": at.seq, **flops, "fraction": flops["plan"] / flops["dense"]}
 
 
 def render(info: dict[str, Any]) -> str:
