@@ -279,16 +279,8 @@ def trtexec_script(artifacts: Path, target: str | None, profile: dict[str, list[
         raise UserError("no engine.json to take profiles from; pass --batch and --sequence")
     activations = activation_estimate(art, profile)
     if target is not None:
-        ok, need = fits(art.weight_bytes, activations, target)
-        if not ok:
-            precision = {"TYPE_FP16": "fp16", "TYPE_BF16": "bf16"}.get(art.outputs[0].dtype, "fp32")
-            others = recipes_that_fit(target, precision, activations)
-            raise UserError(
-                f"does not fit {target}: needs {need / GIB:.2f} GiB (weights {art.weight_bytes / GIB:.2f} + activations "
-                f"{activations / GIB:.2f} + system {SYSTEM_RESERVE / GIB:.1f}) of {TARGETS[target] / GIB:.0f} GiB, "
-                f"{(need - TARGETS[target]) / GIB:.2f} GiB too much; in {precision}, recipes that fit: {', '.join(others) or 'none'}"
-            )
-        workspace_mib = workspace_mib or max(256, (TARGETS[target] - need) // (2 << 20))
+        left = _workspace_on(target, art, activations)  # refuses a target the engine does not fit
+        workspace_mib = workspace_mib or left
 
     def shapes(i: int) -> str:
         return ",".join(f"{n}:{'x'.join(map(str, s[i]))}" for n, s in profile.items())
@@ -311,6 +303,21 @@ def trtexec_script(artifacts: Path, target: str | None, profile: dict[str, list[
         "test -f model.onnx || { echo \"model.onnx not found in $PWD\" >&2; exit 2; }",
     ]
     return "\n".join(header + [" \\\n  ".join(shlex.quote(a) for a in args)]) + "\n"
+
+
+def _workspace_on(target: str, art: Any, activations: int) -> int:
+    """The builder workspace (MiB) the target has left beside weights, activations and the system; refused (with
+    the recipes that fit) when nothing is left."""
+    ok, need = fits(art.weight_bytes, activations, target)
+    if not ok:
+        precision = {"TYPE_FP16": "fp16", "TYPE_BF16": "bf16"}.get(art.outputs[0].dtype, "fp32")
+        others = recipes_that_fit(target, precision, activations)
+        raise UserError(
+            f"does not fit {target}: needs {need / GIB:.2f} GiB (weights {art.weight_bytes / GIB:.2f} + activations "
+            f"{activations / GIB:.2f} + system {SYSTEM_RESERVE / GIB:.1f}) of {TARGETS[target] / GIB:.0f} GiB, "
+            f"{(need - TARGETS[target]) / GIB:.2f} GiB too much; in {precision}, recipes that fit: {', '.join(others) or 'none'}"
+        )
+    return max(256, (TARGETS[target] - need) // (2 << 20))
 
 
 def _bash_quoted(text: str) -> str:
