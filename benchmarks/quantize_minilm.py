@@ -63,11 +63,13 @@ def quantize_embedding(module, q: Quantization) -> int:
 
 
 @torch.no_grad()
-def restore_ffn_output(module, original) -> int:
-    """Put BERT's FFN output projections (T5's ``wo`` place) back to their fp32 values."""
+def restore_ffn_output(module, original, quantized) -> int:
+    """Put BERT's FFN output projections (T5's ``wo`` place) back to their fp32 values (taken out of ``quantized``,
+    their layers no longer dequantize them)."""
     extra = 0
     for name, p in module.named_parameters():
         if name.endswith("output.dense.weight") and ".attention." not in name:
+            quantized.weights.pop(id(p))
             p.data = original[name].clone()
             extra += p.numel() * p.element_size()
     return extra
@@ -93,9 +95,9 @@ def run(plan: Plan, scheme: str, variant: str, folder: Path, feeds, dense) -> di
         if variant == "embedding quantized too":
             weight_bytes += quantize_embedding(module, q)
         elif variant == "FFN output in fp32":
-            extra = restore_ffn_output(module, original)
-            weight_bytes += extra - sum(w.nbytes for w in quantized.weights.values() if w.name.endswith("output.dense.weight")
-                                        and ".attention." not in w.name)
+            before = quantized.bytes
+            extra = restore_ffn_output(module, original, quantized)
+            weight_bytes += extra - (before - quantized.bytes)
     return row(dense, module, feeds, weight_bytes)
 
 

@@ -240,13 +240,13 @@ def placeholder(t: torch.Tensor) -> torch.Tensor:
 def _dequantize_on_call(module: Any, weights: dict[int, QuantizedWeight]) -> None:
     """Each ``nn.Linear`` with a quantized weight gets its dequantized values (in the weight's dtype at call time:
     fp32 inside ``apply.computed_in_fp32``) just before it runs, and a placeholder again after. Not while
-    ``torch.export`` traces: the exporter sees the placeholder."""
+    ``torch.export`` traces: the exporter sees the placeholder. A weight taken out of ``weights`` is left as it is."""
     def before(layer: nn.Module, args: object) -> None:
-        if not torch.compiler.is_exporting():
+        if id(layer.weight) in weights and not torch.compiler.is_exporting():
             layer.weight.data = dequantize(weights[id(layer.weight)], layer.weight.dtype)
 
     def after(layer: nn.Module, args: object, output: object) -> None:
-        if not torch.compiler.is_exporting():
+        if id(layer.weight) in weights and not torch.compiler.is_exporting():
             layer.weight.data = placeholder(layer.weight.data)
 
     layers = {id(m): m for part in kept_parts(module).values() for m in part.modules()
