@@ -24,15 +24,16 @@ T5_BASE = {"architectures": ["T5EncoderModel"], "model_type": "t5", "d_model": 7
 
 def main() -> None:
     import onnx
+    import onnx_ir as ir
     import onnxruntime as ort
 
     import skrr_export.export as export
     from skrr_export.apply import apply_plan
     from skrr_export.measure import latency, timing_feed
-    from skrr_export.workload import Shape
     from skrr_export.model import ModelSource, load_encoder
     from skrr_export.plan import Plan
     from skrr_export.runners import OrtRunner
+    from skrr_export.workload import Shape
 
     p = argparse.ArgumentParser()
     p.add_argument("--device", default="cpu")
@@ -46,11 +47,16 @@ def main() -> None:
     plan = Plan("t5", 12)
     encoder = load_encoder(ModelSource(work, random_weights=True), plan)
     module = apply_plan(encoder, plan)
-    rewrite = export._fusable_rms_norms
+    passes = export.graph_passes
+
+    def unrewritten(weights: set[str]) -> ir.passes.Sequential:  # the export's passes but RmsNormAsDiv
+        return ir.passes.Sequential(export.KeepWeightsOptimize(weights), export.MergeEqualConstants(weights),
+                                    export.StripDebugMetadata())
+
     shape = Shape(args.batch, args.seq)
     results = {}
     for name, rewritten in (("as exported by torch", False), ("norms rewritten (fusable)", True)):
-        export._fusable_rms_norms = rewrite if rewritten else (lambda model: 0)
+        export.graph_passes = passes if rewritten else unrewritten
         path = export.export_onnx(module, work / f"{rewritten}.onnx", export.ExportOptions(), 32128).path
         opts = ort.SessionOptions()
         opts.optimized_model_filepath = str(work / f"{rewritten}.optimized.onnx")
@@ -62,7 +68,7 @@ def main() -> None:
             stats = latency(bound.run, 3, args.iterations)
         results[name] = {"optimized_nodes": len(nodes), "fused_norms": nodes.count("SimplifiedLayerNormalization"), **stats}
         print(name, results[name])
-    export._fusable_rms_norms = rewrite
+    export.graph_passes = passes
     record = {"machine": f"{platform.machine()}, {ort.get_device()}", "onnxruntime": ort.__version__,
               "providers": providers, "shape": f"{shape}", "model": "T5-v1.1-base shapes, fp32, dense", "results": results}
     out = ROOT / "benchmarks" / "results" / f"ort-norm-fusion-{args.device}.json"

@@ -42,6 +42,21 @@ def scaled_config(folder: Path, scale: int) -> None:
     (folder / "config.json").write_text(json.dumps(config))
 
 
+def narrowed_passes(dtype: str):  # type: ignore[no-untyped-def]
+    """The export's passes with the bucket table narrowed to ``dtype`` just before the constants are merged."""
+    import onnx_ir as ir
+
+    import skrr_export.export as export
+
+    class NarrowBucketTable(ir.passes.InPlacePass):
+        def call(self, model):  # type: ignore[no-untyped-def]
+            return ir.passes.PassResult(model, bool(narrow_bucket_table(model, dtype)))
+
+    return lambda weights: ir.passes.Sequential(export.KeepWeightsOptimize(weights), export.RmsNormAsDiv(),
+                                                NarrowBucketTable(), export.MergeEqualConstants(weights),
+                                                export.StripDebugMetadata())
+
+
 def narrow_bucket_table(model, dtype: str) -> int:  # type: ignore[no-untyped-def]
     """Replace the folded [S, S] int64 bucket table by an int32 one, or an int8 one behind a Cast."""
     import onnx_ir as ir
@@ -94,15 +109,12 @@ def main() -> None:
     feed = timing_feed(encoder.config, Shape(1, args.seq))
     with TorchRunner(module, module.output_names) as torch_runner:
         reference = torch_runner.infer(feed)
-    merge, fold = export._merge_equal_constants, optimizer.fold_constants
+    passes, fold = export.graph_passes, optimizer.fold_constants
     results = {}
     for form in FORMS:
         limits = {"computed": {}, "exporter": EXPORTER_LIMITS}.get(form, TABLE_LIMITS)
         optimizer.fold_constants = lambda model, limits=limits, **kw: fold(model, **(kw | limits))
-        if form in ("int32", "int8"):
-            export._merge_equal_constants = lambda model, weights, form=form: (narrow_bucket_table(model, form), merge(model, weights))[1]
-        else:
-            export._merge_equal_constants = merge
+        export.graph_passes = passes if form not in ("int32", "int8") else narrowed_passes(form)
         art = export.export_onnx(module, work / f"{form}.onnx", export.ExportOptions(fixed_sequence=args.seq), encoder.config.vocab_size)
         nodes = [n.op_type for n in onnx.load(str(art.path)).graph.node]
         start = time.perf_counter()
@@ -126,7 +138,7 @@ def main() -> None:
                 row["trt_rtx"] = {"error": str(exc)}
         results[form] = row
         print(form, json.dumps(row), flush=True)
-    export._merge_equal_constants, optimizer.fold_constants = merge, fold
+    export.graph_passes, optimizer.fold_constants = passes, fold
     record = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, no GPU", "onnxruntime": ort.__version__,
               "model": f"24-block T5, T5-v1.1-XXL config / {args.scale} in width, random weights, fp32",
               "plan": "pixart-sigma-41.9", "shape": f"1x{args.seq}", "results": results}

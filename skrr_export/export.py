@@ -1,7 +1,8 @@
 """ONNX export of an applied plan: the dynamo exporter, then named graph passes, then the weight invariant.
 
-Passes, in order: ``_optimize`` (the exporter's own optimizer, minus the two things that break "one named
-weight per parameter"), ``_fusable_rms_norms``, ``_merge_equal_constants``; ``weights_once`` checks the result.
+Passes (onnx_ir passes, in order, ``graph_passes``): ``KeepWeightsOptimize`` (the exporter's own optimizer, minus
+the two things that break "one named weight per parameter"), ``RmsNormAsDiv``, ``MergeEqualConstants``,
+``StripDebugMetadata``; then ``WeightsOnce``, the invariant as a pass of its own, checks the result.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import onnx_ir as ir
 import torch
 
 from .apply import SkrrEncoder, unique_parameter_bytes
@@ -100,11 +102,7 @@ def export_onnx(module: SkrrEncoder, path: Path, options: ExportOptions, vocab_s
 
     start = time.perf_counter()
     program = _torch_export(module, options, vocab_size, quantize.OPSET if quantized is not None else OPSET)
-    weights = weight_names(module)
-    _optimize(program.model, weights)
-    _fusable_rms_norms(program.model)
-    _merge_equal_constants(program.model, weights)
-    _strip_debug_metadata(program.model)
+    graph_passes(weight_names(module))(program.model)
     program.model.ir_version = IR_VERSION
     stored = weights_once(program.model, module)
     if quantized is not None:
@@ -153,105 +151,150 @@ def weight_names(module: torch.nn.Module) -> set[str]:
     return {name for name, _ in module.named_parameters(remove_duplicate=False)}
 
 
-def _optimize(model: Any, weights: set[str]) -> None:
+def graph_passes(weights: set[str]) -> ir.passes.Sequential:
+    """The export's graph edits, in order; ``weights``: every name a parameter goes by (never folded or merged)."""
+    return ir.passes.Sequential(KeepWeightsOptimize(weights), RmsNormAsDiv(), MergeEqualConstants(weights),
+                                StripDebugMetadata())
+
+
+class KeepWeightsOptimize(ir.passes.InPlacePass):
     """The exporter's optimizer (onnxscript's ``optimize_ir``: inline, fold constants, rewrite, lift, CSE) with
     two changes. A node that reads a weight is never folded: the weight stays one initializer under its
     parameter's name, which refit and weight-stripped engines look up (folding wrote a transposed copy per call
     site of a re-used weight, and folded T5's position table into a constant). And nothing is merged by value:
     two parameters that hold equal numbers stay two weights (onnx_ir's DeduplicateInitializersPass merged them)."""
-    import onnx_ir.passes.common as common
-    from onnxscript import optimizer, rewriter
 
-    def should_fold(node: Any) -> bool | None:
-        return False if any(v is not None and v.name in weights for v in node.inputs) else None
+    def __init__(self, weights: set[str]):
+        super().__init__()
+        self.weights = weights
 
-    # A private copy of the default rules: the shared ones keep the last graph they matched (their matchers'
-    # _graph), which would keep every weight of the module alive for the rest of the run.
-    rules = copy.deepcopy(getattr(rewriter, "_DEFAULT_REWRITE_RULES", None))
-    optimizer.inline(model)
-    for _ in range(2):
-        optimizer.fold_constants(model, onnx_shape_inference=True, output_size_limit=FOLDED_CONSTANT_LIMIT,
-                                 should_fold=should_fold)
-        rewriter.rewrite(model, rules)
-    common.RemoveUnusedNodesPass()(model)
-    common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model)
-    common.CommonSubexpressionEliminationPass()(model)  # one Transpose per re-used weight, not one per slot
-    common.RemoveUnusedNodesPass()(model)
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        import onnx_ir.passes.common as common
+        from onnxscript import optimizer, rewriter
+
+        def should_fold(node: Any) -> bool | None:
+            return False if any(v is not None and v.name in self.weights for v in node.inputs) else None
+
+        # A private copy of the default rules: the shared ones keep the last graph they matched (their matchers'
+        # _graph), which would keep every weight of the module alive for the rest of the run.
+        rules = copy.deepcopy(getattr(rewriter, "_DEFAULT_REWRITE_RULES", None))
+        optimizer.inline(model)
+        for _ in range(2):
+            optimizer.fold_constants(model, onnx_shape_inference=True, output_size_limit=FOLDED_CONSTANT_LIMIT,
+                                     should_fold=should_fold)
+            rewriter.rewrite(model, rules)
+        common.RemoveUnusedNodesPass()(model)
+        common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model)
+        common.CommonSubexpressionEliminationPass()(model)  # one Transpose per re-used weight, not one per slot
+        common.RemoveUnusedNodesPass()(model)
+        return ir.passes.PassResult(model, modified=True)
 
 
-def _fusable_rms_norms(model: Any) -> int:
+class RmsNormAsDiv(ir.passes.InPlacePass):
     """T5's RMSNorm exports as ``x * Reciprocal(Sqrt(mean(x^2) + eps))``, which ONNX Runtime's
     SimplifiedLayerNormFusion does not match (it looks for ``x / Sqrt(...)``): every norm then runs as six or
     more nodes. Rewritten as a Div (one rounding instead of two), all of them fuse (measured on ONNX Runtime
     1.31: 7 of 7 SimplifiedLayerNormalization nodes on a 3-block T5, 0 before)."""
-    from onnxscript.rewriter import pattern
 
-    def target(op: Any, x: Any, v: Any) -> Any:
-        return op.Mul(x, op.Reciprocal(op.Sqrt(v)))
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        from onnxscript.rewriter import pattern
 
-    def replacement(op: Any, x: Any, v: Any) -> Any:
-        return op.Div(x, op.Sqrt(v))
+        def target(op: Any, x: Any, v: Any) -> Any:
+            return op.Mul(x, op.Reciprocal(op.Sqrt(v)))
 
-    rules = pattern.RewriteRuleSet([pattern.RewriteRule(target, replacement, name="RMSNormAsDiv")], commute=True)
-    return int(rules.apply_to_model(model))
+        def replacement(op: Any, x: Any, v: Any) -> Any:
+            return op.Div(x, op.Sqrt(v))
+
+        rules = pattern.RewriteRuleSet([pattern.RewriteRule(target, replacement, name="RMSNormAsDiv")], commute=True)
+        return ir.passes.PassResult(model, modified=bool(rules.apply_to_model(model)))
 
 
-def _strip_debug_metadata(model: Any) -> None:
+class StripDebugMetadata(ir.passes.InPlacePass):
     """Drop the exporter's per-node debug metadata (Python stack traces with this machine's paths and line
     numbers, FX node dumps): two-thirds of a small graph's bytes, and the reason one plan exported from two
     checkouts, or before and after moving a line of code, gave different files."""
-    for node in model.graph.all_nodes():
-        node.metadata_props.clear()
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        modified = False
+        for node in model.graph.all_nodes():
+            modified |= bool(node.metadata_props)
+            node.metadata_props.clear()
+        return ir.passes.PassResult(model, modified=modified)
 
 
-def _merge_equal_constants(model: Any, weights: set[str]) -> int:
+class MergeEqualConstants(ir.passes.InPlacePass):
     """Merge graph constants (not weights) that hold the same values: the lifted scalars and shape vectors."""
-    import hashlib
 
-    import numpy as np
+    def __init__(self, weights: set[str]):
+        super().__init__()
+        self.weights = weights
 
-    merged = 0
-    seen: dict[tuple[Any, ...], Any] = {}
-    for name, value in tuple(model.graph.initializers.items()):
-        if name in weights or value.const_value is None or value.is_graph_output():
-            continue
-        tensor = value.const_value  # its declared shape: a folded tensor may hold a numpy array of another rank
-        digest = hashlib.sha256(np.ascontiguousarray(tensor.numpy()).view(np.uint8)).hexdigest()
-        key = (str(tensor.dtype), tuple(tensor.shape), digest)
-        if key in seen:
-            value.replace_all_uses_with(seen[key])
-            model.graph.initializers.pop(name)
-            merged += 1
-        else:
-            seen[key] = value
-    return merged
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        import hashlib
+
+        import numpy as np
+
+        merged = 0
+        seen: dict[tuple[Any, ...], Any] = {}
+        for name, value in tuple(model.graph.initializers.items()):
+            if name in self.weights or value.const_value is None or value.is_graph_output():
+                continue
+            tensor = value.const_value  # its declared shape: a folded tensor may hold a numpy array of another rank
+            digest = hashlib.sha256(np.ascontiguousarray(tensor.numpy()).tobytes()).hexdigest()
+            key = (str(tensor.dtype), tuple(tensor.shape), digest)
+            if key in seen:
+                value.replace_all_uses_with(seen[key])
+                model.graph.initializers.pop(name)
+                merged += 1
+            else:
+                seen[key] = value
+        return ir.passes.PassResult(model, modified=bool(merged))
 
 
-def weights_once(model: Any, module: torch.nn.Module) -> Initializers:
-    """The invariant: every parameter of ``module`` is exactly one initializer, and the weights' bytes are the
-    module's unique parameter bytes; everything else the graph stores is a constant, counted apart."""
-    params = dict(module.named_parameters(remove_duplicate=False))
-    owners: dict[tuple[int, int], str] = {}
-    weight_bytes = constant_count = constant_bytes = 0
-    for name, value in model.graph.initializers.items():
-        nbytes = value.const_value.nbytes
-        if name not in params:
-            constant_count, constant_bytes = constant_count + 1, constant_bytes + nbytes
-            continue
-        p = params[name]
-        key = (p.untyped_storage().data_ptr(), p.storage_offset())
-        if key in owners:
-            raise InvariantError(f"parameter {name} is stored twice in the ONNX graph (also as {owners[key]})")
-        owners[key] = name
-        weight_bytes += nbytes
-    unique = unique_parameter_bytes(module)
-    if weight_bytes != unique:
-        missing = sorted(n for n, p in params.items() if (p.untyped_storage().data_ptr(), p.storage_offset()) not in owners)
-        raise InvariantError(
-            f"exported weights hold {weight_bytes} bytes but the module has {unique} unique parameter bytes"
-            + (f"; not stored as weights: {', '.join(missing[:3])}" if missing else "")
-        )
-    return Initializers(len(owners), weight_bytes, constant_count, constant_bytes)
+class WeightsOnce(ir.passes.InPlacePass):
+    """The invariant, over the initializers named after ``module``'s parameters: every parameter is exactly one
+    initializer, and the weights' bytes are the module's unique parameter bytes; everything else the graph stores
+    is a constant, counted apart (``stored`` after the pass has run). Changes nothing."""
+
+    def __init__(self, module: torch.nn.Module):
+        super().__init__()
+        self.module = module
+        self.stored: Initializers | None = None
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        params = dict(self.module.named_parameters(remove_duplicate=False))
+        owners: dict[tuple[int, int], str] = {}
+        weight_bytes = constant_count = constant_bytes = 0
+        for name, value in model.graph.initializers.items():
+            nbytes = value.const_value.nbytes if value.const_value is not None else 0
+            if name not in params:
+                constant_count, constant_bytes = constant_count + 1, constant_bytes + nbytes
+                continue
+            key = _storage(params[name])
+            if key in owners:
+                raise InvariantError(f"parameter {name} is stored twice in the ONNX graph (also as {owners[key]})")
+            owners[key] = name
+            weight_bytes += nbytes
+        unique = unique_parameter_bytes(self.module)
+        if weight_bytes != unique:
+            missing = sorted(n for n, p in params.items() if _storage(p) not in owners)
+            raise InvariantError(
+                f"exported weights hold {weight_bytes} bytes but the module has {unique} unique parameter bytes"
+                + (f"; not stored as weights: {', '.join(missing[:3])}" if missing else ""))
+        self.stored = Initializers(len(owners), weight_bytes, constant_count, constant_bytes)
+        return ir.passes.PassResult(model, modified=False)
+
+
+def weights_once(model: ir.Model, module: torch.nn.Module) -> Initializers:
+    """Run the ``WeightsOnce`` invariant on ``model``; its accounting of weights and constants."""
+    invariant = WeightsOnce(module)
+    invariant(model)
+    assert invariant.stored is not None
+    return invariant.stored
+
+
+def _storage(p: torch.Tensor) -> tuple[int, int]:
+    return (p.untyped_storage().data_ptr(), int(p.storage_offset()))
 
 
 def _check(path: Path) -> None:
