@@ -468,24 +468,15 @@ def _flops(meta: Any, variants: dict[str, Any], shapes: list[Shape]) -> list[dic
 
 
 def _environment() -> dict[str, Any]:
-    import importlib.metadata as md
-    import platform
-
+    """The device, and the versions every report records (report.versions)."""
     import torch
 
-    from . import __version__
+    from .report import versions
 
     props = torch.cuda.get_device_properties(0)
-    out: dict[str, Any] = {"skrr_export": __version__, "python": platform.python_version(),
-                           "device": torch.cuda.get_device_name(0), "device_memory_bytes": int(props.total_memory),
-                           "compute_capability": ".".join(map(str, torch.cuda.get_device_capability(0))),
-                           "cuda": torch.version.cuda}
-    for pkg in ("torch", "transformers", "onnx", "onnxruntime-gpu", "onnxruntime", "tensorrt", "tensorrt-rtx"):
-        try:
-            out[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            pass
-    return out
+    return {"device": torch.cuda.get_device_name(0), "device_memory_bytes": int(props.total_memory),
+            "compute_capability": ".".join(map(str, torch.cuda.get_device_capability(0))), "cuda": torch.version.cuda,
+            **versions()}
 
 
 def _row(run: dict[str, Any], shape: dict[str, Any]) -> dict[str, Any] | None:
