@@ -27,7 +27,7 @@ def polygraphy_run(folder) -> subprocess.CompletedProcess:  # type: ignore[type-
                           text=True)
 
 
-@pytest.mark.parametrize("family", ["t5", "bert", "clip"])
+@pytest.mark.parametrize("family", ["t5", "clip"])  # one output; three (CLIP's pooled output is not per token)
 def test_polygraphy_rechecks_the_export_and_catches_a_wrong_reuse(family, tiny_models, tmp_path):
     _, folder = tiny_models[family]
     out = tmp_path / "out"
