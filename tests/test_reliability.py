@@ -13,7 +13,7 @@ from pathlib import Path
 import onnx
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from skrr_export.apply import apply_plan, first_nonfinite
@@ -350,13 +350,25 @@ PLANS = st.fixed_dictionaries(
               "reuse": st.dictionaries(st.integers(-1, 14).map(str), st.integers(-1, 14) | st.text(max_size=2), max_size=5),
               "sparsity": st.floats(-1, 2), "extra": JSON},
 )
-CASES = {"plans": 0, "json": 0, "cli": 0}
 
 
-@settings(max_examples=400, deadline=None)
-@given(PLANS)
-def test_fuzz_plan_validation_raises_only_plan_errors(data):
-    CASES["plans"] += 1
+def examples_run(strategy, check, max_examples: int) -> int:
+    """Run ``check`` on up to ``max_examples`` inputs drawn from ``strategy`` (Hypothesis shrinks and reports a
+    failing one) and return how many it ran: each fuzz test asserts its own count, alone or in any order."""
+    ran = 0
+
+    @settings(max_examples=max_examples, deadline=None)
+    @given(strategy)
+    def each(data):
+        nonlocal ran
+        ran += 1
+        check(data)
+
+    each()
+    return ran
+
+
+def check_plan_validation(data) -> None:
     try:
         plan = parse_plan(data)
     except PlanError as exc:
@@ -366,12 +378,17 @@ def test_fuzz_plan_validation_raises_only_plan_errors(data):
     assert kept and all(src in kept and src % 2 == slot % 2 for slot, src in plan.reuse.items())
 
 
-@settings(max_examples=300, deadline=None)
-@given(JSON)
-def test_fuzz_arbitrary_json_is_a_plan_error(data):
-    CASES["json"] += 1
+def test_fuzz_plan_validation_raises_only_plan_errors():
+    assert examples_run(PLANS, check_plan_validation, max_examples=400) >= 100
+
+
+def check_arbitrary_json(data) -> None:
     with pytest.raises(PlanError):
         parse_plan(data)
+
+
+def test_fuzz_arbitrary_json_is_a_plan_error():
+    assert examples_run(JSON, check_arbitrary_json, max_examples=300) >= 100
 
 
 TOKENS = st.sampled_from(["--plan", "--engine", "trt", "onnx", "--precision", "fp8", "bf16", "--batch", "0,1,2", "4,2,1",
@@ -380,25 +397,21 @@ TOKENS = st.sampled_from(["--plan", "--engine", "trt", "onnx", "--precision", "f
                           "sm1", "--unknown", "", "--", "-q"])
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(st.lists(TOKENS | st.text(max_size=6), max_size=8))
-def test_fuzz_command_line_never_shows_a_traceback(tmp_path, capsys, monkeypatch, argv):
-    CASES["cli"] += 1
+def test_fuzz_command_line_never_shows_a_traceback(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)  # whatever a relative path in argv names lands here, not in the checkout
-    argv = [str(tmp_path / "missing.json") if a == "" else a for a in argv]
-    try:
-        code = main(["--out", str(tmp_path / "o"), *argv] if argv and argv[0] not in ("inspect", "calibrate") else argv)
-    except SystemExit as exc:  # argparse's --help
-        assert exc.code == 0
-        return
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
-    assert code in (0, 1, 2, 130)
-    if code == 2:
-        assert err.startswith("skrr-export: error:") and len(err.strip().splitlines()) == 1
 
+    def check(argv) -> None:
+        argv = [str(tmp_path / "missing.json") if a == "" else a for a in argv]
+        capsys.readouterr()
+        try:
+            code = main(["--out", str(tmp_path / "o"), *argv] if argv and argv[0] not in ("inspect", "calibrate") else argv)
+        except SystemExit as exc:  # argparse's --help
+            assert exc.code == 0
+            return
+        err = capsys.readouterr().err
+        assert "Traceback" not in err
+        assert code in (0, 1, 2, 130)
+        if code == 2:
+            assert err.startswith("skrr-export: error:") and len(err.strip().splitlines()) == 1
 
-def test_fuzz_case_counts():
-    """Runs after the fuzz tests (file order): they really ran their examples."""
-    print(f"fuzz cases: {CASES}")
-    assert CASES["plans"] >= 100 and CASES["json"] >= 100 and CASES["cli"] >= 50
+    assert examples_run(st.lists(TOKENS | st.text(max_size=6), max_size=8), check, max_examples=150) >= 50
