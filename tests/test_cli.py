@@ -221,22 +221,57 @@ def test_trt_engines_say_they_are_not_built_by_this_version(tmp_path, tiny_model
     assert not out.exists()
 
 
-def test_help_and_inspect_work_without_torch():
-    code = (
-        "import sys, contextlib, io\n"
-        "from skrr_export.cli import main\n"
-        "buf = io.StringIO()\n"
-        "with contextlib.redirect_stdout(buf):\n"
-        "    try: main(['--help'])\n"
-        "    except SystemExit: pass\n"
-        "assert '--plan' in buf.getvalue()\n"
-        "from skrr_export.plan import load_plan\n"
-        f"load_plan({str(PIXART_PLAN)!r}).schedule()\n"
-        "assert 'torch' not in sys.modules, 'torch imported'\n"
-        "assert 'transformers' not in sys.modules\n"
-    )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr
+BLOCKER = """
+import sys
+
+
+class Blocked:
+    \"\"\"A finder ahead of every other: the modules named, and their submodules, are not installed.\"\"\"
+
+    def __init__(self, names):
+        self.names = set(names)
+
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in self.names:
+            raise ModuleNotFoundError(f"No module named {name!r} (blocked by the test)", name=name)
+        return None
+
+
+sys.meta_path.insert(0, Blocked(BLOCKED))
+"""
+
+
+def python_without(blocked: tuple[str, ...], code: str) -> subprocess.CompletedProcess:
+    """``code`` in a fresh interpreter, run from this checkout, where the ``blocked`` modules cannot be imported."""
+    code = f"BLOCKED = {blocked!r}\n{BLOCKER}\n{code}"
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
+
+
+def cli_without(blocked: tuple[str, ...], *argv: str) -> subprocess.CompletedProcess:
+    """``skrr-export *argv`` (the CLI's main) where the ``blocked`` modules cannot be imported."""
+    return python_without(blocked, f"from skrr_export.cli import main\nsys.exit(main({list(argv)!r}))")
+
+
+def test_help_and_plans_work_without_torch():
+    done = cli_without(("torch", "transformers"), "--help")
+    assert done.returncode == 0, done.stderr
+    assert "--plan" in done.stdout and "inspect" in done.stdout
+    done = python_without(("torch", "transformers"), f"from skrr_export.plan import load_plan\n"
+                                                     f"print(len(load_plan({str(PIXART_PLAN)!r}).schedule()))")
+    assert done.returncode == 0 and done.stdout == "36\n", done.stderr  # DESIGN.md: 36 executed sub-blocks
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
+    "STYLE.md 7: plan inspection works without torch; today inspect needs it: cli.cmd_inspect imports quantize "
+    "(torch at import) even without --quantize, and inspect_plan builds the model on the meta device (model.build_meta) "
+    "and counts FLOPs with torch (workload.executed_flops); exit 3, 'No module named torch'"))
+def test_inspect_works_without_torch():
+    """The real inspect of the PixArt plan on T5-v1.1-XXL's config, with torch not importable: the config-only
+    numbers (DESIGN.md; test_inspect_t5_xxl_pixart_plan_reports_41_92_percent checks them with torch)."""
+    done = cli_without(("torch",), "inspect", "--plan", str(PIXART_PLAN), "--model", str(T5XXL_CONFIG))
+    assert done.returncode == 0, done.stderr
+    assert "parameters: 4,762,310,656 -> 2,765,735,936" in done.stdout
+    assert "bytes bfloat16: 9.525 GB -> 5.531 GB" in done.stdout and "sparsity: 41.92 %" in done.stdout
 
 
 def test_inspect_t5_xxl_pixart_plan_reports_41_92_percent(capsys):
