@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -58,22 +60,56 @@ def test_plan_matches_reference_loop(family, plan_name, tiny_models):
         torch.testing.assert_close(ours[name], ref[name], rtol=0, atol=1e-6, msg=f"{family} {plan_name} {name}")
 
 
+def t5_bucket(distance: int, num_buckets: int, max_distance: int) -> int:
+    """T5's relative-position bucket for a key ``distance`` tokens after the query (negative: before), bidirectional
+    as in the encoder, from Mesh TensorFlow's definition: half the buckets for keys after the query; in each half,
+    one bucket per distance below a quarter of all buckets, then logarithmic ones up to ``max_distance``, beyond
+    which all share the last."""
+    half = num_buckets // 2
+    exact = half // 2
+    n = abs(distance)
+    if n < exact:
+        bucket = n
+    else:
+        bucket = min(half - 1, exact + int(math.log(n / exact) / math.log(max_distance / exact) * (half - exact)))
+    return bucket + (half if distance > 0 else 0)
+
+
+def t5_position_bias(model, seq: int) -> torch.Tensor:
+    """(1, heads, query, key): block 0's table read at the buckets above."""
+    attention = model.encoder.block[0].layer[0].SelfAttention
+    cfg = model.config
+    buckets = torch.tensor([[t5_bucket(k - q, cfg.relative_attention_num_buckets, cfg.relative_attention_max_distance)
+                             for k in range(seq)] for q in range(seq)])
+    return attention.relative_attention_bias.weight[buckets].permute(2, 0, 1).unsqueeze(0)
+
+
 def test_skipping_block0_attention_keeps_position_bias(tiny_models):
-    """The T5 trap: replacing the block list would silently drop the relative-position bias."""
+    """The T5 trap: replacing the block list would silently drop the relative-position bias. The reference: Hugging
+    Face's layers given the bias computed above; without it, the output differs (the bias matters here)."""
     model, folder = tiny_models["t5"]
     plan = make_plan("t5", "skip-block0-attention")
     module = apply_plan(load_encoder(ModelSource(folder), plan), plan)
     ids, mask = ids_and_mask()
+    ext = (1.0 - mask[:, None, None, :].float()) * torch.finfo(torch.float32).min
+
+    def blocks_without_block0_attention(bias):
+        h = model.shared(ids)
+        for b in range(NUM_BLOCKS):
+            if b > 0:
+                h = model.encoder.block[b].layer[0](h, attention_mask=ext, position_bias=bias)[0]
+            h = model.encoder.block[b].layer[1](h)
+        return model.encoder.final_layer_norm(h)
+
     with torch.no_grad():
         ours = module(ids, mask)[0]
-        naive = model.shared(ids)
-        ext = (1.0 - mask[:, None, None, :].float()) * torch.finfo(torch.float32).min
-        for b in range(NUM_BLOCKS):  # blocks' own forward without block 0's attention: bias becomes zero
-            if b > 0:
-                naive = model.encoder.block[b].layer[0](naive, attention_mask=ext)[0]
-            naive = model.encoder.block[b].layer[1](naive)
-        naive = model.encoder.final_layer_norm(naive)
+        expected = blocks_without_block0_attention(t5_position_bias(model, ids.shape[1]))
+        naive = blocks_without_block0_attention(None)  # blocks' own forward: the bias becomes zero
+        long_ids = torch.zeros(1, 40, dtype=torch.long)  # distances beyond max_distance (16): the last buckets
+        long_bias = module.stem(long_ids, torch.ones_like(long_ids))[1].position_bias
+    torch.testing.assert_close(ours, expected, rtol=0, atol=1e-6)
     assert (ours - naive).abs().max() > 1e-3
+    torch.testing.assert_close(long_bias, t5_position_bias(model, 40), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
