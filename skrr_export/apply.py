@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -29,17 +29,24 @@ class SkrrEncoder(nn.Module):
         self.schedule = plan.schedule()
         self.head = enc.head
         self.penultimate_before = 2 * (plan.num_blocks - 1)  # slots of the last block
+        self.inputs = enc.adapter.inputs
+        self.input_names = tuple(i.name for i in self.inputs)
         self.output_names = enc.adapter.output_names(enc.config)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        state = self.start(input_ids, attention_mask)
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *optional: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """``optional``: the family's optional inputs, in the order it declares them (BERT's token_type_ids)."""
+        state = self.start(input_ids, attention_mask, *optional)
         for slot, src in self.schedule:
             self.step(state, slot, self.kept[str(src)])
         return self.finish(state)
 
-    def start(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> Running:
-        hidden, ctx = self.stem(input_ids, attention_mask)
+    def start(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *optional: torch.Tensor) -> Running:
+        hidden, ctx = self.stem(input_ids, attention_mask, *optional)
         return Running(hidden, hidden, ctx)
+
+    def args_of(self, feed: Mapping[str, Any], device: str | torch.device = "cpu") -> list[torch.Tensor]:
+        """A numpy feed as this module's positional inputs."""
+        return [torch.from_numpy(feed[name]).to(device) for name in self.input_names]
 
     def step(self, state: Running, slot: int, sub_block: nn.Module) -> None:
         """Run ``sub_block`` at ``slot``: the one rule for how a slot updates the hidden states."""
@@ -163,11 +170,12 @@ def apply_plan(enc: Encoder, plan: Plan) -> SkrrEncoder:
 
 
 @torch.no_grad()
-def first_nonfinite(module: SkrrEncoder, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> str | None:
-    """Run the plan slot by slot and name the first place whose output holds NaN or Inf (None if none does)."""
+def first_nonfinite(module: SkrrEncoder, *inputs: torch.Tensor) -> str | None:
+    """Run the plan slot by slot on ``inputs`` (the module's) and name the first place whose output holds NaN or Inf
+    (None if none does)."""
     from .plan import kind_of
 
-    state = module.start(input_ids, attention_mask)
+    state = module.start(*inputs)
     if not torch.isfinite(state.hidden).all():
         return "the embeddings (stem)"
     for slot, src in module.schedule:
@@ -207,8 +215,8 @@ def computed_in_fp32(module: SkrrEncoder) -> Iterator[SkrrEncoder]:
 
 
 @torch.no_grad()
-def dense_outputs_streamed(source: Any, precision: str, feeds: list[tuple[torch.Tensor, torch.Tensor]]) -> list[tuple[torch.Tensor, ...]]:
-    """The dense model's outputs on every ``(input_ids, attention_mask)`` of ``feeds``, with one sub-block in
+def dense_outputs_streamed(source: Any, precision: str, feeds: list[tuple[torch.Tensor, ...]]) -> list[tuple[torch.Tensor, ...]]:
+    """The dense model's outputs on every input tuple of ``feeds`` (the module's positional inputs), with one sub-block in
     memory at a time besides the stem and head: each is read from the checkpoint, run on every feed's hidden
     states, and dropped with its file pages. Peak memory: stem + head + the largest sub-block + activations."""
     from .model import PartStreamer
@@ -217,7 +225,7 @@ def dense_outputs_streamed(source: Any, precision: str, feeds: list[tuple[torch.
     enc = streamer.enc
     dense = SkrrEncoder(enc, Plan.dense(enc.adapter.family, enc.adapter.num_blocks(enc.config)))
     with streamer.part([dense.stem, dense.head]):
-        states = [dense.start(ids, mask) for ids, mask in feeds]
+        states = [dense.start(*inputs) for inputs in feeds]
         for slot, src in dense.schedule:
             sub_block = dense.kept[str(src)]
             with streamer.part([sub_block]):

@@ -33,7 +33,6 @@ SMALL_CONSTANT_BYTES = 64 * 1024
 # with a fixed sequence, T5's [S, S] position buckets stay a few nodes instead of an S*S*8-byte table
 # (benchmarks/README.md, "T5 positions at a fixed sequence").
 FOLDED_CONSTANT_LIMIT = 1024
-INPUT_NAMES = ("input_ids", "attention_mask")
 
 
 @dataclass(frozen=True)
@@ -86,12 +85,23 @@ class OnnxArtifact:
         }
 
 
-def sample_inputs(options: ExportOptions, vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Batch 2 and a sequence > 1 so the exporter does not specialize dynamic axes to 1."""
+def sample_inputs(module: SkrrEncoder, options: ExportOptions, vocab_size: int) -> tuple[torch.Tensor, ...]:
+    """One tensor per input of ``module``: batch 2 and a sequence > 1 so the exporter does not specialize dynamic axes
+    to 1. Ids count up through the vocabulary, the mask is all ones, anything else (segment ids) zeros."""
     seq = options.fixed_sequence or 8
     dtype = getattr(torch, options.input_dtype)
     ids = torch.arange(2 * seq, dtype=dtype).reshape(2, seq) % vocab_size
-    return ids, torch.ones(2, seq, dtype=dtype)
+    fill = {"input_ids": ids, "attention_mask": torch.ones(2, seq, dtype=dtype)}
+    return tuple(fill.get(name, torch.zeros(2, seq, dtype=dtype)) for name in module.input_names)
+
+
+def dynamic_shapes(module: SkrrEncoder, options: ExportOptions) -> tuple[Any, ...]:
+    """torch.export's dynamic axes per input, from the family's declaration; the optional inputs are one varargs
+    tuple of ``forward``. A fixed sequence leaves only the batch axis dynamic."""
+    axes = [{d: name for d, name in enumerate(i.axes) if not (options.fixed_sequence and name == "sequence")}
+            for i in module.inputs]
+    required = sum(not i.optional for i in module.inputs)
+    return (*axes[:required], tuple(axes[required:])) if required < len(axes) else tuple(axes)
 
 
 def export_onnx(module: SkrrEncoder, path: Path, options: ExportOptions, vocab_size: int,
@@ -117,7 +127,7 @@ def export_onnx(module: SkrrEncoder, path: Path, options: ExportOptions, vocab_s
     return OnnxArtifact(
         path=path,
         data_path=data_path,
-        input_names=INPUT_NAMES,
+        input_names=module.input_names,
         output_names=tuple(module.output_names),
         initializers=stored,
         unique_parameter_bytes=unique_parameter_bytes(module),
@@ -126,21 +136,19 @@ def export_onnx(module: SkrrEncoder, path: Path, options: ExportOptions, vocab_s
 
 
 def _torch_export(module: SkrrEncoder, options: ExportOptions, vocab_size: int, opset: int = OPSET) -> Any:
-    ids, mask = sample_inputs(options, vocab_size)
-    axes = {0: "batch"} if options.fixed_sequence else {0: "batch", 1: "sequence"}
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # "torchvision is not installed" and the like
     # With autograd on, the exporter cannot decompose HF T5 attention with dynamic shapes (DESIGN.md).
-    # Its internal warnings are not the user's to act on. Its optimizer runs later, as _optimize.
+    # Its internal warnings are not the user's to act on. Its optimizer runs later, as KeepWeightsOptimize.
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return torch.onnx.export(
             module,
-            (ids, mask),
+            sample_inputs(module, options, vocab_size),
             dynamo=True,
             opset_version=opset,
-            input_names=list(INPUT_NAMES),
+            input_names=list(module.input_names),
             output_names=list(module.output_names),
-            dynamic_shapes=(axes, axes),
+            dynamic_shapes=dynamic_shapes(module, options),
             optimize=False,
             verbose=False,
         )

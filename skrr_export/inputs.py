@@ -54,17 +54,27 @@ def load_tokenizer(folder: Path) -> Any | None:
 
 
 def prompt_batch(tokenizer: Any | None, config: Any, input_dtype: str, seq: int | None, seed: int = 0) -> tuple[Batch, Batch]:
-    """(prompts, empty prompt) as feeds; ``seq`` pads to a fixed length when the export is fixed-shape."""
+    """(prompts, empty prompt) as feeds of every input the family declares; ``seq`` pads to a fixed length when the
+    export is fixed-shape."""
     if tokenizer is not None:
-        return _tokenized(tokenizer, PROMPTS, "prompts", input_dtype, seq), _tokenized(tokenizer, ("",), "empty prompt", input_dtype, seq)
-    return _random(config, input_dtype, seq, seed), _random_empty(config, input_dtype, seq)
+        prompts, empty = _tokenized(tokenizer, PROMPTS, "prompts", seq), _tokenized(tokenizer, ("",), "empty prompt", seq)
+    else:
+        prompts, empty = _random(config, seq, seed), _random_empty(config, seq)
+    return _completed(prompts, config, input_dtype), _completed(empty, config, input_dtype)
 
 
-def _tokenized(tokenizer: Any, prompts: tuple[str, ...], label: str, input_dtype: str, seq: int | None) -> Batch:
+def _completed(batch: Batch, config: Any, input_dtype: str) -> Batch:
+    """``batch`` with the family's optional inputs added (zeros where the tokenizer gave none), in ``input_dtype``."""
+    from .adapters import adapter_for
+
+    feed = adapter_for(config).complete_feed(batch.feed)
+    return Batch({k: v.astype(input_dtype) for k, v in feed.items()}, batch.label, batch.source)
+
+
+def _tokenized(tokenizer: Any, prompts: tuple[str, ...], label: str, seq: int | None) -> Batch:
     pad: dict[str, Any] = {"padding": "max_length", "max_length": seq} if seq else {"padding": True}
     enc = tokenizer(list(prompts), truncation=True, return_tensors="np", **pad)
-    feed = {k: enc[k].astype(input_dtype) for k in ("input_ids", "attention_mask")}
-    return Batch(feed, label, "tokenizer")
+    return Batch(dict(enc), label, "tokenizer")
 
 
 def _eos(config: Any) -> int | None:
@@ -83,7 +93,7 @@ def random_ids(config: Any, shape: tuple[int, int], rng: np.random.Generator) ->
     return rng.integers(min(10, vocab // 2), vocab, size=shape)
 
 
-def _random(config: Any, input_dtype: str, seq: int | None, seed: int) -> Batch:
+def _random(config: Any, seq: int | None, seed: int) -> Batch:
     seq = seq or 12
     lengths = [seq, max(1, seq - 3), max(1, seq // 2)]
     ids = random_ids(config, (len(lengths), seq), np.random.default_rng(seed))
@@ -94,13 +104,13 @@ def _random(config: Any, input_dtype: str, seq: int | None, seed: int) -> Batch:
         if eos is not None:
             ids[row, n - 1] = eos
             ids[row, n:] = eos
-    return Batch({"input_ids": ids.astype(input_dtype), "attention_mask": mask.astype(input_dtype)}, "prompts", f"random ids (seed {seed})")
+    return Batch({"input_ids": ids, "attention_mask": mask}, "prompts", f"random ids (seed {seed})")
 
 
-def _random_empty(config: Any, input_dtype: str, seq: int | None) -> Batch:
+def _random_empty(config: Any, seq: int | None) -> Batch:
     eos = _eos(config) or 0
     n = seq or 1
     ids = np.full((1, n), eos)
     mask = np.zeros((1, n))
     mask[0, 0] = 1
-    return Batch({"input_ids": ids.astype(input_dtype), "attention_mask": mask.astype(input_dtype)}, "empty prompt", "end-of-sequence token only")
+    return Batch({"input_ids": ids, "attention_mask": mask}, "empty prompt", "end-of-sequence token only")

@@ -53,11 +53,13 @@ class MeasureConfig:
 
 
 def timing_feed(config: Any, shape: Shape, seed: int = 0) -> dict[str, np.ndarray]:
-    """Full-length rows of random ids (no padding): every token costs what a real prompt's does."""
+    """Full-length rows of random ids (no padding), and every other input the family declares: every token costs
+    what a real prompt's does."""
+    from .adapters import adapter_for
     from .inputs import random_ids
 
-    ids = random_ids(config, (shape.batch, shape.seq), np.random.default_rng(seed))
-    return {"input_ids": ids.astype(np.int64), "attention_mask": np.ones_like(ids, dtype=np.int64)}
+    ids = random_ids(config, (shape.batch, shape.seq), np.random.default_rng(seed)).astype(np.int64)
+    return adapter_for(config).complete_feed({"input_ids": ids, "attention_mask": np.ones_like(ids)})
 
 
 def latency(run: Callable[[], None], warmup: int, iterations: int) -> dict[str, float]:
@@ -151,7 +153,7 @@ def _torch_runner(mode: str, module: Any, hf_model: Any, cfg: MeasureConfig) -> 
     from .runners import TorchRunner
 
     if mode == "hf":
-        return TorchRunner(_HfForward(hf_model), ("last_hidden_state",), DEVICE, name=mode)
+        return TorchRunner(_HfForward(hf_model, module.input_names), ("last_hidden_state",), DEVICE, name=mode)
     if mode == "torch-compile":
         torch._dynamo.reset()  # a fresh cache per model: the recompile limit is not spent on the other variant
         return TorchRunner(torch.compile(module, dynamic=cfg.compile_dynamic), module.output_names, DEVICE, name=mode)
@@ -159,13 +161,14 @@ def _torch_runner(mode: str, module: Any, hf_model: Any, cfg: MeasureConfig) -> 
 
 
 class _HfForward:
-    """A Hugging Face encoder called as the runners call a module: (input_ids, attention_mask) -> (hidden,)."""
+    """A Hugging Face encoder called as the runners call a module: its inputs positionally -> (hidden,)."""
 
-    def __init__(self, model: Any):
+    def __init__(self, model: Any, input_names: tuple[str, ...]):
         self.model = model
+        self.input_names = input_names
 
-    def __call__(self, input_ids: Any, attention_mask: Any) -> tuple[Any]:
-        return (self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state,)
+    def __call__(self, *inputs: Any) -> tuple[Any]:
+        return (self.model(**dict(zip(self.input_names, inputs))).last_hidden_state,)
 
 
 def measure_ort(onnx_path: Path, shapes: list[Shape], feeds: dict[Shape, Any], cfg: MeasureConfig, probe: DeviceMemory,

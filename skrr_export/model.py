@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .adapters import Adapter, adapter_for
+from .adapters import Adapter, adapter_for, text_config_of
 from .errors import ModelError, PlanError
 from .plan import Plan
 
@@ -84,8 +84,8 @@ def load_config(source: ModelSource) -> Any:
     except (ValueError, OSError, KeyError) as exc:
         raise ModelError(f"cannot read {folder / 'config.json'}: {exc}") from None
     config._attn_implementation = "eager"  # explicit softmax attention: exportable, identical on every backend
-    text = getattr(config, "text_config", None)
-    if text is not None:
+    text = text_config_of(config)
+    if text is not config:  # a whole CLIPModel's config: the text tower's own config is what gets built
         text._attn_implementation = "eager"
         text.architectures = config.architectures
     return config

@@ -268,15 +268,13 @@ def _check_resources(source: Any, plan: Plan, cfg: ExportConfig) -> Any:
 def _check_finite(module: Any, batches: tuple[Any, ...], outputs: dict[str, Any]) -> None:
     """NaN/Inf in PyTorch's outputs: name the first slot of the plan that produces them."""
     import numpy as np
-    import torch
 
     from .apply import first_nonfinite
 
     for batch in batches:
         bad = [name for name, value in outputs[batch.label].items() if not np.isfinite(value).all()]
         if bad:
-            ids, mask = (torch.from_numpy(batch.feed[k]) for k in ("input_ids", "attention_mask"))
-            where = first_nonfinite(module, ids, mask) or "no single slot (only in the full run)"
+            where = first_nonfinite(module, *module.args_of(batch.feed)) or "no single slot (only in the full run)"
             raise AccuracyError(f"PyTorch output {bad[0]} holds NaN/Inf on the {batch.label}; first produced by {where}")
 
 
@@ -379,7 +377,7 @@ def _distance_to_dense(source: Any, precision: str, batches: tuple[Any, ...], pl
     from .apply import dense_outputs_streamed
     from .runners import to_numpy
 
-    feeds = [tuple(torch.from_numpy(b.feed[k]) for k in ("input_ids", "attention_mask")) for b in batches]
+    feeds = [tuple(torch.from_numpy(v) for v in b.feed.values()) for b in batches]  # complete, in the inputs' order
     names = list(plan_outputs[batches[0].label])
     dense = dense_outputs_streamed(source, precision, feeds)
     return {

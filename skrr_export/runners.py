@@ -88,7 +88,7 @@ def to_numpy(tensor: Any) -> np.ndarray:
 
 
 class TorchRunner(Runner):
-    """Runs a module taking ``(input_ids, attention_mask)`` and returning a tuple of outputs."""
+    """Runs a module taking the inputs its ``input_names`` name, positionally, and returning a tuple of outputs."""
 
     name = "pytorch"
 
@@ -108,7 +108,7 @@ class _TorchBound:
         import torch
 
         self.runner = runner
-        self.inputs = [torch.from_numpy(feed[k]).to(runner.device) for k in ("input_ids", "attention_mask")]
+        self.inputs = [torch.from_numpy(feed[k]).to(runner.device) for k in runner.module.input_names]
         self.result: tuple[Any, ...] = ()
         self.cuda = torch.device(runner.device).type == "cuda"
 

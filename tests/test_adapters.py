@@ -5,10 +5,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 from transformers import AutoConfig, CLIPConfig
 
-from skrr_export.adapters import Sizes, sizes_of, text_config_of
+from skrr_export.adapters import ADAPTERS, Sizes, complete_feed, sizes_of, text_config_of
 
 from .helpers import NUM_BLOCKS, tiny_config
 
@@ -44,3 +45,20 @@ def test_a_whole_clip_config_is_read_at_its_text_tower():
                                                         "intermediate_size": 32, "image_size": 32, "patch_size": 16})
     assert text_config_of(whole) is whole.text_config
     assert sizes_of(whole).hidden == text["hidden_size"] != whole.vision_config.hidden_size
+
+
+def test_inputs_are_declared_per_family_and_feeds_completed_from_the_declaration():
+    declared = {family: tuple((i.name, i.optional, i.axes) for i in a.inputs) for family, a in ADAPTERS.items()}
+    ids_and_mask = (("input_ids", False, ("batch", "sequence")), ("attention_mask", False, ("batch", "sequence")))
+    assert declared == {"t5": ids_and_mask, "umt5": ids_and_mask, "clip": ids_and_mask,
+                        "bert": (*ids_and_mask, ("token_type_ids", True, ("batch", "sequence")))}
+    ids = np.array([[5, 6, 7]], dtype=np.int32)
+    tokenized = {"attention_mask": np.ones_like(ids), "input_ids": ids, "special_tokens_mask": ids * 0}
+    bert = complete_feed(ADAPTERS["bert"].inputs, tokenized)
+    assert list(bert) == ["input_ids", "attention_mask", "token_type_ids"]
+    assert bert["token_type_ids"].dtype == np.int32 and not bert["token_type_ids"].any()
+    segments = complete_feed(ADAPTERS["bert"].inputs, {**tokenized, "token_type_ids": ids})["token_type_ids"]
+    assert segments is ids
+    assert list(complete_feed(ADAPTERS["t5"].inputs, tokenized)) == ["input_ids", "attention_mask"]
+    with pytest.raises(KeyError, match="attention_mask"):
+        complete_feed(ADAPTERS["clip"].inputs, {"input_ids": ids})

@@ -9,6 +9,7 @@ import onnx
 import pytest
 import torch
 
+from skrr_export.adapters import complete_feed
 from skrr_export.apply import apply_plan, computed_in_fp32, unique_parameter_bytes
 from skrr_export.compare import DEFAULT_TOLERANCES, compare
 from skrr_export.errors import ArtifactError
@@ -40,6 +41,7 @@ def feed(dtype="int64", seed=0):
 
 
 def parity(module, art, batch, precision="fp32"):
+    batch = complete_feed(module.inputs, batch)  # BERT's token_type_ids: zeros
     with TorchRunner(module, module.output_names) as t, OrtRunner(art.path) as o:
         return compare(("pytorch", t.infer(batch)), ("onnxruntime", o.infer(batch)), batch["attention_mask"],
                        {"*": DEFAULT_TOLERANCES[precision]})
@@ -68,6 +70,28 @@ def test_heavy_reuse_export_matches_pytorch_and_stores_weights_once(family, tiny
     assert sum(sizes[n] for n in sizes if n not in aliases) == art.initializers.constant_bytes <= SMALL_CONSTANT_BYTES
     assert onnx_weight_bytes(art.path) == art.initializer_bytes
     assert model.ir_version <= 10
+
+
+def test_bert_segment_ids_are_an_input_wired_as_hugging_face_wires_them(tiny_models, tmp_path):
+    """BERT's token_type_ids are the graph's third input, with the same dynamic axes, and ONNX Runtime given segment
+    ids matches BertModel given them; left out in PyTorch, every token is segment 0, as in BertModel."""
+    model, _ = tiny_models["bert"]
+    module, art = exported(tiny_models, "bert", tmp_path, plan_name="dense")
+    graph = onnx.load(str(art.path)).graph
+    assert art.input_names == tuple(i.name for i in graph.input) == ("input_ids", "attention_mask", "token_type_ids")
+    assert {tuple(d.dim_param for d in i.type.tensor_type.shape.dim) for i in graph.input} == {("batch", "sequence")}
+    ids, mask = ids_and_mask()
+    segments = torch.zeros_like(ids)
+    segments[:, 4:] = 1
+    with torch.no_grad():
+        theirs = model(input_ids=ids, attention_mask=mask, token_type_ids=segments).last_hidden_state
+        theirs_without = model(input_ids=ids, attention_mask=mask).last_hidden_state
+        ours_without = module(ids, mask)[0]
+    with OrtRunner(art.path) as runner:
+        ours = runner.infer({"input_ids": ids.numpy(), "attention_mask": mask.numpy(), "token_type_ids": segments.numpy()})
+    np.testing.assert_allclose(ours["last_hidden_state"], theirs.numpy(), rtol=0, atol=1e-5)
+    torch.testing.assert_close(ours_without, theirs_without, rtol=0, atol=1e-6)
+    assert (theirs - theirs_without).abs().max() > 0.1, "segment 1 must change the embeddings"
 
 
 def test_a_reused_weight_is_read_through_one_transpose(tiny_models, tmp_path):
@@ -156,7 +180,7 @@ def test_half_export_is_executed_in_fp32_arithmetic_and_catches_a_wiring_error(f
     a planted wiring error (a re-used slot reading another sub-block's weight) fails the check."""
     module, art = exported(tiny_models, family, tmp_path, precision=precision)
     half = {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-    batch = feed()
+    batch = complete_feed(module.inputs, feed())
     with computed_in_fp32(module), TorchRunner(module, module.output_names) as torch_runner:
         reference = torch_runner.infer(batch)
     dtypes = {n: p.dtype for n, p in module.named_parameters()}

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..errors import ModelError
-from .base import Adapter, Context, Sizes
+from .base import Adapter, Context, ModelInput, Sizes, complete_feed
 from .bert import BertAdapter
 from .clip import ClipAdapter
 from .t5 import T5Adapter, UMT5Adapter
@@ -31,4 +31,4 @@ def text_config_of(config: Any) -> Any:
     return adapter_for(config).text_config(config)
 
 
-__all__ = ["ADAPTERS", "Adapter", "Context", "Sizes", "adapter_for", "sizes_of", "text_config_of"]
+__all__ = ["ADAPTERS", "Adapter", "Context", "ModelInput", "Sizes", "adapter_for", "complete_feed", "sizes_of", "text_config_of"]

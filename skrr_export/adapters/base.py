@@ -9,9 +9,11 @@ Stem and head parameters are always kept; a sub-block owns its parameters minus 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -38,6 +40,27 @@ def causal_padding_mask(attention_mask: torch.Tensor, dtype: torch.dtype) -> tor
     causal = pos[None, :] <= pos[:, None]
     keep = causal[None, None, :, :] & attention_mask.bool()[:, None, None, :]
     return torch.where(keep, 0.0, torch.finfo(dtype).min).to(dtype)
+
+
+@dataclass(frozen=True)
+class ModelInput:
+    """One input of the encoder and of its exported graph: integers, shaped by ``axes``."""
+
+    name: str
+    optional: bool = False  # the module and the feeds built here use zeros when it is not given
+    axes: tuple[str, ...] = ("batch", "sequence")
+
+
+IDS_AND_MASK = (ModelInput("input_ids"), ModelInput("attention_mask"))
+
+
+def complete_feed(inputs: tuple[ModelInput, ...], feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """``feed`` with every one of ``inputs``, in their order: an optional one it lacks is zeros like input_ids;
+    anything else it holds (a tokenizer's extra outputs) is left out."""
+    missing = [i.name for i in inputs if not i.optional and i.name not in feed]
+    if missing:
+        raise KeyError(f"the feed has no {missing[0]}")
+    return {i.name: feed[i.name] if i.name in feed else np.zeros_like(feed["input_ids"]) for i in inputs}
 
 
 @dataclass(frozen=True)
@@ -70,6 +93,11 @@ class Adapter:
                                             "heads": "num_attention_heads", "ffn": "intermediate_size",
                                             "vocab": "vocab_size"}
     positions_name: ClassVar[str | None] = "max_position_embeddings"
+    # The inputs, in the order the module and the graph take them: required ones first, then optional ones.
+    inputs: ClassVar[tuple[ModelInput, ...]] = IDS_AND_MASK
+
+    def complete_feed(self, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return complete_feed(self.inputs, feed)
 
     def text_config(self, config: Any) -> Any:
         """The part of ``config`` that describes the text encoder (a composite config nests it)."""

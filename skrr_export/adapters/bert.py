@@ -7,7 +7,21 @@ from typing import Any
 import torch
 from torch import nn
 
-from .base import Adapter, Context, EmbeddingStem
+from .base import IDS_AND_MASK, Adapter, Context, ModelInput, padding_mask
+
+
+class BertStem(nn.Module):
+    """Word, position and token-type embeddings, then the padding mask. Without ``token_type_ids`` every token is
+    segment 0, as in Hugging Face's BertModel."""
+
+    def __init__(self, embeddings: nn.Module):
+        super().__init__()
+        self.embeddings = embeddings
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                token_type_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, Context]:
+        hidden = self.embeddings(input_ids=input_ids, token_type_ids=token_type_ids)
+        return hidden, Context(input_ids=input_ids, mask=padding_mask(attention_mask, hidden.dtype))
 
 
 class BertAttention(nn.Module):
@@ -39,6 +53,7 @@ class BertAdapter(Adapter):
     model_types = ("bert",)
     foreign_prefixes = ("pooler.", "cls.")
     name_prefixes = ("bert.",)
+    inputs = (*IDS_AND_MASK, ModelInput("token_type_ids", optional=True))  # segment ids, as optimum exports BERT
 
     def build(self, config: Any) -> nn.Module:
         from transformers import BertModel
@@ -49,7 +64,7 @@ class BertAdapter(Adapter):
         return ("last_hidden_state",)
 
     def stem(self, model: nn.Module) -> nn.Module:
-        return EmbeddingStem(model.embeddings, causal=False)
+        return BertStem(model.embeddings)
 
     def sub_blocks(self, model: nn.Module) -> list[nn.Module]:
         out: list[nn.Module] = []
