@@ -418,7 +418,8 @@ def test_the_hugging_face_baseline_computes_the_dense_model(tiny_models):
         ids = torch.randint(3, 90, (2, 7))
         mask = torch.ones_like(ids)
         mask[1, 5:] = 0
+        module = apply_plan(enc, Plan(family, NUM_BLOCKS))
         with torch.no_grad():
-            ours = apply_plan(enc, Plan(family, NUM_BLOCKS))(ids, mask)[0]
-            theirs = measure._HfForward(enc.model)(ids, mask)[0]
+            ours = module(ids, mask)[0]
+            theirs = measure._HfForward(enc.model, module.input_names)(ids, mask)[0]
         torch.testing.assert_close(theirs[mask.bool()], ours[mask.bool()], rtol=1e-5, atol=1e-5)
