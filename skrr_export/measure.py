@@ -14,6 +14,7 @@ import copy
 import gc
 import json
 import logging
+import math
 import shutil
 import time
 from collections.abc import Callable, Iterator
@@ -25,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from .backends import DENSE_ONLY, TORCH_BACKENDS, backend_blockers, require_cuda, resolve_backends
-from .errors import UserError
+from .errors import InvariantError, UserError
 from .workload import Shape, check_shapes, executed_flops
 
 log = logging.getLogger("skrr_export")
@@ -50,6 +51,8 @@ class MeasureConfig:
     iterations: int = 20
     force: bool = False
     compile_dynamic: bool | None = None  # torch.compile's ``dynamic``; None: its default (recompile on new shapes)
+    variants: tuple[str, ...] = VARIANTS  # which of dense and plan to measure
+    parity: tuple[str, ...] = ("plan",)  # the variants whose every backend is checked against PyTorch on the device
 
 
 def timing_feed(config: Any, shape: Shape, seed: int = 0) -> dict[str, np.ndarray]:
@@ -185,7 +188,8 @@ def measure_ort(onnx_path: Path, shapes: list[Shape], feeds: dict[Shape, Any], c
 
     def profile_first(bound: Any) -> None:
         bound.run()
-        placement.update(node_placement(runner.end_profiling()))
+        events = read_profile(runner.end_profiling())
+        placement.update(_placement(events) | {"hot_path": hot_path(events)} if events else {})
 
     with runner:
         resident = probe.used() - base
@@ -196,18 +200,31 @@ def measure_ort(onnx_path: Path, shapes: list[Shape], feeds: dict[Shape, Any], c
             "settings": {"provider_options": options, "session_config": session_config, "io_binding": True}}
 
 
+def read_profile(profile: Path | None) -> list[dict[str, Any]]:
+    """The events of an ONNX Runtime profile (none without one); the file is removed once read."""
+    if profile is None or not profile.is_file():
+        return []
+    events = json.loads(profile.read_text())
+    profile.unlink()
+    return events
+
+
 def node_placement(profile: Path | None) -> dict[str, Any]:
     """From an ONNX Runtime profile: nodes per execution provider, nodes per op type (fused norms, the casts of
     fp32 islands), the op types left off CUDA, memcpy nodes."""
-    if profile is None or not profile.is_file():
-        return {}
-    events = json.loads(profile.read_text())
-    profile.unlink()
-    placed: dict[str, tuple[str, str]] = {}  # node -> (provider, op type); a node runs once per profiled run
-    for event in events:
-        if event.get("cat") == "Node" and str(event.get("name", "")).endswith("_kernel_time"):
-            args = event.get("args") or {}
-            placed[event["name"]] = (args.get("provider", "?"), args.get("op_name", "?"))
+    events = read_profile(profile)
+    return _placement(events) if events else {}
+
+
+def _kernels(events: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Each node a profile saw run -> its arguments (provider, op_name, output_type_shape, ...); a node runs once
+    per profiled run, so several runs count it once."""
+    return {e["name"]: e.get("args") or {} for e in events
+            if e.get("cat") == "Node" and str(e.get("name", "")).endswith("_kernel_time")}
+
+
+def _placement(events: list[dict[str, Any]]) -> dict[str, Any]:
+    placed = {name: (a.get("provider", "?"), a.get("op_name", "?")) for name, a in _kernels(events).items()}
     providers: dict[str, int] = {}
     ops: dict[str, int] = {}
     off_cuda: dict[str, int] = {}
@@ -218,6 +235,29 @@ def node_placement(profile: Path | None) -> dict[str, Any]:
             off_cuda[op] = off_cuda.get(op, 0) + 1
     memcpy = sum(op.startswith("Memcpy") for _, op in placed.values())
     return {"nodes_per_provider": providers, "ops": ops, "ops_not_on_cuda": off_cuda, "memcpy_nodes": memcpy}
+
+
+# A node on the hot path computes on the batch's data every forward: its outputs hold more elements than a shape
+# vector (what ONNX Runtime rightly leaves on the CPU: Shape, Gather of a dimension, Concat of a few sizes).
+SHAPE_VECTOR_ELEMENTS = 8
+
+
+def hot_path(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The nodes of a profiled run that left the CUDA provider or copy between host and device (Memcpy*), and whose
+    outputs hold more than ``SHAPE_VECTOR_ELEMENTS`` elements: each costs a CPU kernel or a transfer every forward.
+    One entry per op and provider: how many such nodes, the largest output, one node's name."""
+    found: dict[tuple[str, str], dict[str, Any]] = {}
+    for name, a in _kernels(events).items():
+        op, provider = a.get("op_name", "?"), a.get("provider", "?")
+        if provider == "CUDAExecutionProvider" and not op.startswith("Memcpy"):
+            continue
+        elements = sum(math.prod(dims) for entry in a.get("output_type_shape") or [] for dims in entry.values())
+        if elements > SHAPE_VECTOR_ELEMENTS:
+            entry = found.setdefault((op, provider), {"op": op, "provider": provider, "nodes": 0,
+                                                      "max_output_elements": 0, "example": name.removesuffix("_kernel_time")})
+            entry["nodes"] += 1
+            entry["max_output_elements"] = max(entry["max_output_elements"], elements)
+    return sorted(found.values(), key=lambda e: -e["nodes"])
 
 
 def measure_trt(engine: str, onnx_path: Path, shapes: list[Shape], feeds: dict[Shape, Any], cfg: MeasureConfig,
@@ -322,12 +362,20 @@ class _Job:
     batches: Any  # the parity batches (seeded random ids with padding, and the empty prompt)
     tolerances: dict[str, Any]
     vocab: int
+    ort_model_type: str  # the family's model type for ONNX Runtime's transformer optimizer (ort-cuda-fused)
     results: dict[str, Any]
     artifacts: Any = None  # the main job's: its ONNX and engine are measured as the plan; the dense side in PyTorch only
 
     def record(self, variant: str, backend: str, unique: int, result: dict[str, Any]) -> None:
-        self.results["parity"] += [p | {"backend": backend} for p in result.pop("parity", [])]
+        self.results["parity"] += [p | {"backend": backend, "variant": variant} for p in result.pop("parity", [])]
         self.results["runs"].append({"variant": variant, "backend": backend, "unique_weight_bytes": unique, **result})
+
+    @contextmanager
+    def stage(self, variant: str, name: str) -> Iterator[None]:
+        """Time one stage of a variant (loading, export, fusion): the record of what a device run spends."""
+        start = time.perf_counter()
+        yield
+        self.results["stages"].append({"variant": variant, "stage": name, "seconds": round(time.perf_counter() - start, 1)})
 
 
 def measure_plans(meta: Any, source: Any, plans: dict[str, Any], backends: tuple[str, ...], shapes: list[Shape],
@@ -362,8 +410,10 @@ def run_measurements(meta: Any, source: Any, plan: Any, backends: tuple[str, ...
     results = _results_head(meta, source, plan, cfg, backends, _flops(meta, variants, shapes))
     job = _Job(source, backends, shapes, cfg, DeviceMemory(), {shape: timing_feed(config, shape) for shape in shapes},
                prompt_batch(None, meta.config, "int64", None), {"*": DEFAULT_TOLERANCES[cfg.precision]},
-               meta.adapter.sizes(meta.config).vocab, results, artifacts)
+               meta.adapter.sizes(meta.config).vocab, meta.adapter.ort_model_type, results, artifacts)
     for variant, variant_plan in variants.items():
+        if variant not in cfg.variants:
+            continue
         if variant == "dense" and dense is not None:
             results["runs"] += [copy.deepcopy(run) | {"reused": True} for run in dense]
             continue
@@ -388,7 +438,7 @@ def _results_head(meta: Any, source: Any, plan: Any, cfg: MeasureConfig, backend
         "precision": cfg.precision,
         "backends": list(backends),
         "flops": flops,
-        "runs": [], "errors": [], "parity": [],
+        "runs": [], "errors": [], "parity": [], "stages": [],
     }
 
 
@@ -398,19 +448,20 @@ def _measure_variant(job: _Job, variant: str, plan: Any, folder: Path) -> None:
     from .artifacts import check_device_memory
     from .model import load_encoder
 
-    enc = load_encoder(job.source, plan, job.cfg.precision)
-    module = apply_plan(enc, plan)
+    with job.stage(variant, "load"):
+        enc = load_encoder(job.source, plan, job.cfg.precision)
+        module = apply_plan(enc, plan)
     unique = unique_parameter_bytes(module)
     folder.mkdir(parents=True)
     given = job.artifacts if variant == "plan" else None
     main_jobs_dense = job.artifacts is not None and given is None  # measured in PyTorch only
     exported = [] if main_jobs_dense else [b for b in job.backends if b not in TORCH_BACKENDS]
-    onnx_path = given.onnx if given else (_export(job, module, unique, folder) if exported else None)
+    onnx_path = given.onnx if given else (_export(job, variant, module, unique, folder) if exported else None)
     reference = None
     modes = [b for b in job.backends if b in TORCH_BACKENDS and (variant == "dense" or b not in DENSE_ONLY)]
-    if modes or variant == "plan":
+    parity = (job.batches, job.tolerances) if variant in job.cfg.parity else None
+    if modes or parity:
         check_device_memory(int(unique * 1.1), f"the {variant} model's weights ({unique / 1e9:.2f} GB)")
-        parity = (job.batches, job.tolerances) if variant == "plan" else None
         torch_results, reference = measure_torch(module, modes, job.shapes, job.feeds, job.cfg, job.probe, parity,
                                                  enc.model)
         for backend, result in torch_results.items():
@@ -426,30 +477,105 @@ def _measure_variant(job: _Job, variant: str, plan: Any, folder: Path) -> None:
 def _measure_exported(job: _Job, variant: str, backends: list[str], onnx_path: Path, reference: Any, given: Any,
                       folder: Path, unique: int) -> None:
     """ONNX Runtime CUDA and the engines on the exported ONNX (or the main job's); a backend that cannot run this
-    model is recorded as not measured."""
+    model, or whose fused copy breaks the weight invariant, is recorded as not measured (the error says why)."""
     for backend in backends:
         try:
-            if backend.startswith("ort-cuda"):
+            if backend == "ort-cuda-fused":
+                result = _measure_fused(job, variant, onnx_path, reference, folder)
+            elif backend.startswith("ort-cuda"):
                 result = measure_ort(onnx_path, job.shapes, job.feeds, job.cfg, job.probe, folder, reference,
                                      stock=backend == "ort-cuda-stock")
             else:
                 built = given.engines.get(backend) if given else None
                 result = measure_trt(backend, onnx_path, job.shapes, job.feeds, job.cfg, job.probe, folder, reference,
                                      built)
-        except UserError as exc:  # e.g. the provider has no kernel for this precision
+        except (UserError, InvariantError) as exc:  # e.g. the provider has no kernel for this precision
             log.warning("%s (%s): not measured: %s", backend, variant, exc)
             job.results["errors"].append({"variant": variant, "backend": backend, "error": str(exc)})
             continue
         job.record(variant, backend, unique, result)
 
 
-def _export(job: _Job, module: Any, unique: int, folder: Path) -> Path:
+def _measure_fused(job: _Job, variant: str, onnx_path: Path, reference: Any, folder: Path) -> dict[str, Any]:
+    """ort-cuda-fused: the ``--optimize ort`` variant of ``onnx_path`` (``fused_copy``), measured with our settings
+    like ort-cuda, with what was fused; the copy is removed afterwards."""
+    with job.stage(variant, "fuse"):
+        fused, fusion = fused_copy(onnx_path, job.ort_model_type)
+    try:
+        return measure_ort(fused, job.shapes, job.feeds, job.cfg, job.probe, folder, reference) | {"fusion": fusion}
+    finally:
+        fused.unlink(missing_ok=True)
+
+
+def fused_copy(onnx_path: Path, model_type: str) -> tuple[Path, dict[str, Any]]:
+    """A copy of the graph file next to ``onnx_path`` (``model.onnx`` -> ``model.ort.onnx``), rewritten by
+    ``ort_fusion.fuse_for_ort``; its initializers keep their external-data entries, which resolve beside the file,
+    so both graphs read the export's one data file and no weight is copied (``shared_weight_storage`` checks it).
+    Returns the copy and what was fused (op counts, attention fused, how the weights are stored)."""
+    from .errors import ArtifactError
+    from .ort_fusion import fuse_for_ort
+
+    fused = onnx_path.with_name(onnx_path.name.removesuffix(".onnx") + ".ort.onnx")
+    shutil.copyfile(onnx_path, fused)
+    try:
+        _, result = fuse_for_ort(fused, model_type)
+    except (UserError, InvariantError):
+        fused.unlink()
+        raise
+    except Exception as exc:  # ONNX Runtime's optimizer changes between releases: name it, do not lose the run
+        fused.unlink()
+        raise ArtifactError(f"ONNX Runtime's transformer optimizer could not fuse {onnx_path.name}: "
+                            f"{type(exc).__name__}: {exc}") from exc
+    return fused, result.to_json() | {"storage": shared_weight_storage(onnx_path, fused)}
+
+
+def shared_weight_storage(export: Path, fused: Path) -> dict[str, Any]:
+    """How the fused copy stores its initializers, checked against the export it was made from: it reads the same
+    external data files, every byte of them, and holds inline only what the export held inline plus the fusions'
+    scalars and shape vectors (``ort_fusion.ADDED_ELEMENTS``). A weight stored anew is an InvariantError."""
+    from .ort_fusion import ADDED_ELEMENTS
+
+    ours, theirs = _storage(fused), _storage(export)
+    copied = [name for name, (elements, _) in ours["inline"].items()
+              if name not in theirs["inline"] and elements > ADDED_ELEMENTS]
+    if copied:
+        raise InvariantError(f"the fused copy {fused.name} stores {copied[0]} in its graph file ({len(copied)} such): "
+                             "the weights must stay in the export's data file")
+    if (ours["data_files"], ours["external_bytes"]) != (theirs["data_files"], theirs["external_bytes"]):
+        raise InvariantError(f"the fused copy {fused.name} reads {ours['data_files']} ({ours['external_bytes']} bytes), "
+                             f"not the export's {theirs['data_files']} ({theirs['external_bytes']} bytes)")
+    inline = sum(size for _, size in ours["inline"].values())
+    return {"data_files": ours["data_files"], "external_bytes": ours["external_bytes"], "inline_bytes": inline,
+            "export_inline_bytes": sum(size for _, size in theirs["inline"].values()),
+            "graph_file_bytes": fused.stat().st_size}
+
+
+def _storage(path: Path) -> dict[str, Any]:
+    """An ONNX file's initializers without reading external data: the data files, their bytes, the inline ones
+    (name -> (elements, bytes))."""
+    import onnx
+
+    from .ort_fusion import tensor_bytes
+
+    init = onnx.load(str(path), load_external_data=False).graph.initializer
+    external = [t for t in init if t.data_location == onnx.TensorProto.EXTERNAL]
+    return {"data_files": sorted({e.value for t in external for e in t.external_data if e.key == "location"}),
+            "external_bytes": sum(map(tensor_bytes, external)),
+            "inline": {t.name: (math.prod(t.dims), tensor_bytes(t)) for t in init
+                       if t.data_location != onnx.TensorProto.EXTERNAL}}
+
+
+def _export(job: _Job, variant: str, module: Any, unique: int, folder: Path) -> Path:
+    """The variant's ONNX; with its weights in an external data file when ort-cuda-fused is asked for, so that the
+    fused copy shares them (at any size: above 2 GB they are external anyway)."""
     from .artifacts import check_disk
     from .export import ExportOptions, export_onnx
 
     engines = {"trt", "trt-rtx"} & set(job.backends)
     check_disk(folder, int(unique * (2.1 if engines else 1.05)), "the measured artifacts")
-    return export_onnx(module, folder / "model.onnx", ExportOptions(), job.vocab).path
+    options = ExportOptions(external_data=True if "ort-cuda-fused" in job.backends else None)
+    with job.stage(variant, "export"):
+        return export_onnx(module, folder / "model.onnx", options, job.vocab).path
 
 
 def _reference(module: Any, batches: Any, tolerances: dict[str, Any]) -> Callable[[Any], list[dict[str, Any]]]:
@@ -514,11 +640,13 @@ def check_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
 
     _memory_targets(runs, target)
     _latency_targets(runs, {(f["batch"], f["seq"]): f["fraction"] for f in results["flops"]}, target)
+    _fused_latency_targets(runs, target)
+    _placement_targets(results["runs"], target)
     return out
 
 
 def _memory_targets(runs: dict[tuple[str, str], Any], target: Callable[..., None]) -> None:
-    torch_plan, torch_dense, ort_plan = runs.get(("plan", "torch")), runs.get(("dense", "torch")), runs.get(("plan", "ort-cuda"))
+    torch_plan, torch_dense = runs.get(("plan", "torch")), runs.get(("dense", "torch"))
     if torch_plan:
         ratio = torch_plan["resident_over_unique"]
         target("torch: plan resident / unique weight bytes within 1 %", ratio, 1.01, abs(ratio - 1) <= 0.01)
@@ -529,9 +657,10 @@ def _memory_targets(runs: dict[tuple[str, str], Any], target: Callable[..., None
                 limit = 1.05 * (torch_plan["unique_weight_bytes"] + d["activation_bytes"])
                 target(f"torch {d['batch']}x{d['seq']}: plan peak <= 1.05 x (unique + dense activation peak)",
                        p["peak_bytes"], limit, p["peak_bytes"] <= limit)
-    if ort_plan:
-        ratio = ort_plan["resident_over_unique"]
-        target("ort-cuda: plan resident / unique weight bytes <= 1.05", ratio, 1.05, ratio <= 1.05)
+    for backend in ("ort-cuda", "ort-cuda-fused"):  # our settings; ort-cuda-stock is the comparison, no target
+        if ort_plan := runs.get(("plan", backend)):
+            ratio = ort_plan["resident_over_unique"]
+            target(f"{backend}: plan resident / unique weight bytes <= 1.05", ratio, 1.05, ratio <= 1.05)
 
 
 def _latency_targets(runs: dict[tuple[str, str], Any], fractions: dict[tuple[int, int], float],
@@ -557,6 +686,26 @@ def _latency_targets(runs: dict[tuple[str, str], Any], fractions: dict[tuple[int
             else:
                 target(f"ort-cuda {shape}: plan latency <= torch eager's (ms)", row["median_ms"], other["median_ms"],
                        row["median_ms"] <= other["median_ms"])
+
+
+def _fused_latency_targets(runs: dict[tuple[str, str], Any], target: Callable[..., None]) -> None:
+    """The fused plan on ONNX Runtime CUDA no slower than the dense model under torch.compile, shape by shape."""
+    fused, compiled = runs.get(("plan", "ort-cuda-fused")), runs.get(("dense", "torch-compile"))
+    if fused is None or compiled is None:
+        return
+    for row in fused["shapes"]:
+        if other := _row(compiled, row):
+            target(f"ort-cuda-fused {row['batch']}x{row['seq']}: fused plan latency <= dense torch.compile's (ms)",
+                   row["median_ms"], other["median_ms"], row["median_ms"] <= other["median_ms"])
+
+
+def _placement_targets(runs: list[dict[str, Any]], target: Callable[..., None]) -> None:
+    """No node off the CUDA provider and no host-device copy on the hot path (``hot_path``), per ONNX Runtime run."""
+    for run in runs:
+        hot = run.get("placement", {}).get("hot_path")
+        if hot is not None:
+            nodes = sum(e["nodes"] for e in hot)
+            target(f"{run['backend']} ({run['variant']}): nodes off CUDA or memcpy on the hot path", nodes, 0, not nodes)
 
 
 def write_results(folder: Path, results: dict[str, Any]) -> None:
@@ -596,6 +745,11 @@ def render_markdown(r: dict[str, Any], level: int = 1) -> str:
     for run in r["runs"]:
         if run.get("placement"):
             lines += ["", f"ONNX Runtime node placement ({run['backend']}, {run['variant']}): `{json.dumps(run['placement'])}`"]
+        if run.get("fusion"):
+            f = run["fusion"]
+            lines += ["", f"Fused for ONNX Runtime ({run['variant']}; {f['runtime']}): {f['fused_attention']} "
+                      f"MultiHeadAttention, {f['unfused_softmax']} Softmax left; weights read from "
+                      f"{', '.join(f['storage']['data_files']) or 'the graph file'}: `{json.dumps(f['op_counts'])}`"]
     for err in r["errors"]:
         lines += ["", f"**Not measured:** {err['backend']} ({err['variant']}): {err['error']}"]
     return "\n".join(lines) + "\n"
@@ -616,12 +770,12 @@ def _latency_lines(r: dict[str, Any], h: str) -> list[str]:
 def _parity_lines(r: dict[str, Any], h: str) -> list[str]:
     if not r["parity"]:
         return []
-    lines = ["", f"{h}# Parity (plan): PyTorch on the device vs each backend", "",
-             "| backend | batch | output | max abs | min cos | passed |", "|---|---|---|---|---|---|"]
+    lines = ["", f"{h}# Parity: PyTorch on the device vs each backend", "",
+             "| backend | variant | batch | output | max abs | min cos | passed |", "|---|---|---|---|---|---|---|"]
     for check in r["parity"]:
         for o in check["outputs"]:
-            lines.append(f"| {check['backend']} | {check['batch']} | {o['name']} | {o['max_abs']:.3g} | "
-                         f"{o['min_cosine']:.6f} | {'yes' if o['passed'] else 'NO'} |")
+            lines.append(f"| {check['backend']} | {check.get('variant', 'plan')} | {check['batch']} | {o['name']} | "
+                         f"{o['max_abs']:.3g} | {o['min_cosine']:.6f} | {'yes' if o['passed'] else 'NO'} |")
     return lines
 
 
