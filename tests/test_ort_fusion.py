@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -31,12 +33,26 @@ FUSED = {  # the norm and GELU operators ONNX Runtime's optimizer writes for eac
 }
 
 
-def fused(tiny_models, family, tmp_path, precision="fp32", **options):
-    module, art = exported(tiny_models, family, tmp_path, precision=precision, **options)
-    from skrr_export.adapters import ADAPTERS
+@pytest.fixture(scope="module")
+def exports(tiny_models, tmp_path_factory):
+    """``exports(family, precision)``: the heavy-reuse export made once per module, as (module, fused artifact, fusion
+    result, path of a copy of the file as exported, before fusing). The tests only read them; a test that edits a
+    graph saves its edit to a file of its own."""
+    made: dict[tuple[str, str], tuple] = {}
 
-    art, result = fuse_artifact(art, ADAPTERS[family.split("-")[0]])
-    return module, art, result
+    def get(family: str, precision: str = "fp32"):
+        if (family, precision) not in made:
+            folder = tmp_path_factory.mktemp(f"fused-{family}-{precision}")
+            module, art = exported(tiny_models, family, folder, precision=precision)
+            assert art.data_path is None  # one file: the copy below is the whole export
+            unfused = Path(shutil.copy(art.path, folder / "unfused.onnx"))
+            from skrr_export.adapters import ADAPTERS
+
+            art, result = fuse_artifact(art, ADAPTERS[family.split("-")[0]])
+            made[family, precision] = (module, art, result, unfused)
+        return made[family, precision]
+
+    return get
 
 
 def op_types(path) -> Counter:
@@ -49,8 +65,8 @@ def attention_slots(family: str) -> int:
 
 
 @pytest.mark.parametrize("family", FUSED)
-def test_heavy_reuse_fuses_every_attention_slot_keeps_weights_once_and_matches_pytorch(family, tiny_models, tmp_path):
-    module, art, result = fused(tiny_models, family, tmp_path)
+def test_heavy_reuse_fuses_every_attention_slot_keeps_weights_once_and_matches_pytorch(family, exports):
+    module, art, result, _ = exports(family)
     ops = op_types(art.path)
     # heavy-reuse runs attention sub-block 0 in all three attention slots: three MultiHeadAttention nodes, each
     # reading the same three projection weights (unpacked), and no softmax attention left
@@ -75,27 +91,27 @@ def test_heavy_reuse_fuses_every_attention_slot_keeps_weights_once_and_matches_p
     assert max(out.max_abs for out in result.outputs) < 1e-4  # fp32: the fusions change rounding only
 
 
-def test_wrong_attention_scale_fails_parity(tiny_models, tmp_path):
+def test_wrong_attention_scale_fails_parity(exports, tmp_path):
     """The parity check sees the fused attention: BERT's 1/sqrt(head size) dropped from every slot fails it."""
-    module, art, _ = fused(tiny_models, "bert", tmp_path)
+    module, art, _, _ = exports("bert")
     model = onnx.load(str(art.path))
     for node in model.graph.node:
         if node.op_type == "MultiHeadAttention":
             next(a for a in node.attribute if a.name == "scale").f = 1.0
-    onnx.save(model, str(art.path))
+    onnx.save(model, str(tmp_path / "wrong_scale.onnx"))
     batch = feed()
-    with TorchRunner(module, module.output_names) as t, OrtRunner(art.path) as o:
+    with TorchRunner(module, module.output_names) as t, OrtRunner(tmp_path / "wrong_scale.onnx") as o:
         result = compare(("pytorch", t.infer(batch)), ("onnxruntime", o.infer(batch)), batch["attention_mask"],
                          {"*": DEFAULT_TOLERANCES["fp32"]})
     assert max(out.max_abs for out in result.outputs) > 1e-3
 
 
 @pytest.mark.parametrize("family, precision", [("t5", "fp16"), ("clip", "fp16"), ("t5", "bf16")])
-def test_half_fused_graph_runs_in_fp32_arithmetic(family, precision, tiny_models, tmp_path):
+def test_half_fused_graph_runs_in_fp32_arithmetic(family, precision, exports):
     """Half-precision parity on the CPU provider goes through the fp32-arithmetic copy; it runs the com.microsoft
     operators too. T5's fp32-computed RMSNorms fuse (SimplifiedLayerNormalization; in fp16 also with the residual
     Add, which the fp32 ``wo`` keeps in fp32), and its GELU, whose constants the bf16 graph holds rounded."""
-    module, art, _ = fused(tiny_models, family, tmp_path, precision=precision)
+    module, art, _, _ = exports(family, precision)
     ops = op_types(art.path)
     assert ops["com.microsoft.MultiHeadAttention"] == 3 and ops["Softmax"] == 0
     if family == "t5":
@@ -127,10 +143,10 @@ def _first_weight(proto, weights, ndim=2):
     return next(t for t in proto.graph.initializer if t.name in weights and len(t.dims) == ndim)
 
 
-def test_the_invariant_catches_a_packed_copy(tiny_models, tmp_path):
+def test_the_invariant_catches_a_packed_copy(exports):
     """A fusion that packs Q, K and V into a new initializer stores the re-used attention weights twice."""
-    _, art = exported(tiny_models, "bert", tmp_path)
-    proto = onnx.load(str(art.path))
+    _, _, _, unfused = exports("bert")
+    proto = onnx.load(str(unfused))
     before = stored_tensors(proto)
     parts = [onnx.numpy_helper.to_array(t) for t in proto.graph.initializer if t.name.endswith(("query.weight", "key.weight", "value.weight"))]
     proto.graph.initializer.append(onnx.numpy_helper.from_array(np.concatenate(parts), "packed_qkv"))
@@ -138,11 +154,11 @@ def test_the_invariant_catches_a_packed_copy(tiny_models, tmp_path):
         same_weights(before, proto)
 
 
-def test_the_invariant_catches_a_weight_rewritten_in_place(tiny_models, tmp_path):
+def test_the_invariant_catches_a_weight_rewritten_in_place(exports):
     """ONNX Runtime's optimizer folds a weight's Transpose into the weight, under its name (left out for that)."""
-    module, art = exported(tiny_models, "t5", tmp_path)
+    module, _, _, unfused = exports("t5")
     weights = weight_names(module)
-    proto = onnx.load(str(art.path))
+    proto = onnx.load(str(unfused))
     before = stored_tensors(proto)
     weight = _first_weight(proto, weights)
     weight.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(weight).T.copy(), weight.name))
