@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import copy
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -77,6 +75,23 @@ def quantized_export(folder: Path, family: str, q: Quantization, tmp_path: Path,
     return enc, module, quantized, art
 
 
+@pytest.fixture(scope="module")
+def exports(wide_models, tmp_path_factory):
+    """``exports(family, scheme, precision)``: quantized_export's (encoder, module, quantized, artifact) for the heavy-
+    reuse plan, made once per module and shared by the tests below, which only read them (a test that edits the
+    ONNX file saves its edit to a file of its own)."""
+    made: dict[tuple[str, str, str], tuple] = {}
+
+    def get(family: str, scheme: str, precision: str = "fp32"):
+        if (family, scheme, precision) not in made:
+            folder = tmp_path_factory.mktemp(f"quantized-{family}-{scheme}-{precision}")
+            made[family, scheme, precision] = quantized_export(wide_models[family][1], family, SCHEMES[scheme], folder,
+                                                               precision)
+        return made[family, scheme, precision]
+
+    return get
+
+
 def stored_weights(path: Path, module) -> dict[str, np.ndarray]:
     """Each parameter's [out, in] weight as the ONNX file stores it, computed here with numpy: integers x scales
     for quantized ones (joined initializers cut back into their parameters), the tensor itself for the rest."""
@@ -101,10 +116,10 @@ def stored_weights(path: Path, module) -> dict[str, np.ndarray]:
 
 @pytest.mark.parametrize("scheme", SCHEMES)
 @pytest.mark.parametrize("family", FAMILIES)
-def test_heavy_reuse_quantized_weights_are_stored_once_at_the_plans_quantized_size(family, scheme, wide_models, tmp_path):
+def test_heavy_reuse_quantized_weights_are_stored_once_at_the_plans_quantized_size(family, scheme, wide_models, exports):
     q = SCHEMES[scheme]
     _, folder = wide_models[family]
-    enc, module, quantized, art = quantized_export(folder, family, q, tmp_path)
+    enc, module, quantized, art = exports(family, scheme)
     model = onnx.load(str(art.path))
     sizes = dict(zip((i.name for i in model.graph.initializer), onnx_initializer_sizes(art.path)))
     aliases = dict(module.named_parameters(remove_duplicate=False))  # every name a parameter goes by
@@ -153,13 +168,13 @@ def test_heavy_reuse_quantized_weights_are_stored_once_at_the_plans_quantized_si
 
 @pytest.mark.parametrize("scheme", SCHEMES)
 @pytest.mark.parametrize("family", FAMILIES)
-def test_onnx_runtime_computes_with_the_stored_integers(family, scheme, wide_models, tmp_path):
+def test_onnx_runtime_computes_with_the_stored_integers(family, scheme, wide_models, exports):
     """The independent reference: the Hugging Face model, its kept linear weights replaced by the ONNX file's own
     integers x scales (numpy), run by the plain reference loop; ONNX Runtime must match it as closely as an
     unquantized export matches PyTorch. The stored weights must also be a faithful quantization of the originals."""
     q = SCHEMES[scheme]
-    hf, folder = wide_models[family]
-    enc, module, quantized, art = quantized_export(folder, family, q, tmp_path)
+    hf, _ = wide_models[family]
+    enc, module, quantized, art = exports(family, scheme)
     weights = stored_weights(art.path, module)
     hf_name = {id(p): n for n, p in enc.model.named_parameters()}
     reference = copy.deepcopy(hf)
@@ -192,11 +207,10 @@ def test_onnx_runtime_computes_with_the_stored_integers(family, scheme, wide_mod
     assert np.abs(got["last_hidden_state"] - dense.numpy()).max() > 1e-3
 
 
-def test_the_pytorch_reference_uses_the_dequantized_weights(wide_models, tmp_path):
+def test_the_pytorch_reference_uses_the_dequantized_weights(exports, tmp_path):
     """quantize_module leaves the module computing with the quantized weights (the main job's parity reference):
     ONNX Runtime matches it to fp32 rounding, and a scale rewired to another weight's breaks the match."""
-    _, folder = wide_models["t5"]
-    _, module, _, art = quantized_export(folder, "t5", Quantization("int4", 32), tmp_path)
+    _, module, _, art = exports("t5", "int4")
     ids, mask = ids_and_mask()
     feed = {"input_ids": ids.numpy(), "attention_mask": mask.numpy()}
     with TorchRunner(module, module.output_names) as t, OrtRunner(art.path) as o:
@@ -207,15 +221,14 @@ def test_the_pytorch_reference_uses_the_dequantized_weights(wide_models, tmp_pat
     scales = [i for i in model.graph.initializer if i.name.endswith(SCALE_SUFFIX) and "wo" in i.name][0]
     values = onnx.numpy_helper.to_array(scales)
     scales.CopyFrom(onnx.numpy_helper.from_array(values[:, ::-1].copy(), scales.name))  # one weight's columns swapped
-    onnx.save(model, str(art.path))
-    with OrtRunner(art.path) as o:
+    onnx.save(model, str(tmp_path / "wrong.onnx"))  # the shared export stays as it was
+    with OrtRunner(tmp_path / "wrong.onnx") as o:
         wrong = o.infer(feed)
     assert not compare(("pytorch", ref), ("onnxruntime", wrong), feed["attention_mask"], {"*": DEFAULT_TOLERANCES["fp32"]})
 
 
-def test_the_invariant_catches_a_weight_stored_twice(wide_models, tmp_path):
-    _, folder = wide_models["bert"]
-    _, module, quantized, art = quantized_export(folder, "bert", Quantization("int8"), tmp_path)
+def test_the_invariant_catches_a_weight_stored_twice(exports):
+    _, module, quantized, art = exports("bert", "int8")
     import onnx_ir as ir
 
     from skrr_export.quantize import quantized_weights_once
@@ -270,10 +283,11 @@ def test_inspect_reports_t5_xxl_pixart_plan_under_1_7_gb_at_block_64(capsys):
     assert "block 64" in capsys.readouterr().out
 
 
-def test_main_job_on_minilm_reports_what_was_quantized(tmp_path):
+def test_main_job_on_minilm_reports_what_was_quantized(tmp_path, capsys):
+    """In this process, as the other CLI tests run it (a subprocess spent two thirds of its time importing torch)."""
     out = tmp_path / "out"
-    subprocess.run([sys.executable, "-m", "skrr_export.cli", "--plan", str(ROOT / "recipes/minilm/plan.json"), "--out",
-                    str(out), "--quantize", "int4", "--quant-block", "128", "-q"], check=True, cwd=ROOT)
+    assert main(["--plan", str(ROOT / "recipes/minilm/plan.json"), "--out", str(out), "--quantize", "int4",
+                 "--quant-block", "128", "-q"]) == 0
     report = json.loads((out / "report.json").read_text())
     q = report["quantization"]
     assert (q["scheme"], q["block"]) == ("int4", 128)
@@ -285,21 +299,21 @@ def test_main_job_on_minilm_reports_what_was_quantized(tmp_path):
     assert max(o["max_token_error"] for p in report["parity"] for o in p["outputs"]) < 1e-4
     assert "## Weight-only quantization" in (out / "report.md").read_text()
     # inspect agrees with the file when told its quantization, and says what to pass when not
-    inspect = [sys.executable, "-m", "skrr_export.cli", "inspect", "--plan", str(ROOT / "recipes/minilm/plan.json"),
-               "--onnx", str(out / "model.onnx"), "--json"]
-    told = json.loads(subprocess.run([*inspect, "--quantize", "int4", "--quant-block", "128"], check=True, cwd=ROOT,
-                                     capture_output=True, text=True).stdout)
+    inspect = ["inspect", "--plan", str(ROOT / "recipes/minilm/plan.json"), "--onnx", str(out / "model.onnx"), "--json"]
+    capsys.readouterr()
+    assert main([*inspect, "--quantize", "int4", "--quant-block", "128"]) == 0
+    told = json.loads(capsys.readouterr().out)
     assert told["exported"]["agrees"] and told["quantization"]["total_bytes"] == q["total_bytes"]
-    untold = json.loads(subprocess.run(inspect, check=True, cwd=ROOT, capture_output=True, text=True).stdout)
+    assert main(inspect) == 0
+    untold = json.loads(capsys.readouterr().out)
     assert not untold["exported"]["agrees"]
 
 
 @needs_rtx
 @pytest.mark.parametrize("scheme", SCHEMES)
 @pytest.mark.parametrize("family", FAMILIES)
-def test_rtx_engine_from_quantized_heavy_reuse_stores_the_quantized_bytes(family, scheme, wide_models, tmp_path):
-    _, folder = wide_models[family]
-    _, _, _, art = quantized_export(folder, family, SCHEMES[scheme], tmp_path, precision="fp16")
+def test_rtx_engine_from_quantized_heavy_reuse_stores_the_quantized_bytes(family, scheme, exports, tmp_path):
+    _, _, _, art = exports(family, scheme, "fp16")
     options = EngineOptions(batch=ShapeRange(1, 2, 4), sequence=ShapeRange(1, 16, 64))
     engine = build_engine(art.path, "trt-rtx", options, tmp_path / "engine.plan", {})
     total = engine.metadata["weights"]["total_bytes"]
@@ -319,15 +333,14 @@ def test_rtx_engine_of_minilm_int4_holds_the_quantized_bytes_within_2_percent(tm
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
-def test_half_quantized_export_runs_in_fp32_arithmetic_one_dequantize_per_reader(precision, wide_models, tmp_path):
+def test_half_quantized_export_runs_in_fp32_arithmetic_one_dequantize_per_reader(precision, exports):
     """The CPU parity path of half-precision exports: the fp32-arithmetic copy dequantizes each stored weight once
     per reading MatMul, after that MatMul's activation exists (not all up front), and matches PyTorch computing in
     fp32 with the same quantized weights; the PyTorch module holds no weight values between calls."""
     from skrr_export.apply import computed_in_fp32
     from skrr_export.runners import OrtFp32ArithmeticRunner, fp32_arithmetic
 
-    _, folder = wide_models["t5"]
-    _, module, quantized, art = quantized_export(folder, "t5", Quantization("int4", 32), tmp_path, precision)
+    _, module, quantized, art = exports("t5", "int4", precision)
     held = [p for n, p in module.named_parameters() if id(p) in quantized.weights]
     assert all(p.untyped_storage().nbytes() <= 4 for p in held)  # placeholders: one element each
     ids, mask = ids_and_mask()
