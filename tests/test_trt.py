@@ -4,6 +4,7 @@ type-checked against tensorrt-stubs; running engines needs a CUDA device and ski
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import replace
 import subprocess
 import sys
@@ -42,6 +43,37 @@ def onnx_for(folder: Path, family: str, plan: Plan, tmp_path: Path, precision: s
                        if hasattr(module.stem, "embed") else 96).path
 
 
+@pytest.fixture(scope="module")
+def onnx_files(tiny_models, tmp_path_factory):
+    """``onnx_files(family, plan_name, precision)``: onnx_for's export, made once per module; tests only read it."""
+    made: dict[tuple[str, str, str], Path] = {}
+
+    def get(family: str, plan_name: str, precision: str = "fp32") -> Path:
+        if (family, plan_name, precision) not in made:
+            folder = tmp_path_factory.mktemp(f"onnx-{family}-{plan_name}-{precision}")
+            made[family, plan_name, precision] = onnx_for(tiny_models[family][1], family, make_plan(family, plan_name),
+                                                          folder, precision)
+        return made[family, plan_name, precision]
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def engines(onnx_files):
+    """``engines(family, plan_name)``: the fp32 export's TensorRT-RTX engine built with OPTIONS (the plan's digest in
+    its metadata), once per module; a test that edits an engine or its metadata edits a copy."""
+    made = {}
+
+    def get(family: str, plan_name: str):
+        if (family, plan_name) not in made:
+            onnx_path = onnx_files(family, plan_name)
+            made[family, plan_name] = build_engine(onnx_path, "trt-rtx", OPTIONS, onnx_path.parent / "engine.plan",
+                                                   {"plan_sha256": make_plan(family, plan_name).digest()})
+        return made[family, plan_name]
+
+    return get
+
+
 def assert_weights_stored_once(meta: dict, onnx_path: Path) -> None:
     total = meta["weights"]["total_bytes"]
     assert total is not None, meta["weights"]
@@ -52,11 +84,10 @@ def assert_weights_stored_once(meta: dict, onnx_path: Path) -> None:
 @needs_rtx
 @pytest.mark.parametrize("plan_name", ["dense", "skip-only", "heavy-reuse"])
 @pytest.mark.parametrize("family", ["t5", "clip-projection", "bert"])
-def test_rtx_engine_weights_equal_unique_onnx_weights(family, plan_name, tiny_models, tmp_path):
-    _, folder = tiny_models[family]
+def test_rtx_engine_weights_equal_unique_onnx_weights(family, plan_name, onnx_files, engines):
     plan = make_plan(family, plan_name)
-    onnx_path = onnx_for(folder, family, plan, tmp_path)
-    art = build_engine(onnx_path, "trt-rtx", OPTIONS, tmp_path / "engine.plan", {"plan_sha256": plan.digest()})
+    onnx_path = onnx_files(family, plan_name)
+    art = engines(family, plan_name)
     assert art.path.is_file() and art.path.stat().st_size == art.metadata["serialized_bytes"]
     assert_weights_stored_once(art.metadata, onnx_path)
     meta = json.loads(art.metadata_path.read_text())
@@ -67,24 +98,16 @@ def test_rtx_engine_weights_equal_unique_onnx_weights(family, plan_name, tiny_mo
 
 
 @needs_rtx
-def test_rtx_heavy_reuse_engine_is_smaller_than_dense(tiny_models, tmp_path):
+def test_rtx_heavy_reuse_engine_is_smaller_than_dense(engines):
     """Re-used sub-blocks are stored once: an engine that executes 6 slots holds the weights of 2."""
-    _, folder = tiny_models["bert"]
-    sizes = {}
-    for name in ("dense", "heavy-reuse"):
-        out = tmp_path / name
-        out.mkdir()
-        path = onnx_for(folder, "bert", make_plan("bert", name), out)
-        sizes[name] = build_engine(path, "trt-rtx", OPTIONS, out / "engine.plan", {}).metadata["weights"]["total_bytes"]
+    sizes = {name: engines("bert", name).metadata["weights"]["total_bytes"] for name in ("dense", "heavy-reuse")}
     assert sizes["heavy-reuse"] < sizes["dense"] * 0.8
 
 
 @needs_rtx
 @pytest.mark.parametrize("precision", ["fp16", "bf16"])
-def test_rtx_builds_half_precision_exports(precision, tiny_models, tmp_path):
-    _, folder = tiny_models["t5"]
-    plan = make_plan("t5", "heavy-reuse")
-    onnx_path = onnx_for(folder, "t5", plan, tmp_path, precision)
+def test_rtx_builds_half_precision_exports(precision, onnx_files, tmp_path):
+    onnx_path = onnx_files("t5", "heavy-reuse", precision)
     art = build_engine(onnx_path, "trt-rtx", OPTIONS, tmp_path / "engine.plan", {})
     assert {"fp16": "HALF", "bf16": "BF16"}[precision] == art.metadata["outputs"][0]["dtype"]
     assert_weights_stored_once(art.metadata, onnx_path)
@@ -143,10 +166,10 @@ def test_profiles_must_contain_the_opt_shape():
 
 
 @needs_rtx
-def test_engine_from_another_backend_or_version_is_refused(tiny_models, tmp_path):
-    _, folder = tiny_models["bert"]
-    onnx_path = onnx_for(folder, "bert", make_plan("bert", "dense"), tmp_path)
-    art = build_engine(onnx_path, "trt-rtx", OPTIONS, tmp_path / "engine.plan", {})
+def test_engine_from_another_backend_or_version_is_refused(engines, tmp_path):
+    built = engines("bert", "dense")
+    art = replace(built, path=Path(shutil.copy(built.path, tmp_path)),  # copies: the edits below stay here
+                  metadata_path=Path(shutil.copy(built.metadata_path, tmp_path)))
     backend = load_backend("trt-rtx")
     assert check_engine_metadata(art.path, backend)["backend"] == "trt-rtx"
     meta = json.loads(art.metadata_path.read_text())
@@ -205,11 +228,10 @@ def test_standard_tensorrt_path_type_checks_against_tensorrt_stubs(tmp_path):
 
 
 @needs_rtx
-def test_rtx_builder_options_build(tiny_models, tmp_path):
+def test_rtx_builder_options_build(onnx_files, tmp_path):
     """The trtexec-style options that TensorRT-RTX supports without a GPU all build (REFIT_IDENTICAL and
     STRIP_PLAN need a GPU at build time in RTX 1.7: Myelin asks CUDA for the device)."""
-    _, folder = tiny_models["t5"]
-    onnx_path = onnx_for(folder, "t5", make_plan("t5", "heavy-reuse"), tmp_path)
+    onnx_path = onnx_files("t5", "heavy-reuse")
     options = EngineOptions(batch=ShapeRange(1, 2, 4), sequence=ShapeRange(1, 16, 64), workspace_mib=256,
                             optimization_level=1, weight_streaming=True, compute_capabilities=("sm86", "sm89"),
                             timing_cache=tmp_path / "timing.cache")
