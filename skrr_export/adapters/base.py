@@ -17,6 +17,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..counts import Counting
+
 
 @dataclass
 class Context:
@@ -95,6 +97,9 @@ class Adapter:
     positions_name: ClassVar[str | None] = "max_position_embeddings"
     # The inputs, in the order the module and the graph take them: required ones first, then optional ones.
     inputs: ClassVar[tuple[ModelInput, ...]] = IDS_AND_MASK
+    # Parameters of the stem, head and each sub-block and their matmul FLOPs at a shape, from the config alone
+    # (torch-free, for `inspect`); tests hold them equal to this adapter's meta-built modules.
+    counting: ClassVar[Counting]
 
     def complete_feed(self, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         return complete_feed(self.inputs, feed)

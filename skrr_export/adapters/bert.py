@@ -7,6 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..counts import BertCounting
 from .base import IDS_AND_MASK, Adapter, Context, ModelInput, padding_mask
 
 
@@ -54,6 +55,7 @@ class BertAdapter(Adapter):
     foreign_prefixes = ("pooler.", "cls.")
     name_prefixes = ("bert.",)
     inputs = (*IDS_AND_MASK, ModelInput("token_type_ids", optional=True))  # segment ids, as optimum exports BERT
+    counting = BertCounting()
 
     def build(self, config: Any) -> nn.Module:
         from transformers import BertModel

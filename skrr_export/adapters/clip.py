@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..counts import ClipCounting
 from .base import Adapter, Context, EmbeddingStem, Residual
 
 
@@ -45,6 +46,7 @@ class ClipAdapter(Adapter):
     foreign_prefixes = ("vision_model.", "visual_projection.", "logit_scale")
     name_prefixes = ("text_model.",)
     ort_model_type = "clip"  # quick GELU
+    counting = ClipCounting()
 
     def build(self, config: Any) -> nn.Module:
         from transformers import CLIPTextModel, CLIPTextModelWithProjection

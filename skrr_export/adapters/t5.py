@@ -7,6 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..counts import T5Counting, UMT5Counting
 from .base import Adapter, Context, padding_mask
 
 
@@ -79,6 +80,7 @@ class T5Adapter(Adapter):
     size_names = {"blocks": "num_layers", "hidden": "d_model", "heads": "num_heads", "ffn": "d_ff", "vocab": "vocab_size"}
     positions_name = None  # relative positions: no length limit
     shared_bias = True
+    counting = T5Counting()
 
     def build(self, config: Any) -> nn.Module:
         from transformers import T5EncoderModel
@@ -106,6 +108,7 @@ class UMT5Adapter(T5Adapter):
     family = "umt5"
     model_types = ("umt5",)
     shared_bias = False
+    counting = UMT5Counting()
 
     def build(self, config: Any) -> nn.Module:
         from transformers import UMT5EncoderModel
