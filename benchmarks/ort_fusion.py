@@ -115,7 +115,7 @@ def interleaved(paths: dict[str, Path], config: Any, seq: int, iterations: int) 
 
 
 def variant(module: Any, path: Path, enc: Any, seq: int) -> dict[str, Any]:
-    from skrr_export.export import onnx_weight_bytes
+    from skrr_export.artifacts import onnx_weight_bytes
 
     return {"file_ops": op_counts(path), "file_nodes": sum(op_counts(path).values()),
             "session_ops": session_op_counts(path), "initializer_bytes": onnx_weight_bytes(path),

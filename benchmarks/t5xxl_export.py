@@ -71,7 +71,7 @@ def dense_plan(tmp: Path) -> Path:
 
 
 def run(folder: Path, only: str | None, quantize: str | None = None) -> None:
-    from skrr_export.export import onnx_weight_bytes
+    from skrr_export.artifacts import onnx_weight_bytes
 
     work = folder / "out"
     results = []

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import InvariantError, PlanError
+from .errors import InvariantError
 from .model import Encoder, check_plan_fits, target_dtype
 from .plan import Plan
 
@@ -141,21 +141,10 @@ def plan_cost(enc: Encoder, plan: Plan) -> PlanCost:
     )
 
 
-SPARSITY_TOLERANCE = 5e-4  # plans state sparsity to about four decimals
-
-
-def check_sparsity(plan: Plan, cost: PlanCost) -> None:
-    if plan.sparsity is not None and abs(plan.sparsity - cost.sparsity) > SPARSITY_TOLERANCE:
-        raise PlanError(
-            f"sparsity: plan states {plan.sparsity:.4f} but it removes {cost.sparsity:.4f} of this model's "
-            "parameters; fix or drop the field"
-        )
-
-
 def apply_plan(enc: Encoder, plan: Plan) -> SkrrEncoder:
     """The unrolled, weight-sharing module for ``plan``; asserts the sharing invariant."""
     cost = plan_cost(enc, plan)
-    check_sparsity(plan, cost)
+    plan.check_sparsity(cost.sparsity)
     module = SkrrEncoder(enc, plan).eval()
     meta = [n for n, p in module.named_parameters() if p.is_meta]
     if meta:

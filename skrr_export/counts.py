@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
-from .errors import ModelError, PlanError, UserError
+from .errors import ModelError
 
 BYTES = {"fp32": ("float32", 4), "fp16": ("float16", 2), "bf16": ("bfloat16", 2)}  # --precision -> dtype, bytes
 
@@ -224,7 +224,7 @@ class Cost:
 def plan_cost(config: Any, plan: Any, precision: str, batch: int, seq: int) -> Cost:
     """What ``plan`` keeps (parameters, bytes in ``precision``) and executes (sub-blocks, FLOPs at batch x seq)."""
     counting = counting_for(config)
-    check_plan_fits(plan, counting, config)
+    plan.check_fits(counting.family, counting.num_blocks(config))
     parts = counting.parts(config, batch, seq)
     always = [parts.stem, parts.head]
     kept = always + [parts.sub_blocks[i] for i in sorted(set(plan.kept))]
@@ -253,35 +253,12 @@ def part_bytes(parts: list[Part], precision: str) -> dict[str, int]:
     return {k: v for k, v in out.items() if v}
 
 
-def check_plan_fits(plan: Any, counting: Counting, config: Any) -> None:
-    """As ``model.check_plan_fits``, from the config."""
-    family, blocks = counting.family, counting.num_blocks(config)
-    if plan.family != family:
-        raise PlanError(f"encoder.family: plan is for '{plan.family}' but the model is '{family}'")
-    if plan.num_blocks != blocks:
-        raise PlanError(f"encoder.num_blocks: plan has {plan.num_blocks} blocks but the model has {blocks}")
-
-
-SPARSITY_TOLERANCE = 5e-4  # as apply.SPARSITY_TOLERANCE: plans state sparsity to about four decimals
-
-
-def check_sparsity(plan: Any, cost: Any) -> None:
-    """As ``apply.check_sparsity`` (``cost``: a ``Cost`` or an ``apply.PlanCost``)."""
-    if plan.sparsity is not None and abs(plan.sparsity - cost.sparsity) > SPARSITY_TOLERANCE:
-        raise PlanError(
-            f"sparsity: plan states {plan.sparsity:.4f} but it removes {cost.sparsity:.4f} of this model's "
-            "parameters; fix or drop the field"
-        )
-
-
 def inspect_shape(config: Any, shape: tuple[int, int] | None) -> tuple[int, int]:
-    """``shape`` (batch, sequence), or batch 1 and 256 tokens (fewer where the model has fewer positions); a sequence
-    beyond the model's positions is refused, as ``workload.check_shapes`` refuses it."""
+    """``shape`` (batch, sequence), or batch 1 and 256 tokens (fewer where the model has fewer positions); checked as
+    ``workload.check_shapes`` checks it."""
+    from .workload import check_values
+
     limit = counting_for(config).positions(config)
     batch, seq = shape or (1, min(256, limit or 256))
-    for value, what in ((batch, "batch size"), (seq, "sequence length")):
-        if value < 1:
-            raise UserError(f"{what} must be a positive integer, got {value}")
-    if limit is not None and seq > limit:
-        raise UserError(f"sequence length {seq} exceeds this model's {limit} positions")
+    check_values((batch,), (seq,), limit)
     return batch, seq

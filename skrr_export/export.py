@@ -19,16 +19,14 @@ import onnx_ir as ir
 import torch
 
 from .apply import SkrrEncoder, unique_parameter_bytes
-from .errors import InvariantError, UserError
+from .artifacts import SMALL_CONSTANT_BYTES, onnx_initializer_sizes, onnx_weight_bytes  # noqa: F401 (TEMP re-export)
+from .errors import InvariantError
 
 log = logging.getLogger("skrr_export")
 
 OPSET = 20
 IR_VERSION = 10  # ONNX Runtime 1.30/1.31 refuse IR > 13; onnx 1.23 would write a newer one
 EXTERNAL_DATA_THRESHOLD = 2 * 1024**3  # protobuf's limit for a single file
-# Graph constants that are not parameters (shape vectors, scalars, masks' fill values) stay below this: `inspect`
-# counts an ONNX as agreeing with a plan when its initializers exceed the kept weight bytes by no more.
-SMALL_CONSTANT_BYTES = 64 * 1024
 # The largest tensor constant folding may write into the graph (elements). Larger results stay computed:
 # with a fixed sequence, T5's [S, S] position buckets stay a few nodes instead of an S*S*8-byte table
 # (benchmarks/README.md, "T5 positions at a fixed sequence").
@@ -312,23 +310,3 @@ def _check(path: Path) -> None:
         onnx.checker.check_model(str(path), full_check=False)
     except onnx.checker.ValidationError as exc:
         raise InvariantError(f"exported ONNX fails onnx.checker: {str(exc).splitlines()[0]}") from None
-
-
-def onnx_initializer_sizes(path: Path) -> list[int]:
-    """Byte size of every initializer of an ONNX file on disk (external data included), without loading the data."""
-    import onnx
-
-    if not path.is_file():
-        raise UserError(f"{path} does not exist")
-    model = onnx.load(str(path), load_external_data=False)
-    sizes = []
-    for init in model.graph.initializer:
-        if init.data_location == onnx.TensorProto.EXTERNAL:
-            sizes.append(int({e.key: e.value for e in init.external_data}.get("length", 0)))
-        else:
-            sizes.append(len(init.raw_data) or onnx.numpy_helper.to_array(init).nbytes)
-    return sizes
-
-
-def onnx_weight_bytes(path: Path) -> int:
-    return sum(onnx_initializer_sizes(path))

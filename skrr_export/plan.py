@@ -14,6 +14,7 @@ from .errors import PlanError
 
 FORMAT = "skrr-plan/1"
 FAMILIES = ("t5", "umt5", "clip", "bert")
+SPARSITY_TOLERANCE = 5e-4  # plans state sparsity to about four decimals
 
 
 @cache
@@ -83,6 +84,21 @@ class Plan:
     @classmethod
     def dense(cls, family: str, num_blocks: int) -> Plan:
         return cls(family=family, num_blocks=num_blocks)
+
+    def check_fits(self, family: str, num_blocks: int) -> None:
+        """The model must be of the plan's family and depth."""
+        if self.family != family:
+            raise PlanError(f"encoder.family: plan is for '{self.family}' but the model is '{family}'")
+        if self.num_blocks != num_blocks:
+            raise PlanError(f"encoder.num_blocks: plan has {self.num_blocks} blocks but the model has {num_blocks}")
+
+    def check_sparsity(self, computed: float) -> None:
+        """A stated sparsity must be what the plan removes from this model (``computed``)."""
+        if self.sparsity is not None and abs(self.sparsity - computed) > SPARSITY_TOLERANCE:
+            raise PlanError(
+                f"sparsity: plan states {self.sparsity:.4f} but it removes {computed:.4f} of this model's "
+                "parameters; fix or drop the field"
+            )
 
 
 def load_plan(path: str | Path) -> Plan:

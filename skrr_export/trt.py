@@ -331,7 +331,7 @@ def _build(backend: Backend, onnx_path: Path, options: EngineOptions, out: Path)
 def _engine_metadata(backend: Backend, onnx_path: Path, options: EngineOptions, out: Path, io: tuple[Any, Any, Any],
                      accounting: dict[str, Any]) -> dict[str, Any]:
     """engine.json: what built it, for which ONNX and shapes, and the weight bytes it holds against the ONNX's."""
-    from .export import onnx_initializer_sizes
+    from .artifacts import onnx_initializer_sizes
 
     inputs, outputs, shapes = io
     sizes = onnx_initializer_sizes(onnx_path)

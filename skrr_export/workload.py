@@ -21,14 +21,18 @@ def check_shapes(config: Any, batches: tuple[int, ...], sequences: tuple[int, ..
     """Every (batch, sequence) pair, smallest first; sequences beyond the model's positions are refused."""
     from .adapters import sizes_of
 
-    limit = sizes_of(config).positions
+    check_values(batches, sequences, sizes_of(config).positions)
+    return sorted((Shape(b, s) for b in dict.fromkeys(batches) for s in dict.fromkeys(sequences)),
+                  key=lambda sh: (sh.batch * sh.seq, sh.batch))
+
+
+def check_values(batches: tuple[int, ...], sequences: tuple[int, ...], limit: int | None) -> None:
+    """Positive sizes, and no sequence beyond the model's ``limit`` positions (None: no limit)."""
     for value, what in [(b, "batch size") for b in batches] + [(s, "sequence length") for s in sequences]:
         if value < 1:
             raise UserError(f"{what} must be a positive integer, got {value}")
     if limit is not None and max(sequences) > limit:
         raise UserError(f"sequence length {max(sequences)} exceeds this model's {limit} positions")
-    return sorted((Shape(b, s) for b in dict.fromkeys(batches) for s in dict.fromkeys(sequences)),
-                  key=lambda sh: (sh.batch * sh.seq, sh.batch))
 
 
 def default_sequence(config: Any, preferred: int) -> int:

@@ -264,14 +264,23 @@ def test_inspect_works_without_torch():
             f"{dense / 1e12:.4g} TFLOP (fraction {plan / dense:.3f};") in done.stdout
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "STYLE.md 7: inspect --recipe minilm without torch: recipes.Recipe._fits_embedded_default imports "
-    "model.default_model_path, and model imports torch at the top; default_model_path (torch-free itself) wants a "
-    "torch-free home (cli._default_model_path is its interim twin for inspect); exit 3, 'No module named torch'"))
 def test_inspect_of_the_embedded_default_recipe_works_without_torch():
     done = cli_without(("torch",), "inspect", "--recipe", "minilm")
     assert done.returncode == 0, done.stderr
     assert "bert encoder, 6 blocks" in done.stdout
+
+
+def test_inspect_of_an_export_works_without_torch(tiny_models, tmp_path):
+    """The exported file's bytes, and whether they agree with the plan, read without torch."""
+    from .test_apply import make_plan
+
+    _, folder = tiny_models["bert"]
+    plan = write_plan(tmp_path, make_plan("bert", "heavy-reuse").to_json())
+    assert main(["--plan", str(plan), "--model", str(folder), "--out", str(tmp_path / "out"), "-q"]) == 0
+    done = cli_without(("torch",), "inspect", "--plan", str(plan), "--model", str(folder),
+                       "--onnx", str(tmp_path / "out" / "model.onnx"))
+    assert done.returncode == 0, done.stderr
+    assert "agrees with the plan in fp32: yes" in done.stdout
 
 
 def test_inspect_quantize_without_torch_says_it_needs_torch():
