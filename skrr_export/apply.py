@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .counts import PlanCost
 from .errors import InvariantError
 from .model import Encoder, check_plan_fits, target_dtype
 from .plan import Plan
@@ -74,28 +75,6 @@ def unique_parameter_bytes(module: nn.Module) -> int:
     for _, p in module.named_parameters(remove_duplicate=False):
         seen[(p.untyped_storage().data_ptr(), p.storage_offset())] = p.numel() * p.element_size()
     return sum(seen.values())
-
-
-@dataclass(frozen=True)
-class PlanCost:
-    """What a plan keeps and executes, from the model's structure alone (no weights needed)."""
-
-    total_params: int
-    kept_params: int
-    total_bytes: dict[str, int]
-    kept_bytes: dict[str, int]
-    executed_slots: int
-    num_slots: int
-    compute_fraction: float  # executed sub-block parameters / all sub-block parameters (a FLOP proxy)
-
-    @property
-    def sparsity(self) -> float:
-        """The paper's definition: parameters removed / all encoder parameters, embeddings included."""
-        return (self.total_params - self.kept_params) / self.total_params
-
-    @property
-    def kept_weight_bytes(self) -> int:
-        return sum(self.kept_bytes.values())
 
 
 def _param_ids(module: nn.Module) -> set[int]:

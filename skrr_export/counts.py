@@ -40,24 +40,47 @@ class Parts:
     head: Part
 
 
+@dataclass(frozen=True)
+class Sizes:
+    """A family's sizes under one set of names (each config names them its own way)."""
+
+    blocks: int
+    hidden: int
+    heads: int
+    ffn: int
+    vocab: int
+    positions: int | None  # None: relative positions, no length limit
+
+
 class Counting:
-    """One family's counts, declared from its config (subclasses: one per family). Stem and sub-blocks read the text
-    tower's config; the head reads the whole one (CLIP: whether the model is projected)."""
+    """One family's declaration from its config, torch-free: its model types, where its sizes are (and the text
+    tower's config in a composite one), and the parameters and FLOPs of its parts (subclasses: one per family).
+    Stem and sub-blocks read the text tower's config; the head reads the whole one (CLIP: whether it is projected).
+    The family's adapter (``adapters/``, torch) reads all of this from here."""
 
     family: ClassVar[str]
     model_types: ClassVar[tuple[str, ...]]
-    blocks_name: ClassVar[str] = "num_hidden_layers"
+    # The config attributes behind the fields of Sizes (positions None: the family has no length limit).
+    size_names: ClassVar[dict[str, str]] = {"blocks": "num_hidden_layers", "hidden": "hidden_size",
+                                            "heads": "num_attention_heads", "ffn": "intermediate_size",
+                                            "vocab": "vocab_size"}
     positions_name: ClassVar[str | None] = "max_position_embeddings"
 
     def text_config(self, config: Any) -> Any:
+        """The part of ``config`` that describes the text encoder (a composite config nests it)."""
         return config
 
+    def sizes(self, config: Any) -> Sizes:
+        text = self.text_config(config)
+        positions = int(getattr(text, self.positions_name)) if self.positions_name else None
+        return Sizes(**{field: int(getattr(text, name)) for field, name in self.size_names.items()}, positions=positions)
+
     def num_blocks(self, config: Any) -> int:
-        return int(getattr(self.text_config(config), self.blocks_name))
+        return self.sizes(config).blocks
 
     def positions(self, config: Any) -> int | None:
         """The longest sequence the model takes (None: no limit)."""
-        return int(getattr(self.text_config(config), self.positions_name)) if self.positions_name else None
+        return self.sizes(config).positions
 
     def parts(self, config: Any, batch: int, seq: int) -> Parts:
         text = self.text_config(config)
@@ -88,9 +111,9 @@ class T5Counting(Counting):
 
     family = "t5"
     model_types = ("t5",)
-    blocks_name = "num_layers"
-    positions_name = None
-    shared_bias = True
+    size_names = {"blocks": "num_layers", "hidden": "d_model", "heads": "num_heads", "ffn": "d_ff", "vocab": "vocab_size"}
+    positions_name = None  # relative positions: no length limit
+    shared_bias = True  # T5: one relative-position table (block 0's) for every slot; UMT5: one per layer
 
     def stem(self, text: Any, batch: int, seq: int) -> Part:
         table = text.relative_attention_num_buckets * text.num_heads if self.shared_bias else 0
@@ -203,8 +226,8 @@ def read_config(path: Path, subfolder: str | None = None) -> Any:
 
 
 @dataclass(frozen=True)
-class Cost:
-    """``apply.PlanCost``'s numbers, from the config; ``flops``: the plan's and the dense model's at one shape."""
+class PlanCost:
+    """What a plan keeps and executes, from the model's structure alone (no weights needed)."""
 
     total_params: int
     kept_params: int
@@ -212,13 +235,24 @@ class Cost:
     kept_bytes: dict[str, int]
     executed_slots: int
     num_slots: int
-    compute_fraction: float  # executed sub-block parameters / all sub-block parameters
-    flops: int
-    dense_flops: int
+    compute_fraction: float  # executed sub-block parameters / all sub-block parameters (a FLOP proxy)
 
     @property
     def sparsity(self) -> float:
+        """The paper's definition: parameters removed / all encoder parameters, embeddings included."""
         return (self.total_params - self.kept_params) / self.total_params
+
+    @property
+    def kept_weight_bytes(self) -> int:
+        return sum(self.kept_bytes.values())
+
+
+@dataclass(frozen=True)
+class Cost(PlanCost):
+    """``PlanCost`` from the config, with the plan's and the dense model's matmul FLOPs at one shape."""
+
+    flops: int
+    dense_flops: int
 
 
 def plan_cost(config: Any, plan: Any, precision: str, batch: int, seq: int) -> Cost:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..errors import ModelError
+from ..counts import counting_for
 from .base import Adapter, Context, ModelInput, Sizes, complete_feed
 from .bert import BertAdapter
 from .clip import ClipAdapter
@@ -14,12 +14,8 @@ ADAPTERS: dict[str, Adapter] = {a.family: a for a in (T5Adapter(), UMT5Adapter()
 
 
 def adapter_for(config: Any) -> Adapter:
-    model_type = getattr(config, "model_type", None)
-    for adapter in ADAPTERS.values():
-        if model_type in adapter.model_types:
-            return adapter
-    known = ", ".join(t for a in ADAPTERS.values() for t in a.model_types)
-    raise ModelError(f"model_type '{model_type}' has no adapter; supported model types: {known}")
+    """The adapter of ``config``'s family (found by its ``model_type``; an unknown one is a ModelError)."""
+    return ADAPTERS[counting_for(config).family]
 
 
 def sizes_of(config: Any) -> Sizes:

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..counts import Counting
+from ..counts import Counting, Sizes
 
 
 @dataclass
@@ -65,23 +65,13 @@ def complete_feed(inputs: tuple[ModelInput, ...], feed: Mapping[str, np.ndarray]
     return {i.name: feed[i.name] if i.name in feed else np.zeros_like(feed["input_ids"]) for i in inputs}
 
 
-@dataclass(frozen=True)
-class Sizes:
-    """A family's sizes under one set of names (each config names them its own way)."""
-
-    blocks: int
-    hidden: int
-    heads: int
-    ffn: int
-    vocab: int
-    positions: int | None  # None: relative positions, no length limit
-
-
 class Adapter:
-    """Per-family knowledge, declared once. Subclasses fill in the class variables and the builders."""
+    """Per-family knowledge, declared once. Subclasses fill in the class variables and the builders; what can be
+    read from the config without torch (family, model types, sizes, the text tower, counts) is its ``counting``'s."""
 
-    family: ClassVar[str]
-    model_types: ClassVar[tuple[str, ...]]
+    # The family's torch-free declaration: model types, sizes, the parameters and FLOPs of every part from the config
+    # alone (for `inspect`); tests hold its counts equal to this adapter's meta-built modules.
+    counting: ClassVar[Counting]
     # Module-name suffixes kept in fp32 when exporting fp16 (T5's FFN output projection overflows fp16).
     fp32_in_fp16: ClassVar[tuple[str, ...]] = ()
     # Checkpoint key prefixes that belong to other parts of a larger model (decoder, vision tower, pooler).
@@ -90,28 +80,26 @@ class Adapter:
     name_prefixes: ClassVar[tuple[str, ...]] = ()
     # The model type ONNX Runtime's transformer optimizer fuses this family's norms and GELU as (--optimize ort).
     ort_model_type: ClassVar[str] = "bert"
-    # The config attributes behind the fields of Sizes (positions None: the family has no length limit).
-    size_names: ClassVar[dict[str, str]] = {"blocks": "num_hidden_layers", "hidden": "hidden_size",
-                                            "heads": "num_attention_heads", "ffn": "intermediate_size",
-                                            "vocab": "vocab_size"}
-    positions_name: ClassVar[str | None] = "max_position_embeddings"
     # The inputs, in the order the module and the graph take them: required ones first, then optional ones.
     inputs: ClassVar[tuple[ModelInput, ...]] = IDS_AND_MASK
-    # Parameters of the stem, head and each sub-block and their matmul FLOPs at a shape, from the config alone
-    # (torch-free, for `inspect`); tests hold them equal to this adapter's meta-built modules.
-    counting: ClassVar[Counting]
 
     def complete_feed(self, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         return complete_feed(self.inputs, feed)
 
+    @property
+    def family(self) -> str:
+        return self.counting.family
+
+    @property
+    def model_types(self) -> tuple[str, ...]:
+        return self.counting.model_types
+
     def text_config(self, config: Any) -> Any:
         """The part of ``config`` that describes the text encoder (a composite config nests it)."""
-        return config
+        return self.counting.text_config(config)
 
     def sizes(self, config: Any) -> Sizes:
-        text = self.text_config(config)
-        positions = int(getattr(text, self.positions_name)) if self.positions_name else None
-        return Sizes(**{field: int(getattr(text, name)) for field, name in self.size_names.items()}, positions=positions)
+        return self.counting.sizes(config)
 
     def build(self, config: Any) -> nn.Module:
         raise NotImplementedError

@@ -50,8 +50,6 @@ class BertHead(nn.Module):
 
 
 class BertAdapter(Adapter):
-    family = "bert"
-    model_types = ("bert",)
     foreign_prefixes = ("pooler.", "cls.")
     name_prefixes = ("bert.",)
     inputs = (*IDS_AND_MASK, ModelInput("token_type_ids", optional=True))  # segment ids, as optimum exports BERT

@@ -4,7 +4,7 @@ and the pooled (or projected) end-of-text embedding."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -41,28 +41,19 @@ class ClipHead(nn.Module):
 
 
 class ClipAdapter(Adapter):
-    family = "clip"
-    model_types = ("clip_text_model", "clip")
     foreign_prefixes = ("vision_model.", "visual_projection.", "logit_scale")
     name_prefixes = ("text_model.",)
     ort_model_type = "clip"  # quick GELU
-    counting = ClipCounting()
+    counting: ClassVar[ClipCounting] = ClipCounting()
 
     def build(self, config: Any) -> nn.Module:
         from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
         config = self.text_config(config)
-        return CLIPTextModelWithProjection(config) if self.projected(config) else CLIPTextModel(config)
-
-    def text_config(self, config: Any) -> Any:
-        return getattr(config, "text_config", config)  # a whole CLIPModel's config nests the text tower's
-
-    @staticmethod
-    def projected(config: Any) -> bool:
-        return any("Projection" in a or a == "CLIPModel" for a in (config.architectures or []))
+        return CLIPTextModelWithProjection(config) if self.counting.projected(config) else CLIPTextModel(config)
 
     def output_names(self, config: Any) -> tuple[str, ...]:
-        pooled = "text_embeds" if self.projected(config) else "pooler_output"
+        pooled = "text_embeds" if self.counting.projected(config) else "pooler_output"
         return ("last_hidden_state", "penultimate_hidden_state", pooled)
 
     def stem(self, model: nn.Module) -> nn.Module:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -72,15 +72,10 @@ class T5Head(nn.Module):
 
 
 class T5Adapter(Adapter):
-    family = "t5"
-    model_types = ("t5",)
     fp32_in_fp16 = ("wo",)
     ort_model_type = "t5"  # RMSNorm: SkipSimplifiedLayerNormalization
     foreign_prefixes = ("decoder.", "lm_head.")
-    size_names = {"blocks": "num_layers", "hidden": "d_model", "heads": "num_heads", "ffn": "d_ff", "vocab": "vocab_size"}
-    positions_name = None  # relative positions: no length limit
-    shared_bias = True
-    counting = T5Counting()
+    counting: ClassVar[T5Counting] = T5Counting()
 
     def build(self, config: Any) -> nn.Module:
         from transformers import T5EncoderModel
@@ -91,13 +86,13 @@ class T5Adapter(Adapter):
         return ("last_hidden_state",)
 
     def stem(self, model: nn.Module) -> nn.Module:
-        bias_attention = model.encoder.block[0].layer[0].SelfAttention if self.shared_bias else None
+        bias_attention = model.encoder.block[0].layer[0].SelfAttention if self.counting.shared_bias else None
         return T5Stem(model.shared, bias_attention)
 
     def sub_blocks(self, model: nn.Module) -> list[nn.Module]:
         out: list[nn.Module] = []
         for block in model.encoder.block:
-            out += [T5Attention(block.layer[0], self.shared_bias), T5FeedForward(block.layer[-1])]
+            out += [T5Attention(block.layer[0], self.counting.shared_bias), T5FeedForward(block.layer[-1])]
         return out
 
     def head(self, model: nn.Module) -> nn.Module:
@@ -105,10 +100,7 @@ class T5Adapter(Adapter):
 
 
 class UMT5Adapter(T5Adapter):
-    family = "umt5"
-    model_types = ("umt5",)
-    shared_bias = False
-    counting = UMT5Counting()
+    counting: ClassVar[T5Counting] = UMT5Counting()
 
     def build(self, config: Any) -> nn.Module:
         from transformers import UMT5EncoderModel
