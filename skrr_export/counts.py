@@ -1,11 +1,12 @@
-"""What a plan keeps and executes, counted from the model's config alone: no torch, no model built.
+"""Each family's torch-free declaration (``Counting``): its model types, where its sizes are, and what a plan keeps
+and executes, counted from the model's config alone: no torch, no model built.
 
 Each family declares, from its config, the parameters of its stem, head and every sub-block, and the matmul FLOPs of
 each at a (batch, sequence) shape, counted as torch's FlopCounterMode counts them: 2*M*N*K for every mm, addmm, bmm
 and baddbmm (a bias add, softmax, norm or activation counts nothing). ``skrr-export inspect`` reads these; tests
 hold them equal, exactly, to the meta-built model's counts (``apply.plan_cost``, ``workload.executed_flops``), which
-measure and the pipeline keep using. The adapters (``adapters/``, which need torch) name their family's counting as
-``Adapter.counting``.
+measure and the pipeline keep using. The adapters (``adapters/``, which need torch) read their family, model types,
+sizes and text tower from their ``Adapter.counting``.
 """
 
 from __future__ import annotations
