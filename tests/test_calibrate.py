@@ -3,7 +3,9 @@ calibrated plans beat whole-block and random plans on real MiniLM weights; bad i
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
 import json
 import logging
 import random
@@ -145,16 +147,19 @@ def test_score_is_the_papers_d_whatever_the_batching(family, tiny_models):
         assert reused == pytest.approx(expected_reuse, rel=1e-5), batch
 
 
-def discrepancy(enc, plan: Plan, feeds) -> float:
-    """Independent D: the applied module's last hidden state against the dense one, masked MSE, summed over batches."""
-    dense = apply_plan(enc, Plan.dense(plan.family, plan.num_blocks))
-    pruned = apply_plan(enc, plan)
-    d = 0.0
+def last_hidden_states(enc, plan: Plan, feeds) -> list[torch.Tensor]:
+    module = apply_plan(enc, plan)
     with torch.no_grad():
-        for ids, mask in feeds:
-            a, b = dense(ids, mask)[0], pruned(ids, mask)[0]
-            keep = mask.bool()
-            d += float(((a[keep] - b[keep]) ** 2).mean())
+        return [module(ids, mask)[0] for ids, mask in feeds]
+
+
+def discrepancy(enc, plan: Plan, feeds, dense: list[torch.Tensor]) -> float:
+    """Independent D: the applied module's last hidden state against the dense one (``dense``: the dense plan's
+    last_hidden_states on ``feeds``, computed once by the caller), masked MSE, summed over batches."""
+    d = 0.0
+    for a, b, (_, mask) in zip(dense, last_hidden_states(enc, plan, feeds), feeds, strict=True):
+        keep = mask.bool()
+        d += float(((a[keep] - b[keep]) ** 2).mean())
     return d
 
 
@@ -181,30 +186,48 @@ def shortgpt_plan(enc, feeds, blocks: int) -> Plan:
     return Plan("bert", 6, skip=tuple(s for b in order for s in (2 * b, 2 * b + 1)))
 
 
-def test_calibrated_minilm_plan_beats_whole_block_and_random_plans(minilm_path, tmp_path, caplog, capsys):
-    out = tmp_path / "plan.json"
-    with caplog.at_level(logging.INFO, logger="skrr_export"):
-        plan = calibrate(CalibrationConfig(out=out, sparsities=(0.16,), **SMALL))[0.16]
-    bars = re.findall(r"(\d+)/(\d+) \[", capsys.readouterr().err)
+@pytest.fixture(scope="module")
+def minilm_calibration(minilm_path, tmp_path_factory):
+    """The library's MiniLM calibration at 16 % with the SMALL settings, run once for the tests that read it: the
+    plan by sparsity, the plan file, and what the run wrote to stderr (its progress bar) and to the log at INFO."""
+    out = tmp_path_factory.mktemp("minilm-calibration") / "plan.json"
+    logger, err, log = logging.getLogger("skrr_export"), io.StringIO(), io.StringIO()
+    handler, level = logging.StreamHandler(log), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        with contextlib.redirect_stderr(err):
+            plans = calibrate(CalibrationConfig(out=out, sparsities=(0.16,), **SMALL))
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    return plans, out, err.getvalue(), log.getvalue()
+
+
+def test_calibrated_minilm_plan_beats_whole_block_and_random_plans(minilm_path, minilm_calibration):
+    plans, out, err, log = minilm_calibration
+    plan = plans[0.16]
+    bars = re.findall(r"(\d+)/(\d+) \[", err)
     steps = len(plan.provenance["skip_steps"])
     assert bars and bars[-1] == (str(steps), str(steps)), "the progress bar ends at the steps taken"
-    assert "memory plan on cpu: weights 0.08 GiB" in caplog.text
+    assert "memory plan on cpu: weights 0.08 GiB" in log
     assert load_plan(out) == plan
     enc = load_encoder(ModelSource(minilm_path), Plan.dense("bert", 6))
     feeds = minilm_feeds(minilm_path)
     target = plan_cost(enc, plan).sparsity
-    ours = discrepancy(enc, plan, feeds)
+    dense = last_hidden_states(enc, Plan.dense("bert", 6), feeds)
+    ours = discrepancy(enc, plan, feeds, dense)
     assert ours == pytest.approx(plan.provenance["score"], rel=1e-4)
     baseline = shortgpt_plan(enc, feeds, blocks=2)
     assert plan_cost(enc, baseline).sparsity >= target - 1e-3
-    assert ours < discrepancy(enc, baseline, feeds)
+    assert ours < discrepancy(enc, baseline, feeds, dense)
     rng = random.Random(0)
     attention = sum(1 for s in plan.skip if s % 2 == 0)
     for _ in range(10):  # random plans with as many attention and FFN sub-blocks: the same sparsity
         skip = rng.sample(range(0, 12, 2), attention) + rng.sample(range(1, 12, 2), len(plan.skip) - attention)
         random_plan = Plan("bert", 6, skip=tuple(skip))
         assert plan_cost(enc, random_plan).sparsity == pytest.approx(target)
-        assert ours < discrepancy(enc, random_plan, feeds)
+        assert ours < discrepancy(enc, random_plan, feeds, dense)
     p = plan.provenance
     assert p["subblock_evaluations"] < p["naive_subblock_evaluations"]
     assert p["beam"] == 3 and p["num_prompts"] == 8 and len(p["skip_steps"]) >= len(plan.skip)
@@ -240,7 +263,8 @@ def test_projection_changes_the_metric(minilm_path, tmp_path):
         calibrate(CalibrationConfig(out=tmp_path / "w.json", sparsities=(0.05,), projection=wrong, **SMALL))
 
 
-def test_interrupted_calibration_resumes_from_its_checkpoint(minilm_path, tmp_path, monkeypatch, capsys):
+def test_interrupted_calibration_resumes_from_its_checkpoint(minilm_path, minilm_calibration, tmp_path, monkeypatch,
+                                                           capsys):
     import skrr_export.calibrate as cal
 
     out = tmp_path / "plan.json"
@@ -268,7 +292,7 @@ def test_interrupted_calibration_resumes_from_its_checkpoint(minilm_path, tmp_pa
     assert not checkpoint.exists()
     assert main(args) == 2, "an existing plan is not replaced without --force"
     assert "exists; pass --force" in capsys.readouterr().err
-    uninterrupted = calibrate(CalibrationConfig(out=tmp_path / "again.json", sparsities=(0.16,), **SMALL))[0.16]
+    uninterrupted = minilm_calibration[0][0.16]  # the library's run with the same settings, start to end
     resumed = load_plan(out)
     assert (resumed.skip, resumed.reuse) == (uninterrupted.skip, uninterrupted.reuse)
     assert resumed.provenance["score"] == uninterrupted.provenance["score"]
