@@ -115,16 +115,26 @@ def main() -> int:
 
 def head(args: argparse.Namespace, steps: list[str]) -> dict[str, Any]:
     """What the run is: device, versions, the ONNX Runtime it loaded (and how), settings; results fill in."""
-    from skrr_export.backends import preload_cuda_libraries
-
     shapes = REHEARSAL_SHAPES if args.rehearse else SHAPES
-    return {"environment": environment(args.rehearse), "onnxruntime": preload_cuda_libraries(),
+    return {"environment": environment(args.rehearse), "onnxruntime": _onnxruntime(),
             "settings": {"model": str(MODEL.relative_to(ROOT)), "plan": str(PLAN.relative_to(ROOT)),
                          "random_weights": True, "shapes": [f"{b}x{s}" for b, s in shapes], "warmup": args.warmup,
                          "iterations": args.iterations, "torch_compile_dynamic": True, "tf32": False,
                          "rehearsal_width": "1/64 of the width, same depth" if args.rehearse else None},
             "budget_seconds": args.budget, "steps": steps, "estimates": {n: STEPS[n].seconds for n in steps},
             "skipped": {}, "failed": {}, "step_seconds": {}, "matrix": {}}
+
+
+def _onnxruntime() -> dict[str, Any]:
+    """backends.preload_cuda_libraries, or why it failed (the PyTorch steps still run)."""
+    from skrr_export.backends import preload_cuda_libraries
+
+    try:
+        return preload_cuda_libraries()
+    except Exception as exc:  # noqa: BLE001 - e.g. the staged wheel did not install: recorded, the run goes on
+        log.exception("onnxruntime could not be loaded")
+        return {"onnxruntime": "not loaded", "path": "", "preload_dlls": False, "cuda_libraries": [],
+                "error": f"{type(exc).__name__}: {exc}"}
 
 
 def inputs(rehearse: bool, folder: Path) -> tuple[Path, Path]:
@@ -197,9 +207,11 @@ def issue_targets(results: dict[str, Any], rehearsal: bool) -> list[dict[str, An
     wanted += [(f"{r['backend']} ({r['variant']}): nodes off CUDA or memcpy on the hot path", "placement") for r in ort_runs]
     if not ort_runs:
         wanted.append(("ONNX Runtime runs: nodes off CUDA or memcpy on the hot path", "placement"))
-    missing = "not measured (CPU rehearsal: no memory figure)" if rehearsal else "not measured"
-    return [found.get(name, {"target": name, "value": None, "limit": None, "met": None, "why": missing}) | {"kind": kind}
-            for name, kind in wanted]
+    def missing(kind: str) -> str:
+        return "not measured (CPU rehearsal: no memory figure)" if rehearsal and kind == "device bytes" else "not measured"
+
+    return [found.get(name, {"target": name, "value": None, "limit": None, "met": None, "why": missing(kind)})
+            | {"kind": kind} for name, kind in wanted]
 
 
 # ------------------------------------------------------------------------------------------------ writing
@@ -225,9 +237,10 @@ def render(r: dict[str, Any]) -> str:
              f"dense and the PixArt-Sigma 41.9 % plan; TF32 off; {r['settings']['warmup']} warm-up and "
              f"{r['settings']['iterations']} timed runs per shape; torch.compile with dynamic=True",
              "- Versions: " + ", ".join(f"{k} {v}" for k, v in env.items() if k not in ("device", "rehearsal")),
-             f"- ONNX Runtime imported: {ort['onnxruntime']} from `{ort['path']}`; preload_dlls "
+             f"- ONNX Runtime imported: {ort['onnxruntime']} from `{ort['path']}` {ort.get('error', '')}; preload_dlls "
              f"{'called' if ort['preload_dlls'] else 'absent'}; CUDA libraries mapped: "
-             f"{', '.join(Path(p).name for p in ort['cuda_libraries']) or 'none'}",
+             f"{', '.join(Path(p).name for p in ort['cuda_libraries']) or 'none'}"
+             + (f"; preload_dlls printed: {ort['preload_messages']!r}" if ort.get("preload_messages") else ""),
              f"- Wall time {r.get('seconds', '(running)')} s of a {r['budget_seconds']:.0f} s budget; steps: "
              + ", ".join(f"{k} {v} s" for k, v in r["step_seconds"].items()), ""]
     for precision, results in r["matrix"].items():
