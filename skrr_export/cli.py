@@ -542,7 +542,8 @@ def _measure_parser() -> Parser:
     _plan_arguments(p)
     _model_arguments(p)
     p.add_argument("--backends", default="", help="comma-separated: torch, ort-cuda, trt, trt-rtx (default: all that can run here); "
-                   "on request: torch-compile, ort-cuda-stock (ONNX Runtime's default CUDA settings, to compare with ours)")
+                   "on request: torch-compile, ort-cuda-stock (ONNX Runtime's default CUDA settings, to compare with ours), "
+                   "ort-cuda-fused (the --optimize ort graph), hf (dense only)")
     p.add_argument("--batch", default="1,4", help="batch sizes (default 1,4)")
     p.add_argument("--seq", default="256,512", help="sequence lengths (default 256,512; CLIP: 77)")
     p.add_argument("--precision", choices=PRECISIONS, default="bf16", help="default bf16")

@@ -19,7 +19,6 @@ import onnx_ir as ir
 import torch
 
 from .apply import SkrrEncoder, unique_parameter_bytes
-from .artifacts import SMALL_CONSTANT_BYTES, onnx_initializer_sizes, onnx_weight_bytes  # noqa: F401 (TEMP re-export)
 from .errors import InvariantError
 
 log = logging.getLogger("skrr_export")

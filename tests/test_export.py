@@ -13,13 +13,8 @@ from skrr_export.adapters import complete_feed
 from skrr_export.apply import apply_plan, computed_in_fp32, unique_parameter_bytes
 from skrr_export.compare import DEFAULT_TOLERANCES, compare
 from skrr_export.errors import ArtifactError
-from skrr_export.export import (
-    SMALL_CONSTANT_BYTES,
-    ExportOptions,
-    export_onnx,
-    onnx_initializer_sizes,
-    onnx_weight_bytes,
-)
+from skrr_export.artifacts import SMALL_CONSTANT_BYTES, onnx_initializer_sizes, onnx_weight_bytes
+from skrr_export.export import ExportOptions, export_onnx
 from skrr_export.model import ModelSource, load_encoder
 from skrr_export.runners import OrtFp32ArithmeticRunner, OrtRunner, TorchRunner
 
@@ -35,9 +30,11 @@ def exported(tiny_models, family, tmp_path, plan_name="heavy-reuse", precision="
     return module, art
 
 
-def feed(dtype="int64", seed=0):
+def feed(dtype="int64", seed=0, module=None):
+    """A padded batch; with ``module``, every input it takes (BERT's token_type_ids: zeros)."""
     ids, mask = ids_and_mask(seed=seed)
-    return {"input_ids": ids.numpy().astype(dtype), "attention_mask": mask.numpy().astype(dtype)}
+    batch = {"input_ids": ids.numpy().astype(dtype), "attention_mask": mask.numpy().astype(dtype)}
+    return complete_feed(module.inputs, batch) if module is not None else batch
 
 
 def parity(module, art, batch, precision="fp32"):

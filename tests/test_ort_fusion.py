@@ -17,7 +17,8 @@ from skrr_export.apply import computed_in_fp32, unique_parameter_bytes
 from skrr_export.cli import main
 from skrr_export.compare import DEFAULT_TOLERANCES, compare
 from skrr_export.errors import InvariantError
-from skrr_export.export import SMALL_CONSTANT_BYTES, onnx_initializer_sizes, weight_names
+from skrr_export.artifacts import SMALL_CONSTANT_BYTES, onnx_initializer_sizes
+from skrr_export.export import weight_names
 from skrr_export.ort_fusion import fuse_artifact, same_weights, stored_tensors
 from skrr_export.pipeline import ExportConfig, run_export
 from skrr_export.runners import OrtFp32ArithmeticRunner, OrtRunner, TorchRunner
@@ -83,7 +84,7 @@ def test_heavy_reuse_fuses_every_attention_slot_keeps_weights_once_and_matches_p
     assert sum(sizes[n] for n in sizes if n not in aliases) == art.initializers.constant_bytes <= SMALL_CONSTANT_BYTES
     assert model.ir_version <= 10
     # and it computes what PyTorch does, on ONNX Runtime's CPU provider
-    batch = feed()  # padded: the padding mask reaches MultiHeadAttention as its attention bias
+    batch = feed(module=module)  # padded: the padding mask reaches MultiHeadAttention as its attention bias
     with TorchRunner(module, module.output_names) as t, OrtRunner(art.path) as o:
         result = compare(("pytorch", t.infer(batch)), ("onnxruntime", o.infer(batch)), batch["attention_mask"],
                          {"*": DEFAULT_TOLERANCES["fp32"]})
@@ -99,7 +100,7 @@ def test_wrong_attention_scale_fails_parity(exports, tmp_path):
         if node.op_type == "MultiHeadAttention":
             next(a for a in node.attribute if a.name == "scale").f = 1.0
     onnx.save(model, str(tmp_path / "wrong_scale.onnx"))
-    batch = feed()
+    batch = feed(module=module)
     with TorchRunner(module, module.output_names) as t, OrtRunner(tmp_path / "wrong_scale.onnx") as o:
         result = compare(("pytorch", t.infer(batch)), ("onnxruntime", o.infer(batch)), batch["attention_mask"],
                          {"*": DEFAULT_TOLERANCES["fp32"]})
@@ -117,7 +118,7 @@ def test_half_fused_graph_runs_in_fp32_arithmetic(family, precision, exports):
     if family == "t5":
         assert ops["com.microsoft.SkipSimplifiedLayerNormalization"] + ops["SimplifiedLayerNormalization"] == 7
         assert ops["ReduceMean"] == 0 and ops["com.microsoft.FastGelu"] == 3 and ops["Tanh"] == 0
-    batch = feed()
+    batch = feed(module=module)
     with computed_in_fp32(module), TorchRunner(module, module.output_names) as t:
         reference = t.infer(batch)
     with OrtFp32ArithmeticRunner(art.path, precision) as runner:

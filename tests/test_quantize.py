@@ -12,11 +12,13 @@ import onnx
 import pytest
 import torch
 
+from skrr_export.adapters import ADAPTERS, complete_feed
 from skrr_export.apply import apply_plan
 from skrr_export.cli import main
 from skrr_export.compare import DEFAULT_TOLERANCES, compare
 from skrr_export.errors import ArgumentError, InvariantError
-from skrr_export.export import ExportOptions, export_onnx, onnx_initializer_sizes
+from skrr_export.artifacts import onnx_initializer_sizes
+from skrr_export.export import ExportOptions, export_onnx
 from skrr_export.model import ModelSource, build_meta, load_config, load_encoder
 from skrr_export.quantize import (
     SCALE_SUFFIX,
@@ -199,7 +201,7 @@ def test_onnx_runtime_computes_with_the_stored_integers(family, scheme, wide_mod
     ids, mask = ids_and_mask()
     expected = reference_forward(plan_family(family), reference, helpers.NUM_BLOCKS, skip, reuse, ids, mask)
     with OrtRunner(art.path) as runner:
-        got = runner.infer({"input_ids": ids.numpy(), "attention_mask": mask.numpy()})
+        got = runner.infer(complete_feed(ADAPTERS[plan_family(family)].inputs, {"input_ids": ids.numpy(), "attention_mask": mask.numpy()}))
     for name, value in expected.items():
         np.testing.assert_allclose(got[name], value.numpy(), atol=2e-5, rtol=0)
     # and the quantization is visible: the unquantized model differs by far more

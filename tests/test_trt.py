@@ -15,7 +15,8 @@ import pytest
 from skrr_export.apply import apply_plan
 from skrr_export.backends import cuda_available
 from skrr_export.errors import ArtifactError, UserError
-from skrr_export.export import ExportOptions, export_onnx, onnx_weight_bytes
+from skrr_export.artifacts import onnx_weight_bytes
+from skrr_export.export import ExportOptions, export_onnx
 from skrr_export.model import ModelSource, load_encoder
 from skrr_export.plan import Plan
 from skrr_export.trt import (
