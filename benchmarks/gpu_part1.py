@@ -118,7 +118,9 @@ def run_tests(out: Path, rehearse: bool, timeout: float) -> dict[str, Any]:
             env["PYTHONPATH"] = hide + os.pathsep + env["PYTHONPATH"]
         start = time.perf_counter()
         try:
-            done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-k", "cuda", "-p", "no:cacheprovider", "tests"],
+            # without the project's "-n auto": the GPU machine has no pytest-xdist, and the CUDA tests are few
+            done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-o", "addopts=", "-p", "no:xdist", "-k", "cuda",
+                                   "-p", "no:cacheprovider", "tests"],
                                   cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
             text, code = done.stdout + done.stderr, done.returncode
         except subprocess.TimeoutExpired as exc:

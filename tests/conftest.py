@@ -10,6 +10,10 @@ import pytest
 from .helpers import FAMILIES, build_reference_model
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+if os.environ.get("PYTEST_XDIST_WORKER"):  # pytest -n N: one thread per worker, N workers share the cores
+    import torch
+
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
