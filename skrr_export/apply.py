@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .adapters.base import MASK, without_mask
 from .counts import PlanCost
 from .errors import InvariantError
 from .model import Encoder, check_plan_fits, target_dtype
@@ -22,7 +23,7 @@ class SkrrEncoder(nn.Module):
     A re-used sub-block is the *same* module object at every slot it runs in, so its parameters exist once.
     """
 
-    def __init__(self, enc: Encoder, plan: Plan):
+    def __init__(self, enc: Encoder, plan: Plan, attention_mask: bool = True):
         super().__init__()
         self.stem = enc.stem
         sources = sorted({src for _, src in plan.schedule()})
@@ -30,19 +31,25 @@ class SkrrEncoder(nn.Module):
         self.schedule = plan.schedule()
         self.head = enc.head
         self.penultimate_before = 2 * (plan.num_blocks - 1)  # slots of the last block
-        self.inputs = enc.adapter.inputs
+        self.inputs = enc.adapter.inputs if attention_mask else without_mask(enc.adapter.inputs)
         self.input_names = tuple(i.name for i in self.inputs)
         self.output_names = enc.adapter.output_names(enc.config)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *optional: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """``optional``: the family's optional inputs, in the order it declares them (BERT's token_type_ids)."""
-        state = self.start(input_ids, attention_mask, *optional)
+        return self.run(self.start(input_ids, attention_mask, *optional))
+
+    def run(self, state: Running) -> tuple[torch.Tensor, ...]:
         for slot, src in self.schedule:
             self.step(state, slot, self.kept[str(src)])
         return self.finish(state)
 
-    def start(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *optional: torch.Tensor) -> Running:
-        hidden, ctx = self.stem(input_ids, attention_mask, *optional)
+    def start(self, *inputs: torch.Tensor | None) -> Running:
+        """The stem on this module's inputs, in ``input_names`` order; an attention_mask of None (or none declared)
+        means no mask: every position attends to every other, as SD3 and FLUX run T5."""
+        named = dict(zip(self.input_names, inputs))
+        optional = [named[i.name] for i in self.inputs if i.optional and i.name in named]
+        hidden, ctx = self.stem(named["input_ids"], named.get(MASK), *optional)
         return Running(hidden, hidden, ctx)
 
     def args_of(self, feed: Mapping[str, Any], device: str | torch.device = "cpu") -> list[torch.Tensor]:
@@ -57,6 +64,17 @@ class SkrrEncoder(nn.Module):
 
     def finish(self, state: Running) -> tuple[torch.Tensor, ...]:
         return self.head(state.hidden, state.penultimate, state.ctx)
+
+
+class UnmaskedSkrrEncoder(SkrrEncoder):
+    """The plan as pipelines that run the encoder without a mask call it (SD3's and FLUX's T5): it takes input_ids
+    (and the family's optional inputs) only, so the exported graph has no mask input and no mask path."""
+
+    def __init__(self, enc: Encoder, plan: Plan):
+        super().__init__(enc, plan, attention_mask=False)
+
+    def forward(self, input_ids: torch.Tensor, *optional: torch.Tensor) -> tuple[torch.Tensor, ...]:  # type: ignore[override]
+        return self.run(self.start(input_ids, *optional))
 
 
 @dataclass
@@ -120,11 +138,17 @@ def plan_cost(enc: Encoder, plan: Plan) -> PlanCost:
     )
 
 
-def apply_plan(enc: Encoder, plan: Plan) -> SkrrEncoder:
-    """The unrolled, weight-sharing module for ``plan``; asserts the sharing invariant."""
+def encoder_for(enc: Encoder, plan: Plan, attention_mask: bool = True) -> SkrrEncoder:
+    """The module that runs ``plan`` and takes the inputs the pipeline feeds: with the mask, or without it."""
+    return SkrrEncoder(enc, plan) if attention_mask else UnmaskedSkrrEncoder(enc, plan)
+
+
+def apply_plan(enc: Encoder, plan: Plan, attention_mask: bool = True) -> SkrrEncoder:
+    """The unrolled, weight-sharing module for ``plan``; asserts the sharing invariant. ``attention_mask=False``:
+    the module (and its export) takes no mask, as SD3 and FLUX call their T5."""
     cost = plan_cost(enc, plan)
     plan.check_sparsity(cost.sparsity)
-    module = SkrrEncoder(enc, plan).eval()
+    module = encoder_for(enc, plan, attention_mask).eval()
     meta = [n for n, p in module.named_parameters() if p.is_meta]
     if meta:
         raise InvariantError(f"applied module still holds unloaded tensors, e.g. {meta[0]}")
@@ -183,15 +207,17 @@ def computed_in_fp32(module: SkrrEncoder) -> Iterator[SkrrEncoder]:
 
 
 @torch.no_grad()
-def dense_outputs_streamed(source: Any, precision: str, feeds: list[tuple[torch.Tensor, ...]]) -> list[tuple[torch.Tensor, ...]]:
-    """The dense model's outputs on every input tuple of ``feeds`` (the module's positional inputs), with one sub-block in
+def dense_outputs_streamed(source: Any, precision: str, feeds: list[tuple[torch.Tensor, ...]],
+                           attention_mask: bool = True) -> list[tuple[torch.Tensor, ...]]:
+    """The dense model's outputs on every input tuple of ``feeds`` (the module's positional inputs; without the mask
+    when ``attention_mask`` is False), with one sub-block in
     memory at a time besides the stem and head: each is read from the checkpoint, run on every feed's hidden
     states, and dropped with its file pages. Peak memory: stem + head + the largest sub-block + activations."""
     from .model import PartStreamer
 
     streamer = PartStreamer(source, precision)
     enc = streamer.enc
-    dense = SkrrEncoder(enc, Plan.dense(enc.adapter.family, enc.adapter.num_blocks(enc.config)))
+    dense = encoder_for(enc, Plan.dense(enc.adapter.family, enc.adapter.num_blocks(enc.config)), attention_mask)
     with streamer.part([dense.stem, dense.head]):
         states = [dense.start(*inputs) for inputs in feeds]
         for slot, src in dense.schedule:

@@ -148,8 +148,9 @@ class Scorer:
     """
 
     def __init__(self, enc: Any, batches: list[tuple[torch.Tensor, torch.Tensor]], empty: tuple[torch.Tensor, torch.Tensor],
-                 projection: nn.Module | None, device: str, width: int = 1):
+                 projection: nn.Module | None, device: str, width: int = 1, masked: bool = True):
         self.model = SkrrEncoder(enc, Plan.dense(enc.adapter.family, enc.adapter.num_blocks(enc.config)))
+        self.masked = masked  # False: the encoder runs without a mask, as SD3/FLUX call T5 (the feeds' masks are all ones)
         self.blocks = [self.model.kept[str(i)] for i in range(len(enc.sub_blocks))]
         self.num_slots = len(self.blocks)
         self.projection = projection.to(device=device, dtype=torch.float32) if projection is not None else None
@@ -168,7 +169,7 @@ class Scorer:
 
     def _begin(self, feed: Feed) -> tuple[Running, torch.Tensor]:
         ids, mask = feed.ids.to(self.device), feed.mask.to(self.device)
-        return self.model.start(ids, mask), mask.bool()
+        return self.model.start(ids, mask if self.masked else None), mask.bool()
 
     def _outputs(self, state: Running, keep: torch.Tensor) -> torch.Tensor:
         """f(first output) at the real tokens: (tokens, width), fp32."""
@@ -553,6 +554,7 @@ class CalibrationConfig:
     precision: str = "fp32"
     max_memory: int | None = None  # bytes of device memory the calibration may use (default: free minus a margin)
     naive: bool = False  # the reference method: every candidate runs the whole encoder
+    pipeline: Any = None  # recipes.PipelineCall: how the pipeline calls the encoder (None: masked, real tokens scored)
     force: bool = False  # replace existing plan files
 
 
@@ -662,9 +664,19 @@ def _scorer(job: _Job, cfg: CalibrationConfig) -> Scorer:
     # Candidates stacked on the batch axis: worth it on a GPU; on CPU one at a time is fastest
     # (MiniLM skip phase, 32 prompts, 2 cores: 38.4 s unstacked, 41.8 s by 2, 50.5 s by 8).
     width = 8 if cfg.device.startswith("cuda") else 1
-    size = job.memory.batch
-    batches = [_pad(job.tokenizer, job.ids[i:i + size]) for i in range(0, len(job.ids), size)]
-    return Scorer(enc, batches, _pad(job.tokenizer, [job.empty]), job.projection, cfg.device, width)
+    size, masked = job.memory.batch, _masked(cfg)
+    length = None if masked else cfg.max_length  # unmasked: every prompt padded to the pipeline's length, all scored
+    batches = [_pad(job.tokenizer, job.ids[i:i + size], length) for i in range(0, len(job.ids), size)]
+    return Scorer(enc, batches, _pad(job.tokenizer, [job.empty], length), job.projection, cfg.device, width, masked)
+
+
+def _scored(cfg: CalibrationConfig) -> str:
+    return "every real token" if _masked(cfg) else f"every position (padded to {cfg.max_length}, padding included; unmasked)"
+
+
+def _masked(cfg: CalibrationConfig) -> bool:
+    """Whether the pipeline runs the encoder with the mask (D over real tokens) or without (D over every position)."""
+    return cfg.pipeline is None or cfg.pipeline.attention_mask
 
 
 def _search(job: _Job, cfg: CalibrationConfig, scorer: Scorer, checkpoint: Path, key: dict[str, Any]) -> SearchState:
@@ -700,7 +712,8 @@ def _plan_for(target: float, job: _Job, cfg: CalibrationConfig, scorer: Scorer, 
     provenance = {
         "tool": "skrr-export calibrate",
         "method": "Skrr: beam-search Skip, greedy Re-use (Seo et al., ICML 2025)",
-        "metric": "MSE(dense, pruned) over every real token of the prompts + the same on the empty prompt, after "
+        "pipeline": cfg.pipeline.to_json() if cfg.pipeline is not None else None,
+        "metric": f"MSE(dense, pruned) over {_scored(cfg)} of the prompts + the same on the empty prompt, after "
                   + (f"projection {cfg.projection.name}" if cfg.projection else "no projection (raw encoder output)"),
         "model": str(job.source.folder),
         "model_config_sha256": key["model_config"],
@@ -759,9 +772,10 @@ def _memory_plan(meta: Any, cfg: CalibrationConfig, ids: list[list[int]], empty:
         check_memory(int(weights * 1.1) + (600 << 20), f"loading the model for calibration (dense weights {weights / 2**30:.1f} GiB)")
     budget = cfg.max_memory or default_budget(cfg.device) or 2**62
     device = "cuda" if cfg.device.startswith("cuda") else "cpu"
-    tokens = sum(map(len, ids)) + len(empty)
+    tokens = sum(map(len, ids)) + len(empty) if _masked(cfg) else (len(ids) + 1) * cfg.max_length  # positions scored
     width = 8 if device == "cuda" else 1
-    plan = plan_memory(shapes_of(meta, out_width), weights, tokens, max(map(len, ids)), cfg.batch_size, width, budget, device)
+    seq = max(map(len, ids)) if _masked(cfg) else cfg.max_length
+    plan = plan_memory(shapes_of(meta, out_width), weights, tokens, seq, cfg.batch_size, width, budget, device)
     if plan.batch < cfg.batch_size:
         log.info("batch size %d -> %d to stay within %.2f GiB", cfg.batch_size, plan.batch, budget / 2**30)
     return plan
@@ -782,6 +796,7 @@ def resume_key(cfg: CalibrationConfig, source: Any, config: Any, prompts: list[s
         "beam": cfg.beam,
         "projection": sha256_file(cfg.projection) if cfg.projection else None,
         "method": "naive" if cfg.naive else "fast",
+        "pipeline": cfg.pipeline.to_json() if cfg.pipeline is not None else None,
     }
 
 
@@ -814,8 +829,14 @@ def _tokenize(tokenizer: Any, config: Any, prompts: list[str], max_length: int, 
     return [prompts[i] for i in kept], [ids[i] for i in kept], empty_ids
 
 
-def _pad(tokenizer: Any, ids: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """A batch padded to its longest prompt: (input_ids, attention_mask)."""
+def _pad(tokenizer: Any, ids: list[list[int]], length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch padded to its longest prompt: (input_ids, attention_mask). With ``length`` (a pipeline that runs the
+    encoder unmasked): padded to ``length`` as the pipeline pads, and the mask all ones, since D scores every
+    position the denoiser reads."""
+    if length is not None:
+        pad = tokenizer.pad_token_id if tokenizer is not None else 0
+        out = torch.tensor([row + [pad] * (length - len(row)) for row in ids], dtype=torch.long)
+        return out, torch.ones_like(out)
     if tokenizer is not None:
         enc = tokenizer.pad({"input_ids": ids}, return_tensors="pt")
         return enc["input_ids"], enc["attention_mask"]

@@ -198,6 +198,8 @@ def _export_parser() -> Parser:
     p.add_argument("--precision", choices=PRECISIONS, help="fp32 (default), fp16 or bf16")
     p.add_argument("--input-dtype", choices=("int64", "int32"), help="dtype of input_ids and attention_mask (default int64)")
     p.add_argument("--fixed-sequence", type=at_least(1), metavar="N", help="export a fixed sequence length N (batch stays dynamic)")
+    p.add_argument("--no-attention-mask", action="store_true", help="export input_ids only, as SD3/FLUX call T5 (a recipe's "
+                   "pipeline block sets it); parity and the distance to dense then score every padded position")
     p.add_argument("--external-data", action="store_true", default=None, help="store weights in model.onnx.data (automatic above 2 GB)")
     p.add_argument("--atol", type=within(0, math.inf), help="parity: element-wise absolute tolerance (default: not checked; absolute errors depend on the model)")
     p.add_argument("--rtol", type=within(0, math.inf), help="parity: relative tolerance (default per precision)")
@@ -316,6 +318,7 @@ def cmd_export(argv: list[str]) -> int:
         engine_options=engine_options,
         weight_streaming_budget=args.weight_streaming_budget,
         optimize=args.optimize,
+        attention_mask=not args.no_attention_mask and (recipe is None or recipe.pipeline is None or recipe.pipeline.attention_mask),
     )
     report = run_export(cfg)
     for check in report["parity"]:
@@ -440,6 +443,11 @@ def _calibrate_parser() -> Parser:
     p.add_argument("--max-memory", metavar="SIZE", help="memory the calibration may use on --device, e.g. 24GiB "
                    "(default: what the device has free minus max(1 GiB, 10 %%)); fewer prompts run at once to stay within it")
     p.add_argument("--naive", action="store_true", help="the reference method: every candidate runs the whole encoder")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--recipe", help="calibrate for a recipe's pipeline (its pipeline block: mask or not, padded length; "
+                       "its checkpoint config is checked)")
+    which.add_argument("--pipeline", choices=("sd3", "flux", "pixart-sigma"), help="calibrate for this pipeline's T5 call: "
+                       "sd3/flux run it unmasked at 256/512 (D over every position), pixart-sigma masked at 300")
     p.add_argument("--force", action="store_true", help="replace existing plan files")
     p.add_argument("-q", "--quiet", action="store_true")
     _common(p)
@@ -449,7 +457,12 @@ def _calibrate_parser() -> Parser:
 def cmd_calibrate(argv: list[str]) -> int:
     args = _calibrate_parser().parse_args(argv)
     _setup_logging(args.quiet)
+    call = _calibration_pipeline(args)
     config = _model_config(args)
+    if args.recipe is not None:
+        from .recipes import load_recipe
+
+        load_recipe(args.recipe).check_config(config)
     if args.max_length is None:
         args.max_length = min(256, _positions(config) or 256)
     else:
@@ -460,7 +473,7 @@ def cmd_calibrate(argv: list[str]) -> int:
         out=args.out, sparsities=tuple(args.sparsity), model=args.model, subfolder=args.subfolder,
         random_weights=args.random_weights, beam=args.beam, prompts=args.prompts, num_prompts=args.num_prompts,
         max_length=args.max_length, batch_size=args.batch_size, projection=args.projection, device=args.device,
-        precision=args.precision, naive=args.naive, force=args.force,
+        precision=args.precision, naive=args.naive, force=args.force, pipeline=call,
         max_memory=parse_size(args.max_memory) if args.max_memory is not None else None,
     )
     for target, plan in calibrate(cfg).items():
@@ -468,6 +481,25 @@ def cmd_calibrate(argv: list[str]) -> int:
         print(f"sparsity {target:g}: {len(plan.skip)} skipped, {len(plan.reuse)} re-used, D {p['score']:.5g} "
               f"({p['subblock_evaluations']:,} sub-block evaluations; naive {p['naive_subblock_evaluations']:,})")
     return 0
+
+
+def _calibration_pipeline(args: argparse.Namespace) -> Any:
+    """--recipe / --pipeline: how the pipeline calls the encoder (None: with the mask, D over real tokens); its padded
+    length is the default --max-length, and the only one for an unmasked call (D covers every padded position)."""
+    from .recipes import PIPELINES, load_recipe
+
+    recipe = load_recipe(args.recipe) if args.recipe is not None else None
+    if recipe is not None:
+        args.model = recipe.model_folder(args.model, args.random_weights)
+    call = recipe.pipeline if recipe is not None else PIPELINES.get(args.pipeline or "")
+    if call is None or call.max_length is None:
+        return call
+    if args.max_length is None:
+        args.max_length = call.max_length
+    elif args.max_length != call.max_length and not call.attention_mask:
+        raise ArgumentError(f"--max-length {args.max_length}: the {call.name} pipeline pads its prompts to "
+                            f"{call.max_length} and runs the encoder unmasked, so D covers all {call.max_length} positions")
+    return call
 
 
 # ----------------------------------------------------------------------------------------------- serving

@@ -30,8 +30,10 @@ class Batch:
     source: str  # "tokenizer" or "random ids (seed N)"
 
     @property
-    def mask(self) -> np.ndarray:
-        return self.feed["attention_mask"]
+    def mask(self) -> np.ndarray | None:
+        """Which positions parity and the distance score: the real tokens, or (None) every position where the
+        pipeline runs the encoder unmasked and the denoiser reads the padding too."""
+        return self.feed.get("attention_mask")
 
 
 # Files a Hugging Face tokenizer is built from. Without any of them, transformers 5 still returns a tokenizer for
@@ -53,22 +55,26 @@ def load_tokenizer(folder: Path) -> Any | None:
         return None
 
 
-def prompt_batch(tokenizer: Any | None, config: Any, input_dtype: str, seq: int | None, seed: int = 0) -> tuple[Batch, Batch]:
+def prompt_batch(tokenizer: Any | None, config: Any, input_dtype: str, seq: int | None, seed: int = 0,
+                 attention_mask: bool = True) -> tuple[Batch, Batch]:
     """(prompts, empty prompt) as feeds of every input the family declares; ``seq`` pads to a fixed length when the
-    export is fixed-shape."""
+    export is fixed-shape. ``attention_mask=False``: the feeds hold no mask (the pipeline runs the encoder unmasked)
+    and every position counts."""
     if tokenizer is not None:
         prompts, empty = _tokenized(tokenizer, PROMPTS, "prompts", seq), _tokenized(tokenizer, ("",), "empty prompt", seq)
     else:
         prompts, empty = _random(config, seq, seed), _random_empty(config, seq)
-    return _completed(prompts, config, input_dtype), _completed(empty, config, input_dtype)
+    return tuple(_completed(b, config, input_dtype, attention_mask) for b in (prompts, empty))  # type: ignore[return-value]
 
 
-def _completed(batch: Batch, config: Any, input_dtype: str) -> Batch:
-    """``batch`` with the family's optional inputs added (zeros where the tokenizer gave none), in ``input_dtype``."""
+def _completed(batch: Batch, config: Any, input_dtype: str, attention_mask: bool = True) -> Batch:
+    """``batch`` with the family's optional inputs added (zeros where the tokenizer gave none), in ``input_dtype``;
+    without the mask when the pipeline feeds none."""
     from .adapters import adapter_for
 
     feed = adapter_for(config).complete_feed(batch.feed)
-    return Batch({k: v.astype(input_dtype) for k, v in feed.items()}, batch.label, batch.source)
+    return Batch({k: v.astype(input_dtype) for k, v in feed.items() if attention_mask or k != "attention_mask"},
+                 batch.label, batch.source)
 
 
 def _tokenized(tokenizer: Any, prompts: tuple[str, ...], label: str, seq: int | None) -> Batch:

@@ -19,6 +19,7 @@ from .compare import Tolerance, distance, runner_parity, tolerance_for
 from .errors import AccuracyError, UserError
 from .ort_fusion import check_optimize
 from .plan import Plan, load_plan
+from .recipes import pipeline_report
 from .report import versions, write_report
 
 log = logging.getLogger("skrr_export")
@@ -48,6 +49,7 @@ class ExportConfig:
     weight_streaming_budget: int | None = None
     quantization: Any = None  # quantize.Quantization: weight-only int8 / int4 of the kept sub-blocks (quantize.py)
     optimize: str | None = None  # "ort": the ONNX Runtime-only fused variant (ort_fusion.py); never with an engine
+    attention_mask: bool = True  # False: input_ids only, every position scored (SD3/FLUX T5; recipes.PipelineCall)
 
 
 @dataclass
@@ -163,10 +165,10 @@ def _pytorch_reference(cfg: ExportConfig, job: _Job, stages: Stages) -> _Referen
     with stages.stage("load"):
         enc = load_encoder(job.source, job.plan, cfg.precision)
     with stages.stage("apply"):
-        module = apply_plan(enc, job.plan)
+        module = apply_plan(enc, job.plan, cfg.attention_mask)
     quantized, quantization = _quantize(module, cfg, stages)
     tokenizer = None if cfg.random_weights else load_tokenizer(job.source.folder)
-    batches = prompt_batch(tokenizer, enc.config, cfg.input_dtype, cfg.fixed_sequence)
+    batches = prompt_batch(tokenizer, enc.config, cfg.input_dtype, cfg.fixed_sequence, attention_mask=cfg.attention_mask)
     check = ort_check(cfg.precision)
     with stages.stage("pytorch reference"):
         plan_outputs = reference_outputs(module, batches)
@@ -214,6 +216,7 @@ def _report(cfg: ExportConfig, job: _Job, ref: _Reference, found: _Found, stages
         "tool": {"name": "skrr-export", **versions()},
         "model": {"path": str(source.folder), "family": plan.family, "random_weights": source.random_weights},
         "precision": cfg.precision,
+        "pipeline": pipeline_report(cfg.recipe, cfg.attention_mask),
         "plan": {**plan.to_json(), "sha256": plan.digest(), "skipped": len(plan.skip), "reused": len(plan.reuse)},
         "cost": asdict(cost) | {"sparsity": cost.sparsity},
         "onnx": onnx | ({"ort_fusion": found.fusion.to_json()} if found.fusion else {}),
@@ -379,7 +382,7 @@ def _distance_to_dense(source: Any, precision: str, batches: tuple[Any, ...], pl
 
     feeds = [tuple(torch.from_numpy(v) for v in b.feed.values()) for b in batches]  # complete, in the inputs' order
     names = list(plan_outputs[batches[0].label])
-    dense = dense_outputs_streamed(source, precision, feeds)
+    dense = dense_outputs_streamed(source, precision, feeds, batches[0].mask is not None)
     return {
         batch.label: distance({n: to_numpy(t) for n, t in zip(names, outputs)}, plan_outputs[batch.label], batch.mask)
         for batch, outputs in zip(batches, dense)

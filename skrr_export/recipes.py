@@ -12,6 +12,79 @@ from typing import Any
 from .errors import ModelError, UserError
 
 
+# What a pipeline's encoder call can read: the names the adapters give their outputs.
+PIPELINE_OUTPUTS = ("last_hidden_state", "penultimate_hidden_state", "pooler_output", "text_embeds")
+PIPELINE_KEYS = {"name", "encoder", "attention_mask", "max_length", "outputs", "negative_prompt"}
+
+
+@dataclass(frozen=True)
+class PipelineCall:
+    """How a pipeline calls the encoder (DESIGN.md section 6): with or without ``attention_mask``, on prompts padded
+    to ``max_length`` (None: to the longest prompt), reading ``outputs``; the negative prompt is padded the same way.
+    Without the mask the denoiser reads every padded position, so parity and D cover them all."""
+
+    name: str
+    attention_mask: bool
+    max_length: int | None
+    outputs: tuple[str, ...]
+    encoder: str | None = None  # the pipeline's attribute (text_encoder_3) or subfolder
+    negative_prompt: str = ""
+
+    @property
+    def scored(self) -> str:
+        return "real tokens" if self.attention_mask else "every position (padding included)"
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "encoder": self.encoder, "attention_mask": self.attention_mask,
+                "max_length": self.max_length, "outputs": list(self.outputs), "negative_prompt": self.negative_prompt}
+
+
+def pipeline_call(data: Any, where: str) -> PipelineCall:
+    """A recipe's "pipeline" block, checked: a UserError names the field and what it must be."""
+    if not isinstance(data, dict) or not {"name", "attention_mask", "max_length", "outputs"} <= set(data):
+        raise UserError(f"{where}: \"pipeline\" must be an object with name, attention_mask, max_length and outputs")
+    unknown = sorted(set(data) - PIPELINE_KEYS)
+    length, outputs = data["max_length"], data["outputs"]
+    problems = [
+        (unknown, f"unknown field {unknown[0] if unknown else ''} (known: {', '.join(sorted(PIPELINE_KEYS))})"),
+        (not isinstance(data["attention_mask"], bool), "attention_mask must be true or false"),
+        (length is not None and (type(length) is not int or length < 1), "max_length must be a positive integer or null"),
+        (not isinstance(outputs, list) or not outputs or not set(outputs) <= set(PIPELINE_OUTPUTS),
+         f"outputs must be a non-empty list of {', '.join(PIPELINE_OUTPUTS)}"),
+        (not isinstance(data.get("negative_prompt", ""), str), "negative_prompt must be a string"),
+        (not isinstance(data["name"], str) or not data["name"], "name must be a non-empty string"),
+    ]
+    bad = next((msg for failed, msg in problems if failed), None)
+    if bad:
+        raise UserError(f"{where}: pipeline {bad}")
+    return PipelineCall(data["name"], data["attention_mask"], length, tuple(outputs), data.get("encoder"),
+                        data.get("negative_prompt", ""))
+
+
+# The T5 calls of the diffusers pipelines (StableDiffusion3Pipeline._get_t5_prompt_embeds, FluxPipeline's,
+# PixArtSigmaPipeline.encode_prompt), for `calibrate --pipeline` and plans without a recipe.
+PIPELINES = {
+    "sd3": PipelineCall("sd3", False, 256, ("last_hidden_state",), "text_encoder_3"),
+    "flux": PipelineCall("flux", False, 512, ("last_hidden_state",), "text_encoder_2"),
+    "pixart-sigma": PipelineCall("pixart-sigma", True, 300, ("last_hidden_state",), "text_encoder"),
+}
+
+
+# Said by the report, the README, the Triton config and the trtexec script of every export without the mask.
+NO_MASK_NOTE = ("breaking change: this export takes input_ids only, no attention_mask (its pipeline runs the encoder "
+                "unmasked and the denoiser reads every padded position); SD3/FLUX exports of earlier skrr-export "
+                "versions also took attention_mask: drop it from your feeds and pad to the pipeline's length")
+
+
+def pipeline_report(recipe: Any, attention_mask: bool) -> dict[str, Any]:
+    """What a report says about the call the export was made for: the recipe's declaration (if any), whether the
+    graph takes the mask, which positions parity and the distance scored, and the breaking-change note without it."""
+    call = recipe.pipeline.to_json() if recipe is not None and recipe.pipeline is not None else None
+    out = {"call": call, "attention_mask": attention_mask,
+           "scored": "real tokens" if attention_mask else "every position (padding included)"}
+    return out if attention_mask else out | {"note": NO_MASK_NOTE}
+
+
 def recipe_root() -> Path | None:
     """The recipes this installation carries: the wheel's copy (``skrr_export/recipe_data``), else the
     repository's ``recipes/`` beside the package (a source checkout or an editable install)."""
@@ -46,6 +119,7 @@ class Recipe:
     tolerances: dict[str, dict[str, float]] = field(default_factory=dict)
     plan_file: str = "plan.json"
     model_config: str | None = None  # a folder holding the expected model's config.json, relative to the recipe
+    pipeline: PipelineCall | None = None  # how the pipeline calls the encoder: export, parity, D and calibration follow it
 
     @property
     def plan(self) -> Path:
@@ -119,8 +193,20 @@ def load_recipe(name: str) -> Recipe:
             tolerances=data.get("tolerances", {}),
             plan_file=data.get("plan", "plan.json"),
             model_config=data.get("model_config"),
+            pipeline=_pipeline_of(data, folder / "recipe.json"),
         )
     except json.JSONDecodeError as exc:
         raise UserError(f"{folder / 'recipe.json'} is not JSON: {exc.msg} (line {exc.lineno})") from None
     except (KeyError, TypeError, AttributeError) as exc:
         raise UserError(f"{folder / 'recipe.json'} is not a recipe: missing or malformed field {exc}") from None
+
+
+def _pipeline_of(data: dict[str, Any], where: Path) -> PipelineCall | None:
+    """The recipe's pipeline block; a fixed export sequence must be the length the pipeline pads to."""
+    if "pipeline" not in data:
+        return None
+    call = pipeline_call(data["pipeline"], str(where))
+    fixed = data.get("export", {}).get("fixed_sequence")
+    if fixed is not None and fixed != call.max_length:
+        raise UserError(f"{where}: export fixed_sequence {fixed} differs from the pipeline's max_length {call.max_length}")
+    return call

@@ -25,22 +25,28 @@ class Context:
     """Tensors computed once by the stem and read by every slot and the head."""
 
     input_ids: torch.Tensor
-    mask: torch.Tensor
+    mask: torch.Tensor | None  # additive attention mask; None: every position attends to every other
     position_bias: torch.Tensor | None = None
 
 
-def padding_mask(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """(batch, seq) 1/0 mask -> additive (batch, 1, 1, seq) mask: 0 where attended, dtype's min elsewhere."""
+def padding_mask(attention_mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """(batch, seq) 1/0 mask -> additive (batch, 1, 1, seq) mask: 0 where attended, dtype's min elsewhere. None (the
+    pipeline runs the encoder unmasked): None, and the graph has no mask path at all."""
+    if attention_mask is None:
+        return None
     keep = attention_mask.bool()[:, None, None, :]
     return torch.where(keep, 0.0, torch.finfo(dtype).min).to(dtype)
 
 
-def causal_padding_mask(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Additive (batch, 1, seq, seq) mask combining causality and padding, without -inf."""
-    seq = attention_mask.shape[1]
-    pos = torch.arange(seq, device=attention_mask.device)
+def causal_padding_mask(attention_mask: torch.Tensor | None, dtype: torch.dtype, input_ids: torch.Tensor) -> torch.Tensor:
+    """Additive (batch, 1, seq, seq) mask combining causality and padding (causality alone without a padding mask:
+    (1, 1, seq, seq)), without -inf."""
+    seq = input_ids.shape[1]
+    pos = torch.arange(seq, device=input_ids.device)
     causal = pos[None, :] <= pos[:, None]
-    keep = causal[None, None, :, :] & attention_mask.bool()[:, None, None, :]
+    keep = causal[None, None, :, :]
+    if attention_mask is not None:
+        keep = keep & attention_mask.bool()[:, None, None, :]
     return torch.where(keep, 0.0, torch.finfo(dtype).min).to(dtype)
 
 
@@ -54,6 +60,12 @@ class ModelInput:
 
 
 IDS_AND_MASK = (ModelInput("input_ids"), ModelInput("attention_mask"))
+MASK = "attention_mask"
+
+
+def without_mask(inputs: tuple[ModelInput, ...]) -> tuple[ModelInput, ...]:
+    """The inputs of an export for a pipeline that runs the encoder unmasked (SD3, FLUX): no attention_mask."""
+    return tuple(i for i in inputs if i.name != MASK)
 
 
 def complete_feed(inputs: tuple[ModelInput, ...], feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -132,9 +144,12 @@ class EmbeddingStem(nn.Module):
         self.embeddings = embeddings
         self.causal = causal
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, Context]:
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> tuple[torch.Tensor, Context]:
         hidden = self.embeddings(input_ids=input_ids)
-        mask = (causal_padding_mask if self.causal else padding_mask)(attention_mask, hidden.dtype)
+        if self.causal:
+            mask = causal_padding_mask(attention_mask, hidden.dtype, input_ids)
+        else:
+            mask = padding_mask(attention_mask, hidden.dtype)
         return hidden, Context(input_ids=input_ids, mask=mask)
 
 

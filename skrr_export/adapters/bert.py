@@ -19,7 +19,7 @@ class BertStem(nn.Module):
         super().__init__()
         self.embeddings = embeddings
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                 token_type_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, Context]:
         hidden = self.embeddings(input_ids=input_ids, token_type_ids=token_type_ids)
         return hidden, Context(input_ids=input_ids, mask=padding_mask(attention_mask, hidden.dtype))

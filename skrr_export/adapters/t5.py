@@ -28,7 +28,7 @@ class T5Stem(nn.Module):
             self.num_buckets = bias_attention.relative_attention_num_buckets
             self.max_distance = bias_attention.relative_attention_max_distance
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, Context]:
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> tuple[torch.Tensor, Context]:
         hidden = self.embed(input_ids)
         ctx = Context(input_ids=input_ids, mask=padding_mask(attention_mask, hidden.dtype))
         if self.relative_attention_bias is not None:
