@@ -399,7 +399,7 @@ def cmd_inspect(argv: list[str]) -> int:
     quantization = _inspect_quantization(args)
     if args.plan is None and args.recipe is None and args.onnx is None:
         raise ArgumentError("inspect: give --plan or --recipe (with --model) and/or --onnx")
-    from .inspect_plan import agreement, inspect_onnx, inspect_plan, render, render_onnx
+    from .inspect_plan import agreement, check_weights_once, inspect_onnx, inspect_plan, render, render_onnx
 
     exported = inspect_onnx(args.onnx) if args.onnx is not None else None
     info: dict[str, Any] = {}
@@ -414,11 +414,12 @@ def cmd_inspect(argv: list[str]) -> int:
         info["exported"] = exported | (agreement(info, exported) if "bytes_after" in info else {})
     if args.json:
         print(json.dumps(info, indent=2))
-        return 0
-    if "slots" in info:
-        print(render(info))
-    if exported is not None:
-        print(render_onnx(info["exported"]))
+    else:
+        if "slots" in info:
+            print(render(info))
+        if exported is not None:
+            print(render_onnx(info["exported"]))
+    check_weights_once(info)  # a file that breaks "weights once": exit 1 after the report
     return 0
 
 

@@ -20,6 +20,9 @@ import torch
 
 from .apply import SkrrEncoder, unique_parameter_bytes
 from .errors import InvariantError
+from .graph import weights as weights_invariant
+from .graph.save import save_model
+from .graph.weights import Initializers
 
 log = logging.getLogger("skrr_export")
 
@@ -37,20 +40,6 @@ class ExportOptions:
     input_dtype: str = "int64"  # or int32, as NVIDIA's diffusion demo exports T5/CLIP
     fixed_sequence: int | None = None  # None: dynamic batch and sequence
     external_data: bool | None = None  # None: only above 2 GB
-
-
-@dataclass(frozen=True)
-class Initializers:
-    """What the exported graph stores: one initializer per parameter (named as in the module), and constants."""
-
-    weight_count: int
-    weight_bytes: int
-    constant_count: int
-    constant_bytes: int
-
-    @property
-    def total_bytes(self) -> int:
-        return self.weight_bytes + self.constant_bytes
 
 
 @dataclass(frozen=True)
@@ -111,12 +100,12 @@ def export_onnx(module: SkrrEncoder, path: Path, options: ExportOptions, vocab_s
     program = _torch_export(module, options, vocab_size, quantize.OPSET if quantized is not None else OPSET)
     graph_passes(weight_names(module))(program.model)
     program.model.ir_version = IR_VERSION
-    stored = weights_once(program.model, module)
+    stored = weights_once(program.model, module, options.fixed_sequence)
     if quantized is not None:
-        stored = quantize.store_quantized(program.model, module, quantized)
+        stored = quantize.store_quantized(program.model, module, quantized, options.fixed_sequence)
     external = options.external_data if options.external_data is not None else stored.total_bytes > EXTERNAL_DATA_THRESHOLD
     data_path = path.with_name(path.name + ".data") if external else None
-    program.save(str(path), external_data=external)
+    save_model(program.model, path, external)
     _check(path)
     seconds = time.perf_counter() - start
     log.info("exported %s: %d weights (%d bytes, each parameter once), %d constants (%d bytes) in %.1f s",
@@ -257,45 +246,49 @@ class MergeEqualConstants(ir.passes.InPlacePass):
 
 
 class WeightsOnce(ir.passes.InPlacePass):
-    """The invariant, over the initializers named after ``module``'s parameters: every parameter is exactly one
-    initializer, and the weights' bytes are the module's unique parameter bytes; everything else the graph stores
-    is a constant, counted apart (``stored`` after the pass has run). Changes nothing."""
+    """The invariant (``graph.weights.check``) for ``module``'s export: every parameter is exactly one initializer
+    named after it, the weights hold the module's unique parameter bytes, everything else stored is within the bound
+    for ``sequence`` and copies no weight. A violation is a bug of this tool (InvariantError); ``stored`` is the
+    accounting after the pass has run. Changes nothing."""
 
-    def __init__(self, module: torch.nn.Module):
+    def __init__(self, module: torch.nn.Module, sequence: int | None = None):
         super().__init__()
         self.module = module
+        self.sequence = sequence
         self.stored: Initializers | None = None
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        params = dict(self.module.named_parameters(remove_duplicate=False))
-        owners: dict[tuple[int, int], str] = {}
-        weight_bytes = constant_count = constant_bytes = 0
-        for name, value in model.graph.initializers.items():
-            nbytes = value.const_value.nbytes if value.const_value is not None else 0
-            if name not in params:
-                constant_count, constant_bytes = constant_count + 1, constant_bytes + nbytes
-                continue
-            key = _storage(params[name])
-            if key in owners:
-                raise InvariantError(f"parameter {name} is stored twice in the ONNX graph (also as {owners[key]})")
-            owners[key] = name
-            weight_bytes += nbytes
-        unique = unique_parameter_bytes(self.module)
-        if weight_bytes != unique:
-            missing = sorted(n for n, p in params.items() if _storage(p) not in owners)
-            raise InvariantError(
-                f"exported weights hold {weight_bytes} bytes but the module has {unique} unique parameter bytes"
-                + (f"; not stored as weights: {', '.join(missing[:3])}" if missing else ""))
-        self.stored = Initializers(len(owners), weight_bytes, constant_count, constant_bytes)
+        keys = parameter_keys(self.module)
+        expected = weights_invariant.Expected({n: (k,) for n, k in keys.items()}, frozenset(keys.values()),
+                                              unique_parameter_bytes(self.module), sequence=self.sequence)
+        result = weights_invariant.check(model, expected)
+        if not result:
+            raise InvariantError(f"exported ONNX breaks {result.message()}")
+        self.stored = result.stored
         return ir.passes.PassResult(model, modified=False)
 
 
-def weights_once(model: ir.Model, module: torch.nn.Module) -> Initializers:
+def weights_once(model: ir.Model, module: torch.nn.Module, sequence: int | None = None) -> Initializers:
     """Run the ``WeightsOnce`` invariant on ``model``; its accounting of weights and constants."""
-    invariant = WeightsOnce(module)
+    invariant = WeightsOnce(module, sequence)
     invariant(model)
     assert invariant.stored is not None
     return invariant.stored
+
+
+def parameter_keys(module: torch.nn.Module) -> dict[str, str]:
+    """Every name a parameter goes by -> one name per parameter (its first): aliases of a re-used sub-block's
+    weights share a key."""
+    first: dict[tuple[int, int], str] = {}
+    return {name: first.setdefault(_storage(p), name) for name, p in module.named_parameters(remove_duplicate=False)}
+
+
+def check_half_scalars(model: ir.Model) -> None:
+    """The export's half-precision arithmetic uses every scalar at the precision PyTorch does (HalfScalarsInFp32);
+    a rounded scalar left in the graph is a bug of this tool."""
+    found = rounded_scalars(model)
+    if found:
+        raise InvariantError(f"{len(found)} half-precision node(s) compute with a rounded scalar, first: {found[0]}")
 
 
 def _storage(p: torch.Tensor) -> tuple[int, int]:

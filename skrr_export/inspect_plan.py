@@ -5,7 +5,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import onnx_ir as ir
+
+from .errors import AccuracyError, ArtifactError
+from .graph import weights
+from .graph.read import read_model
 from .plan import Plan, kind_of
+
+PRECISIONS = {ir.DataType.FLOAT: "fp32", ir.DataType.FLOAT16: "fp16", ir.DataType.BFLOAT16: "bf16"}
+QUANTIZED_DTYPES = {"int8", "int4"}
 
 
 def inspect_plan(plan: Plan, model: Path, subfolder: str | None, precision: str,
@@ -90,18 +98,22 @@ def render(info: dict[str, Any]) -> str:
 def inspect_onnx(path: Path) -> dict[str, Any]:
     """Initializer bytes of an exported model by dtype, and its precision (the dtype of its first floating
     output), read from the file (external data not loaded)."""
-    import onnx
-
-    from .artifacts import onnx_initializer_sizes
-    from .serving import onnx_precision, read_onnx
-
-    model = read_onnx(path)
+    model = read_model(path)
     by_dtype: dict[str, int] = {}
-    for init, size in zip(model.graph.initializer, onnx_initializer_sizes(path)):
-        name = onnx.TensorProto.DataType.Name(init.data_type).lower()
-        by_dtype[name] = by_dtype.get(name, 0) + size
-    return {"onnx": str(path), "precision": onnx_precision(model), "initializers": len(model.graph.initializer),
+    for value in model.graph.initializers.values():
+        tensor = value.const_value
+        if tensor is not None:
+            by_dtype[tensor.dtype.name.lower()] = by_dtype.get(tensor.dtype.name.lower(), 0) + int(tensor.nbytes)
+    return {"onnx": str(path), "precision": _precision(model, path), "initializers": len(model.graph.initializers),
             "bytes": by_dtype, "total_bytes": sum(by_dtype.values())}
+
+
+def _precision(model: ir.Model, path: Path) -> str:
+    """fp32, fp16 or bf16: the dtype of the model's first floating-point output (what the export ran in)."""
+    for value in model.graph.outputs:
+        if value.dtype in PRECISIONS:
+            return PRECISIONS[value.dtype]
+    raise ArtifactError(f"{path} has no floating-point output to read a precision from")
 
 
 def render_onnx(e: dict[str, Any]) -> str:
@@ -110,25 +122,45 @@ def render_onnx(e: dict[str, Any]) -> str:
     if "agrees" in e:
         lines.append(f"agrees with the plan in {e['precision']}: {'yes' if e['agrees'] else 'NO'} "
                      f"(difference {e['difference']:+,} bytes)")
-        if not e["agrees"] and {"int8", "int4"} & set(e["bytes"]):
+        if not e["agrees"] and QUANTIZED_DTYPES & set(e["bytes"]):
             lines.append("  the ONNX holds int8/int4 weights: pass its --quantize (and --quant-block) to compare")
+    if "weights_once" in e:
+        check = e["weights_once"]
+        lines.append("weights once: " + ("passed" if check["passed"] else "FAILED") + f" ({check['weights']['count']} "
+                     f"weights, {check['constants']['count']} other tensors of {check['constants']['bytes']:,} bytes)")
+        lines += [f"  {v}" for v in check["violations"]]
     return "\n".join(lines)
 
 
 def agreement(plan_info: dict[str, Any], onnx_info: dict[str, Any]) -> dict[str, Any]:
-    """Does the exported model hold exactly the plan's kept weights (up to small graph constants)? With
-    ``--quantize``: the kept weights at their quantized size (within the export's 1 %)."""
-    from .artifacts import SMALL_CONSTANT_BYTES
-
+    """Does the exported model hold exactly the plan's kept weights, each once, and nothing else beyond small
+    constants that copy none of them (``graph.weights.check``, the export's own invariant)? With ``--quantize``: the
+    kept weights at their quantized size (within the export's 1 %). A file with int8/int4 weights inspected without
+    ``--quantize`` is checked for everything but its weight bytes, and does not agree."""
     quantized = plan_info.get("quantization")
     kept = quantized["total_bytes"] if quantized else sum(plan_info["bytes_after"].values())
-    diff = onnx_info["total_bytes"] - kept
-    slack = SMALL_CONSTANT_BYTES + (_quantized_slack(kept) if quantized else 0)
-    return {"plan_kept_bytes": kept, "onnx_initializer_bytes": onnx_info["total_bytes"], "difference": diff,
-            "agrees": abs(diff) <= slack}
+    model = read_model(Path(onnx_info["onnx"]))
+    unknown = not quantized and bool(QUANTIZED_DTYPES & set(onnx_info["bytes"]))
+    slack = _quantized_slack() if quantized else 0.0
+    result = weights.check(model, weights.file_expected(model, None if unknown else kept, slack))
+    stored = result.stored
+    return {"plan_kept_bytes": kept, "onnx_initializer_bytes": onnx_info["total_bytes"],
+            "difference": onnx_info["total_bytes"] - kept, "agrees": bool(result) and not unknown,
+            "weights_once": {"passed": bool(result), "violations": [str(v) for v in result.violations],
+                             "weights": {"count": stored.weight_count, "bytes": stored.weight_bytes},
+                             "constants": {"count": stored.constant_count, "bytes": stored.constant_bytes}}}
 
 
-def _quantized_slack(kept: int) -> float:
+def check_weights_once(info: dict[str, Any]) -> None:
+    """A failed "weights once" check of an inspected file is a failed check (AccuracyError, exit 1): the file may come
+    from the user's own optimizer, so it is not a bug of this tool."""
+    check = info.get("exported", {}).get("weights_once")
+    if check is not None and not check["passed"]:
+        more = f" (and {len(check['violations']) - 1} more)" if len(check["violations"]) > 1 else ""
+        raise AccuracyError(f"{info['exported']['onnx']}: check \"weights once\" failed: {check['violations'][0]}{more}")
+
+
+def _quantized_slack() -> float:
     from .quantize import BYTES_SLACK  # torch, as --quantize needs anyway
 
-    return BYTES_SLACK * kept
+    return BYTES_SLACK

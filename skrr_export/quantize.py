@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from .errors import ArgumentError, InvariantError, UserError
+from .graph import weights as weights_invariant
 
 SCHEMES = {"int8": 8, "int4": 4}
 BLOCKS = (32, 64, 128)
@@ -272,12 +273,13 @@ class _Reader:
         return tuple(sorted(m.inputs[0].name for m in self.matmuls))
 
 
-def store_quantized(model: Any, module: Any, quantized: QuantizedWeights) -> Any:
+def store_quantized(model: Any, module: Any, quantized: QuantizedWeights, sequence: int | None = None) -> Any:
     """Replace each quantized weight of the exported graph (``W -> Transpose -> MatMul`` per slot) by its integers
     and scales feeding one DequantizeLinear. Weights whose MatMuls read the same activations in every slot (q, k, v;
     T5's gate and up projections) are stored joined along the output width, one MatMul per slot and a Split:
     TensorRT-RTX 1.7 fails to build re-used sub-blocks whose parallel MatMuls each have their own DequantizeLinear
-    (benchmarks/README.md). Returns the invariant's accounting (``quantized_weights_once``)."""
+    (benchmarks/README.md). Returns the invariant's accounting (``quantized_weights_once``; ``sequence``: a fixed
+    sequence, which bounds the graph's other tensors)."""
     params = dict(module.named_parameters(remove_duplicate=False))
     readers = [_reader(model, name, value) for name, value in tuple(model.graph.initializers.items())
                if name in params and id(params[name]) in quantized.weights]
@@ -289,7 +291,7 @@ def store_quantized(model: Any, module: Any, quantized: QuantizedWeights) -> Any
     for group in groups.values():
         _join(model.graph, group, [quantized.weights[id(params[r.name])] for r in group])
     model.opset_imports[""] = OPSET
-    return quantized_weights_once(model, module, quantized)
+    return quantized_weights_once(model, module, quantized, sequence)
 
 
 def _reader(model: Any, name: str, value: Any) -> _Reader:
@@ -390,41 +392,29 @@ def expected_bytes(module: Any, quantized: QuantizedWeights) -> int:
     return total
 
 
-def quantized_weights_once(model: Any, module: Any, quantized: QuantizedWeights) -> Any:
-    """The weight invariant with quantized bytes: every kept parameter is stored exactly once (plain, or inside one
-    integer and one scale initializer), and the weights' bytes are the plan's kept weights at their quantized size
-    (within 1 %: int4 pairs packed across joined weights)."""
-    from .export import Initializers
+def quantized_weights_once(model: Any, module: Any, quantized: QuantizedWeights, sequence: int | None = None) -> Any:
+    """The weight invariant (``graph.weights.check``) with quantized bytes: every kept parameter is stored exactly
+    once (plain, or inside one integer and one scale initializer), the weights' bytes are the plan's kept weights at
+    their quantized size (within 1 %: int4 pairs packed across joined weights), and everything else stored is within
+    the bound for ``sequence`` and copies no weight. A violation is a bug of this tool (InvariantError)."""
+    from .export import parameter_keys
 
+    keys = parameter_keys(module)
     params = dict(module.named_parameters(remove_duplicate=False))
-    holders: dict[tuple[int, str], str] = {}
-    weight_bytes = constant_count = constant_bytes = count = 0
-    for name, value in model.graph.initializers.items():
+    holders = {}
+    for name in model.graph.initializers:
         sources = [name] if name in params else _sources(name, params)
-        if sources is None:
-            constant_count, constant_bytes = constant_count + 1, constant_bytes + value.const_value.nbytes
-            continue
-        kind = "scale" if name.endswith(SCALE_SUFFIX) and name not in params else "values"
-        for source in sources:
-            key = (id(params[source]), kind)
-            if key in holders:
-                raise InvariantError(f"parameter {source} is stored twice in the ONNX graph ({holders[key]} and {name})")
-            holders[key] = name
-        weight_bytes, count = weight_bytes + value.const_value.nbytes, count + 1
-    _check_coverage(params, quantized, holders)
-    expected = expected_bytes(module, quantized)
-    if abs(weight_bytes - expected) > BYTES_SLACK * expected:
-        raise InvariantError(f"quantized weights hold {weight_bytes} bytes but the plan's kept weights are {expected} "
-                             f"bytes at {quantized.quantization} (limit 1 %)")
-    return Initializers(count, weight_bytes, constant_count, constant_bytes)
-
-
-def _check_coverage(params: dict[str, Any], quantized: QuantizedWeights, holders: dict[tuple[int, str], str]) -> None:
-    for name, p in params.items():
-        need = ("values", "scale") if id(p) in quantized.weights else ("values",)
-        missing = [k for k in need if (id(p), k) not in holders]
-        if missing:
-            raise InvariantError(f"parameter {name} is not stored in the ONNX graph ({', '.join(missing)} missing)")
+        if sources is not None:
+            kind = SCALE_SUFFIX if name.endswith(SCALE_SUFFIX) and name not in params else ""
+            holders[name] = tuple(keys[source] + kind for source in sources)
+    required = {keys[n] + kind for n, p in params.items()
+                for kind in (("", SCALE_SUFFIX) if id(p) in quantized.weights else ("",))}
+    expected = weights_invariant.Expected(holders, frozenset(required), expected_bytes(module, quantized), BYTES_SLACK,
+                                          sequence)
+    result = weights_invariant.check(model, expected)
+    if not result:
+        raise InvariantError(f"quantized ONNX breaks {result.message()}")
+    return result.stored
 
 
 # ----------------------------------------------------------------------------------------------- accounting

@@ -1,0 +1,256 @@
+"""The one weights-once invariant, for every form of an exported graph (plain, quantized, fused, a copy), torch-free.
+
+Given what the weights must be (``Expected``: which initializer holds which parameter, and their bytes), ``check``
+reads an onnx_ir model and finds every violation of:
+
+- every parameter is stored exactly once, and the weights hold exactly the expected bytes (a quantized form: within
+  its slack);
+- everything else the file stores (initializers that hold no parameter and tensors inside nodes: Constant values and
+  any other tensor attribute, in the graph, its subgraphs and its functions) is at most ``bound(sequence)`` bytes in
+  all: max(64 KiB, 4 S^2) for a fixed sequence S;
+- no stored non-weight tensor of 1 KiB or more equals a weight, its transpose, its cast to fp32 / fp16 / bf16, a
+  reshape of any of these (the same bytes) or a contiguous block of one.
+
+A copy is found by searching the constant's bytes in each weight's bytes (and those of its transpose and casts), one
+weight at a time, at element-aligned offsets: linear in the weights' bytes per constant, and there are at most
+``bound / 1 KiB`` such constants. A constant whose elements are all equal (a fill) copies nothing learned and is
+only counted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+
+import ml_dtypes
+import numpy as np
+import onnx_ir as ir
+
+SMALL_CONSTANT_BYTES = 64 * 1024  # the bound without a fixed sequence
+COPY_MIN_BYTES = 1024  # a non-weight tensor this large must not copy a weight
+FLOATS = {ir.DataType.FLOAT: np.dtype(np.float32), ir.DataType.FLOAT16: np.dtype(np.float16),
+          ir.DataType.BFLOAT16: np.dtype(ml_dtypes.bfloat16)}
+FLOAT_NAMES = {ir.DataType.FLOAT: "fp32", ir.DataType.FLOAT16: "fp16", ir.DataType.BFLOAT16: "bf16"}
+# A parameter's name (``kept.3.layer.0.SelfAttention.q.weight``), or several joined by '+' (a quantized group's
+# integers or scales): how a file read without the module tells weights from the exporter's constants (``val_17``).
+_PARAMETER_NAME = re.compile(r"[A-Za-z_]\w*(\.\w+)+(\+[A-Za-z_]\w*(\.\w+)+)*")
+
+
+def bound(sequence: int | None) -> int:
+    """The most bytes a graph may store besides its weights: max(64 KiB, 4 S^2) for a fixed sequence S."""
+    return max(SMALL_CONSTANT_BYTES, 4 * sequence * sequence) if sequence else SMALL_CONSTANT_BYTES
+
+
+@dataclass(frozen=True)
+class Initializers:
+    """What the exported graph stores: one initializer per parameter (named as in the module), and constants
+    (every other stored tensor: initializers and tensors inside nodes)."""
+
+    weight_count: int
+    weight_bytes: int
+    constant_count: int
+    constant_bytes: int
+
+    @property
+    def total_bytes(self) -> int:
+        return self.weight_bytes + self.constant_bytes
+
+
+@dataclass(frozen=True)
+class Expected:
+    """What the weights of a graph must be. ``holders``: initializer name -> the parameter keys it holds (a joined
+    quantized initializer holds several; a quantized parameter's scales have keys of their own); ``required``: every
+    key that must be held (empty where unknown: a file read without the module); ``bytes``: the weights' bytes (None:
+    unknown, not checked); ``slack``: the relative difference allowed (int4 packing); ``sequence``: a fixed sequence."""
+
+    holders: Mapping[str, tuple[str, ...]]
+    required: frozenset[str]
+    bytes: int | None
+    slack: float = 0.0
+    sequence: int | None = None
+
+
+@dataclass(frozen=True)
+class Violation:
+    """One broken promise: the tensor, its size, and what it copies (or what is wrong with it)."""
+
+    tensor: str
+    nbytes: int
+    what: str
+
+    def __str__(self) -> str:
+        size = f" ({self.nbytes:,} bytes)" if self.nbytes else ""
+        return f"{self.tensor}{size} {self.what}"
+
+
+@dataclass(frozen=True)
+class WeightsCheck:
+    """The accounting and every violation found; true when there is none."""
+
+    stored: Initializers
+    violations: tuple[Violation, ...] = field(default=())
+
+    def __bool__(self) -> bool:
+        return not self.violations
+
+    def message(self) -> str:
+        more = f" (and {len(self.violations) - 1} more)" if len(self.violations) > 1 else ""
+        return f"weights once: {self.violations[0]}{more}" if self.violations else "weights once: passed"
+
+
+@dataclass(frozen=True)
+class _Stored:
+    name: str
+    tensor: ir.TensorProtocol
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.tensor.nbytes)
+
+
+def check(model: ir.Model, expected: Expected) -> WeightsCheck:
+    """Every violation of the invariant in ``model`` (nothing is changed)."""
+    weights, constants = _split(model, expected.holders)
+    violations = [*_stored_twice(weights, expected), *_missing(weights, expected)]
+    weight_bytes = sum(w.nbytes for w in weights)
+    violations += _wrong_bytes(weights, weight_bytes, expected)
+    violations += _over_bound(constants, bound(expected.sequence))
+    violations += find_copies(constants, weights)
+    stored = Initializers(len(weights), weight_bytes, len(constants), sum(c.nbytes for c in constants))
+    return WeightsCheck(stored, tuple(violations))
+
+
+def file_expected(model: ir.Model, weight_bytes: int | None, slack: float = 0.0) -> Expected:
+    """``Expected`` for a file read without the module: its initializers named like parameters are the weights."""
+    names = [n for g in model.graphs() for n in g.initializers if _PARAMETER_NAME.fullmatch(n)]
+    return Expected({n: (n,) for n in names}, frozenset(), weight_bytes, slack, fixed_sequence(model))
+
+
+def fixed_sequence(model: ir.Model) -> int | None:
+    """The sequence length the graph's first input fixes (its second axis), None when dynamic."""
+    shape = model.graph.inputs[0].shape if model.graph.inputs else None
+    dim = shape[1] if shape is not None and len(shape) > 1 else None
+    return dim if isinstance(dim, int) else None
+
+
+def _split(model: ir.Model, holders: Mapping[str, tuple[str, ...]]) -> tuple[list[_Stored], list[_Stored]]:
+    """(weights, constants): every tensor the model stores, initializers first, then tensors inside nodes."""
+    weights, constants = [], []
+    for graph in model.graphs():
+        for name, value in graph.initializers.items():
+            if value.const_value is not None:
+                (weights if name in holders and graph is model.graph else constants).append(_Stored(name, value.const_value))
+    constants += _node_tensors(model)
+    return weights, constants
+
+
+def _node_tensors(model: ir.Model) -> Iterator[_Stored]:
+    """Tensors stored inside nodes (Constant values, any tensor attribute; Constant's float and int lists)."""
+    nodes = [*model.graph.all_nodes(), *(n for f in model.functions.values() for n in f.all_nodes())]
+    for index, node in enumerate(nodes):
+        where = node.name or f"{node.op_type}#{index}"
+        for attr in node.attributes.values():
+            for k, tensor in enumerate(_attribute_tensors(attr, node.op_type)):
+                yield _Stored(f"{where}.{attr.name}" + (f".{k}" if k else ""), tensor)
+
+
+def _attribute_tensors(attr: ir.Attr, op_type: str) -> list[ir.TensorProtocol]:
+    if attr.type == ir.AttributeType.TENSOR:
+        return [attr.value]
+    if attr.type == ir.AttributeType.TENSORS:
+        return list(attr.value)
+    if op_type == "Constant" and attr.type in (ir.AttributeType.FLOATS, ir.AttributeType.INTS):
+        dtype = np.float32 if attr.type == ir.AttributeType.FLOATS else np.int64
+        return [ir.tensor(np.asarray(list(attr.value), dtype))]
+    return []
+
+
+def _stored_twice(weights: list[_Stored], expected: Expected) -> Iterator[Violation]:
+    owners: dict[str, str] = {}
+    for w in weights:
+        for key in expected.holders[w.name]:
+            if key in owners:
+                yield Violation(w.name, w.nbytes, f"holds parameter {key}, stored twice (also in {owners[key]})")
+            owners.setdefault(key, w.name)
+
+
+def _missing(weights: list[_Stored], expected: Expected) -> Iterator[Violation]:
+    held = {key for w in weights for key in expected.holders[w.name]}
+    for key in sorted(expected.required - held):
+        yield Violation(f"parameter {key}", 0, "is not stored as a weight (no initializer holds it)")
+
+
+def _wrong_bytes(weights: list[_Stored], weight_bytes: int, expected: Expected) -> list[Violation]:
+    """The weights' bytes against the expected ones; over them, each weight whose bytes another weight also holds
+    (not a fill) is named: a weight stored twice under two parameter names."""
+    if expected.bytes is None or abs(weight_bytes - expected.bytes) <= expected.slack * expected.bytes:
+        return []
+    limit = f" (limit {expected.slack:.0%})" if expected.slack else ""
+    found = []
+    if weight_bytes > expected.bytes:
+        seen: dict[bytes, str] = {}
+        for w in weights:
+            data = w.tensor.tobytes()
+            digest = hashlib.sha256(data).digest()
+            if digest in seen and not _uniform(data, w.tensor.dtype):
+                found.append(Violation(w.name, w.nbytes, f"holds the bytes of weight {seen[digest]}, stored twice"))
+            seen.setdefault(digest, w.name)
+    return found + [Violation("the weights", weight_bytes, f"are not the {expected.bytes:,} unique parameter bytes "
+                              f"expected{limit}")]
+
+
+def _over_bound(constants: list[_Stored], limit: int) -> list[Violation]:
+    total = sum(c.nbytes for c in constants)
+    if total <= limit:
+        return []
+    largest = max(constants, key=lambda c: c.nbytes)
+    return [Violation(largest.name, largest.nbytes, f"is the largest of {len(constants)} non-weight tensors holding "
+                      f"{total:,} bytes in all, over the bound of {limit:,} bytes")]
+
+
+def find_copies(constants: Iterable[_Stored], weights: list[_Stored]) -> list[Violation]:
+    """Each non-weight tensor of ``COPY_MIN_BYTES`` or more that equals a weight, its transpose or cast (or a
+    reshape or contiguous block of one of these), once, with what it copies."""
+    targets = {c.name: (c, c.tensor.tobytes()) for c in constants if c.nbytes >= COPY_MIN_BYTES}
+    targets = {name: t for name, t in targets.items() if not _uniform(t[1], t[0].tensor.dtype)}
+    found: list[Violation] = []
+    for w in weights:
+        for form, dtype, data in _forms(w.tensor, {c.tensor.dtype for c, _ in targets.values()}) if targets else ():
+            for name, (c, needle) in list(targets.items()):
+                offset = _find(data, needle, dtype) if c.tensor.dtype == dtype else None
+                if offset is not None:
+                    where = "all of it" if len(needle) == len(data) else f"a block at byte {offset:,}"
+                    found.append(Violation(name, c.nbytes, f"copies weight {w.name} ({form}, {where})"))
+                    del targets[name]
+    return found
+
+
+def _uniform(data: bytes, dtype: ir.DataType) -> bool:
+    """Every element the same (a fill): such a tensor copies nothing learned."""
+    size = max(int(dtype.itemsize), 1)
+    elements = np.frombuffer(data, np.uint8)
+    return len(elements) % size == 0 and bool((elements.reshape(-1, size) == elements[:size]).all())
+
+
+def _forms(tensor: ir.TensorProtocol, dtypes: set[ir.DataType]) -> Iterator[tuple[str, ir.DataType, bytes]]:
+    """The weight's bytes as stored, transposed (2-D), and cast to each float dtype in ``dtypes`` (both ways)."""
+    if tensor.dtype not in FLOATS:
+        yield "as stored", tensor.dtype, tensor.tobytes()
+        return
+    array = tensor.numpy()
+    layouts = [("as stored", array)] + ([("transposed", array.T)] if array.ndim == 2 and min(array.shape) > 1 else [])
+    for label, values in layouts:
+        for dtype in (d for d in FLOATS if d in dtypes):
+            cast = "" if dtype == tensor.dtype else f", cast to {FLOAT_NAMES[dtype]}"
+            yield label + cast, dtype, np.ascontiguousarray(values.astype(FLOATS[dtype])).tobytes()
+
+
+def _find(data: bytes, needle: bytes, dtype: ir.DataType) -> int | None:
+    """The first element-aligned byte offset of ``needle`` in ``data``."""
+    size = max(int(dtype.itemsize), 1)
+    start = data.find(needle)
+    while start >= 0 and start % size:
+        start = data.find(needle, start + 1)
+    return start if start >= 0 else None

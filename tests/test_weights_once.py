@@ -1,0 +1,144 @@
+"""The weights-once invariant without a loophole: each kind of copy of a weight, planted into a real export, is
+refused by the export (InvariantError, exit 3, no file written) and by ``inspect --onnx`` (a failed check named
+"weights once", exit 1, naming the tensor)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+
+import skrr_export.export as export_module
+from skrr_export.apply import apply_plan
+from skrr_export.cli import main
+from skrr_export.errors import InvariantError
+from skrr_export.export import ExportOptions, export_onnx, weights_once
+from skrr_export.graph import weights
+from skrr_export.model import ModelSource, load_encoder
+
+from .test_apply import make_plan
+
+Q, WI, WO, EMBED = ("kept.0.layer.SelfAttention.q.weight", "kept.5.layer.DenseReluDense.wi_0.weight",
+                    "kept.5.layer.DenseReluDense.wo.weight", "stem.embed.weight")
+ALIAS, TABLE = "stem.relative_attention_bias.weight", "kept.0.layer.SelfAttention.relative_attention_bias.weight"
+
+
+def _array(model: ir.Model, name: str) -> np.ndarray:
+    return np.array(model.graph.initializers[name].const_value.numpy())
+
+
+def _add(model: ir.Model, name: str, array: np.ndarray) -> None:
+    model.graph.register_initializer(ir.Value(name=name, const_value=ir.tensor(np.ascontiguousarray(array), name=name)))
+
+
+def _constant_node(model: ir.Model, name: str, array: np.ndarray) -> None:
+    node = ir.node("Constant", [], attributes={"value": ir.tensor(np.ascontiguousarray(array), name=name)}, name=name)
+    model.graph.append(node)
+
+
+def _function_constant(model: ir.Model, name: str, array: np.ndarray) -> None:
+    """A model-local function whose body holds the copy in a Constant node."""
+    const = ir.node("Constant", [], attributes={"value": ir.tensor(np.ascontiguousarray(array))}, name=name)
+    graph = ir.Graph([], const.outputs, nodes=[const], opset_imports={"": 20}, name="planted")
+    function = ir.Function("planted.domain", "planted", graph=graph, attributes=[])
+    model.functions[function.identifier()] = function
+
+
+# name -> (plant, the tensor it names, words of what it copies); each plant is applied alone to a fresh model
+PLANTS = {
+    "transposed copy named val_*": (lambda m: _add(m, "val_9017", _array(m, WI).T), "val_9017", f"{WI} (transposed"),
+    "cast copy": (lambda m: _add(m, "val_9018", _array(m, EMBED).astype(np.float16)), "val_9018", "cast to fp16"),
+    "reshaped copy": (lambda m: _add(m, "val_9019", _array(m, WO).reshape(4, 8, 48)), "val_9019", f"{WO} (as stored"),
+    "contiguous block": (lambda m: _add(m, "val_9020", _array(m, EMBED).reshape(-1)[5:305]), "val_9020",
+                         "a block at byte 20"),
+    "copy in a Constant node": (lambda m: _constant_node(m, "planted_constant", _array(m, Q).T), "planted_constant",
+                                f"{Q} (transposed"),
+    "copy in a function's Constant node": (lambda m: _function_constant(m, "planted_in_function", _array(m, WI)),
+                                           "planted_in_function", f"{WI} (as stored"),
+    "constants over the bound": (lambda m: _add(m, "val_9021", np.random.default_rng(0).standard_normal(17 * 1024)
+                                                .astype(np.float32)), "val_9021", "over the bound of 65,536 bytes"),
+    "weight stored twice": (lambda m: _add(m, ALIAS, _array(m, TABLE)), ALIAS, "stored twice"),
+}
+
+
+@pytest.fixture(scope="module")
+def t5(tiny_models, tmp_path_factory):
+    """The tiny T5's heavy-reuse export (fp32): (module, plan file, model folder, model.onnx)."""
+    _, folder = tiny_models["t5"]
+    plan = make_plan("t5", "heavy-reuse")
+    module = apply_plan(load_encoder(ModelSource(folder), plan, "fp32"), plan)
+    out = tmp_path_factory.mktemp("weights-once")
+    art = export_onnx(module, out / "model.onnx", ExportOptions(), vocab_size=96)
+    plan_path = out / "plan.json"
+    plan_path.write_text(json.dumps(plan.to_json()))
+    return module, plan_path, folder, art.path
+
+
+def inspect(t5, path, capsys) -> tuple[int, str, str]:
+    _, plan, folder, _ = t5
+    capsys.readouterr()
+    code = main(["inspect", "--plan", str(plan), "--model", str(folder), "--onnx", str(path)])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_the_export_as_made_passes_in_both_places(t5, capsys):
+    module, _, _, path = t5
+    stored = weights_once(ir.load(str(path)), module)
+    assert stored.weight_bytes == sum(p.numel() * p.element_size() for p in module.parameters())
+    code, out, err = inspect(t5, path, capsys)
+    assert code == 0, err
+    assert "weights once: passed (12 weights" in out and "agrees with the plan in fp32: yes" in out
+
+
+@pytest.mark.parametrize("kind", PLANTS)
+def test_a_planted_copy_fails_the_export_with_exit_3_and_writes_nothing(kind, t5, tmp_path, monkeypatch):
+    module = t5[0]
+    plant, name, copies = PLANTS[kind]
+    passes = export_module.graph_passes  # the export's own passes, then the plant: as a faulty pass would leave it
+    monkeypatch.setattr(export_module, "graph_passes", lambda names: _Planted(passes(names), plant))
+    with pytest.raises(InvariantError) as raised:
+        export_onnx(module, tmp_path / "model.onnx", ExportOptions(), vocab_size=96)
+    assert raised.value.exit_code == 3
+    assert name in str(raised.value) and copies in str(raised.value), str(raised.value)
+    assert not (tmp_path / "model.onnx").exists()
+
+
+class _Planted:
+    """The export's passes, then a plant."""
+
+    def __init__(self, passes, plant):
+        self.passes, self.plant = passes, plant
+
+    def __call__(self, model):
+        result = self.passes(model)
+        self.plant(model)
+        return result
+
+
+@pytest.mark.parametrize("kind", PLANTS)
+def test_a_planted_copy_fails_inspect_with_exit_1_naming_the_tensor(kind, t5, tmp_path, capsys):
+    plant, name, _ = PLANTS[kind]
+    model = ir.load(str(t5[3]))
+    plant(model)
+    ir.save(model, str(tmp_path / "model.onnx"))
+    code, out, err = inspect(t5, tmp_path / "model.onnx", capsys)
+    assert code == 1, (out, err)
+    assert err.count("\n") == 1 and 'check "weights once" failed' in err and name in err, err
+    assert "weights once: FAILED" in out
+
+
+def test_the_bound_grows_with_a_fixed_sequence_and_fills_are_not_copies(t5):
+    module, _, _, path = t5
+    model = ir.load(str(path))
+    _add(model, "val_9030", np.random.default_rng(1).standard_normal(17 * 1024).astype(np.float32))  # 68 KiB
+    with pytest.raises(InvariantError, match="val_9030"):
+        weights_once(model, module)
+    assert weights.bound(128) == 65_536 and weights.bound(256) == 262_144
+    stored = weights_once(model, module, sequence=256)  # 4 * 256^2 bytes may be stored besides the weights
+    assert stored.constant_bytes > 17 * 4096
+    fill = ir.load(str(path))
+    _add(fill, "val_9031", np.zeros(1024, np.float32))  # zeros: equal to no weight block here, and a fill anyway
+    assert weights_once(fill, module).constant_bytes >= 4096
