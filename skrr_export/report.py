@@ -43,6 +43,16 @@ def _mib(n: int) -> str:
     return f"{n / 2**20:,.2f} MiB"
 
 
+def _pipeline_lines(pipeline: dict[str, Any] | None, inputs: list[str]) -> list[str]:
+    """The inputs, which positions parity and the distance scored, and the breaking-change note without the mask."""
+    if pipeline is None:  # reports of earlier versions
+        return []
+    call = pipeline.get("call") or {}
+    named = f" as the {call['name']} pipeline calls it" if call.get("name") else ""
+    line = f"- Inputs: {', '.join(f'`{i}`' for i in inputs)}{named}; parity and distance scored over {pipeline['scored']}"
+    return [line] + ([f"- **Inputs changed**: {pipeline['note']}"] if pipeline.get("note") else [])
+
+
 def render_markdown(r: dict[str, Any]) -> str:
     plan, cost, onnx = r["plan"], r["cost"], r["onnx"]
     lines = [
@@ -58,6 +68,7 @@ def render_markdown(r: dict[str, Any]) -> str:
         f"- ONNX `{onnx['path']}`: {onnx['weights']['count']} weights, {_mib(onnx['weights']['bytes'])} "
         f"(each parameter once: unique parameters {_mib(onnx['unique_parameter_bytes'])}); "
         f"{onnx['constants']['count']} other constants, {onnx['constants']['bytes']:,} bytes",
+        *_pipeline_lines(r.get("pipeline"), onnx["inputs"]),
         *([f"- **ONNX Runtime only** (--optimize ort): {onnx['ort_fusion']['fused_attention']} attention slots fused into "
            f"MultiHeadAttention; {onnx['ort_fusion']['runtime']}"] if onnx.get("ort_fusion") else []),
         "",

@@ -18,6 +18,7 @@ from typing import Any
 from .artifacts import staged_folder
 from .errors import ArtifactError, UserError
 from .ort_fusion import refuse_for_tensorrt
+from .recipes import NO_MASK_NOTE
 
 log = logging.getLogger("skrr_export")
 
@@ -157,6 +158,12 @@ def read_artifacts(folder: Path, prefer: str = "auto") -> Artifacts:
 # ----------------------------------------------------------------------------------------------- Triton
 
 
+def inputs_note(art: Artifacts) -> str | None:
+    """The breaking-change note of an export without attention_mask (SD3/FLUX T5), None for one that takes it."""
+    names = {t.name for t in art.inputs}
+    return NO_MASK_NOTE if "input_ids" in names and "attention_mask" not in names else None
+
+
 def triton_config(art: Artifacts, name: str, max_batch: int, instances: int) -> str:
     """config.pbtxt: with max_batch_size > 0 the batch axis is left out of dims (Triton adds it)."""
 
@@ -164,7 +171,7 @@ def triton_config(art: Artifacts, name: str, max_batch: int, instances: int) -> 
         dims = t.shape[1:] if max_batch > 0 else t.shape
         return f'  {{\n    name: "{t.name}"\n    data_type: {t.dtype}\n    dims: [ {", ".join(map(str, dims))} ]\n  }}'
 
-    lines = [
+    lines = [f"# {line}" for line in [inputs_note(art)] if line] + [
         f'name: "{name}"',
         f'platform: "{art.kind}"',
         f"max_batch_size: {max_batch}",
@@ -208,6 +215,8 @@ def write_triton_repo(artifacts: Path, repo: Path, name: str | None, max_batch: 
     for t in art.inputs + art.outputs:
         if batch > 0 and (not t.shape or t.shape[0] not in (-1, batch) and art.kind == "onnxruntime_onnx"):
             raise UserError(f"{t.name} has a fixed batch axis {t.shape[:1]}; export with a dynamic batch or use --max-batch 0")
+    if inputs_note(art):
+        log.warning("%s: %s", name, inputs_note(art))
     with staged_folder(repo / name, force) as stage:
         version = stage / "1"
         version.mkdir()
@@ -298,6 +307,7 @@ def trtexec_script(artifacts: Path, target: str | None, profile: dict[str, list[
         "# FOLDER holds model.onnx (default: the artifacts folder it was written for, found relative to this script);",
         "# model.plan is written there.",
         f"# Target: {target or 'any'}; weights {art.weight_bytes / GIB:.2f} GiB, activations ~{activations / GIB:.2f} GiB.",
+        *[f"# Inputs: {', '.join(t.name for t in art.inputs)}; {note}" for note in [inputs_note(art)] if note],
         "set -euo pipefail",
         f'cd "${{1:-$(dirname "$0")/{_bash_quoted(relative)}}}"',
         "test -f model.onnx || { echo \"model.onnx not found in $PWD\" >&2; exit 2; }",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from skrr_export.cli import main
@@ -93,3 +94,106 @@ def test_recipes_are_the_installations_not_the_working_folders(tmp_path, monkeyp
     (fake / "recipe.json").write_text('{"name": "no sparsity"}')
     with pytest.raises(UserError, match=r"recipe.json is not a recipe: missing or malformed field 'sparsity'"):
         load_recipe(str(fake))
+
+
+PIPELINE_BLOCK = {"name": "sd3", "encoder": "text_encoder_3", "attention_mask": False, "max_length": 256,
+                  "outputs": ["last_hidden_state"], "negative_prompt": ""}
+
+
+def test_each_recipe_declares_how_its_pipeline_calls_the_encoder():
+    """SD3 and FLUX call T5 unmasked at 256 and 512, PixArt-Sigma masked at 300 (DESIGN.md section 6; diffusers'
+    own calls are exercised in test_pipelines_diffusers.py); a fixed export sequence is the pipeline's length, and
+    every declared output is one the family's adapter exports."""
+    from skrr_export.adapters import ADAPTERS
+    from skrr_export.model import ModelSource, build_meta, load_config
+
+    expected = {"sd3": (False, 256), "flux-dev": (False, 512), "pixart-sigma": (True, 300), "minilm": (True, None)}
+    for name in EXPECTED:
+        recipe = load_recipe(name)
+        call = recipe.pipeline
+        assert (call.attention_mask, call.max_length) == next(v for k, v in expected.items() if name.startswith(k))
+        assert recipe.export.get("fixed_sequence") in (None, call.max_length)
+        config = load_config(ModelSource(recipe.config_folder)) if recipe.config_folder else None
+        if config is not None:
+            assert set(call.outputs) <= set(ADAPTERS[recipe.checkpoint["family"]].output_names(build_meta(config).config))
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"attention_mask": "no"}, "attention_mask must be true or false"),
+    ({"max_length": 0}, "max_length must be a positive integer or null"),
+    ({"outputs": ["hidden_states"]}, "outputs must be a non-empty list of last_hidden_state"),
+    ({"outputs": []}, "outputs must be a non-empty list"),
+    ({"mask": True}, "unknown field mask"),
+    ({"max_length": 300}, "export fixed_sequence 256 differs from the pipeline's max_length 300"),
+])
+def test_a_malformed_pipeline_block_is_refused_with_what_to_fix(tmp_path, change, message):
+    folder = tmp_path / "r"
+    folder.mkdir()
+    recipe = {"name": "r", "sparsity": 0.4, "export": {"fixed_sequence": 256}, "pipeline": PIPELINE_BLOCK | change}
+    (folder / "recipe.json").write_text(json.dumps(recipe))
+    with pytest.raises(UserError, match=message):
+        load_recipe(str(folder))
+    del recipe["pipeline"]["name"]
+    (folder / "recipe.json").write_text(json.dumps(recipe))
+    with pytest.raises(UserError, match="must be an object with name, attention_mask, max_length and outputs"):
+        load_recipe(str(folder))
+
+
+def _unmasked_recipe(tmp_path, tiny_models):
+    """A recipe for the tiny T5 that declares SD3's call at 16 tokens, and a copy of the model with a tokenizer."""
+    import shutil
+
+    from .test_pipelines_diffusers import word_tokenizer
+
+    model = tmp_path / "t5"
+    shutil.copytree(tiny_models["t5"][1], model)
+    word_tokenizer(bos=False).save_pretrained(model)
+    folder = tmp_path / "recipe"
+    folder.mkdir()
+    (folder / "plan.json").write_text(json.dumps({"format": "skrr-plan/1", "encoder": {"family": "t5", "num_blocks": 3},
+                                                  "skip": [3], "reuse": {}}))
+    recipe = {"name": "tiny-sd3", "checkpoint": {"family": "t5", "config": {"d_model": 32}}, "sparsity": 0.0,
+              "export": {"precision": "fp32", "fixed_sequence": 16}, "pipeline": PIPELINE_BLOCK | {"max_length": 16}}
+    (folder / "recipe.json").write_text(json.dumps(recipe))
+    return folder, model
+
+
+def test_an_unmasked_recipe_exports_input_ids_only_and_scores_every_position(tmp_path, tiny_models, capsys):
+    """The recipe's pipeline block drops the mask from the graph; parity and the distance to dense cover every
+    position, padding included: the reported MSE is the Hugging Face model's (unmasked) against the exported graph
+    over all positions. Triton's config and the trtexec script carry the breaking-change note."""
+    import onnxruntime as ort
+    import torch
+    from transformers import T5EncoderModel
+
+    from skrr_export.inputs import PROMPTS
+    from skrr_export.recipes import NO_MASK_NOTE
+
+    folder, model = _unmasked_recipe(tmp_path, tiny_models)
+    out = tmp_path / "out"
+    assert main(["--recipe", str(folder), "--model", str(model), "--out", str(out), "--no-measure", "-q"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["onnx"]["inputs"] == ["input_ids"]
+    assert report["pipeline"]["attention_mask"] is False and report["pipeline"]["note"] == NO_MASK_NOTE
+    assert all(p["passed"] for p in report["parity"])
+    session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_inputs()] == ["input_ids"]
+    ids = word_tokenizer_ids(model, list(PROMPTS))
+    with torch.no_grad():
+        dense = T5EncoderModel.from_pretrained(model).eval()(torch.from_numpy(ids))[0].numpy().astype(np.float64)
+    pruned = session.run(None, {"input_ids": ids})[0].astype(np.float64)
+    assert report["distance_to_dense"]["prompts"]["last_hidden_state"]["mse"] == pytest.approx(
+        ((dense - pruned) ** 2).mean(), rel=1e-4)
+    assert "**Inputs changed**" in (out / "report.md").read_text()
+    assert main(["triton", "--artifacts", str(out), "--repo", str(tmp_path / "repo"), "-q"]) == 0
+    config = (tmp_path / "repo" / "t5_skrr" / "config.pbtxt").read_text()
+    assert config.startswith(f"# {NO_MASK_NOTE}\n") and "attention_mask" not in config.split("\n", 1)[1]
+    assert main(["trtexec", "--artifacts", str(out), "--batch", "1,1,4", "--sequence", "16,16,16"]) == 0
+    assert NO_MASK_NOTE in (out / "build_engine.sh").read_text()
+
+
+def word_tokenizer_ids(model, prompts):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    return tokenizer(prompts, padding="max_length", max_length=16, truncation=True, return_tensors="np")["input_ids"]
