@@ -307,7 +307,7 @@ class Run:
 
 
 def _device_or_rehearsal(rehearse: bool) -> Any:
-    from skrr_export.measure import rehearsal_on_cpu
+    from benchmarks.rehearsal import rehearsal_on_cpu
 
     return rehearsal_on_cpu() if rehearse else nullcontext()
 

@@ -184,7 +184,7 @@ def add(matrix: dict[str, Any], precision: str, results: dict[str, Any]) -> None
 
 
 def _device_or_rehearsal(rehearse: bool) -> Any:
-    from skrr_export.measure import rehearsal_on_cpu
+    from benchmarks.rehearsal import rehearsal_on_cpu
 
     return rehearsal_on_cpu() if rehearse else nullcontext()
 

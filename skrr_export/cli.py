@@ -578,8 +578,10 @@ def _measure_parser() -> Parser:
                    "on request: torch-compile, ort-cuda-stock (ONNX Runtime's default CUDA settings, to compare with ours), "
                    "ort-cuda-fused (the --optimize ort graph), hf (dense only)")
     p.add_argument("--batch", default="1,4", help="batch sizes (default 1,4)")
-    p.add_argument("--seq", default="256,512", help="sequence lengths (default 256,512; CLIP: 77)")
+    p.add_argument("--seq", help="sequence lengths (default: the fixed sequence, else 256,512; CLIP: 77)")
     p.add_argument("--precision", choices=PRECISIONS, default="bf16", help="default bf16")
+    p.add_argument("--input-dtype", choices=("int64", "int32"), help="dtype of the exported inputs (default: the recipe's, else int64)")
+    p.add_argument("--fixed-sequence", type=at_least(1), metavar="N", help="export a fixed sequence length N (default: the recipe's)")
     p.add_argument("--warmup", type=at_least(0), default=3, help="untimed runs per shape (default 3)")
     p.add_argument("--iterations", type=at_least(1), default=20, help="timed runs per shape (default 20)")
     p.add_argument("--out", type=Path, default=Path("measure"), help="output folder (default ./measure)")
@@ -592,10 +594,13 @@ def _measure_parser() -> Parser:
 def cmd_measure(argv: list[str]) -> int:
     args = _measure_parser().parse_args(argv)
     _setup_logging(args.quiet)
-    _resolve_recipe(args, "measure")
-    batches, sequences = _int_list(args.batch, "--batch"), _int_list(args.seq, "--seq")
+    shipped = getattr(_resolve_recipe(args, "measure"), "export", {})  # measure what the recipe ships
+    fixed = args.fixed_sequence or shipped.get("fixed_sequence")
+    batches, sequences = _int_list(args.batch, "--batch"), _int_list(args.seq or str(fixed or "256,512"), "--seq")
     config = _model_config(args)
-    _check_positions(config, max(sequences), "--seq")
+    for value, flag in ((max(sequences), "--seq"), (fixed, "--fixed-sequence")):
+        if value:
+            _check_positions(config, value, flag)
     from .measure import MeasureConfig, measure
 
     cfg = MeasureConfig(
@@ -603,6 +608,7 @@ def cmd_measure(argv: list[str]) -> int:
         allow_pickle=args.allow_pickle, backends=tuple(b for b in args.backends.split(",") if b),
         batches=batches, sequences=sequences, precision=args.precision,
         warmup=args.warmup, iterations=args.iterations, force=args.force,
+        input_dtype=args.input_dtype or shipped.get("input_dtype") or "int64", fixed_sequence=fixed,
     )
     results = measure(cfg)
     for s in results["summary"]:

@@ -6,6 +6,11 @@ TensorRT allocate outside PyTorch: the device's used memory (total - free) befor
 engine is created, and after runs at each shape (shapes run smallest first, so the arena's high-water mark after
 a shape is that shape's need). Latency: warm-up runs, then every timed run starts and ends on a synchronized
 device (``Bound.run``); median and p90.
+
+Feeds come from the artifact measured: the dtypes and fixed sizes of the ONNX's inputs (``workload.InputForm``; the
+main job's file, or measure's own export, checked once written) and of an engine's profile (its engine.json). A
+shape an artifact cannot take is skipped with the reason before any work; a backend that fails records one reason
+and keeps what it measured before the failure.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ import math
 import shutil
 import time
 from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,12 +32,16 @@ import numpy as np
 
 from .backends import DENSE_ONLY, TORCH_BACKENDS, backend_blockers, require_cuda, resolve_backends
 from .errors import InvariantError, UserError
-from .workload import Shape, check_shapes, executed_flops
+from .workload import (InputForm, Shape, check_shapes, engine_input_form, executed_flops, onnx_input_form, planned_form,
+                       shapes_taken)
 
 log = logging.getLogger("skrr_export")
 
 DEVICE = "cuda"
 VARIANTS = ("dense", "plan")
+# What a backend's failure can raise: our errors (a runtime refusing the model, a broken invariant of a fused copy) and
+# the runtimes' own RuntimeErrors (CUDA out of memory, a compile failure). It ends that backend, not the measurement.
+BACKEND_FAILURES = (UserError, InvariantError, RuntimeError)
 
 
 @dataclass(frozen=True)
@@ -53,16 +62,19 @@ class MeasureConfig:
     compile_dynamic: bool | None = None  # torch.compile's ``dynamic``; None: its default (recompile on new shapes)
     variants: tuple[str, ...] = VARIANTS  # which of dense and plan to measure
     parity: tuple[str, ...] = ("plan",)  # the variants whose every backend is checked against PyTorch on the device
+    input_dtype: str = "int64"  # the inputs of measure's own exports (a recipe's export settings; export.ExportOptions)
+    fixed_sequence: int | None = None  # likewise; the main job's artifacts bring their own (read from the files)
 
 
-def timing_feed(config: Any, shape: Shape, seed: int = 0) -> dict[str, np.ndarray]:
+def timing_feed(config: Any, shape: Shape, seed: int = 0, form: InputForm | None = None) -> dict[str, np.ndarray]:
     """Full-length rows of random ids (no padding), and every other input the family declares: every token costs
-    what a real prompt's does."""
+    what a real prompt's does. ``form``: as the artifact takes them (its inputs, their dtypes); None: int64."""
     from .adapters import adapter_for
     from .inputs import random_ids
 
     ids = random_ids(config, (shape.batch, shape.seq), np.random.default_rng(seed)).astype(np.int64)
-    return adapter_for(config).complete_feed({"input_ids": ids, "attention_mask": np.ones_like(ids)})
+    feed = adapter_for(config).complete_feed({"input_ids": ids, "attention_mask": np.ones_like(ids)})
+    return form.fit(feed) if form is not None else feed
 
 
 def latency(run: Callable[[], None], warmup: int, iterations: int) -> dict[str, float]:
@@ -100,10 +112,22 @@ class DeviceMemory:
         return int(total - free)
 
 
+@contextmanager
+def kept_on_failure(run: dict[str, Any]) -> Iterator[None]:
+    """A backend's failure ends it with one reason, ``run["error"]``; what ``run`` holds by then is kept."""
+    try:
+        yield
+    except BACKEND_FAILURES as exc:
+        lines = str(exc).strip().splitlines()
+        run["error"] = f"{type(exc).__name__}: {lines[0] if lines else 'no message'}"
+
+
 def _shape_rows(runner: Any, shapes: list[Shape], feeds: dict[Shape, Any], cfg: MeasureConfig,
-                peak: Callable[[Any], int], resident: int, first_run: Callable[[Any], None] | None = None) -> list[dict[str, Any]]:
-    """Per shape: latency after warm-up, then the memory peak of one more run (``peak(bound)`` measures it)."""
-    rows = []
+                peak: Callable[[Any], int], resident: int, first_run: Callable[[Any], None] | None = None,
+                rows: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+    """Per shape: latency after warm-up, then the memory peak of one more run (``peak(bound)`` measures it). Each
+    shape's row is appended to ``rows`` as soon as it is measured, so that a later failure keeps it."""
+    rows = [] if rows is None else rows
     for shape in shapes:
         bound = runner.bind(feeds[shape])
         if first_run is not None:
@@ -141,11 +165,12 @@ def measure_torch(module: Any, modes: list[str], shapes: list[Shape], feeds: dic
     out = {}
     for mode in modes:
         start = time.perf_counter()
-        with _torch_runner(mode, module, hf_model, cfg) as runner:
-            rows = _shape_rows(runner, shapes, feeds, cfg, peak, resident)
-            checks = reference(runner) if reference and mode not in ("torch", "hf") else []
-        out[mode] = {"resident_bytes": resident, "resident_source": "torch.cuda.memory_allocated", "shapes": rows,
-                     "parity": checks, "seconds": round(time.perf_counter() - start, 1)}
+        run = out[mode] = {"resident_bytes": resident, "resident_source": "torch.cuda.memory_allocated", "shapes": [],
+                           "parity": []}
+        with kept_on_failure(run), _torch_runner(mode, module, hf_model, cfg) as runner:
+            _shape_rows(runner, shapes, feeds, cfg, peak, resident, rows=run["shapes"])
+            run["parity"] = reference(runner) if reference and mode not in ("torch", "hf") else []
+        run["seconds"] = round(time.perf_counter() - start, 1)
     return out, reference
 
 
@@ -175,29 +200,30 @@ class _HfForward:
 
 
 def measure_ort(onnx_path: Path, shapes: list[Shape], feeds: dict[Shape, Any], cfg: MeasureConfig, probe: DeviceMemory,
-                work: Path, reference: Any = None, stock: bool = False) -> dict[str, Any]:
+                work: Path, reference: Any = None, stock: bool = False, run: dict[str, Any] | None = None) -> dict[str, Any]:
     """ONNX Runtime's CUDA provider with IO binding; device memory from the driver; node placement profiled.
-    ``stock``: ONNX Runtime's default provider and session settings (TF32 still off) instead of ours."""
+    ``stock``: ONNX Runtime's default provider and session settings (TF32 still off) instead of ours. Fills ``run``
+    (returned) as it goes: a failure leaves in it what was measured before."""
     from .runners import CUDA_PROVIDER_OPTIONS, CUDA_SESSION_CONFIG, OrtRunner
 
     options = {"use_tf32": "0"} if stock else CUDA_PROVIDER_OPTIONS
     session_config: dict[str, str] = {} if stock else CUDA_SESSION_CONFIG
+    run = {} if run is None else run
+    run |= {"resident_source": "device used memory after session creation", "shapes": [], "placement": {}, "parity": [],
+            "settings": {"provider_options": options, "session_config": session_config, "io_binding": True}}
     base = probe.settle()
     runner = OrtRunner(onnx_path, ("CUDAExecutionProvider",), options, session_config, profile_prefix=work / "ort-profile")
-    placement: dict[str, Any] = {}
 
     def profile_first(bound: Any) -> None:
         bound.run()
         events = read_profile(runner.end_profiling())
-        placement.update(_placement(events) | {"hot_path": hot_path(events)} if events else {})
+        run["placement"].update(_placement(events) | {"hot_path": hot_path(events)} if events else {})
 
     with runner:
-        resident = probe.used() - base
-        rows = _shape_rows(runner, shapes, feeds, cfg, _driver_peak(probe, base), resident, profile_first)
-        parity = reference(runner) if reference else []
-    return {"resident_bytes": resident, "resident_source": "device used memory after session creation",
-            "shapes": rows, "placement": placement, "parity": parity,
-            "settings": {"provider_options": options, "session_config": session_config, "io_binding": True}}
+        run["resident_bytes"] = probe.used() - base
+        _shape_rows(runner, shapes, feeds, cfg, _driver_peak(probe, base), run["resident_bytes"], profile_first, run["shapes"])
+        run["parity"] = reference(runner) if reference else []
+    return run
 
 
 def read_profile(profile: Path | None) -> list[dict[str, Any]]:
@@ -260,24 +286,29 @@ def hot_path(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return sorted(found.values(), key=lambda e: -e["nodes"])
 
 
-def measure_trt(engine: str, onnx_path: Path, shapes: list[Shape], feeds: dict[Shape, Any], cfg: MeasureConfig,
-                probe: DeviceMemory, work: Path, reference: Any = None, built: Any = None) -> dict[str, Any]:
-    """Measure ``built`` (an EngineArtifact), or build an engine whose one profile spans the shapes; then measure
-    it like ONNX Runtime."""
-    from .trt import EngineOptions, ShapeRange, TrtRunner, build_engine
+def build_for(engine: str, onnx_path: Path, shapes: list[Shape], work: Path) -> Any:
+    """An engine (trt.EngineArtifact) whose one profile spans ``shapes`` (the timed ones and the parity batches')."""
+    from .trt import EngineOptions, ShapeRange, build_engine
 
-    artifact = built
-    if artifact is None:
-        b, s = [sh.batch for sh in shapes], [sh.seq for sh in shapes]
-        options = EngineOptions(batch=ShapeRange(min(b), max(b), max(b)), sequence=ShapeRange(min(s), max(s), max(s)))
-        artifact = build_engine(onnx_path, engine, options, work / f"{engine}.plan", {})
+    b, s = [sh.batch for sh in shapes], [sh.seq for sh in shapes]
+    options = EngineOptions(batch=ShapeRange(min(b), max(b), max(b)), sequence=ShapeRange(min(s), max(s), max(s)))
+    return build_engine(onnx_path, engine, options, work / f"{engine}.plan", {})
+
+
+def measure_trt(artifact: Any, engine: str, shapes: list[Shape], feeds: dict[Shape, Any], cfg: MeasureConfig,
+                probe: DeviceMemory, reference: Any = None, run: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Measure ``artifact`` (a trt.EngineArtifact) like ONNX Runtime, filling ``run`` (returned) as it goes."""
+    from .trt import TrtRunner
+
+    run = {} if run is None else run
+    run |= {"resident_source": "device used memory after engine and context creation",
+            "engine_weights": artifact.metadata["weights"], "shapes": [], "parity": []}
     base = probe.settle()
     with TrtRunner(artifact.path, engine) as runner:
-        resident = probe.used() - base
-        rows = _shape_rows(runner, shapes, feeds, cfg, _driver_peak(probe, base), resident)
-        parity = reference(runner) if reference else []
-    return {"resident_bytes": resident, "resident_source": "device used memory after engine and context creation",
-            "engine_weights": artifact.metadata["weights"], "shapes": rows, "parity": parity}
+        run["resident_bytes"] = probe.used() - base
+        _shape_rows(runner, shapes, feeds, cfg, _driver_peak(probe, base), run["resident_bytes"], rows=run["shapes"])
+        run["parity"] = reference(runner) if reference else []
+    return run
 
 
 def _driver_peak(probe: DeviceMemory, base: int) -> Callable[[Any], int]:
@@ -288,36 +319,6 @@ def _driver_peak(probe: DeviceMemory, base: int) -> Callable[[Any], int]:
         return probe.used() - base
 
     return peak
-
-
-@contextmanager
-def rehearsal_on_cpu() -> Iterator[None]:
-    """Run the CUDA measurement flow on the CPU, to rehearse it where no GPU is: CUDA's memory counters and
-    synchronization become no-ops (every memory figure reads 0 and means nothing), PyTorch runs on the CPU and
-    ONNX Runtime on its CPU provider. Timings, FLOPs and parity are real CPU numbers."""
-    import types
-    from unittest import mock
-
-    import torch
-
-    from . import runners
-
-    class CpuOrtRunner(runners.OrtRunner):
-        def __init__(self, path: Path, providers: tuple[str, ...], *args: Any, **kwargs: Any):
-            super().__init__(path, ("CPUExecutionProvider",), *args, **kwargs)
-
-    cuda = torch.cuda
-    stand_ins: dict[str, Any] = {name: (lambda *a, **k: None) for name in ("synchronize", "empty_cache", "reset_peak_memory_stats")}
-    stand_ins |= {"memory_allocated": lambda *a, **k: 0, "max_memory_allocated": lambda *a, **k: 0,
-                  "mem_get_info": lambda *a: (1, 1), "get_device_name": lambda *a: "cpu (rehearsal)",
-                  "get_device_capability": lambda *a: (0, 0),
-                  "get_device_properties": lambda *a: types.SimpleNamespace(total_memory=1)}
-    with ExitStack() as stack:
-        for name, value in stand_ins.items():
-            stack.enter_context(mock.patch.object(cuda, name, value))
-        stack.enter_context(mock.patch(f"{__name__}.DEVICE", "cpu"))
-        stack.enter_context(mock.patch.object(runners, "OrtRunner", CpuOrtRunner))
-        yield
 
 
 def measure(cfg: MeasureConfig) -> dict[str, Any]:
@@ -358,8 +359,9 @@ class _Job:
     shapes: list[Shape]
     cfg: MeasureConfig
     probe: DeviceMemory
-    feeds: dict[Shape, Any]
-    batches: Any  # the parity batches (seeded random ids with padding, and the empty prompt)
+    form: InputForm  # what the ONNX measured takes (the main job's, read from it; measure's own, checked once written)
+    feeds: dict[Shape, Any]  # the timing feeds, as ``form`` takes them
+    batches: Any  # the parity batches (seeded random ids with padding, and the empty prompt), as ``form`` takes them
     tolerances: dict[str, Any]
     vocab: int
     ort_model_type: str  # the family's model type for ONNX Runtime's transformer optimizer (ort-cuda-fused)
@@ -367,8 +369,34 @@ class _Job:
     artifacts: Any = None  # the main job's: its ONNX and engine are measured as the plan; the dense side in PyTorch only
 
     def record(self, variant: str, backend: str, unique: int, result: dict[str, Any]) -> None:
+        """A backend's run; one that failed (``result["error"]``) as an error, with its run when it measured any."""
+        if error := result.pop("error", None):
+            log.warning("%s (%s): stopped after %d shapes: %s", backend, variant, len(result.get("shapes", [])), error)
+            self.results["errors"].append({"variant": variant, "backend": backend, "error": error,
+                                           "shapes_kept": len(result.get("shapes", []))})
+        if "resident_bytes" not in result:  # it failed before it could hold the model
+            return
         self.results["parity"] += [p | {"backend": backend, "variant": variant} for p in result.pop("parity", [])]
         self.results["runs"].append({"variant": variant, "backend": backend, "unique_weight_bytes": unique, **result})
+
+    def taken(self, variant: str, backend: str, form: InputForm, shapes: list[Shape]) -> list[Shape]:
+        """The shapes ``form`` takes; each other one is recorded as skipped, with the reason."""
+        taken, refused = shapes_taken(form, shapes)
+        self.results["skipped"] += [{"variant": variant, "backend": backend, "shape": str(shape), "reason": reason}
+                                    for shape, reason in refused.items()]
+        return taken
+
+    def inputs_for(self, variant: str, backend: str, form: InputForm, reference: Any) -> tuple[list[Shape], dict[Shape, Any], Any]:
+        """What a backend running an artifact of ``form`` is fed, decided before it loads anything: the shapes it
+        takes (the others skipped, with the reason), their feeds in its dtypes, and ``reference``'s parity check on
+        the batches it takes (None without a reference)."""
+        from .inputs import Batch
+
+        shapes = self.taken(variant, backend, form, self.shapes)
+        feeds = {shape: form.fit(self.feeds[shape]) for shape in shapes}
+        batches = [Batch(form.fit(b.feed), b.label, b.source) for b in self.batches
+                   if self.taken(variant, f"{backend} parity ({b.label})", form, [batch_shape(b)])]
+        return shapes, feeds, (lambda runner: reference(runner, batches)) if reference else None
 
     @contextmanager
     def stage(self, variant: str, name: str) -> Iterator[None]:
@@ -399,18 +427,14 @@ def run_measurements(meta: Any, source: Any, plan: Any, backends: tuple[str, ...
     ``dense``: the dense runs of an earlier call on the same model and shapes, reused instead of measured again."""
     import torch
 
-    from .compare import DEFAULT_TOLERANCES
-    from .inputs import prompt_batch
     from .plan import Plan
 
     torch.backends.cuda.matmul.allow_tf32 = False  # parity and timings in the precision asked for
     torch.backends.cudnn.allow_tf32 = False
-    config = meta.adapter.text_config(meta.config)
     variants = {"dense": Plan.dense(plan.family, plan.num_blocks), "plan": plan}
-    results = _results_head(meta, source, plan, cfg, backends, _flops(meta, variants, shapes))
-    job = _Job(source, backends, shapes, cfg, DeviceMemory(), {shape: timing_feed(config, shape) for shape in shapes},
-               prompt_batch(None, meta.config, "int64", None), {"*": DEFAULT_TOLERANCES[cfg.precision]},
-               meta.adapter.sizes(meta.config).vocab, meta.adapter.ort_model_type, results, artifacts)
+    job = _new_job(meta, source, plan, backends, shapes, cfg, artifacts)
+    results = job.results
+    results["flops"] = _flops(meta, variants, job.shapes)
     for variant, variant_plan in variants.items():
         if variant not in cfg.variants:
             continue
@@ -425,8 +449,40 @@ def run_measurements(meta: Any, source: Any, plan: Any, backends: tuple[str, ...
     return results
 
 
+def _new_job(meta: Any, source: Any, plan: Any, backends: tuple[str, ...], shapes: list[Shape], cfg: MeasureConfig,
+             artifacts: Any) -> _Job:
+    """What both variants share: the form of the ONNX measured, the shapes it takes (the others skipped, with the
+    reason; none: a UserError before any work), and its feeds."""
+    from .compare import DEFAULT_TOLERANCES
+
+    form = onnx_input_form(artifacts.onnx) if artifacts else planned_form(
+        tuple(i.name for i in meta.adapter.inputs), cfg.input_dtype, cfg.fixed_sequence)
+    taken, refused = shapes_taken(form, shapes)
+    if not taken:
+        raise UserError(f"nothing to measure: {next(iter(refused.values()))}; pass shapes it takes (--seq, --batch)")
+    config = meta.adapter.text_config(meta.config)
+    results = _results_head(meta, source, plan, cfg, backends, form)
+    results["skipped"] += [{"variant": "both", "backend": "every", "shape": str(s), "reason": r} for s, r in refused.items()]
+    return _Job(source, backends, taken, cfg, DeviceMemory(), form,
+                {shape: timing_feed(config, shape, form=form) for shape in taken}, parity_batches(meta.config, form),
+                {"*": DEFAULT_TOLERANCES[cfg.precision]}, meta.adapter.sizes(meta.config).vocab,
+                meta.adapter.ort_model_type, results, artifacts)
+
+
+def parity_batches(config: Any, form: InputForm) -> tuple[Any, ...]:
+    """The parity batches (seeded random ids with padding; the empty prompt) as ``form`` takes them: padded to its
+    fixed sequence, in its dtypes."""
+    from .inputs import Batch, prompt_batch
+
+    return tuple(Batch(form.fit(b.feed), b.label, b.source) for b in prompt_batch(None, config, "int64", form.fixed_sequence))
+
+
+def batch_shape(batch: Any) -> Shape:
+    return Shape(*batch.feed["input_ids"].shape)
+
+
 def _results_head(meta: Any, source: Any, plan: Any, cfg: MeasureConfig, backends: tuple[str, ...],
-                  flops: list[dict[str, Any]]) -> dict[str, Any]:
+                  form: InputForm) -> dict[str, Any]:
     """What was measured, on what and how; the runs, errors and parity checks fill in as they come."""
     from .apply import plan_cost
 
@@ -436,9 +492,11 @@ def _results_head(meta: Any, source: Any, plan: Any, cfg: MeasureConfig, backend
         "plan": {"sha256": plan.digest(), "sparsity": plan_cost(meta, plan).sparsity, "skipped": len(plan.skip),
                  "reused": len(plan.reuse)},
         "precision": cfg.precision,
+        "inputs": {"source": form.source, "dtypes": dict(form.dtypes), "batch": list(form.batch),
+                   "sequence": list(form.sequence)},
         "backends": list(backends),
-        "flops": flops,
-        "runs": [], "errors": [], "parity": [], "stages": [],
+        "flops": [],
+        "runs": [], "errors": [], "skipped": [], "parity": [], "stages": [],
     }
 
 
@@ -476,33 +534,43 @@ def _measure_variant(job: _Job, variant: str, plan: Any, folder: Path) -> None:
 
 def _measure_exported(job: _Job, variant: str, backends: list[str], onnx_path: Path, reference: Any, given: Any,
                       folder: Path, unique: int) -> None:
-    """ONNX Runtime CUDA and the engines on the exported ONNX (or the main job's); a backend that cannot run this
-    model, or whose fused copy breaks the weight invariant, is recorded as not measured (the error says why)."""
+    """ONNX Runtime CUDA and the engines on the exported ONNX (or the main job's). A backend that cannot run this
+    model, or whose fused copy breaks the weight invariant, records the one reason and keeps what it measured before
+    (its resident bytes, the shapes done); the next backend runs."""
     for backend in backends:
-        try:
+        run: dict[str, Any] = {}
+        with kept_on_failure(run):
             if backend == "ort-cuda-fused":
-                result = _measure_fused(job, variant, onnx_path, reference, folder)
+                _measure_fused(job, variant, onnx_path, reference, folder, run)
             elif backend.startswith("ort-cuda"):
-                result = measure_ort(onnx_path, job.shapes, job.feeds, job.cfg, job.probe, folder, reference,
-                                     stock=backend == "ort-cuda-stock")
+                shapes, feeds, check = job.inputs_for(variant, backend, job.form, reference)
+                measure_ort(onnx_path, shapes, feeds, job.cfg, job.probe, folder, check, backend == "ort-cuda-stock", run)
             else:
-                built = given.engines.get(backend) if given else None
-                result = measure_trt(backend, onnx_path, job.shapes, job.feeds, job.cfg, job.probe, folder, reference,
-                                     built)
-        except (UserError, InvariantError) as exc:  # e.g. the provider has no kernel for this precision
-            log.warning("%s (%s): not measured: %s", backend, variant, exc)
-            job.results["errors"].append({"variant": variant, "backend": backend, "error": str(exc)})
-            continue
-        job.record(variant, backend, unique, result)
+                _measure_engine(job, variant, backend, onnx_path, reference, given, folder, run)
+        job.record(variant, backend, unique, run)
 
 
-def _measure_fused(job: _Job, variant: str, onnx_path: Path, reference: Any, folder: Path) -> dict[str, Any]:
+def _measure_engine(job: _Job, variant: str, backend: str, onnx_path: Path, reference: Any, given: Any, folder: Path,
+                    run: dict[str, Any]) -> None:
+    """The main job's engine (``given``), or one built here spanning the timed shapes and the parity batches; fed as
+    its engine.json says (input dtypes, profile)."""
+    artifact = given.engines.get(backend) if given else None
+    if artifact is None:
+        with job.stage(variant, f"build {backend}"):
+            artifact = build_for(backend, onnx_path, job.shapes + [batch_shape(b) for b in job.batches], folder)
+    shapes, feeds, check = job.inputs_for(variant, backend, engine_input_form(artifact.path, artifact.metadata), reference)
+    measure_trt(artifact, backend, shapes, feeds, job.cfg, job.probe, check, run)
+
+
+def _measure_fused(job: _Job, variant: str, onnx_path: Path, reference: Any, folder: Path, run: dict[str, Any]) -> None:
     """ort-cuda-fused: the ``--optimize ort`` variant of ``onnx_path`` (``fused_copy``), measured with our settings
-    like ort-cuda, with what was fused; the copy is removed afterwards."""
+    like ort-cuda, fed as its own inputs say, with what was fused; the copy is removed afterwards."""
     with job.stage(variant, "fuse"):
         fused, fusion = fused_copy(onnx_path, job.ort_model_type)
+    run["fusion"] = fusion
     try:
-        return measure_ort(fused, job.shapes, job.feeds, job.cfg, job.probe, folder, reference) | {"fusion": fusion}
+        shapes, feeds, check = job.inputs_for(variant, "ort-cuda-fused", onnx_input_form(fused), reference)
+        measure_ort(fused, shapes, feeds, job.cfg, job.probe, folder, check, run=run)
     finally:
         fused.unlink(missing_ok=True)
 
@@ -573,19 +641,25 @@ def _export(job: _Job, variant: str, module: Any, unique: int, folder: Path) -> 
 
     engines = {"trt", "trt-rtx"} & set(job.backends)
     check_disk(folder, int(unique * (2.1 if engines else 1.05)), "the measured artifacts")
-    options = ExportOptions(external_data=True if "ort-cuda-fused" in job.backends else None)
+    options = ExportOptions(input_dtype=job.cfg.input_dtype, fixed_sequence=job.cfg.fixed_sequence,
+                            external_data=True if "ort-cuda-fused" in job.backends else None)
     with job.stage(variant, "export"):
-        return export_onnx(module, folder / "model.onnx", options, job.vocab).path
+        path = export_onnx(module, folder / "model.onnx", options, job.vocab).path
+    if differences := job.form.differences(onnx_input_form(path)):
+        raise InvariantError(f"the {variant} export's inputs differ from the form its feeds were made for: "
+                             f"{'; '.join(differences)}")
+    return path
 
 
 def _reference(module: Any, batches: Any, tolerances: dict[str, Any]) -> Callable[[Any], list[dict[str, Any]]]:
-    """PyTorch's outputs for the plan on the device; returns the check every other backend's runner goes through."""
+    """PyTorch's outputs for the plan on the device; returns the check every other backend's runner goes through
+    (on all ``batches``, or on the ones given)."""
     from .compare import runner_parity
     from .runners import TorchRunner
 
     with TorchRunner(module, module.output_names, DEVICE) as runner:
         outputs = {batch.label: runner.infer(batch.feed) for batch in batches}
-    return lambda other: runner_parity(outputs, other, batches, tolerances, "pytorch-cuda")
+    return lambda other, some=batches: runner_parity(outputs, other, some, tolerances, "pytorch-cuda")
 
 
 def _flops(meta: Any, variants: dict[str, Any], shapes: list[Shape]) -> list[dict[str, Any]]:
@@ -751,7 +825,11 @@ def render_markdown(r: dict[str, Any], level: int = 1) -> str:
                       f"MultiHeadAttention, {f['unfused_softmax']} Softmax left; weights read from "
                       f"{', '.join(f['storage']['data_files']) or 'the graph file'}: `{json.dumps(f['op_counts'])}`"]
     for err in r["errors"]:
-        lines += ["", f"**Not measured:** {err['backend']} ({err['variant']}): {err['error']}"]
+        kept = err.get("shapes_kept", 0)
+        lines += ["", f"**{f'Stopped after {kept} shapes' if kept else 'Not measured'}:** {err['backend']} "
+                      f"({err['variant']}): {err['error']}"]
+    for skip in r.get("skipped", []):
+        lines += ["", f"**Skipped:** {skip['shape']} on {skip['backend']} ({skip['variant']}): {skip['reason']}"]
     return "\n".join(lines) + "\n"
 
 

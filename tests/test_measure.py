@@ -310,7 +310,7 @@ def test_main_job_reports_the_same_measurements_on_cuda(tiny_models, tmp_path): 
     _, folder = tiny_models["t5"]
     plan_path = write_plan(tmp_path, make_plan("t5", "heavy-reuse").to_json())
     out = tmp_path / "out"
-    report = run_export(ExportConfig(plan=plan_path, out=out, model=folder))
+    report = run_export(ExportConfig(plan=plan_path, out=out, model=folder, random_ids=True))
     measured = report["measure"]
     assert {(r["variant"], r["backend"]) for r in measured["runs"]} >= {("dense", "torch"), ("plan", "torch")}
     assert [(f["batch"], f["seq"]) for f in measured["flops"]] == [(1, 128)]  # T5 has no position limit: 128
@@ -354,10 +354,10 @@ def test_measurement_flow_on_cpu_with_the_cuda_counters_patched(tiny_models, tmp
 
 @pytest.fixture
 def on_cpu():  # type: ignore[no-untyped-def]
-    """The CUDA flow rehearsed on the CPU (measure.rehearsal_on_cpu): every memory figure is 0, never asserted."""
-    import skrr_export.measure as measure
+    """The CUDA flow rehearsed on the CPU (benchmarks/rehearsal.py): every memory figure is 0, never asserted."""
+    from benchmarks.rehearsal import rehearsal_on_cpu
 
-    with measure.rehearsal_on_cpu():
+    with rehearsal_on_cpu():
         yield
 
 

@@ -1,4 +1,4 @@
-"""measure's ort-cuda-fused backend, on the CPU (measure.rehearsal_on_cpu: ONNX Runtime's CPU provider, CUDA's
+"""measure's ort-cuda-fused backend, on the CPU (benchmarks/rehearsal.py: ONNX Runtime's CPU provider, CUDA's
 memory counters read 0 and are not asserted): the fused copy of the export runs for dense and plan, matches PyTorch,
 holds one MultiHeadAttention per executed attention slot, and reads the export's weights from the export's data file;
 the hot-path placement target from a profile's events."""
@@ -51,9 +51,9 @@ def storage_seen_by_the_session(onnx_path):
 
 @pytest.fixture
 def on_cpu():  # type: ignore[no-untyped-def]
-    import skrr_export.measure as measure
+    from benchmarks.rehearsal import rehearsal_on_cpu
 
-    with measure.rehearsal_on_cpu():
+    with rehearsal_on_cpu():
         yield
 
 
