@@ -197,3 +197,16 @@ def word_tokenizer_ids(model, prompts):
 
     tokenizer = AutoTokenizer.from_pretrained(model)
     return tokenizer(prompts, padding="max_length", max_length=16, truncation=True, return_tensors="np")["input_ids"]
+
+
+def test_no_attention_mask_flag_exports_input_ids_only_for_a_plan_without_recipe(tmp_path, tiny_models):
+    folder, model = _unmasked_recipe(tmp_path, tiny_models)
+    out = tmp_path / "out"
+    args = ["--plan", str(folder / "plan.json"), "--model", str(model), "--fixed-sequence", "16", "--no-dense-distance",
+            "--no-measure", "-q"]
+    assert main([*args, "--out", str(out), "--no-attention-mask"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["onnx"]["inputs"] == ["input_ids"] and report["pipeline"]["call"] is None
+    assert report["pipeline"]["scored"] == "every position (padding included)"
+    assert main([*args, "--out", str(tmp_path / "masked")]) == 0
+    assert json.loads((tmp_path / "masked" / "report.json").read_text())["onnx"]["inputs"] == ["input_ids", "attention_mask"]
