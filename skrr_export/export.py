@@ -20,6 +20,7 @@ import torch
 
 from .apply import SkrrEncoder, unique_parameter_bytes
 from .errors import InvariantError
+from .graph.half_scalars import rounded_scalars
 from .graph import weights as weights_invariant
 from .graph.save import save_model
 from .graph.weights import Initializers
@@ -99,6 +100,7 @@ def export_onnx(module: SkrrEncoder, path: Path, options: ExportOptions, vocab_s
     start = time.perf_counter()
     program = _torch_export(module, options, vocab_size, quantize.OPSET if quantized is not None else OPSET)
     graph_passes(weight_names(module))(program.model)
+    check_half_scalars(program.model)
     program.model.ir_version = IR_VERSION
     stored = weights_once(program.model, module, options.fixed_sequence)
     if quantized is not None:
@@ -125,7 +127,7 @@ def _torch_export(module: SkrrEncoder, options: ExportOptions, vocab_size: int, 
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # "torchvision is not installed" and the like
     # With autograd on, the exporter cannot decompose HF T5 attention with dynamic shapes (DESIGN.md).
     # Its internal warnings are not the user's to act on. Its optimizer runs later, as KeepWeightsOptimize.
-    with torch.no_grad(), warnings.catch_warnings():
+    with torch.no_grad(), warnings.catch_warnings(), HalfScalarsInFp32():
         warnings.simplefilter("ignore")
         return torch.onnx.export(
             module,
@@ -138,6 +140,43 @@ def _torch_export(module: SkrrEncoder, options: ExportOptions, vocab_size: int, 
             optimize=False,
             verbose=False,
         )
+
+
+# Elementwise arithmetic that PyTorch's eager kernels compute in fp32 ("opmath") for half-precision tensors
+# (add, sub, mul, div, pow and their operator and reversed forms): a Python scalar enters at fp32.
+_SCALAR_ARITHMETIC = {"add", "sub", "rsub", "mul", "div", "true_divide", "truediv", "rdiv", "pow", "rpow"}
+_HALF = (torch.bfloat16, torch.float16)
+
+
+class HalfScalarsInFp32(torch.overrides.TorchFunctionMode):
+    """Export half-precision arithmetic with a Python scalar as PyTorch's eager kernels run it: the scalar in fp32.
+
+    Eager bf16/fp16 applies a Python scalar in fp32 and rounds only the result; the exporter instead stores the scalar
+    as a constant of the tensor's dtype, so T5's tanh-GELU read 0.796875 for sqrt(2/pi) = 0.7978846 and 0.044677734
+    for 0.044715 (CLIP's quick-GELU: 1.703125 for 1.702): a graph that drifts from the module on every runtime
+    (DESIGN.md section 7). Under this mode an operation whose scalar is not exact in the tensor's dtype is traced as
+    Cast up, compute in fp32, Cast down: bit-identical to eager (tests/test_half_scalars.py), and exported as such.
+    Scalars that are exact in the half dtype (0.5, 1.0, 3.0) stay as they are."""
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        dtype = _inexact_half_scalar(func, args, kwargs)
+        if dtype is None:
+            return func(*args, **kwargs)
+        widen = lambda a: a.float() if isinstance(a, torch.Tensor) else a  # noqa: E731
+        return func(*map(widen, args), **{k: widen(v) for k, v in kwargs.items()}).to(dtype)
+
+
+def _inexact_half_scalar(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.dtype | None:
+    """The half dtype of ``func``'s tensors when it is scalar arithmetic whose scalar that dtype cannot hold exactly."""
+    if getattr(func, "__name__", "").strip("_") not in _SCALAR_ARITHMETIC:
+        return None
+    values = (*args, *kwargs.values())
+    dtypes = {a.dtype for a in values if isinstance(a, torch.Tensor)}
+    if len(dtypes) != 1 or (dtype := next(iter(dtypes))) not in _HALF:
+        return None
+    scalars = [a for a in values if isinstance(a, (int, float)) and not isinstance(a, bool)]
+    return dtype if any(float(torch.tensor(s, dtype=dtype)) != s for s in scalars) else None
 
 
 def weight_names(module: torch.nn.Module) -> set[str]:
