@@ -41,8 +41,8 @@ def padding_mask(attention_mask: torch.Tensor | None, dtype: torch.dtype) -> tor
 def causal_padding_mask(attention_mask: torch.Tensor | None, dtype: torch.dtype, input_ids: torch.Tensor) -> torch.Tensor:
     """Additive (batch, 1, seq, seq) mask combining causality and padding (causality alone without a padding mask:
     (1, 1, seq, seq)), without -inf."""
-    seq = input_ids.shape[1]
-    pos = torch.arange(seq, device=input_ids.device)
+    shaped = input_ids if attention_mask is None else attention_mask
+    pos = torch.arange(shaped.shape[1], device=shaped.device)
     causal = pos[None, :] <= pos[:, None]
     keep = causal[None, None, :, :]
     if attention_mask is not None:
