@@ -9,6 +9,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from .compare import DEFAULT_TOLERANCES
 from .errors import ModelError, UserError
 
 
@@ -53,6 +54,7 @@ def pipeline_call(data: Any, where: str) -> PipelineCall:
          f"outputs must be a non-empty list of {', '.join(PIPELINE_OUTPUTS)}"),
         (not isinstance(data.get("negative_prompt", ""), str), "negative_prompt must be a string"),
         (not isinstance(data["name"], str) or not data["name"], "name must be a non-empty string"),
+        (not isinstance(data.get("encoder", ""), (str, type(None))), "encoder must be a string or null"),
     ]
     bad = next((msg for failed, msg in problems if failed), None)
     if bad:
@@ -176,6 +178,17 @@ def available_recipes() -> dict[str, Path]:
     return {folder.name: folder for folder in sorted(root.iterdir()) if (folder / "recipe.json").is_file()}
 
 
+def _tolerances_of(data: dict[str, Any], path: Path) -> dict[str, dict[str, float]]:
+    """The recipe's tolerances, keyed by the checks they tighten (compare.DEFAULT_TOLERANCES: wiring,
+    precision-fp16, ...)."""
+    tolerances = data.get("tolerances", {})
+    unknown = sorted(set(tolerances) - set(DEFAULT_TOLERANCES))
+    if unknown:
+        raise UserError(f"{path}: tolerance key(s) {', '.join(unknown)} name no check; the checks are "
+                        f"{', '.join(DEFAULT_TOLERANCES)}")
+    return tolerances
+
+
 def load_recipe(name: str) -> Recipe:
     """A built-in recipe by name, or a folder holding a recipe.json."""
     folder = Path(name) if (Path(name) / "recipe.json").is_file() else available_recipes().get(name)
@@ -190,7 +203,7 @@ def load_recipe(name: str) -> Recipe:
             checkpoint=data.get("checkpoint", {}),
             sparsity=data["sparsity"],
             export=data.get("export", {}),
-            tolerances=data.get("tolerances", {}),
+            tolerances=_tolerances_of(data, folder / "recipe.json"),
             plan_file=data.get("plan", "plan.json"),
             model_config=data.get("model_config"),
             pipeline=_pipeline_of(data, folder / "recipe.json"),
