@@ -84,7 +84,7 @@ def run(folder: Path, only: str | None, quantize: str | None = None) -> None:
                 shutil.rmtree(work, ignore_errors=True)
                 if tool == "skrr-export":
                     cmd = [sys.executable, "-m", "skrr_export.cli", "--plan", str(plan), "--model", str(folder / ckpt),
-                           "--precision", "bf16", "--out", str(work), "-q"]  # default flags: dense distance on
+                           "--precision", "bf16", "--random-ids", "--out", str(work), "-q"]  # dense distance on
                     cmd += ["--quantize", quantize] if quantize else []
                 else:
                     cmd = [sys.executable, str(ROOT / "benchmarks" / "simple_export.py"), "--plan", str(plan),

@@ -76,7 +76,7 @@ def run_case(name: str, precision: str, work: Path) -> dict:
         source = ModelSource(folder, random_weights=True)
     plan = parse_plan({k: v for k, v in plan_json.items() if k != "sparsity"})  # stated for the full-width model
     module = apply_plan(load_encoder(source, plan, precision), plan)
-    tokenizer = None if source.random_weights else load_tokenizer(source.folder)
+    tokenizer = load_tokenizer(source)  # None with random weights: random ids
     batches = prompt_batch(tokenizer, _config(source), "int64", seq)
     check = ort_check(precision)
     reference = reference_outputs(module, batches, fp32_arithmetic=check.fp32_arithmetic)

@@ -1,4 +1,4 @@
-"""Finding Skrr plans: beam-search Skip, then greedy Re-use (Seo et al., ICML 2025; DESIGN.md section 1).
+"""Finding Skrr plans: beam-search Skip, then greedy Re-use (Seo et al., ICML 2025; DESIGN.md section 1).        _check_reference(self.feeds, enc.dtype)
 
 D(pruned) = MSE(f(dense(C)), f(pruned(C))) + MSE(f(dense("")), f(pruned(""))): f is the denoiser's caption
 projection (or the identity), C the calibration prompts; each MSE runs over every real (unpadded) token of its
@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import re
 import time
 from dataclasses import dataclass, field, replace
@@ -30,7 +31,8 @@ from torch import nn
 from .adapters import Context, sizes_of
 from .apply import Running, SkrrEncoder
 from .artifacts import sha256_file, write_atomic
-from .errors import ArtifactError, Interrupted, UserError
+from .errors import AccuracyError, ArtifactError, Interrupted, UserError
+from .inputs import load_tokenizer, tokenizer_used
 from .plan import Plan, slot_sources
 
 log = logging.getLogger("skrr_export")
@@ -164,6 +166,7 @@ class Scorer:
             for f in self.feeds:
                 state, keep = self._begin(f)
                 f.reference = self._outputs(self._walk(dense, state, 0, False), keep)
+
         self.width_out = self.feeds[0].reference.shape[-1]
         self.evaluations = 0  # one = one sub-block of one candidate over the whole calibration set
 
@@ -249,6 +252,15 @@ class Scorer:
         assert active is not None
         rows = states[0].hidden.shape[0]
         return [Running(h, p, active.ctx) for h, p in zip(active.hidden.split(rows), active.penultimate.split(rows))]
+
+
+def _check_reference(feeds: list[Feed], dtype: torch.dtype) -> None:
+    """D against a non-finite dense output would rank candidates by NaN: refused."""
+    bad = [name for term, name in ((PROMPTS, "the prompts"), (EMPTY, "the empty prompt"))
+           if any(f.term == term and not torch.isfinite(f.reference).all() for f in feeds)]
+    if bad:
+        raise AccuracyError(f"the dense model's output on {' and '.join(bad)} is not finite (NaN or Inf) in {dtype}, "
+                            "so no discrepancy to it means anything; calibrate in fp32 (or bf16), or check the checkpoint")
 
 
 def _stacked(a: Running, b: Running) -> Running:
@@ -377,6 +389,13 @@ class Beam:
     score: float
 
 
+NEAR_TIE = 1e-6  # relative difference in D within which float rounding (the batching, the device) may swap two candidates
+
+
+def near_tie(a: float, b: float) -> bool:
+    return abs(a - b) <= NEAR_TIE * max(abs(a), abs(b))
+
+
 @dataclass
 class SearchState:
     step: int = 0
@@ -385,6 +404,7 @@ class SearchState:
     evaluations: int = 0
     naive_evaluations: int = 0
     seconds: float = 0.0
+    non_finite: int = 0  # candidates dropped because their D was NaN or infinite
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -394,12 +414,14 @@ class SearchState:
             "evaluations": self.evaluations,
             "naive_evaluations": self.naive_evaluations,
             "seconds": self.seconds,
+            "non_finite": self.non_finite,
         }
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> SearchState:
         beams = [Beam(tuple(b["order"]), b["score"]) for b in data["beams"]]
-        return cls(data["step"], beams, data["history"], data["evaluations"], data["naive_evaluations"], data["seconds"])
+        return cls(data["step"], beams, data["history"], data["evaluations"], data["naive_evaluations"], data["seconds"],
+                   data.get("non_finite", 0))
 
 
 def naive_cost(num_slots: int, skipped: int) -> int:
@@ -420,30 +442,62 @@ def skip_search(scorer: Scorer, sizes: list[int], total: int, target: float, bea
         start = time.perf_counter()
         before = scorer.evaluations
         candidates = _candidates(state.beams, n)
-        for rank, parent in enumerate(state.beams):
-            mine = [c for c in candidates.values() if c.parent == rank]
-            every = [j for j in range(n) if j not in parent.order]  # the naive method runs them all, repeats included
-            state.naive_evaluations += len(every) * naive_cost(n, len(parent.order) + 1)
-            if naive:
-                all_scores = dict(zip(every, scorer.score_full([schedule_of(n, (*parent.order, j)) for j in every])))
-                scores = [all_scores[c.slot] for c in mine]
-            elif mine:
-                scores = scorer.score(schedule_of(n, parent.order), [(c.slot, None) for c in mine])
-            for c, score in zip(mine, scores):
-                c.beam.score = score
-        ranked = sorted((c.beam for c in candidates.values()), key=lambda b: (b.score, b.order))
+        _score_candidates(scorer, state, candidates, naive)
+        ranked, dropped = _ranked([c.beam for c in candidates.values()], state.step + 1)
         state.beams = ranked[:beam]
         state.step += 1
+        state.non_finite += dropped
         state.evaluations += scorer.evaluations - before
         state.seconds += time.perf_counter() - start
         best = state.beams[0]
         margin = ranked[beam].score - ranked[beam - 1].score if len(ranked) > beam else None
         state.history.append({"step": state.step, "order": list(best.order), "score": best.score,
                               "sparsity": sparsity(best.order), "evaluations": state.evaluations,
-                              "beam_scores": [b.score for b in state.beams], "margin": margin})
+                              "beam_scores": [b.score for b in state.beams], "margin": margin, "non_finite": dropped,
+                              "near_ties": _near_ties(ranked[:beam + 1], state.step)})
         if on_step:
             on_step(state)
     return state
+
+
+def _score_candidates(scorer: Scorer, state: SearchState, candidates: dict[frozenset[int], Candidate],
+                      naive: bool) -> None:
+    """Each candidate's D into its beam's score, every parent's candidates together (and the naive count)."""
+    n = scorer.num_slots
+    for rank, parent in enumerate(state.beams):
+        mine = [c for c in candidates.values() if c.parent == rank]
+        every = [j for j in range(n) if j not in parent.order]  # the naive method runs them all, repeats included
+        state.naive_evaluations += len(every) * naive_cost(n, len(parent.order) + 1)
+        if naive:
+            all_scores = dict(zip(every, scorer.score_full([schedule_of(n, (*parent.order, j)) for j in every])))
+            scores = [all_scores[c.slot] for c in mine]
+        else:
+            scores = scorer.score(schedule_of(n, parent.order), [(c.slot, None) for c in mine]) if mine else []
+        for c, score in zip(mine, scores):
+            c.beam.score = score
+
+
+def _ranked(beams: list[Beam], step: int) -> tuple[list[Beam], int]:
+    """The candidates by D (then by order), and how many were dropped for a non-finite D: never chosen."""
+    finite = [b for b in beams if math.isfinite(b.score)]
+    dropped = len(beams) - len(finite)
+    if dropped:
+        first = next(b for b in beams if not math.isfinite(b.score))
+        log.warning("skip step %d: %d of %d candidates have a non-finite D (e.g. skipping %s: %s) and were dropped",
+                    step, dropped, len(beams), list(first.order), first.score)
+    if not finite:
+        raise AccuracyError(f"skip step {step}: the D of every candidate is NaN or infinite (the pruned model overflows); "
+                            "calibrate in fp32 or bf16")
+    return sorted(finite, key=lambda b: (b.score, b.order)), dropped
+
+
+def _near_ties(ranked: list[Beam], step: int) -> list[list[list[int]]]:
+    """Neighbours in the ranking (the kept beams and the first left out) whose D differ by float rounding only:
+    another batching may rank them the other way. Logged, and recorded in the step's history."""
+    ties = [[list(a.order), list(b.order)] for a, b in zip(ranked, ranked[1:]) if near_tie(a.score, b.score)]
+    for a, b in ties:
+        log.info("near-tie at skip step %d: skipping %s and %s differ by less than %g relative in D", step, a, b, NEAR_TIE)
+    return ties
 
 
 @dataclass
@@ -477,6 +531,8 @@ def reuse_search(scorer: Scorer, skip: tuple[int, ...], naive: bool = False) -> 
     skipped = set(skip)
     reuse: dict[int, int] = {}
     current = initial = scorer.discrepancy(schedule_of(n, skip))
+    if not math.isfinite(initial):
+        raise AccuracyError(f"D of skipping {list(skip)} is {initial} (the pruned model overflows); calibrate in fp32 or bf16")
     naive_count = naive_cost(n, len(skip))
     steps = []
     for slot in skip:
@@ -489,13 +545,28 @@ def reuse_search(scorer: Scorer, skip: tuple[int, ...], naive: bool = False) -> 
             scores = scorer.score_full(trials)
         else:
             scores = scorer.score(schedule_of(n, skip, reuse), [(slot, s) for s in sources])
-        best = min(range(len(sources)), key=lambda i: (scores[i], sources[i]))
-        accepted = scores[best] < current
-        steps.append({"slot": slot, "before": current, "tried": dict(zip(map(str, sources), scores)),
-                      "accepted": sources[best] if accepted else None})
-        if accepted:
-            reuse[slot], current = sources[best], scores[best]
+        step = _reuse_step(slot, current, dict(zip(sources, scores)))
+        steps.append(step)
+        if step["accepted"] is not None:
+            reuse[slot], current = step["accepted"], scores[sources.index(step["accepted"])]
     return reuse, initial, current, steps, naive_count
+
+
+def _reuse_step(slot: int, current: float, tried: dict[int, float]) -> dict[str, Any]:
+    """One slot's record: the source with the lowest finite D is accepted when it lowers ``current``; a non-finite
+    D is never taken (recorded as null, counted, logged); a near-tie among the choices is logged."""
+    finite = {src: d for src, d in tried.items() if math.isfinite(d)}
+    non_finite = [src for src in tried if src not in finite]
+    if non_finite:
+        log.warning("re-use at slot %d: D of re-using %s there is non-finite; not taken", slot, non_finite)
+    best = min(finite, key=lambda src: (finite[src], src), default=None)
+    accepted = best if best is not None and finite[best] < current else None
+    values = sorted([current, *finite.values()])
+    tie = any(near_tie(a, b) for a, b in zip(values, values[1:]))
+    if tie:
+        log.info("near-tie at re-use of slot %d: D without re-use %s, with %s", slot, current, finite)
+    return {"slot": slot, "before": current, "tried": {str(src): finite.get(src) for src in tried},
+            "accepted": accepted, "non_finite": non_finite, "near_tie": tie}
 
 
 def _nearest(slot: int, skipped: set[int], step: int, n: int) -> int | None:
@@ -544,6 +615,8 @@ class CalibrationConfig:
     model: Path | None = None
     subfolder: str | None = None
     random_weights: bool = False
+    tokenizer: Path | None = None  # None: the model folder's own, or the one its pipeline pairs with the subfolder
+    random_ids: bool = False  # seeded random token ids instead of a tokenizer (implied by random_weights)
     beam: int = 3
     prompts: Path | None = None
     num_prompts: int | None = None
@@ -592,7 +665,7 @@ def calibrate(cfg: CalibrationConfig) -> dict[float, Plan]:
     job = _prepare(cfg)
     scorer = _scorer(job, cfg)
     checkpoint = cfg.out.with_name(cfg.out.name + ".calibration-checkpoint.json")
-    key = resume_key(cfg, job.source, job.meta.config, job.prompts, job.memory.batch)
+    key = resume_key(cfg, job.source, job.meta.config, job.prompts, (job.ids, job.empty))
     state = _search(job, cfg, scorer, checkpoint, key)
     plans = {}
     for target, path in job.targets.items():
@@ -602,7 +675,7 @@ def calibrate(cfg: CalibrationConfig) -> dict[float, Plan]:
         log.info("wrote %s: %d sub-blocks skipped, %d re-used, sparsity %.4f, D %.5g", path, len(plan.skip),
                  len(plan.reuse), plan.sparsity, plan.provenance["score"])
         plans[target] = plan
-    checkpoint.unlink(missing_ok=True)
+    log.info("kept %s: a run with a higher --sparsity and the same --out continues from it", checkpoint)
     return plans
 
 
@@ -627,18 +700,17 @@ class _Job:
 def _prepare(cfg: CalibrationConfig) -> _Job:
     """Check the request against the model's structure (no weights read) and tokenize the prompts."""
     from .apply import sub_block_parameters
-    from .inputs import load_tokenizer
     from .model import build_meta, load_config, model_source
 
     check_config(cfg)
-    source = model_source(cfg.model, cfg.subfolder, cfg.random_weights)
+    source = model_source(cfg.model, cfg.subfolder, cfg.random_weights, tokenizer=cfg.tokenizer, random_ids=cfg.random_ids)
     meta = build_meta(load_config(source))
     sizes = [sum(p.numel() for _, p in block) for block in sub_block_parameters(meta)]
     total = sum(p.numel() for p in meta.model.parameters())
     targets = output_paths(cfg)
     _check_targets(targets, sizes, total)
     _check_length(meta.config, cfg.max_length)
-    tokenizer = None if cfg.random_weights else load_tokenizer(source.folder)
+    tokenizer = load_tokenizer(source)
     prompts, ids, empty = _tokenize(tokenizer, meta.config, read_prompts(cfg.prompts, cfg.num_prompts), cfg.max_length,
                                     str(cfg.prompts or "the built-in calibration set"))
     projection = load_projection(cfg.projection, meta.adapter.sizes(meta.config).hidden) if cfg.projection else None
@@ -695,11 +767,17 @@ def _search(job: _Job, cfg: CalibrationConfig, scorer: Scorer, checkpoint: Path,
         progress.total = progress.n  # the estimate was a guess; the bar ends at the steps taken
         progress.refresh()
     except KeyboardInterrupt:
-        kept = f"checkpoint {checkpoint} kept" if checkpoint.is_file() else "no step had finished, nothing kept"
-        raise Interrupted(f"calibration interrupted; {kept}; run the same command again to resume") from None
+        raise Interrupted(f"calibration interrupted; {_kept(checkpoint)}; run the same command again to resume") from None
+    except (torch.OutOfMemoryError, MemoryError):
+        raise UserError(f"calibration ran out of memory on {cfg.device} with {job.memory.batch} prompts in flight; "
+                        f"{_kept(checkpoint)}; run again with a lower --max-memory or --batch-size to resume") from None
     finally:
         progress.close()
     return state
+
+
+def _kept(checkpoint: Path) -> str:
+    return f"checkpoint {checkpoint} kept" if checkpoint.is_file() else "no step had finished, nothing kept"
 
 
 def _plan_for(target: float, job: _Job, cfg: CalibrationConfig, scorer: Scorer, state: SearchState,
@@ -716,6 +794,7 @@ def _plan_for(target: float, job: _Job, cfg: CalibrationConfig, scorer: Scorer, 
         "metric": f"MSE(dense, pruned) over {_scored(cfg)} of the prompts + the same on the empty prompt, after "
                   + (f"projection {cfg.projection.name}" if cfg.projection else "no projection (raw encoder output)"),
         "model": str(job.source.folder),
+        "tokenizer": tokenizer_used(job.source),
         "model_config_sha256": key["model_config"],
         "model_sha256": key["model"],
         "prompts": str(cfg.prompts) if cfg.prompts else "built-in calibration set",
@@ -734,6 +813,7 @@ def _plan_for(target: float, job: _Job, cfg: CalibrationConfig, scorer: Scorer, 
         "subblock_evaluations": state.evaluations + scorer.evaluations - before,
         "naive_subblock_evaluations": state.naive_evaluations + naive_reuse,
         "skip_seconds": round(state.seconds, 2),
+        "non_finite_candidates": {"skip": state.non_finite, "reuse": sum(len(s["non_finite"]) for s in reuse_steps)},
         "skip_subblock_evaluations_per_second": round(state.evaluations / state.seconds, 2) if state.seconds else None,
     }
     family, num_blocks = job.meta.adapter.family, job.meta.adapter.num_blocks(job.meta.config)
@@ -781,16 +861,20 @@ def _memory_plan(meta: Any, cfg: CalibrationConfig, ids: list[list[int]], empty:
     return plan
 
 
-def resume_key(cfg: CalibrationConfig, source: Any, config: Any, prompts: list[str], batch: int) -> dict[str, Any]:
-    """Everything that changes the search's answer, bit for bit. The targets are not in it: a step does not depend
-    on them, so a run with a higher target continues where a lower one stopped."""
+def resume_key(cfg: CalibrationConfig, source: Any, config: Any, prompts: list[str],
+               tokens: tuple[list[list[int]], list[int]]) -> dict[str, Any]:
+    """Everything that changes D: the model, the prompts and their token ids (``tokens``: the prompts', the empty
+    prompt's), the precision, the device kind, the objective (projection) and the search (beam, method). Not the
+    batch size: the memory plan sets it from free memory, and D does not depend on it (only float rounding does,
+    which can swap a near-tie; the search logs those). Not the targets: a step does not depend on them, so a run
+    with a higher target continues where a lower one stopped."""
     return {
         "model": _model_hash(source),
         "model_config": fingerprint(config.to_dict()),
         "prompts": fingerprint(prompts),
         "num_prompts": len(prompts),
         "max_length": cfg.max_length,
-        "batch_size": batch,  # D does not depend on it, but padding changes the float rounding of near-ties
+        "tokens": fingerprint(*tokens),
         "precision": cfg.precision,
         "device": "cuda" if cfg.device.startswith("cuda") else "cpu",
         "beam": cfg.beam,

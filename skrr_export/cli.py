@@ -98,12 +98,18 @@ def _common(p: Parser) -> None:
     p.add_argument("--debug", action="store_true", help="show the traceback of an internal error")
 
 
-def _model_arguments(p: Parser, allow_pickle: bool = True) -> None:
-    """Where the encoder comes from: the same flags for every command that loads it."""
+def _model_arguments(p: Parser, allow_pickle: bool = True, tokenizer: bool = False) -> None:
+    """Where the encoder comes from: the same flags for every command that loads it (and, for the commands that
+    tokenize prompts, where its tokenizer comes from)."""
     p.add_argument("--model", type=Path, help="local Hugging Face model folder (default: the embedded all-MiniLM-L6-v2)")
     p.add_argument("--subfolder", help="subfolder of a diffusers pipeline folder, e.g. text_encoder_3")
     p.add_argument("--random-weights", action="store_true",
                    help="build the model from its config with random weights (memory and time do not depend on values)")
+    if tokenizer:
+        p.add_argument("--tokenizer", type=Path, metavar="DIR", help="tokenizer folder (default: the model folder's, or in "
+                       "a diffusers pipeline the one paired with --subfolder: text_encoder_3 -> tokenizer_3)")
+        p.add_argument("--random-ids", action="store_true",
+                       help="seeded random token ids instead of a tokenizer (implied by --random-weights)")
     if allow_pickle:
         p.add_argument("--allow-pickle", action="store_true",
                        help="also load .bin/.pt checkpoints (torch.load weights_only); only files you trust")
@@ -192,7 +198,7 @@ def _export_parser() -> Parser:
     p.add_argument("--version", action=VersionAction)
     _plan_arguments(p)
     p.add_argument("--engine", choices=("onnx", "trt", "trt-rtx"), default="onnx", help="artifact to produce (default: onnx)")
-    _model_arguments(p)
+    _model_arguments(p, tokenizer=True)
     p.add_argument("--out", type=Path, default=Path("out"), help="output folder (default: ./out)")
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
     p.add_argument("--precision", choices=PRECISIONS, help="fp32 (default), fp16 or bf16")
@@ -304,6 +310,8 @@ def cmd_export(argv: list[str]) -> int:
         subfolder=args.subfolder,
         random_weights=args.random_weights,
         allow_pickle=args.allow_pickle,
+        tokenizer=args.tokenizer,
+        random_ids=args.random_ids,
         engine=args.engine,
         precision=args.precision,
         input_dtype=args.input_dtype,
@@ -429,7 +437,7 @@ def cmd_inspect(argv: list[str]) -> int:
 def _calibrate_parser() -> Parser:
     p = Parser(prog="skrr-export calibrate",
                description="Find Skrr plans: beam-search Skip, then greedy Re-use, against the dense model.")
-    _model_arguments(p, allow_pickle=False)
+    _model_arguments(p, allow_pickle=False, tokenizer=True)
     p.add_argument("--out", type=Path, required=True, help="plan file; with several --sparsity values, NAME-<pct>.json each")
     p.add_argument("--sparsity", type=within(0, 1, open_low=True, open_high=True), nargs="+", required=True, metavar="S",
                    help="target sparsities in (0, 1)")
@@ -472,7 +480,8 @@ def cmd_calibrate(argv: list[str]) -> int:
 
     cfg = CalibrationConfig(
         out=args.out, sparsities=tuple(args.sparsity), model=args.model, subfolder=args.subfolder,
-        random_weights=args.random_weights, beam=args.beam, prompts=args.prompts, num_prompts=args.num_prompts,
+        random_weights=args.random_weights, tokenizer=args.tokenizer, random_ids=args.random_ids, beam=args.beam,
+        prompts=args.prompts, num_prompts=args.num_prompts,
         max_length=args.max_length, batch_size=args.batch_size, projection=args.projection, device=args.device,
         precision=args.precision, naive=args.naive, force=args.force, pipeline=call,
         max_memory=parse_size(args.max_memory) if args.max_memory is not None else None,

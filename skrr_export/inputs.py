@@ -1,16 +1,22 @@
-"""The batches parity and distance checks run on: real tokenized prompts where the model folder has a
-tokenizer, seeded random ids otherwise; always with padding, and the empty prompt apart."""
+"""The batches parity and distance checks run on: real prompts through the encoder's own tokenizer (in a diffusers
+pipeline folder, the one paired with the encoder's subfolder), or seeded random ids when asked for (``--random-ids``,
+implied by ``--random-weights``); always with padding, and the empty prompt apart."""
 
 from __future__ import annotations
 
+import json
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from .errors import ModelError
+
 if TYPE_CHECKING:
+    from .model import ModelSource
     from .runners import Feed
 
 log = logging.getLogger("skrr_export")
@@ -40,19 +46,70 @@ class Batch:
 # some families (T5: an empty one whose every word is <unk>), which would make every prompt the same ids.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "spiece.model", "sentencepiece.bpe.model", "vocab.txt",
                    "vocab.json")
+ENCODER_FOLDER = re.compile(r"text_encoder(_\d+)?")  # a diffusers pipeline's encoders: text_encoder, text_encoder_2, ...
 
 
-def load_tokenizer(folder: Path) -> Any | None:
-    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
-        log.info("no tokenizer files in %s; using seeded random ids", folder)
+def tokenizer_folders(source: ModelSource) -> list[Path]:
+    """Where the encoder's tokenizer may be, first match wins: ``--tokenizer`` alone when given; else the tokenizer
+    the pipeline pairs with the encoder's folder, then the encoder's own folder."""
+    if source.tokenizer is not None:
+        return [source.tokenizer]
+    paired = paired_tokenizer(source.folder)
+    return [paired, source.folder] if paired is not None else [source.folder]
+
+
+def paired_tokenizer(encoder: Path) -> Path | None:
+    """text_encoder -> tokenizer, text_encoder_N -> tokenizer_N beside it, as diffusers pairs them; where the
+    pipeline's model_index.json exists, only when it lists that tokenizer (``[null, null]`` means none)."""
+    match = ENCODER_FOLDER.fullmatch(encoder.name)
+    if match is None:
+        return None
+    name = "tokenizer" + (match.group(1) or "")
+    index = encoder.parent / "model_index.json"
+    if index.is_file():
+        try:
+            entry = json.loads(index.read_text()).get(name)
+        except (OSError, ValueError, AttributeError) as exc:
+            raise ModelError(f"cannot read {index}: {exc}; fix it, or pass --tokenizer DIR") from None
+        if not (isinstance(entry, list) and entry and entry[0] is not None):
+            return None
+    return encoder.parent / name
+
+
+def find_tokenizer(source: ModelSource) -> Path | None:
+    """The folder of the tokenizer the encoder's prompts go through; None when the source asks for random ids.
+    ModelError, naming every folder looked in, when there is none."""
+    if not source.uses_tokenizer:
+        return None
+    looked = tokenizer_folders(source)
+    found = next((f for f in looked if any((f / name).is_file() for name in TOKENIZER_FILES)), None)
+    if found is None:
+        where = ", ".join(str(f) for f in looked)
+        raise ModelError(f"no tokenizer files ({', '.join(TOKENIZER_FILES[:2])}, ...) in {where}; pass --tokenizer DIR, "
+                         "or --random-ids for seeded random token ids")
+    return found
+
+
+def load_tokenizer(source: ModelSource) -> Any | None:
+    """The tokenizer ``find_tokenizer`` names (None: random ids); ModelError when it cannot be loaded."""
+    folder = find_tokenizer(source)
+    if folder is None:
         return None
     try:
         from transformers import AutoTokenizer
 
-        return AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
-    except Exception as exc:  # no tokenizer files, or a tokenizer needing a missing package
-        log.info("no usable tokenizer in %s (%s); using seeded random ids", folder, type(exc).__name__)
-        return None
+        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
+    except Exception as exc:  # a broken file, or a tokenizer needing a missing package (sentencepiece)
+        raise ModelError(f"cannot load the tokenizer in {folder}: {type(exc).__name__}: {exc}; pass --tokenizer DIR, "
+                         "or --random-ids for seeded random token ids") from None
+    log.info("tokenizer: %s", folder)
+    return tokenizer
+
+
+def tokenizer_used(source: ModelSource) -> str | None:
+    """What a report records: the tokenizer's folder, or None for random ids."""
+    folder = find_tokenizer(source)
+    return None if folder is None else str(folder)
 
 
 def prompt_batch(tokenizer: Any | None, config: Any, input_dtype: str, seq: int | None, seed: int = 0,

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .adapters import Adapter, adapter_for, text_config_of
-from .errors import ModelError
+from .errors import ArgumentError, ModelError
 from .plan import Plan
 from .recipes import default_model_path
 
@@ -34,17 +34,27 @@ class ModelSource:
     subfolder: str | None = None
     random_weights: bool = False
     allow_pickle: bool = False  # pickle checkpoints can run code when loaded; only with the user's explicit consent
+    tokenizer: Path | None = None  # --tokenizer: overrides the folder's own (or its pipeline's) tokenizer
+    random_ids: bool = False  # --random-ids: seeded random token ids instead of a tokenizer
 
     @property
     def folder(self) -> Path:
         base = self.path.parent if self.path.is_file() else self.path
         return base / self.subfolder if self.subfolder else base
 
+    @property
+    def uses_tokenizer(self) -> bool:
+        """Random weights imply random ids: prompts mean nothing to a model that was never trained."""
+        return not (self.random_ids or self.random_weights)
+
 
 def model_source(model: Path | None, subfolder: str | None = None, random_weights: bool = False,
-                 allow_pickle: bool = False) -> ModelSource:
-    """``model``, or the embedded default when none is given."""
-    return ModelSource(model or default_model_path(), subfolder, random_weights, allow_pickle)
+                 allow_pickle: bool = False, tokenizer: Path | None = None, random_ids: bool = False) -> ModelSource:
+    """``model``, or the embedded default when none is given. A tokenizer with random ids contradicts itself."""
+    if tokenizer is not None and (random_ids or random_weights):
+        flag = "--random-ids" if random_ids else "--random-weights"
+        raise ArgumentError(f"--tokenizer {tokenizer} with {flag}: {flag} feeds random token ids; drop one of them")
+    return ModelSource(model or default_model_path(), subfolder, random_weights, allow_pickle, tokenizer, random_ids)
 
 
 @dataclass

@@ -17,6 +17,7 @@ from typing import Any
 from .backends import cuda_available
 from .compare import Tolerance, distance, runner_parity, tolerance_for
 from .errors import AccuracyError, UserError
+from .inputs import find_tokenizer, tokenizer_used
 from .ort_fusion import check_optimize
 from .plan import Plan, load_plan
 from .recipes import pipeline_report
@@ -35,6 +36,8 @@ class ExportConfig:
     subfolder: str | None = None
     random_weights: bool = False
     allow_pickle: bool = False
+    tokenizer: Path | None = None  # None: the model folder's own, or the one its pipeline pairs with the subfolder
+    random_ids: bool = False  # seeded random token ids instead of a tokenizer (implied by random_weights)
     engine: str = "onnx"
     precision: str = "fp32"
     input_dtype: str = "int64"
@@ -141,7 +144,8 @@ def _preflight(cfg: ExportConfig) -> _Job:
         raise UserError(f"--engine must be one of {', '.join(ENGINES)}, got '{cfg.engine}'")
     check_optimize(cfg.optimize, cfg.engine)
     plan = load_plan(cfg.plan)
-    source = model_source(cfg.model, cfg.subfolder, cfg.random_weights, cfg.allow_pickle)
+    source = model_source(cfg.model, cfg.subfolder, cfg.random_weights, cfg.allow_pickle, cfg.tokenizer, cfg.random_ids)
+    find_tokenizer(source)  # a folder without one is refused before any work
     tolerances = {"*": _tolerance(cfg, cfg.precision)}
     cost = _check_resources(source, plan, cfg)
     check_writable(cfg.out, cfg.force)
@@ -167,7 +171,7 @@ def _pytorch_reference(cfg: ExportConfig, job: _Job, stages: Stages) -> _Referen
     with stages.stage("apply"):
         module = apply_plan(enc, job.plan, cfg.attention_mask)
     quantized, quantization = _quantize(module, cfg, stages)
-    tokenizer = None if cfg.random_weights else load_tokenizer(job.source.folder)
+    tokenizer = load_tokenizer(job.source)
     batches = prompt_batch(tokenizer, enc.config, cfg.input_dtype, cfg.fixed_sequence, attention_mask=cfg.attention_mask)
     check = ort_check(cfg.precision)
     with stages.stage("pytorch reference"):
@@ -214,7 +218,8 @@ def _report(cfg: ExportConfig, job: _Job, ref: _Reference, found: _Found, stages
     onnx = found.onnx.to_json() | {"export_options": asdict(found.options)}
     return {
         "tool": {"name": "skrr-export", **versions()},
-        "model": {"path": str(source.folder), "family": plan.family, "random_weights": source.random_weights},
+        "model": {"path": str(source.folder), "family": plan.family, "random_weights": source.random_weights,
+                  "tokenizer": tokenizer_used(source)},
         "precision": cfg.precision,
         "pipeline": pipeline_report(cfg.recipe, cfg.attention_mask),
         "plan": {**plan.to_json(), "sha256": plan.digest(), "skipped": len(plan.skip), "reused": len(plan.reuse)},

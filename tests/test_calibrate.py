@@ -52,6 +52,22 @@ def tiny_t5(tmp_path: Path, blocks: int) -> Path:
     return tmp_path
 
 
+def same_or_near_tie(a, b) -> None:
+    """Same skip order and re-use map, or the first difference comes after a near-tie that one of the two runs logged
+    (at that skip step or before: a swap among the kept beams shows later; at that re-use slot)."""
+    ha, hb = a.provenance["skip_steps"], b.provenance["skip_steps"]
+    for step, (x, y) in enumerate(zip(ha, hb)):
+        if x["order"] != y["order"]:
+            assert any(h["near_ties"] for h in ha[:step + 1] + hb[:step + 1]), (x, y)
+            return
+    assert a.skip == b.skip
+    for x, y in zip(a.provenance["reuse_steps"], b.provenance["reuse_steps"]):
+        if x["accepted"] != y["accepted"]:
+            assert x["near_tie"] or y["near_tie"], (x, y)
+            return
+    assert a.reuse == b.reuse
+
+
 def padded_prompts(n: int, vocab: int, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """``n`` prompts of 3 to 12 tokens, right-padded."""
     g = torch.Generator().manual_seed(seed)
@@ -164,7 +180,7 @@ def discrepancy(enc, plan: Plan, feeds, dense: list[torch.Tensor]) -> float:
 
 
 def minilm_feeds(path: Path, n: int = 8):
-    tok = load_tokenizer(path)
+    tok = load_tokenizer(ModelSource(path))
     prompts = read_prompts(None, n)
     enc = tok(prompts, padding=True, truncation=True, max_length=48, return_tensors="pt")
     empty = tok([""], return_tensors="pt")
@@ -241,7 +257,7 @@ def test_calibrate_then_export_from_the_cli(minilm_path, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "sparsity 0.08:" in printed and "naive" in printed
     files = sorted(p.name for p in plan_path.parent.iterdir())
-    assert files == ["minilm-12.json", "minilm-8.json"]
+    assert files == ["minilm-12.json", "minilm-8.json", "minilm.json.calibration-checkpoint.json"]  # for a deeper run
     out = tmp_path / "export"
     assert main(["--plan", str(plan_path.parent / "minilm-12.json"), "--out", str(out), "-q"]) == 0
     report = json.loads((out / "report.json").read_text())
@@ -287,19 +303,20 @@ def test_interrupted_calibration_resumes_from_its_checkpoint(minilm_path, minilm
     monkeypatch.setattr(cal, "_save_checkpoint", real)
     resumed_steps = []
     monkeypatch.setattr(cal, "_save_checkpoint", lambda p, k, s: (resumed_steps.append(s.step), real(p, k, s)))
-    assert main(args) == 0
+    assert main([*args, "--batch-size", "3"]) == 0, "fewer prompts in flight (a lower memory plan) still resumes"
     assert resumed_steps[0] == 3, "the resumed run starts after the last finished step"
-    assert not checkpoint.exists()
+    assert checkpoint.is_file(), "kept for a run with a higher --sparsity"
     assert main(args) == 2, "an existing plan is not replaced without --force"
     assert "exists; pass --force" in capsys.readouterr().err
     uninterrupted = minilm_calibration[0][0.16]  # the library's run with the same settings, start to end
     resumed = load_plan(out)
-    assert (resumed.skip, resumed.reuse) == (uninterrupted.skip, uninterrupted.reuse)
-    assert resumed.provenance["score"] == uninterrupted.provenance["score"]
+    same_or_near_tie(resumed, uninterrupted)
+    assert resumed.provenance["score"] == pytest.approx(uninterrupted.provenance["score"], rel=1e-5)
 
 
 def test_a_checkpoint_made_otherwise_is_not_resumed_and_the_log_says_why(minilm_path, tmp_path, caplog):
-    """Every input that changes the answer changes the resume key; a different key starts over, naming what changed."""
+    """Every input that changes D changes the resume key (the batch size, which the memory plan sets, is not one);
+    a different key starts over, naming what changed."""
     import skrr_export.calibrate as cal
     from skrr_export.model import load_config
 
@@ -307,7 +324,9 @@ def test_a_checkpoint_made_otherwise_is_not_resumed_and_the_log_says_why(minilm_
     config = load_config(source)
     prompts = read_prompts(None, 8)
     cfg = CalibrationConfig(out=tmp_path / "p.json", sparsities=(0.1,), **SMALL)
-    key = cal.resume_key(cfg, source, config, prompts, 8)
+    tok = load_tokenizer(source)
+    tokens = (tok(prompts)["input_ids"], tok("")["input_ids"])
+    key = cal.resume_key(cfg, source, config, prompts, tokens)
     proj = tmp_path / "proj.safetensors"
     save_file({"weight": torch.zeros(4, 384)}, proj)
     other_model = tmp_path / "other"
@@ -320,24 +339,25 @@ def test_a_checkpoint_made_otherwise_is_not_resumed_and_the_log_says_why(minilm_
     data[-1] ^= 1  # one bit of one weight
     weights.write_bytes(bytes(data))
     variants = {
-        "prompts": cal.resume_key(cfg, source, config, prompts[::-1], 8),
-        "num_prompts": cal.resume_key(cfg, source, config, prompts[:7], 8),
-        "batch_size": cal.resume_key(cfg, source, config, prompts, 4),
-        "model": cal.resume_key(cfg, ModelSource(other_model), config, prompts, 8),
+        "prompts": cal.resume_key(cfg, source, config, prompts[::-1], tokens),
+        "num_prompts": cal.resume_key(cfg, source, config, prompts[:7], tokens),
+        "tokens": cal.resume_key(cfg, source, config, prompts, (tokens[0][::-1], tokens[1])),  # another tokenizer
+        "model": cal.resume_key(cfg, ModelSource(other_model), config, prompts, tokens),
     }
     for field, value in [("max_length", 40), ("precision", "bf16"), ("device", "cuda:1"), ("beam", 2),
                          ("projection", proj), ("naive", True)]:
-        variants[field] = cal.resume_key(dataclasses.replace(cfg, **{field: value}), source, config, prompts, 8)
-    assert cal.resume_key(dataclasses.replace(cfg, sparsities=(0.3,)), source, config, prompts, 8) == key, \
-        "targets are not in the key: a deeper run continues a shallower one"
+        variants[field] = cal.resume_key(dataclasses.replace(cfg, **{field: value}), source, config, prompts, tokens)
+    for field, value in [("sparsities", (0.3,)), ("batch_size", 3), ("max_memory", 2**20)]:
+        assert cal.resume_key(dataclasses.replace(cfg, **{field: value}), source, config, prompts, tokens) == key, \
+            f"{field} is not in the key: a deeper run continues a shallower one, a smaller memory plan resumes"
     for field, changed in variants.items():
         assert changed != key, field
     checkpoint = tmp_path / "p.json.calibration-checkpoint.json"
     cal._save_checkpoint(checkpoint, key, cal.SearchState(step=2, beams=[cal.Beam((3, 5), 0.25)]))
     assert cal._resume(checkpoint, key).beams[0].order == (3, 5)
     with caplog.at_level(logging.INFO, logger="skrr_export"):
-        assert cal._resume(checkpoint, variants["batch_size"]) is None
-    assert "starting over" in caplog.text and "batch_size 8, now 4" in caplog.text
+        assert cal._resume(checkpoint, variants["precision"]) is None
+    assert "starting over" in caplog.text and "precision fp32, now bf16" in caplog.text
 
 
 @pytest.mark.parametrize(

@@ -57,7 +57,7 @@ def test_parity_failure_exits_1_and_names_the_tolerance(tmp_path, tiny_models, c
     _, folder = tiny_models["bert"]
     plan = write_plan(tmp_path, {"format": "skrr-plan/1", "encoder": {"family": "bert", "num_blocks": 3}, "skip": [3]})
     out = tmp_path / "out"
-    code = main(["--plan", str(plan), "--model", str(folder), "--out", str(out), "--atol", "0", "--rtol", "0", "-q"])
+    code = main(["--plan", str(plan), "--model", str(folder), "--random-ids", "--out", str(out), "--atol", "0", "--rtol", "0", "-q"])
     assert code == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "parity failed" in err[0]
@@ -81,7 +81,7 @@ def test_parity_failure_exits_1_and_names_the_tolerance(tmp_path, tiny_models, c
 def test_bad_plans_exit_2_with_one_line_and_no_output(plan_data, message, tmp_path, tiny_models, capsys):
     _, folder = tiny_models["bert"]
     out = tmp_path / "out"
-    code = main(["--plan", str(write_plan(tmp_path, plan_data)), "--model", str(folder), "--out", str(out), "-q"])
+    code = main(["--plan", str(write_plan(tmp_path, plan_data)), "--model", str(folder), "--random-ids", "--out", str(out), "-q"])
     assert code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err
@@ -111,10 +111,10 @@ def test_inputs_are_checked_before_the_output_folder(tmp_path, tiny_models, caps
     good = write_plan(tmp_path, {"format": "skrr-plan/1", "encoder": {"family": "bert", "num_blocks": 3}})
     cases = [
         (["--plan", str(good), "--model", str(tmp_path / "nowhere")], "nowhere has no config.json"),
-        (["--plan", str(tmp_path / "missing.json"), "--model", str(folder)], "missing.json"),
-        (["--plan", str(good), "--model", str(folder), "--fixed-sequence", "100"], "exceeds this model's 64 positions"),
+        (["--plan", str(tmp_path / "missing.json"), "--model", str(folder), "--random-ids"], "missing.json"),
+        (["--plan", str(good), "--model", str(folder), "--random-ids", "--fixed-sequence", "100"], "exceeds this model's 64 positions"),
         (["--recipe", "minilm", "--model", str(folder)], "recipe minilm expects hidden_size=384"),
-        (["--plan", str(good), "--model", str(folder)], "output folder out exists; pass --force"),
+        (["--plan", str(good), "--model", str(folder), "--random-ids"], "output folder out exists; pass --force"),
     ]
     for argv, message in cases:
         assert main([*argv, "-q"]) == 2
@@ -130,10 +130,10 @@ def test_an_output_path_under_a_file_is_refused_before_any_work(tmp_path, tiny_m
     plan = write_plan(tmp_path, {"format": "skrr-plan/1", "encoder": {"family": "bert", "num_blocks": 3}})
     (tmp_path / "file").write_text("mine")
     monkeypatch.setattr(skrr_export.model, "load_encoder", lambda *a, **k: pytest.fail("loaded weights"))
-    assert main(["--plan", str(plan), "--model", str(folder), "--out", str(tmp_path / "file" / "sub"), "-q"]) == 2
+    assert main(["--plan", str(plan), "--model", str(folder), "--random-ids", "--out", str(tmp_path / "file" / "sub"), "-q"]) == 2
     assert "cannot be created: " + str(tmp_path / "file") + " is a file" in capsys.readouterr().err
     for extra in ([], ["--force"]):  # --force cannot help, so it is not suggested
-        assert main(["--plan", str(plan), "--model", str(folder), "--out", str(tmp_path / "file"), "-q", *extra]) == 2
+        assert main(["--plan", str(plan), "--model", str(folder), "--random-ids", "--out", str(tmp_path / "file"), "-q", *extra]) == 2
         err = capsys.readouterr().err
         assert "is a file, not a folder" in err and "--force" not in err
     assert (tmp_path / "file").read_text() == "mine"
@@ -184,7 +184,7 @@ def test_existing_output_needs_force(tmp_path, tiny_models, capsys):
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    args = ["--plan", str(plan), "--model", str(folder), "--out", str(out), "--no-dense-distance", "-q"]
+    args = ["--plan", str(plan), "--model", str(folder), "--random-ids", "--out", str(out), "--no-dense-distance", "-q"]
     assert main(args) == 2
     assert "exists; pass --force" in capsys.readouterr().err
     assert (out / "keep.txt").read_text() == "mine"
@@ -207,7 +207,7 @@ def test_interrupt_during_export_leaves_nothing(tmp_path, tiny_models, monkeypat
     _, folder = tiny_models["bert"]
     plan = write_plan(tmp_path, {"format": "skrr-plan/1", "encoder": {"family": "bert", "num_blocks": 3}})
     out = tmp_path / "out"
-    assert main(["--plan", str(plan), "--model", str(folder), "--out", str(out), "-q"]) == 130
+    assert main(["--plan", str(plan), "--model", str(folder), "--random-ids", "--out", str(out), "-q"]) == 130
     assert "interrupted" in capsys.readouterr().err
     assert not out.exists() and leftovers(tmp_path) == []
 
@@ -216,7 +216,7 @@ def test_trt_engines_say_they_are_not_built_by_this_version(tmp_path, tiny_model
     _, folder = tiny_models["bert"]
     plan = write_plan(tmp_path, {"format": "skrr-plan/1", "encoder": {"family": "bert", "num_blocks": 3}})
     out = tmp_path / "out"
-    assert main(["--plan", str(plan), "--model", str(folder), "--out", str(out), "--engine", "trt", "-q"]) == 2
+    assert main(["--plan", str(plan), "--model", str(folder), "--random-ids", "--out", str(out), "--engine", "trt", "-q"]) == 2
     assert "--engine trt" in capsys.readouterr().err
     assert not out.exists()
 
@@ -276,7 +276,7 @@ def test_inspect_of_an_export_works_without_torch(tiny_models, tmp_path):
 
     _, folder = tiny_models["bert"]
     plan = write_plan(tmp_path, make_plan("bert", "heavy-reuse").to_json())
-    assert main(["--plan", str(plan), "--model", str(folder), "--out", str(tmp_path / "out"), "-q"]) == 0
+    assert main(["--plan", str(plan), "--model", str(folder), "--random-ids", "--out", str(tmp_path / "out"), "-q"]) == 0
     done = cli_without(("torch",), "inspect", "--plan", str(plan), "--model", str(folder),
                        "--onnx", str(tmp_path / "out" / "model.onnx"))
     assert done.returncode == 0, done.stderr
@@ -336,7 +336,7 @@ def test_inspect_of_the_export_agrees_with_inspect_of_the_plan(precision, tmp_pa
     plan = write_plan(tmp_path, {"format": "skrr-plan/1", "encoder": {"family": "t5", "num_blocks": 3}, "skip": [1, 2, 4],
                                  "reuse": {"2": 0, "4": 0}})
     out = tmp_path / "out"
-    assert main(["--plan", str(plan), "--model", str(folder), "--out", str(out), "--no-dense-distance",
+    assert main(["--plan", str(plan), "--model", str(folder), "--random-ids", "--out", str(out), "--no-dense-distance",
                  "--precision", precision, "-q"]) == 0
     capsys.readouterr()
     assert main(["inspect", "--plan", str(plan), "--model", str(folder), "--onnx", str(out / "model.onnx"), "--json"]) == 0

@@ -19,7 +19,7 @@ def test_dense_plan_equals_hugging_face_on_real_weights(minilm_path):
     dense = Plan.dense("bert", 6)
     enc = load_encoder(source, dense)
     module = apply_plan(enc, dense)
-    prompts, _ = prompt_batch(load_tokenizer(minilm_path), enc.config, "int64", None)
+    prompts, _ = prompt_batch(load_tokenizer(source), enc.config, "int64", None)
     ids = torch.from_numpy(prompts.feed["input_ids"])
     mask = torch.from_numpy(prompts.feed["attention_mask"])
     assert (mask == 0).any(), "the batch must contain padding"

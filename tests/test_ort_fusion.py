@@ -176,7 +176,7 @@ def write_plan(tmp_path, family="t5"):
 @pytest.mark.parametrize("engine", ["trt", "trt-rtx"])
 def test_optimize_ort_with_a_tensorrt_engine_is_refused(engine, tiny_models, tmp_path, capsys):
     out = tmp_path / "out"
-    code = main(["--plan", str(write_plan(tmp_path)), "--model", str(tiny_models["t5"][1]), "--out", str(out),
+    code = main(["--plan", str(write_plan(tmp_path)), "--model", str(tiny_models["t5"][1]), "--random-ids", "--out", str(out),
                  "--engine", engine, "--optimize", "ort", "-q"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1, err
@@ -189,7 +189,7 @@ def test_the_job_reports_an_onnx_runtime_only_variant(tiny_models, tmp_path):
     report.json and report.md say the model is for ONNX Runtime only."""
     out = tmp_path / "out"
     report = run_export(ExportConfig(plan=write_plan(tmp_path), out=out, model=tiny_models["t5"][1], precision="fp16",
-                                     optimize="ort", dense_distance=False, measure=False))
+                                     random_ids=True, optimize="ort", dense_distance=False, measure=False))
     assert [p["passed"] for p in report["parity"]] == [True, True]
     fusion = report["onnx"]["ort_fusion"]
     assert fusion["fused_attention"] == 3 and fusion["op_counts"]["com.microsoft.MultiHeadAttention"] == 3
@@ -207,7 +207,7 @@ def test_quantized_export_fuses_too(tiny_models, tmp_path):
 
     report = run_export(ExportConfig(plan=write_plan(tmp_path), out=tmp_path / "out", model=tiny_models["t5"][1],
                                      quantization=quantization("int8", None), optimize="ort", dense_distance=False,
-                                     measure=False))
+                                     measure=False, random_ids=True))
     assert [p["passed"] for p in report["parity"]] == [True, True]
     fusion = report["onnx"]["ort_fusion"]
     assert fusion["fused_attention"] == 3 and fusion["unfused_softmax"] == 0
@@ -216,7 +216,7 @@ def test_quantized_export_fuses_too(tiny_models, tmp_path):
 
 def test_trtexec_script_is_refused_for_a_fused_export(tiny_models, tmp_path, capsys):
     out = tmp_path / "out"
-    assert main(["--plan", str(write_plan(tmp_path)), "--model", str(tiny_models["t5"][1]), "--out", str(out),
+    assert main(["--plan", str(write_plan(tmp_path)), "--model", str(tiny_models["t5"][1]), "--random-ids", "--out", str(out),
                  "--optimize", "ort", "--no-dense-distance", "-q"]) == 0
     capsys.readouterr()
     code = main(["trtexec", "--artifacts", str(out), "--batch", "1,1,4", "--sequence", "1,8,16"])

@@ -32,7 +32,7 @@ def test_polygraphy_rechecks_the_export_and_catches_a_wrong_reuse(family, tiny_m
     _, folder = tiny_models[family]
     out = tmp_path / "out"
     plan = write_plan(tmp_path, make_plan(family, "heavy-reuse").to_json())
-    assert main(["--plan", str(plan), "--model", str(folder), "--out", str(out), "--no-dense-distance", "-q"]) == 0
+    assert main(["--plan", str(plan), "--model", str(folder), "--random-ids", "--out", str(out), "--no-dense-distance", "-q"]) == 0
     assert (out / "parity_inputs.json").is_file() and (out / "parity_reference.json").is_file()
     ok = polygraphy_run(out)
     assert ok.returncode == 0, ok.stdout[-2000:] + ok.stderr[-2000:]
@@ -46,7 +46,7 @@ def test_bf16_exports_say_why_there_is_no_polygraphy_data(tiny_models, tmp_path)
     _, folder = tiny_models["t5"]
     out = tmp_path / "out"
     plan = write_plan(tmp_path, make_plan("t5", "skip-only").to_json())
-    assert main(["--plan", str(plan), "--model", str(folder), "--out", str(out), "--precision", "bf16",
+    assert main(["--plan", str(plan), "--model", str(folder), "--random-ids", "--out", str(out), "--precision", "bf16",
                  "--no-dense-distance", "-q"]) == 0
     report = json.loads((out / "report.json").read_text())
     assert report["polygraphy"] == {"written": False, "reason": "Polygraphy has no bf16 path (numpy has no bfloat16)"}

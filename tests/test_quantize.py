@@ -259,7 +259,7 @@ def test_a_block_that_does_not_divide_an_input_width_is_refused(tiny_models, tmp
     """The tiny models' feed-forward width is 48: block 32 does not divide it."""
     plan = tmp_path / "plan.json"
     plan.write_text(json.dumps({"format": "skrr-plan/1", "encoder": {"family": "t5", "num_blocks": 3}, "skip": [3]}))
-    code = main(["--plan", str(plan), "--model", str(tiny_models["t5"][1]), "--out", str(tmp_path / "o"),
+    code = main(["--plan", str(plan), "--model", str(tiny_models["t5"][1]), "--random-ids", "--out", str(tmp_path / "o"),
                  "--quantize", "int4", "--quant-block", "32"])
     err = capsys.readouterr().err.strip()
     assert code == 2 and "does not divide the input width 48" in err and len(err.splitlines()) == 1

@@ -39,7 +39,7 @@ def digests(family: str, plan_kind: str, precision: str, tmp: Path) -> dict[str,
     plan = tmp / f"{family}-plan.json"
     plan.write_text(json.dumps(make_plan(family, plan_kind).to_json()))
     out = tmp / f"{family}-{precision}-out"
-    assert main(["--plan", str(plan), "--model", str(folder), "--out", str(out), "--precision", precision, "-q"]) == 0
+    assert main(["--plan", str(plan), "--model", str(folder), "--random-ids", "--out", str(out), "--precision", precision, "-q"]) == 0
     report = _without(json.loads((out / "report.json").read_text()), VOLATILE)
     return {"model.onnx": _sha256((out / "model.onnx").read_bytes()),
             "report numbers": _sha256(json.dumps(report, sort_keys=True).encode())}

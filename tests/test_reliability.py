@@ -31,7 +31,7 @@ BERT_PLAN = {"format": "skrr-plan/1", "encoder": {"family": "bert", "num_blocks"
 
 
 def run(tmp_path, folder, *extra, plan=BERT_PLAN, out="out"):
-    return main(["--plan", str(write_plan(tmp_path, plan)), "--model", str(folder), "--out", str(tmp_path / out), "-q", *extra])
+    return main(["--plan", str(write_plan(tmp_path, plan)), "--model", str(folder), "--random-ids", "--out", str(tmp_path / out), "-q", *extra])
 
 
 def test_manifest_lists_every_artifact_with_size_and_sha256(tmp_path, tiny_models):
@@ -145,7 +145,7 @@ def broken(tmp_path_factory, tiny_models):
     _, folder = tiny_models["bert"]
     tmp = tmp_path_factory.mktemp("broken")
     good = tmp / "good"
-    assert main(["--plan", str(write_plan(tmp, BERT_PLAN)), "--model", str(folder), "--out", str(good),
+    assert main(["--plan", str(write_plan(tmp, BERT_PLAN)), "--model", str(folder), "--random-ids", "--out", str(good),
                  "--external-data", "--no-dense-distance", "-q"]) == 0
     corrupt = Path(shutil.copytree(good, tmp / "corrupt-onnx"))
     (corrupt / "model.onnx").write_bytes((good / "model.onnx").read_bytes()[:200])
@@ -163,11 +163,11 @@ def broken(tmp_path_factory, tiny_models):
 
 
 def export(b):
-    return ["--plan", str(b["plan"]), "--model", str(b["model"]), "--out", str(b["tmp"] / "never")]
+    return ["--plan", str(b["plan"]), "--model", str(b["model"]), "--random-ids", "--out", str(b["tmp"] / "never")]
 
 
 def calibrate(b):
-    return ["calibrate", "--model", str(b["model"]), "--out", str(b["tmp"] / "never.json"), "--sparsity", "0.2"]
+    return ["calibrate", "--model", str(b["model"]), "--random-ids", "--out", str(b["tmp"] / "never.json"), "--sparsity", "0.2"]
 
 
 def measure(b):

@@ -31,7 +31,7 @@ def artifacts(tmp_path_factory, tiny_models):
     tmp = tmp_path_factory.mktemp("serving")
     plan = write_plan(tmp, {"format": "skrr-plan/1", "encoder": {"family": "clip", "num_blocks": 3}, "skip": [2], "reuse": {"2": 0}})
     engine = ["--engine", "trt-rtx", "--batch", "1,2,4", "--sequence", "1,16,64"] if available("trt-rtx") else []
-    assert main(["--plan", str(plan), "--model", str(folder), "--out", str(tmp / "out"), "--external-data", "-q", *engine]) == 0
+    assert main(["--plan", str(plan), "--model", str(folder), "--random-ids", "--out", str(tmp / "out"), "--external-data", "-q", *engine]) == 0
     return tmp / "out"
 
 
