@@ -107,8 +107,7 @@ def export_onnx(module: SkrrEncoder, path: Path, options: ExportOptions, vocab_s
         stored = quantize.store_quantized(program.model, module, quantized, options.fixed_sequence)
     external = options.external_data if options.external_data is not None else stored.total_bytes > EXTERNAL_DATA_THRESHOLD
     data_path = path.with_name(path.name + ".data") if external else None
-    save_model(program.model, path, external)
-    _check(path)
+    save_model(program.model, path, external)  # and onnx.checker on it, without reading the weights back
     seconds = time.perf_counter() - start
     log.info("exported %s: %d weights (%d bytes, each parameter once), %d constants (%d bytes) in %.1f s",
              path.name, stored.weight_count, stored.weight_bytes, stored.constant_count, stored.constant_bytes, seconds)
@@ -332,12 +331,3 @@ def check_half_scalars(model: ir.Model) -> None:
 
 def _storage(p: torch.Tensor) -> tuple[int, int]:
     return (p.untyped_storage().data_ptr(), int(p.storage_offset()))
-
-
-def _check(path: Path) -> None:
-    import onnx
-
-    try:
-        onnx.checker.check_model(str(path), full_check=False)
-    except onnx.checker.ValidationError as exc:
-        raise InvariantError(f"exported ONNX fails onnx.checker: {str(exc).splitlines()[0]}") from None

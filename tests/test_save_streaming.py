@@ -76,7 +76,8 @@ CHILD = textwrap.dedent("""
     x = ir.Value(name="x", shape=ir.Shape([mib * 2**18]), type=ir.TensorType(ir.DataType.FLOAT))
     node = ir.node("Add", [x, inits[0]])
     node.outputs[0].name, node.outputs[0].shape, node.outputs[0].type = "y", x.shape, x.type
-    model = ir.Model(ir.Graph([x], node.outputs, nodes=[node], initializers=inits, opset_imports={"": 20}), ir_version=10)
+    model = ir.Model(ir.Graph([x], node.outputs, nodes=[node], initializers=inits, opset_imports={"": 20}, name="g"),
+                     ir_version=10)
     def status(key):
         return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith(key + ":"))
 
@@ -101,3 +102,25 @@ def test_the_streamed_save_holds_one_tensor_at_a_time(tmp_path):
     assert grown["streaming"] <= 64 * 2**20, grown  # one 32 MiB tensor's bytes and the small proto
     assert grown["onnx_ir"] >= 1.5 * weights, grown  # the measurement sees what the streamed save avoids
     assert sha256(tmp_path / "streaming.onnx") == sha256(tmp_path / "onnx_ir.onnx")
+
+
+def test_a_model_the_checker_refuses_is_not_left_on_disk(tmp_path):
+    """The check after the save (onnx.checker on the small serialization, the streamed tensors pointing into the file
+    written) refuses an invalid graph: InvariantError (exit 3), no file, no probe file beside it."""
+    import numpy as np
+
+    from skrr_export.errors import InvariantError
+
+    weight = ir.Value(name="w", const_value=ir.tensor(np.arange(4096, dtype=np.float32), name="w"))
+    x = ir.Value(name="x", shape=ir.Shape([4096]), type=ir.TensorType(ir.DataType.FLOAT))
+    node = ir.node("Add", [x, weight])
+    node.outputs[0].name, node.outputs[0].shape, node.outputs[0].type = "y", x.shape, x.type
+    model = ir.Model(ir.Graph([x], node.outputs, nodes=[node], initializers=[weight], opset_imports={"": 20}, name="g"),
+                     ir_version=10)
+    save.save_streaming(model, tmp_path / "good.onnx")  # valid: checked, and kept
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["good.onnx"]
+    node.op_type = "NoSuchOp"
+    with pytest.raises(InvariantError, match="fails onnx.checker") as raised:
+        save.save_streaming(model, tmp_path / "bad.onnx")
+    assert raised.value.exit_code == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["good.onnx"]

@@ -142,3 +142,24 @@ def test_the_bound_grows_with_a_fixed_sequence_and_fills_are_not_copies(t5):
     fill = ir.load(str(path))
     _add(fill, "val_9031", np.zeros(1024, np.float32))  # zeros: equal to no weight block here, and a fill anyway
     assert weights_once(fill, module).constant_bytes >= 4096
+
+
+@pytest.mark.parametrize("what", ["integers reshaped", "embedding cast to bf16"])
+def test_the_quantized_form_refuses_a_copy_too(what, tiny_models, tmp_path):
+    """quantize's check is the same invariant: a copy of a weight's int8 integers, or of a float weight, is refused."""
+    from skrr_export.quantize import QUANTIZED_SUFFIX, Quantization, quantize_module, quantized_weights_once
+
+    plan = make_plan("t5", "heavy-reuse")
+    module = apply_plan(load_encoder(ModelSource(tiny_models["t5"][1]), plan, "fp32"), plan)
+    quantized = quantize_module(module, Quantization("int8"))
+    art = export_onnx(module, tmp_path / "model.onnx", ExportOptions(), vocab_size=96, quantized=quantized)
+    model = ir.load(str(art.path))
+    quantized_weights_once(model, module, quantized)  # as exported: passes
+    if what == "integers reshaped":
+        source = next(n for n in model.graph.initializers if n.endswith(QUANTIZED_SUFFIX))
+        _add(model, "val_9040", _array(model, source).reshape(-1, 8))
+    else:
+        source = EMBED
+        _add(model, "val_9040", _array(model, EMBED).astype(weights.FLOATS[ir.DataType.BFLOAT16]))
+    with pytest.raises(InvariantError, match=f"val_9040 .* copies weight {source.replace('+', '[+]')}"):
+        quantized_weights_once(model, module, quantized)

@@ -14,23 +14,28 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Union
+from typing import Union
 
+import onnx
 import onnx_ir as ir
 
+from ..artifacts import unique_sibling
 from ..errors import InvariantError
 
 STREAM_MIN_BYTES = 4096  # smaller initializers stay inside the serialized model
 _MODEL_GRAPH, _GRAPH_INITIALIZER, _TENSOR_NAME, _TENSOR_RAW_DATA = 7, 5, 8, 9
 _LENGTH_DELIMITED = 2
-Part = Union[bytes, ir.TensorProtocol]  # a piece of the file: bytes as they are, or a tensor's data
+Part = Union[bytes, "_Data"]  # a piece of the file: bytes as they are, or a tensor's data
 
 
 def save_model(model: ir.Model, path: Path, external_data: bool) -> None:
-    """Write ``model`` to ``path``; with ``external_data``, its initializers to ``path.data`` beside it."""
+    """Write ``model`` to ``path`` (with ``external_data``, its initializers to ``path.data`` beside it) and check the
+    file with ``onnx.checker`` (InvariantError), without reading the weights back."""
     if external_data:
         ir.save(model, os.fspath(path), external_data=path.name + ".data")  # as torch's ONNXProgram.save does
+        _checker(path)  # the small proto; the data file is only looked up
     else:
         save_streaming(model, path)
 
@@ -45,9 +50,8 @@ def save_streaming(model: ir.Model, path: Path) -> None:
             value.const_value = tensor
     parts = _model_parts(serialized, {name: tensor for tensor, name in hollow.values()})
     try:
-        with open(path, "wb") as f:
-            for part in parts:
-                f.write(part if isinstance(part, bytes) else _data(part))
+        offsets = _write(parts, path)
+        check_saved(serialized, offsets, path)
     except BaseException:
         Path(path).unlink(missing_ok=True)
         raise
@@ -78,11 +82,57 @@ def _hollow_initializers(model: ir.Model) -> dict[ir.Value, tuple[ir.TensorProto
     return hollow
 
 
-def _data(tensor: ir.TensorProtocol) -> bytes:
-    data = tensor.tobytes()
-    if len(data) != tensor.nbytes:
-        raise InvariantError(f"initializer {tensor.name} holds {len(data)} bytes, not the {tensor.nbytes} its shape says")
-    return data
+@dataclass(frozen=True)
+class _Data:
+    """Where a hollow initializer's bytes go in the file."""
+
+    name: str
+    tensor: ir.TensorProtocol
+
+
+def _write(parts: list[Part], path: Path) -> dict[str, tuple[int, int]]:
+    """Write ``parts`` to ``path``, one tensor's bytes at a time; each tensor's (offset, length) in the file."""
+    offsets = {}
+    with open(path, "wb") as f:
+        for part in parts:
+            if isinstance(part, bytes):
+                f.write(part)
+                continue
+            data = part.tensor.tobytes()
+            if len(data) != part.tensor.nbytes:
+                raise InvariantError(f"initializer {part.name} holds {len(data)} bytes, not the {part.tensor.nbytes} "
+                                     "its shape says")
+            offsets[part.name] = (f.tell(), len(data))
+            f.write(data)
+    return offsets
+
+
+def check_saved(serialized: bytes, offsets: dict[str, tuple[int, int]], path: Path) -> None:
+    """``onnx.checker`` on the saved model without reading its weights back: the small serialization, each streamed
+    initializer pointing at its bytes inside ``path`` (as external data), checked from a hidden sibling file."""
+    proto = onnx.ModelProto()
+    proto.ParseFromString(serialized)
+    for tensor in proto.graph.initializer:
+        if tensor.name in offsets:
+            tensor.ClearField("raw_data")
+            tensor.data_location = onnx.TensorProto.EXTERNAL
+            offset, length = offsets[tensor.name]
+            for key, value in (("location", path.name), ("offset", str(offset)), ("length", str(length))):
+                entry = tensor.external_data.add()
+                entry.key, entry.value = key, value
+    probe = unique_sibling(path, "check")
+    try:
+        probe.write_bytes(proto.SerializeToString())
+        _checker(probe)
+    finally:
+        probe.unlink(missing_ok=True)
+
+
+def _checker(path: Path) -> None:
+    try:
+        onnx.checker.check_model(str(path), full_check=False)
+    except onnx.checker.ValidationError as exc:
+        raise InvariantError(f"exported ONNX fails onnx.checker: {str(exc).splitlines()[0]}") from None
 
 
 # ----------------------------------------------------------------------------------------------- the wire format
@@ -127,7 +177,7 @@ def _fields(buf: bytes, start: int, end: int) -> Iterator[tuple[int, int, int, i
 
 
 def _size(parts: list[Part]) -> int:
-    return sum(len(p) if isinstance(p, bytes) else int(p.nbytes) for p in parts)
+    return sum(len(p) if isinstance(p, bytes) else int(p.tensor.nbytes) for p in parts)
 
 
 def _nested(number: int, parts: list[Part]) -> list[Part]:
@@ -162,7 +212,7 @@ def _tensor_parts(buf: bytes, start: int, end: int, hollow: dict[str, ir.TensorP
     parts: list[Part] = []
     for number, field_start, value, field_end in fields:
         if tensor is not None and number == _TENSOR_RAW_DATA and value == field_end:
-            parts += [_varint(number << 3 | _LENGTH_DELIMITED) + _varint(int(tensor.nbytes)), tensor]
+            parts += [_varint(number << 3 | _LENGTH_DELIMITED) + _varint(int(tensor.nbytes)), _Data(names[0], tensor)]
             tensor = None
         else:
             parts.append(buf[field_start:field_end])
