@@ -603,7 +603,8 @@ def _measure_parser() -> Parser:
 def cmd_measure(argv: list[str]) -> int:
     args = _measure_parser().parse_args(argv)
     _setup_logging(args.quiet)
-    shipped = getattr(_resolve_recipe(args, "measure"), "export", {})  # measure what the recipe ships
+    recipe = _resolve_recipe(args, "measure")
+    shipped = recipe.export if recipe else {}  # measure what the recipe ships: its inputs and its pipeline's call
     fixed = args.fixed_sequence or shipped.get("fixed_sequence")
     batches, sequences = _int_list(args.batch, "--batch"), _int_list(args.seq or str(fixed or "256,512"), "--seq")
     config = _model_config(args)
@@ -618,6 +619,7 @@ def cmd_measure(argv: list[str]) -> int:
         batches=batches, sequences=sequences, precision=args.precision,
         warmup=args.warmup, iterations=args.iterations, force=args.force,
         input_dtype=args.input_dtype or shipped.get("input_dtype") or "int64", fixed_sequence=fixed,
+        attention_mask=recipe is None or recipe.pipeline is None or recipe.pipeline.attention_mask,
     )
     results = measure(cfg)
     for s in results["summary"]:

@@ -64,6 +64,7 @@ class MeasureConfig:
     parity: tuple[str, ...] = ("plan",)  # the variants whose every backend is checked against PyTorch on the device
     input_dtype: str = "int64"  # the inputs of measure's own exports (a recipe's export settings; export.ExportOptions)
     fixed_sequence: int | None = None  # likewise; the main job's artifacts bring their own (read from the files)
+    attention_mask: bool = True  # likewise: False exports input_ids only, as SD3 and FLUX call their T5
 
 
 def timing_feed(config: Any, shape: Shape, seed: int = 0, form: InputForm | None = None) -> dict[str, np.ndarray]:
@@ -455,8 +456,8 @@ def _new_job(meta: Any, source: Any, plan: Any, backends: tuple[str, ...], shape
     reason; none: a UserError before any work), and its feeds."""
     from .compare import DEFAULT_TOLERANCES
 
-    form = onnx_input_form(artifacts.onnx) if artifacts else planned_form(
-        tuple(i.name for i in meta.adapter.inputs), cfg.input_dtype, cfg.fixed_sequence)
+    names = tuple(i.name for i in meta.adapter.inputs if cfg.attention_mask or i.name != "attention_mask")
+    form = onnx_input_form(artifacts.onnx) if artifacts else planned_form(names, cfg.input_dtype, cfg.fixed_sequence)
     taken, refused = shapes_taken(form, shapes)
     if not taken:
         raise UserError(f"nothing to measure: {next(iter(refused.values()))}; pass shapes it takes (--seq, --batch)")
@@ -508,7 +509,7 @@ def _measure_variant(job: _Job, variant: str, plan: Any, folder: Path) -> None:
 
     with job.stage(variant, "load"):
         enc = load_encoder(job.source, plan, job.cfg.precision)
-        module = apply_plan(enc, plan)
+        module = apply_plan(enc, plan, job.form.takes_mask)  # the inputs the artifact takes, the mask or not
     unique = unique_parameter_bytes(module)
     folder.mkdir(parents=True)
     given = job.artifacts if variant == "plan" else None

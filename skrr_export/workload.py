@@ -76,6 +76,11 @@ class InputForm:
     sequence: tuple[int, int | None] = (1, None)
 
     @property
+    def takes_mask(self) -> bool:
+        """Whether it takes attention_mask (SD3 and FLUX exports of T5 take input_ids only)."""
+        return any(name == "attention_mask" for name, _ in self.dtypes)
+
+    @property
     def fixed_sequence(self) -> int | None:
         low, high = self.sequence
         return low if low == high else None
@@ -93,9 +98,10 @@ class InputForm:
         return {name: feed[name].astype(dtype, copy=False) for name, dtype in self.dtypes}
 
     def differences(self, other: InputForm) -> list[str]:
-        """What ``other`` says differently about the same inputs (the ones both name), batch and sequence."""
-        mine = dict(self.dtypes)
-        found = [f"{name}: {mine[name]} vs {dtype}" for name, dtype in other.dtypes if name in mine and mine[name] != dtype]
+        """What ``other`` says differently: its inputs' names, their dtypes, batch and sequence."""
+        mine, theirs = dict(self.dtypes), dict(other.dtypes)
+        found = [f"inputs: {', '.join(mine)} vs {', '.join(theirs)}"] if set(mine) != set(theirs) else []
+        found += [f"{name}: {mine[name]} vs {dtype}" for name, dtype in theirs.items() if name in mine and mine[name] != dtype]
         return found + [f"{what}: {a} vs {b}" for what, a, b in (("batch", self.batch, other.batch),
                                                                ("sequence", self.sequence, other.sequence)) if a != b]
 

@@ -87,6 +87,58 @@ def test_main_jobs_measure_stage_feeds_its_int32_fixed_sequence_export(tiny_mode
     assert seen[0]["feeds"] == {f"1x{FIXED}": {"input_ids": ("int32", (1, FIXED)), "attention_mask": ("int32", (1, FIXED))}}
 
 
+def test_main_jobs_measure_stage_feeds_an_unmasked_export(tiny_models, tmp_path, monkeypatch, rehearsal):
+    """An SD3/FLUX-style export takes input_ids only: PyTorch runs the module without the mask, ONNX Runtime is fed
+    input_ids alone, and parity scores every position (there is no mask to score by)."""
+    from skrr_export.pipeline import ExportConfig, _measure
+
+    _, folder = tiny_models["t5"]
+    module = apply_plan(load_encoder(ModelSource(folder), PLAN), PLAN, attention_mask=False)
+    onnx = export_onnx(module, tmp_path / "model.onnx", ExportOptions(fixed_sequence=FIXED), 96).path
+    assert graph_inputs(onnx) == {"input_ids": ("tensor(int64)", ["batch", FIXED])}
+    seen = spy_on_ort(monkeypatch)
+    cfg = ExportConfig(plan=tmp_path / "unused.json", out=tmp_path / "unused", fixed_sequence=FIXED)
+    results = _measure(cfg, ModelSource(folder), PLAN, tmp_path, onnx, None)
+
+    assert not results["errors"] and not results["skipped"], (results["errors"], results["skipped"])
+    assert {(r["variant"], r["backend"]) for r in results["runs"]} == {("dense", "torch"), ("plan", "torch"),
+                                                                        ("plan", "ort-cuda")}
+    assert [p["passed"] for p in results["parity"]] == [True, True]
+    assert seen[0]["feeds"] == {f"1x{FIXED}": {"input_ids": ("int64", (1, FIXED))}}
+
+
+def test_measure_exports_without_the_mask_when_asked(tiny_models, tmp_path, monkeypatch, rehearsal):
+    """MeasureConfig.attention_mask=False (an SD3/FLUX recipe's call): measure's own export takes input_ids only."""
+    import skrr_export.measure as measure
+
+    _, folder = tiny_models["t5"]
+    seen = spy_on_ort(monkeypatch)
+    cfg = measure.MeasureConfig(plan=tmp_path / "unused.json", out=tmp_path / "unused", precision="fp32", warmup=1,
+                                iterations=2, variants=("plan",), attention_mask=False)
+    results = measure.run_measurements(build_meta(load_config(ModelSource(folder))), ModelSource(folder), PLAN,
+                                       ("ort-cuda",), [Shape(2, 8)], cfg, tmp_path / "work")
+    assert [s["graph"] for s in seen] == [{"input_ids": ("tensor(int64)", ["batch", "sequence"])}]
+    assert [p["passed"] for p in results["parity"]] == [True, True] and not results["errors"]
+
+
+@pytest.mark.parametrize("recipe", ["sd3-40.5", "pixart-sigma-41.9", "flux-dev-40.5", "minilm"])
+def test_measure_command_measures_what_a_recipe_ships(recipe, monkeypatch, tmp_path):
+    """--recipe: the export form measured is the recipe's (its export block and its pipeline's call, read here from
+    recipe.json itself); --seq defaults to the fixed length."""
+    import skrr_export.measure as measure
+    from skrr_export.recipes import available_recipes
+
+    seen = []
+    monkeypatch.setattr(measure, "measure", lambda cfg: seen.append(cfg) or {"summary": []})
+    args = ["measure", "--recipe", recipe, "--out", str(tmp_path / "m")]
+    assert main(args + ([] if recipe == "minilm" else ["--random-weights"])) == 0
+    declared = json.loads((available_recipes()[recipe] / "recipe.json").read_text())
+    fixed = declared["export"]["fixed_sequence"]
+    assert (seen[0].fixed_sequence, seen[0].input_dtype) == (fixed, declared["export"]["input_dtype"])
+    assert seen[0].attention_mask == declared.get("pipeline", {}).get("attention_mask", True)
+    assert seen[0].sequences == ((fixed,) if fixed else (256, 512))
+
+
 def test_measure_command_exports_and_feeds_the_form_asked_for(tiny_models, tmp_path, monkeypatch, rehearsal):
     """``skrr-export measure --input-dtype int32 --fixed-sequence 16``: both variants exported in that form, every
     backend fed it; a --seq the fixed graph cannot take is skipped with the reason before any work."""
@@ -223,3 +275,15 @@ def test_feeds_fit_what_onnx_runtime_says_the_graph_takes(int32_fixed_export, ti
         assert np.isfinite(session.run(None, feed)[0]).all()
     assert [f["input_ids"].shape for f in feeds] == [(3, FIXED), (3, FIXED), (1, FIXED)]
     assert form.refusal(1, FIXED + 1) == f"model.onnx takes sequence length only {FIXED}, not {FIXED + 1}"
+
+
+def test_an_export_read_back_is_compared_with_its_options(int32_fixed_export):
+    """What measure checks once its own export is written: names, dtypes and sizes each count."""
+    from skrr_export.workload import onnx_input_form, planned_form
+
+    read, both = onnx_input_form(int32_fixed_export), ("input_ids", "attention_mask")
+    assert planned_form(both, "int32", FIXED).differences(read) == []
+    assert planned_form(both, "int64", FIXED).differences(read) == ["input_ids: int64 vs int32",
+                                                                    "attention_mask: int64 vs int32"]
+    assert planned_form(both, "int32", None).differences(read) == [f"sequence: (1, None) vs ({FIXED}, {FIXED})"]
+    assert planned_form(("input_ids",), "int32", FIXED).differences(read) == ["inputs: input_ids vs input_ids, attention_mask"]
