@@ -339,9 +339,12 @@ def _parity_line(check: dict[str, Any]) -> str:
     where = f" on the {check['batch']}" if "batch" in check else ""
     if check.get("passed") is None:
         return f"{check['test']} vs {check['reference']}{where}: {check['reason']}"
-    worst = max(check["outputs"], key=lambda o: o["max_abs"])
-    return (f"{check['test']} vs {check['reference']}{where}: {'PASSED' if check['passed'] else 'FAILED'} "
-            f"(max abs {worst['max_abs']:.3g} in {worst['name']})")
+    worst = max(check["outputs"], key=lambda o: o["max_token_error"])
+    tol = worst["tolerance"]["max_token_error"]
+    bound = f" <= {tol:g}" if tol is not None and check["passed"] else f", tolerance {tol:g}" if tol is not None else ""
+    name = f"{check['check']} check: " if "check" in check else ""
+    return (f"{name}{check['test']} vs {check['reference']}{where}: {'PASSED' if check['passed'] else 'FAILED'} "
+            f"(token error {worst['max_token_error']:.3g}{bound} in {worst['name']})")
 
 
 # ----------------------------------------------------------------------------------------------- inspect

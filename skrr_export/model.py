@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import time
+import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -185,13 +186,30 @@ def target_dtype(enc: Encoder, name: str) -> torch.dtype:
     return enc.dtype
 
 
+RANDOM_WEIGHTS_SEED = 0  # report.json records it
+
+
 def _random_parameters(enc: Encoder, needed: list[Needed]) -> None:
+    """The model's own initializer, seeded per module from ``RANDOM_WEIGHTS_SEED`` and the module's name: the same
+    command writes the same model.onnx, and a sub-block holds the same values whichever plan (or the dense stream)
+    asks for it."""
     for item in needed:
         item.assign(torch.empty(item.meta.shape, dtype=target_dtype(enc, item.name)))
-    modules = {id(m): m for item in needed for m, _ in item.owners}
-    with torch.no_grad():
-        for module in modules.values():
-            enc.model._init_weights(module)
+    with torch.no_grad(), torch.random.fork_rng(devices=[]):
+        for name in _owners_and_ancestors(needed):
+            torch.manual_seed(RANDOM_WEIGHTS_SEED * 2**32 + zlib.crc32(name.encode()))
+            enc.model._init_weights(enc.model.get_submodule(name))
+
+
+def _owners_and_ancestors(needed: list[Needed]) -> list[str]:
+    """The modules holding ``needed`` and every module above them, children first: a family's initializer sets some
+    weights from the parent (T5's attention scales q, k, v, o by its own sizes), which must come last, as in
+    Hugging Face's own initialization (a Linear alone gets the generic std-1 normal)."""
+    names = set()
+    for item in needed:
+        parts = item.name.split(".")[:-1]
+        names.update(".".join(parts[:k]) for k in range(len(parts) + 1))
+    return sorted(names, key=lambda n: (-n.count(".") if n else 1, n))
 
 
 def _all_names(model: nn.Module) -> set[str]:

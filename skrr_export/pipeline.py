@@ -15,9 +15,11 @@ from pathlib import Path
 from typing import Any
 
 from .backends import cuda_available
+from .checks import ParityCheck, parity_checks
 from .compare import Tolerance, distance, runner_parity, tolerance_for
 from .errors import AccuracyError, UserError
 from .inputs import find_tokenizer, tokenizer_used
+from .model import RANDOM_WEIGHTS_SEED
 from .ort_fusion import check_optimize
 from .plan import Plan, load_plan
 from .recipes import pipeline_report
@@ -99,7 +101,7 @@ class _Job:
     plan: Plan
     source: Any
     cost: Any
-    tolerances: dict[str, Tolerance]  # the engine's parity (ONNX Runtime's: OrtCheck.tolerances)
+    tolerances: dict[str, Tolerance]  # the engine's parity: its precision check
 
 
 @dataclass
@@ -112,9 +114,12 @@ class _Reference:
     quantized: Any
     quantization: dict[str, Any] | None
     batches: tuple[Any, ...]
-    plan_outputs: dict[str, Any]
-    ort_reference: dict[str, Any]
-    check: OrtCheck
+    plan_outputs: dict[str, Any]  # PyTorch in the export's precision
+    fp32_outputs: dict[str, Any] | None  # PyTorch computing in fp32 on the same weights (a half export's wiring check)
+    checks: tuple[ParityCheck, ...]
+
+    def outputs_for(self, check: ParityCheck) -> dict[str, Any]:
+        return self.fp32_outputs if check.fp32_reference and self.fp32_outputs is not None else self.plan_outputs
 
     def drop(self) -> None:
         self.module = self.enc = self.quantized = None  # ONNX Runtime, the engine and the dense model need the memory
@@ -146,7 +151,9 @@ def _preflight(cfg: ExportConfig) -> _Job:
     plan = load_plan(cfg.plan)
     source = model_source(cfg.model, cfg.subfolder, cfg.random_weights, cfg.allow_pickle, cfg.tokenizer, cfg.random_ids)
     find_tokenizer(source)  # a folder without one is refused before any work
-    tolerances = {"*": _tolerance(cfg, cfg.precision)}
+    tolerances = {"*": _tolerance(cfg, f"precision-{cfg.precision}")}
+    for check in parity_checks(cfg.precision, cuda=False):
+        _tolerance(cfg, check.tolerance_key)  # a recipe that loosens a default is refused before any work
     cost = _check_resources(source, plan, cfg)
     check_writable(cfg.out, cfg.force)
     if cfg.engine != "onnx":
@@ -173,12 +180,12 @@ def _pytorch_reference(cfg: ExportConfig, job: _Job, stages: Stages) -> _Referen
     quantized, quantization = _quantize(module, cfg, stages)
     tokenizer = load_tokenizer(job.source)
     batches = prompt_batch(tokenizer, enc.config, cfg.input_dtype, cfg.fixed_sequence, attention_mask=cfg.attention_mask)
-    check = ort_check(cfg.precision)
+    checks = machine_checks(cfg.precision)
     with stages.stage("pytorch reference"):
         plan_outputs = reference_outputs(module, batches)
         _check_finite(module, batches, plan_outputs)
-        ort_reference = reference_outputs(module, batches, fp32_arithmetic=True) if check.fp32_arithmetic else plan_outputs
-    return _Reference(module, enc, quantized, quantization, batches, plan_outputs, ort_reference, check)
+        fp32 = reference_outputs(module, batches, fp32_arithmetic=True) if any(c.fp32_reference for c in checks) else None
+    return _Reference(module, enc, quantized, quantization, batches, plan_outputs, fp32, checks)
 
 
 def _artifacts(cfg: ExportConfig, job: _Job, ref: _Reference, stage: Path, stages: Stages) -> _Found:
@@ -195,9 +202,10 @@ def _artifacts(cfg: ExportConfig, job: _Job, ref: _Reference, stage: Path, stage
         found.options = options
     ref.drop()
     with stages.stage("parity"):
-        parity = runner_parity(ref.ort_reference, ref.check.runner(found.onnx.path), ref.batches,
-                               ref.check.tolerances(cfg), ref.check.reference)
-        found.parity = [p | {"method": ref.check.method} for p in parity]
+        for check in ref.checks:
+            parity = runner_parity(ref.outputs_for(check), check.runner(found.onnx.path), ref.batches,
+                                   {"*": _tolerance(cfg, check.tolerance_key)}, check.reference, check.kind)
+            found.parity += [p | check.describe() for p in parity]
     found.polygraphy = save_parity_data(stage, ref.batches, ref.plan_outputs, cfg.precision)
     if cfg.engine != "onnx":
         with stages.stage("engine"):
@@ -219,6 +227,7 @@ def _report(cfg: ExportConfig, job: _Job, ref: _Reference, found: _Found, stages
     return {
         "tool": {"name": "skrr-export", **versions()},
         "model": {"path": str(source.folder), "family": plan.family, "random_weights": source.random_weights,
+                  "random_weights_seed": RANDOM_WEIGHTS_SEED if source.random_weights else None,
                   "tokenizer": tokenizer_used(source)},
         "precision": cfg.precision,
         "pipeline": pipeline_report(cfg.recipe, cfg.attention_mask),
@@ -301,55 +310,16 @@ def not_executed(test: str, reason: str) -> dict[str, Any]:
     return {"reference": "pytorch", "test": test, "passed": None, "reason": reason}
 
 
-@dataclass(frozen=True)
-class OrtCheck:
-    """How the ONNX graph is checked against PyTorch on this machine."""
-
-    precision: str
-    provider: str  # CUDAExecutionProvider or CPUExecutionProvider
-    fp32_arithmetic: bool  # a half-precision graph on the CPU provider, computed in fp32 on its weights
-
-    @property
-    def name(self) -> str:
-        """The tolerance's key: the precision, or "bf16-as-fp32" / "fp16-as-fp32"."""
-        return f"{self.precision}-as-fp32" if self.fp32_arithmetic else self.precision
-
-    @property
-    def reference(self) -> str:
-        return "pytorch-fp32-arithmetic" if self.fp32_arithmetic else "pytorch"
-
-    @property
-    def method(self) -> str:
-        if self.fp32_arithmetic:
-            from .runners import OrtFp32ArithmeticRunner
-
-            return OrtFp32ArithmeticRunner.method(self.precision)
-        where = "CUDA (TF32 off)" if self.provider == "CUDAExecutionProvider" else "CPU"
-        return f"ONNX Runtime {where} in {self.precision} against PyTorch in {self.precision}"
-
-    def runner(self, onnx_path: Path) -> Any:
-        from .runners import OrtFp32ArithmeticRunner, OrtRunner
-
-        if self.fp32_arithmetic:
-            return OrtFp32ArithmeticRunner(onnx_path, self.precision)
-        return OrtRunner(onnx_path, (self.provider,))
-
-    def tolerances(self, cfg: ExportConfig) -> dict[str, Tolerance]:
-        return {"*": _tolerance(cfg, self.name)}
-
-
 def _tolerance(cfg: ExportConfig, check: str) -> Tolerance:
     return tolerance_for(check, cfg.recipe.tolerances if cfg.recipe else None, cfg.tolerance_overrides)
 
 
-def ort_check(precision: str) -> OrtCheck:
-    """ONNX Runtime's CUDA provider (TF32 off) in the export's precision where it can run; its CPU provider
-    otherwise, with half-precision graphs computed in fp32 on their weights (OrtFp32ArithmeticRunner says why)."""
+def machine_checks(precision: str) -> tuple[ParityCheck, ...]:
+    """The parity checks this machine runs on an export in ``precision`` (checks.py): the precision check on ONNX
+    Runtime's CUDA provider (TF32 off) where it can run, emulated on the CPU otherwise."""
     from .backends import backend_blockers
 
-    if cuda_available() and backend_blockers()["ort-cuda"] is None:
-        return OrtCheck(precision, "CUDAExecutionProvider", False)
-    return OrtCheck(precision, "CPUExecutionProvider", precision in ("bf16", "fp16"))
+    return parity_checks(precision, cuda=cuda_available() and backend_blockers()["ort-cuda"] is None)
 
 
 def _measure(cfg: ExportConfig, source: Any, plan: Plan, stage: Path, onnx_path: Path, engine: Any) -> dict[str, Any]:

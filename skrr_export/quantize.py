@@ -3,7 +3,10 @@
 What is quantized: the weight of every ``nn.Linear`` in the kept sub-blocks (the attention and feed-forward
 projections, nearly all of the bytes). Embeddings, norms, biases, T5's position table and the head (CLIP's
 projection) stay in the export's precision: benchmarks/README.md, "Weight-only quantization", measures the choice.
-Quantization is symmetric (no zero point); a scale has the weight's own dtype (T5's ``wo`` in an fp16 export: fp32).
+Quantization is symmetric (no zero point). A scale has the weight's own dtype (T5's ``wo`` in an fp16 export: fp32),
+except next to bf16 weights, where it is fp16: ONNX Runtime's CPU provider refuses DequantizeLinear with bf16 scales
+and its CUDA kernels register float and half scales only (DESIGN.md section 7); such a weight is dequantized to fp16
+and cast to bf16, which ``dequantize`` computes too.
 
 One parameter is quantized once, however many slots run it: ``quantize_module`` keys its results by the parameter
 object, which a re-used sub-block shares between its slots. Stages:
@@ -137,14 +140,19 @@ class QuantizedWeight:
 
 def quantize_tensor(weight: torch.Tensor, q: Quantization, name: str = "weight") -> QuantizedWeight:
     """Symmetric quantization of a ``[out, in]`` weight; the integers are rounded against the scales as stored
-    (in the weight's dtype), so that ``values * scales`` is what every runtime computes."""
+    (``scale_dtype``), so that ``values * scales`` is what every runtime computes."""
     w = weight.detach().float().t()  # [in, out]
     blocks = w.reshape(-1, q.block, w.shape[1]) if q.block else w[None]
-    scales = (blocks.abs().amax(dim=1) / q.qmax).to(weight.dtype)  # [in / block, out] or [1, out]
+    scales = (blocks.abs().amax(dim=1) / q.qmax).to(scale_dtype(weight.dtype))  # [in / block, out] or [1, out]
     stored = scales.float()
     values = torch.round(blocks / torch.where(stored == 0, 1.0, stored)[:, None]).clamp_(-q.qmax, q.qmax)
     values = values.reshape(w.shape).to(torch.int8)
     return QuantizedWeight(name, q.bits, _pack(values) if q.bits == 4 else values, scales if q.block else scales[0])
+
+
+def scale_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Scales next to bf16 weights are fp16 (every runtime's DequantizeLinear takes it; equal bytes); else the weight's."""
+    return torch.float16 if dtype == torch.bfloat16 else dtype
 
 
 def _pack(values: torch.Tensor) -> torch.Tensor:
@@ -169,8 +177,8 @@ def dequantize(qw: QuantizedWeight, dtype: torch.dtype) -> torch.Tensor:
     scales = qw.scales.float()
     if scales.ndim == 2:  # int4: one scale per block of rows
         blocks = values.view(scales.shape[0], -1, values.shape[1]).mul_(scales[:, None, :])
-        return blocks.view(values.shape).to(dtype).t()
-    return values.mul_(scales).to(dtype).t()
+        return blocks.view(values.shape).to(qw.scales.dtype).to(dtype).t()
+    return values.mul_(scales).to(qw.scales.dtype).to(dtype).t()
 
 
 @dataclass
@@ -195,11 +203,12 @@ def quantize_module(module: Any, q: Quantization) -> QuantizedWeights:
     targets = list(quantizable(kept_parts(module), (module.stem, module.head)))
     check_blocks(q, ((n, p) for n, p in targets))
     done: dict[int, QuantizedWeight] = {}
+    stored: dict[int, torch.dtype] = {}
     for name, p in targets:
-        done[id(p)] = quantize_tensor(p.data, q, name)
+        done[id(p)], stored[id(p)] = quantize_tensor(p.data, q, name), p.dtype
         _drop_file_pages(p.data)
         p.data = placeholder(p.data)
-    _dequantize_on_call(module, done)
+    _dequantize_on_call(module, done, stored)
     kept: dict[str, int] = {}
     seen = set(done)
     for name, p in module.named_parameters(remove_duplicate=False):
@@ -238,13 +247,15 @@ def placeholder(t: torch.Tensor) -> torch.Tensor:
     return torch.zeros((), dtype=t.dtype).expand(t.shape)
 
 
-def _dequantize_on_call(module: Any, weights: dict[int, QuantizedWeight]) -> None:
-    """Each ``nn.Linear`` with a quantized weight gets its dequantized values (in the weight's dtype at call time:
-    fp32 inside ``apply.computed_in_fp32``) just before it runs, and a placeholder again after. Not while
-    ``torch.export`` traces: the exporter sees the placeholder. A weight taken out of ``weights`` is left as it is."""
+def _dequantize_on_call(module: Any, weights: dict[int, QuantizedWeight], stored: dict[int, torch.dtype]) -> None:
+    """Each ``nn.Linear`` with a quantized weight gets its dequantized values (in its ``stored`` dtype, as the graph
+    holds them, then in the weight's dtype at call time: fp32 inside ``apply.computed_in_fp32``) just before it runs,
+    and a placeholder again after. Not while ``torch.export`` traces: the exporter sees the placeholder. A weight
+    taken out of ``weights`` is left as it is."""
     def before(layer: nn.Module, args: object) -> None:
-        if id(layer.weight) in weights and not torch.compiler.is_exporting():
-            layer.weight.data = dequantize(weights[id(layer.weight)], layer.weight.dtype)
+        key = id(layer.weight)
+        if key in weights and not torch.compiler.is_exporting():
+            layer.weight.data = dequantize(weights[key], stored[key]).to(layer.weight.dtype)
 
     def after(layer: nn.Module, args: object, output: object) -> None:
         if id(layer.weight) in weights and not torch.compiler.is_exporting():
@@ -318,6 +329,12 @@ def _join(graph: Any, group: list[_Reader], weights: list[QuantizedWeight]) -> N
     block = {"block_size": values.shape[0] // scales.shape[0]} if len(scales.shape) == 2 else {}
     dq = ir.node("DequantizeLinear", inits, attributes={"axis": 0 if block else 1, **block}, name=name + ".dequantize")
     graph.insert_before(graph[0], dq)  # it reads initializers only
+    dtype = group[0].value.dtype
+    if dtype != scales.dtype:  # fp16 scales next to bf16 weights: dequantized to fp16, then cast (``dequantize``)
+        cast = ir.node("Cast", [dq.outputs[0]], attributes={"to": dtype}, name=name + ".cast")
+        cast.outputs[0].name, cast.outputs[0].dtype = name + ".dequantized", dtype
+        graph.insert_after(dq, cast)
+        dq = cast
     widths = [int(w.scales.shape[-1]) for w in weights]  # output widths
     for slot, matmuls in enumerate(zip(*(sorted(r.matmuls, key=lambda m: m.inputs[0].name) for r in group))):
         _one_matmul(graph, dq, list(matmuls), widths, f"{name}.{slot}")
@@ -360,12 +377,9 @@ def _int_tensor(values: torch.Tensor, bits: int, name: str) -> Any:
 
 
 def _float_tensor(t: torch.Tensor, name: str) -> Any:
-    import ml_dtypes
     import onnx_ir as ir
 
-    if t.dtype == torch.bfloat16:
-        return ir.Tensor(t.float().numpy().astype(ml_dtypes.bfloat16), name=name)
-    return ir.Tensor(t.numpy(), name=name)
+    return ir.Tensor(t.numpy(), name=name)  # fp32 or fp16 (scale_dtype)
 
 
 # ----------------------------------------------------------------------------------------------- the invariant

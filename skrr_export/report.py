@@ -101,9 +101,9 @@ def _parity_lines(parity: list[dict[str, Any]]) -> list[str]:
             continue
         verdict = "PASSED" if check["passed"] else "FAILED"
         lines += [
-            f"### {check['test']} vs {check['reference']} ({check['batch']}): {verdict}",
+            f"### {_check_name(check)}{check['test']} vs {check['reference']} ({check['batch']}): {verdict}",
             "",
-            *([f"Method: {check['method']}.", ""] if check.get("method") else []),
+            *([f"Method: {check['method']}; tolerance `{check['tolerance_key']}`.", ""] if check.get("method") else []),
             "| output | max abs | mean abs | max rel | min cos | mean cos | token error | tolerance | pass |",
             "|---|---|---|---|---|---|---|---|---|",
         ]
@@ -116,6 +116,10 @@ def _parity_lines(parity: list[dict[str, Any]]) -> list[str]:
         lines.append("")
         lines += [f"- {line}" for line in _failures(check)] + ([""] if not check["passed"] else [])
     return lines
+
+
+def _check_name(check: dict[str, Any]) -> str:
+    return f"{check['check'].capitalize()} check: " if check.get("check") else ""
 
 
 def _distance_lines(dense: dict[str, Any] | None) -> list[str]:

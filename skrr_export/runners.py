@@ -243,6 +243,57 @@ class OrtFp32ArithmeticRunner(OrtRunner):
         self.copy.unlink(missing_ok=True)
 
 
+class OrtHalfEmulationRunner(OrtFp32ArithmeticRunner):
+    """A half-precision graph run on ONNX Runtime's CPU provider as it computes on a runtime with half kernels: each
+    node in fp32, its result rounded to bf16/fp16 exactly where the graph stores a half tensor (fp32 tensors, such as
+    T5's fp16 ``wo`` path, stay fp32). Its reference is PyTorch running the module in that precision. What it checks:
+    that the graph's own storage precision computes what PyTorch's does (a round trip through fp16 inside an RMSNorm,
+    a node that overflows), which the fp32-arithmetic check cannot see."""
+
+    name = "onnxruntime-cpu-half-emulation"
+
+    def __init__(self, path: Path, precision: str = "bf16"):
+        super().__init__(path, precision)
+        self.copy = path.with_name(f".{path.stem}.half-emulation.onnx")
+
+    @staticmethod
+    def method(precision: str) -> str:
+        return (f"the {precision} graph as stored: each node computed in fp32 and rounded to {precision} where the graph "
+                f"stores {precision} (ONNX Runtime CPU, a rewritten copy), against PyTorch computing in {precision}")
+
+    def session_path(self) -> Path:
+        import onnx
+
+        model = onnx.load(str(self.path), load_external_data=False)
+        half_emulation(model)
+        onnx.save(model, str(self.copy))
+        return self.copy
+
+
+def half_emulation(model: Any) -> None:
+    """Rewrite ``model`` in place: fp32 arithmetic (``fp32_arithmetic``), then every node output the original graph
+    holds in bf16 or fp16 rounded back to that precision (Cast down, Cast up) before anything reads it."""
+    import onnx
+    from onnx import helper
+
+    graph = model.graph
+    inferred = onnx.shape_inference.infer_shapes(model).graph
+    halves = {v.name: v.type.tensor_type.elem_type for v in (*inferred.value_info, *inferred.output)
+              if v.type.tensor_type.elem_type in _HALVES}
+    fp32_arithmetic(graph)
+    model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    nodes = []
+    for node in graph.node:
+        nodes.append(node)
+        for k, name in enumerate(node.output):
+            if name in halves:
+                node.output[k] = f"{name}::exact"
+                nodes.append(helper.make_node("Cast", [f"{name}::exact"], [f"{name}::rounded"], to=halves[name]))
+                nodes.append(helper.make_node("Cast", [f"{name}::rounded"], [name], to=_FP32))
+    graph.ClearField("node")
+    graph.node.extend(nodes)
+
+
 def fp32_arithmetic(graph: Any) -> None:
     """Rewrite a graph in place so that it computes in fp32 wherever it computed in bf16 or fp16 (weights untouched).
 
@@ -260,7 +311,8 @@ def fp32_arithmetic(graph: Any) -> None:
         if node.output[0] in widening.transposed:
             continue  # each reader gets its own Transpose
         widening.inputs(node, index)
-        _widen_attributes(node)
+        if not node.name.endswith("::round"):
+            _widen_attributes(node)
         widening.nodes.append(node)
     graph.initializer.append(numpy_helper.from_array(np.array(0, dtype=np.int64), "fp32_arithmetic::zero"))
     graph.initializer.extend(numpy_helper.from_array(np.array(dims, dtype=np.int64), f"{name}::shape")
@@ -347,6 +399,12 @@ def _dequantize_per_reader(graph: Any) -> None:
     dequantized = {n.output[0]: n for n in graph.node if n.op_type == "DequantizeLinear" and all(x in stored for x in n.input)}
     if not dequantized:
         return
+    # fp16 scales next to bf16 weights: dequantized to fp16, then cast to bf16 (quantize.py). Each reader's copy is
+    # rounded as the graph rounds it (``::round`` Casts stay as they are), then widened.
+    casts = {n.output[0]: n for n in graph.node if n.op_type == "Cast" and n.input[0] in dequantized}
+    rounding = {name: [stored[dq.input[1]].data_type] for name, dq in dequantized.items()}
+    rounding |= {name: [*rounding[cast.input[0]], cast.attribute[0].i] for name, cast in casts.items()}
+    dequantized |= {name: dequantized[cast.input[0]] for name, cast in casts.items()}
     produced = {o for n in graph.node for o in n.output}
     nodes: list[Any] = []
     for index, node in enumerate(graph.node):
@@ -355,7 +413,8 @@ def _dequantize_per_reader(graph: Any) -> None:
         activation = next((i for i in node.input if i in produced and i not in dequantized), None)
         for k, name in enumerate(node.input):
             if name in dequantized:
-                node.input[k] = _one_dequantize(nodes, dequantized[name], stored, activation, f"fp32_arithmetic::dq::{index}::{k}")
+                node.input[k] = _one_dequantize(nodes, dequantized[name], stored, activation,
+                                                f"fp32_arithmetic::dq::{index}::{k}", rounding[name])
         nodes.append(node)
     graph.initializer.append(numpy_helper.from_array(np.array(0, dtype=np.int64), "fp32_arithmetic::dq_zero"))
     graph.initializer.extend(numpy_helper.from_array(np.array(stored[s].dims, dtype=np.int64), f"{s}::scale_shape")
@@ -364,7 +423,8 @@ def _dequantize_per_reader(graph: Any) -> None:
     graph.node.extend(nodes)
 
 
-def _one_dequantize(nodes: list[Any], dq: Any, stored: dict[str, Any], activation: str | None, tag: str) -> str:
+def _one_dequantize(nodes: list[Any], dq: Any, stored: dict[str, Any], activation: str | None, tag: str,
+                    round_to: list[int]) -> str:
     from onnx import TensorProto, helper
 
     scale = dq.input[1]
@@ -380,7 +440,13 @@ def _one_dequantize(nodes: list[Any], dq: Any, stored: dict[str, Any], activatio
     reader = helper.make_node("DequantizeLinear", [dq.input[0], scale, *dq.input[2:]], [tag], name=tag)
     reader.attribute.extend(dq.attribute)
     nodes.append(reader)
-    return tag
+    value = tag
+    for k, dtype in enumerate(d for d in round_to if d != TensorProto.FLOAT):
+        nodes.append(helper.make_node("Cast", [value], [f"{tag}::rounded{k}"], to=dtype, name=f"{tag}::{k}::round"))
+        value = f"{tag}::rounded{k}"
+    if value != tag:
+        nodes.append(helper.make_node("Cast", [value], [f"{tag}::widened"], to=TensorProto.FLOAT))
+    return f"{tag}::widened" if value != tag else tag
 
 
 def _widen(tensor: Any) -> np.ndarray:
