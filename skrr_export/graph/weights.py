@@ -32,6 +32,7 @@ SMALL_CONSTANT_BYTES = 64 * 1024  # the bound without a fixed sequence
 COPY_MIN_BYTES = 1024  # a non-weight tensor this large must not copy a weight
 FLOATS = {ir.DataType.FLOAT: np.dtype(np.float32), ir.DataType.FLOAT16: np.dtype(np.float16),
           ir.DataType.BFLOAT16: np.dtype(ml_dtypes.bfloat16)}
+WEIGHT_DTYPES = {*FLOATS, ir.DataType.INT8, ir.DataType.INT4}  # a parameter, or its quantized integers
 FLOAT_NAMES = {ir.DataType.FLOAT: "fp32", ir.DataType.FLOAT16: "fp16", ir.DataType.BFLOAT16: "bf16"}
 # A parameter's name (``kept.3.layer.0.SelfAttention.q.weight``), or several joined by '+' (a quantized group's
 # integers or scales): how a file read without the module tells weights from the exporter's constants (``val_17``).
@@ -123,8 +124,10 @@ def check(model: ir.Model, expected: Expected) -> WeightsCheck:
 
 
 def file_expected(model: ir.Model, weight_bytes: int | None, slack: float = 0.0) -> Expected:
-    """``Expected`` for a file read without the module: its initializers named like parameters are the weights."""
-    names = [n for g in model.graphs() for n in g.initializers if _PARAMETER_NAME.fullmatch(n)]
+    """``Expected`` for a file read without the module: its floating-point (or quantized) initializers named like
+    parameters are the weights; integer buffers (BERT's ``position_ids``) are not parameters."""
+    names = [n for n, v in model.graph.initializers.items()
+             if _PARAMETER_NAME.fullmatch(n) and v.const_value is not None and v.const_value.dtype in WEIGHT_DTYPES]
     return Expected({n: (n,) for n in names}, frozenset(), weight_bytes, slack, fixed_sequence(model))
 
 
