@@ -214,8 +214,8 @@ def check_onnx_files(path: Path) -> None:
             raise ArtifactError(f"{path.name} needs its external data file '{location}', which is missing beside it")
 
 
-# Graph constants that are not parameters (shape vectors, scalars, masks' fill values) stay below this: `inspect`
-# counts an ONNX as agreeing with a plan when its initializers exceed the kept weight bytes by no more.
+# Everything an exported graph stores besides its weights (shape vectors, scalars, masks' fill values) stays below
+# this in all, or below 4 S^2 bytes at a fixed sequence S when that is more (graph.weights.bound).
 SMALL_CONSTANT_BYTES = 64 * 1024
 
 

@@ -28,7 +28,8 @@ import ml_dtypes
 import numpy as np
 import onnx_ir as ir
 
-SMALL_CONSTANT_BYTES = 64 * 1024  # the bound without a fixed sequence
+from ..artifacts import SMALL_CONSTANT_BYTES  # the bound without a fixed sequence
+
 COPY_MIN_BYTES = 1024  # a non-weight tensor this large must not copy a weight
 FLOATS = {ir.DataType.FLOAT: np.dtype(np.float32), ir.DataType.FLOAT16: np.dtype(np.float16),
           ir.DataType.BFLOAT16: np.dtype(ml_dtypes.bfloat16)}
