@@ -152,3 +152,18 @@ def test_a_folder_without_tokenizer_is_exit_2_unless_random_ids(tmp_path, capsys
     assert {p["batch"] for p in report["parity"]} == {"prompts, random ids (seed 0)", "empty prompt, end-of-sequence token only"}
     assert main(export_args(root, tmp_path / "o2", "--random-ids", "--tokenizer", str(root / "tokenizer_3"))) == 2
     assert "--tokenizer" in capsys.readouterr().err
+
+
+def test_calibration_tokenizes_with_the_pipelines_tokenizer(pipeline, tmp_path):
+    """calibrate --model PIPE --subfolder text_encoder_3: the prompts' ids are tokenizer_3's (nothing is scored here:
+    the job is prepared, no weights read)."""
+    from transformers import PreTrainedTokenizerFast
+
+    from skrr_export.calibrate import CalibrationConfig, _prepare
+
+    cfg = CalibrationConfig(out=tmp_path / "p.json", sparsities=(0.2,), model=pipeline, subfolder="text_encoder_3",
+                            num_prompts=4, max_length=24)
+    job = _prepare(cfg)
+    own = PreTrainedTokenizerFast.from_pretrained(pipeline / "tokenizer_3")
+    assert job.ids == own(read_prompts(None, 4), truncation=True, max_length=24)["input_ids"]
+    assert job.empty == [1]
