@@ -163,11 +163,12 @@ def measure_torch(module: Any, modes: list[str], shapes: list[Shape], feeds: dic
         bound.run()
         return int(torch.cuda.max_memory_allocated() - base)
 
-    out = {}
+    out: dict[str, dict[str, Any]] = {}
     for mode in modes:
         start = time.perf_counter()
-        run = out[mode] = {"resident_bytes": resident, "resident_source": "torch.cuda.memory_allocated", "shapes": [],
-                           "parity": []}
+        run: dict[str, Any] = {"resident_bytes": resident, "resident_source": "torch.cuda.memory_allocated", "shapes": [],
+                               "parity": []}
+        out[mode] = run
         with kept_on_failure(run), _torch_runner(mode, module, hf_model, cfg) as runner:
             _shape_rows(runner, shapes, feeds, cfg, peak, resident, rows=run["shapes"])
             run["parity"] = reference(runner) if reference and mode not in ("torch", "hf") else []
@@ -466,7 +467,7 @@ def _new_job(meta: Any, source: Any, plan: Any, backends: tuple[str, ...], shape
     results["skipped"] += [{"variant": "both", "backend": "every", "shape": str(s), "reason": r} for s, r in refused.items()]
     return _Job(source, backends, taken, cfg, DeviceMemory(), form,
                 {shape: timing_feed(config, shape, form=form) for shape in taken}, parity_batches(meta.config, form),
-                {"*": DEFAULT_TOLERANCES[f"precision-{cfg.precision}"]}, meta.adapter.sizes(meta.config).vocab,
+                {"*": DEFAULT_TOLERANCES[cfg.precision]}, meta.adapter.sizes(meta.config).vocab,
                 meta.adapter.ort_model_type, results, artifacts)
 
 
@@ -652,7 +653,7 @@ def _export(job: _Job, variant: str, module: Any, unique: int, folder: Path) -> 
     return path
 
 
-def _reference(module: Any, batches: Any, tolerances: dict[str, Any]) -> Callable[[Any], list[dict[str, Any]]]:
+def _reference(module: Any, batches: Any, tolerances: dict[str, Any]) -> Callable[..., list[dict[str, Any]]]:
     """PyTorch's outputs for the plan on the device; returns the check every other backend's runner goes through
     (on all ``batches``, or on the ones given)."""
     from .compare import runner_parity
@@ -660,7 +661,10 @@ def _reference(module: Any, batches: Any, tolerances: dict[str, Any]) -> Callabl
 
     with TorchRunner(module, module.output_names, DEVICE) as runner:
         outputs = {batch.label: runner.infer(batch.feed) for batch in batches}
-    return lambda other, some=batches: runner_parity(outputs, other, some, tolerances, "pytorch-cuda")
+    def check(other: Any, some: Any = batches) -> list[dict[str, Any]]:
+        return runner_parity(outputs, other, some, tolerances, "pytorch-cuda")
+
+    return check
 
 
 def _flops(meta: Any, variants: dict[str, Any], shapes: list[Shape]) -> list[dict[str, Any]]:

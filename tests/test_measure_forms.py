@@ -230,6 +230,31 @@ def test_a_backend_failing_half_way_keeps_what_it_measured(tiny_models, tmp_path
     assert "**Stopped after 2 shapes:** ort-cuda (plan): ArtifactError" in md
 
 
+def test_a_pytorch_mode_failing_half_way_keeps_what_it_measured(tiny_models, tmp_path, monkeypatch, rehearsal):
+    """PyTorch runs out of device memory at the larger shape: its first row is kept, the reason recorded."""
+    import torch
+
+    import skrr_export.measure as measure
+    from skrr_export import runners
+
+    real = runners._TorchBound.run
+
+    def run(self):  # type: ignore[no-untyped-def]
+        if self.inputs[0].shape[0] == 4:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        real(self)
+
+    monkeypatch.setattr(runners._TorchBound, "run", run)
+    _, folder = tiny_models["t5"]
+    cfg = measure.MeasureConfig(plan=tmp_path / "unused.json", out=tmp_path / "unused", precision="fp32", warmup=1,
+                                iterations=2, variants=("plan",))
+    results = measure.run_measurements(build_meta(load_config(ModelSource(folder))), ModelSource(folder), PLAN,
+                                       ("torch",), [Shape(1, 8), Shape(4, 8)], cfg, tmp_path / "work")
+    assert [(r["backend"], [(s["batch"], s["seq"]) for s in r["shapes"]]) for r in results["runs"]] == [("torch", [(1, 8)])]
+    assert results["errors"] == [{"variant": "plan", "backend": "torch", "shapes_kept": 1,
+                                  "error": "OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB"}]
+
+
 @pytest.mark.skipif(not available("trt-rtx"), reason="tensorrt-rtx is not installed (pip install tensorrt-rtx)")
 def test_an_engines_profile_decides_what_it_is_fed(int32_fixed_export, tiny_models, tmp_path, rehearsal):
     """The main job's engine: what TensorRT parsed (engine.json: int32, sequence 16, batch 1..4) decides its feeds;
