@@ -6,6 +6,7 @@ Skipped sub-blocks stay on the meta device: they are never read from the checkpo
 from __future__ import annotations
 
 import logging
+import re
 import time
 import zlib
 from collections.abc import Iterator
@@ -18,7 +19,7 @@ import torch
 from torch import nn
 
 from .adapters import Adapter, adapter_for, text_config_of
-from .errors import ArgumentError, ModelError
+from .errors import ArgumentError, InvariantError, ModelError
 from .plan import Plan
 from .recipes import default_model_path
 
@@ -128,8 +129,28 @@ def load_encoder(source: ModelSource, plan: Plan, precision: str = "fp32") -> En
         with _open_checkpoint(enc, source) as ckpt:
             _read_parameters(enc, needed, ckpt)
             enc.tensors_read = tuple(ckpt.reads)
+    check_precision_policy(enc, [item.name for item in needed])
     log.info("loaded %d tensors (%s) in %.1f s", len(needed), precision, time.perf_counter() - start)
     return enc
+
+
+def check_precision_policy(enc: Encoder, names: list[str]) -> None:
+    """Every parameter in ``names`` has the dtype transformers gives it when loading the model in ``enc.dtype`` (its
+    class's keep-in-fp32 lists: T5's ``wo`` stays fp32 in fp16 and is bf16 in bf16); the export stores that dtype."""
+    for name in names:
+        actual, wanted = enc.model.get_parameter(name).dtype, hugging_face_dtype(enc.model, name, enc.dtype)
+        if actual != wanted:
+            raise InvariantError(f"parameter {name} is {actual} but transformers loads it as {wanted} in {enc.dtype}")
+
+
+def hugging_face_dtype(model: nn.Module, name: str, dtype: torch.dtype) -> torch.dtype:
+    """The dtype transformers 5 loads parameter ``name`` of ``model`` in, asked for ``dtype``: its dtype plan
+    (``_keep_in_fp32_modules`` in fp16, ``_keep_in_fp32_modules_strict`` in fp16 and bf16), matched as its loader
+    matches it (a pattern searched in the parameter's name)."""
+    for pattern, kept in model._get_dtype_plan(dtype).items():
+        if re.search(pattern, name):
+            return kept
+    return dtype
 
 
 @dataclass
