@@ -95,7 +95,7 @@ def test_missing_weights_and_bad_arguments_exit_2(tmp_path, tiny_models, capsys)
     (empty / "config.json").write_text((folder / "config.json").read_text())
     plan = write_plan(tmp_path, {"format": "skrr-plan/1", "encoder": {"family": "bert", "num_blocks": 3}})
     out = ["--out", str(tmp_path / "o"), "-q"]
-    assert main(["--plan", str(plan), "--model", str(empty), *out]) == 2
+    assert main(["--plan", str(plan), "--model", str(empty), "--random-ids", *out]) == 2
     assert "has no *.safetensors weights" in capsys.readouterr().err
     assert main(["--plan", str(plan), "--precision", "fp8", *out]) == 2
     assert "invalid choice: 'fp8'" in capsys.readouterr().err
