@@ -163,3 +163,27 @@ def test_the_quantized_form_refuses_a_copy_too(what, tiny_models, tmp_path):
         _add(model, "val_9040", _array(model, EMBED).astype(weights.FLOATS[ir.DataType.BFLOAT16]))
     with pytest.raises(InvariantError, match=f"val_9040 .* copies weight {source.replace('+', '[+]')}"):
         quantized_weights_once(model, module, quantized)
+
+
+def test_copies_of_a_bf16_weight_in_wider_or_other_half_dtypes_are_found():
+    """bf16 weights (the large exports): an fp32 copy of a block of the transpose (found by narrowing the copy,
+    exactly), an fp16 copy of a row block; a random fp32 tensor of the same size copies nothing."""
+    import ml_dtypes
+
+    rng = np.random.default_rng(0)
+    names = [f"kept.{i}.w.weight" for i in range(3)]
+    values = [rng.standard_normal((64, 96), np.float32).astype(ml_dtypes.bfloat16) for _ in names]
+    inits = [ir.Value(name=n, const_value=ir.tensor(v, name=n)) for n, v in zip(names, values)]
+    planted = {"val_1": values[1].T[7, 10:60].astype(np.float32),  # 200 bytes: under 1 KiB, ignored
+               "val_2": np.ascontiguousarray(values[1].T)[7:12].reshape(-1).astype(np.float32),  # 5 rows of W^T, fp32
+               "val_3": values[2][3, 8:96].astype(np.float16),  # 176 bytes: ignored
+               "val_4": values[2].reshape(-1)[100:700].astype(np.float16),  # a block, fp16
+               "val_5": rng.standard_normal(512).astype(np.float32)}
+    inits += [ir.Value(name=n, const_value=ir.tensor(np.ascontiguousarray(a), name=n)) for n, a in planted.items()]
+    x = ir.Value(name="x", shape=ir.Shape([1]), type=ir.TensorType(ir.DataType.FLOAT))
+    model = ir.Model(ir.Graph([x], [x], nodes=[], initializers=inits, name="g"), ir_version=10)
+    result = weights.check(model, weights.Expected({n: (n,) for n in names}, frozenset(names), 3 * 64 * 96 * 2))
+    found = {v.tensor: v.what for v in result.violations}
+    assert sorted(found) == ["val_2", "val_4"], found
+    assert found["val_2"] == f"copies weight {names[1]} (transposed, cast to fp32, a block at byte 896)"
+    assert found["val_4"] == f"copies weight {names[2]} (as stored, cast to fp16, a block at byte 200)"

@@ -221,14 +221,32 @@ def find_copies(constants: Iterable[_Stored], weights: list[_Stored]) -> list[Vi
     targets = {name: t for name, t in targets.items() if not _uniform(t[1], t[0].tensor.dtype)}
     found: list[Violation] = []
     for w in weights:
-        for form, dtype, data in _forms(w.tensor, {c.tensor.dtype for c, _ in targets.values()}) if targets else ():
-            for name, (c, needle) in list(targets.items()):
-                offset = _find(data, needle, dtype) if c.tensor.dtype == dtype else None
+        dtypes = {c.tensor.dtype for c, _ in targets.values()}
+        if not dtypes & ({w.tensor.dtype} | (set(FLOATS) if w.tensor.dtype in FLOATS else set())):
+            continue  # no tensor left that could copy this weight (an int64 shape table never copies a float)
+        for form, dtype, data in _forms(w.tensor, dtypes):
+            for name, (c, stored) in list(targets.items()):
+                needle = _needle(c.tensor, stored, dtype)
+                offset = _find(data, needle, dtype)
                 if offset is not None:
+                    cast = f", cast to {FLOAT_NAMES[c.tensor.dtype]}" if c.tensor.dtype != w.tensor.dtype else ""
                     where = "all of it" if len(needle) == len(data) else f"a block at byte {offset:,}"
-                    found.append(Violation(name, c.nbytes, f"copies weight {w.name} ({form}, {where})"))
+                    found.append(Violation(name, c.nbytes, f"copies weight {w.name} ({form}{cast}, {where})"))
                     del targets[name]
     return found
+
+
+def _needle(constant: ir.TensorProtocol, data: bytes, dtype: ir.DataType) -> bytes | None:
+    """``constant``'s bytes as a tensor of ``dtype`` would hold them: as they are, or cast where the cast is exact
+    (an fp32 copy of a bf16 weight is the weight's values widened); None where it cannot be a copy in ``dtype``."""
+    if constant.dtype == dtype:
+        return data
+    if constant.dtype not in FLOATS or dtype not in FLOATS:
+        return None
+    values = constant.numpy()
+    narrowed = values.astype(FLOATS[dtype])
+    exact = np.array_equal(narrowed.astype(FLOATS[constant.dtype]), values)
+    return narrowed.tobytes() if exact else None
 
 
 def _uniform(data: bytes, dtype: ir.DataType) -> bool:
@@ -239,20 +257,25 @@ def _uniform(data: bytes, dtype: ir.DataType) -> bool:
 
 
 def _forms(tensor: ir.TensorProtocol, dtypes: set[ir.DataType]) -> Iterator[tuple[str, ir.DataType, bytes]]:
-    """The weight's bytes as stored, transposed (2-D), and cast to each float dtype in ``dtypes`` (both ways)."""
+    """The weight's bytes as stored and transposed (2-D), in its dtype; and cast to each half dtype in ``dtypes``
+    that rounds it (an fp32 weight's fp16 / bf16 copies; a wider copy is found by narrowing the copy, ``_needle``)."""
     if tensor.dtype not in FLOATS:
         yield "as stored", tensor.dtype, tensor.tobytes()
         return
     array = tensor.numpy()
     layouts = [("as stored", array)] + ([("transposed", array.T)] if array.ndim == 2 and min(array.shape) > 1 else [])
+    narrower = [d for d in FLOATS if d in dtypes and FLOATS[d].itemsize < FLOATS[tensor.dtype].itemsize]
     for label, values in layouts:
-        for dtype in (d for d in FLOATS if d in dtypes):
-            cast = "" if dtype == tensor.dtype else f", cast to {FLOAT_NAMES[dtype]}"
-            yield label + cast, dtype, np.ascontiguousarray(values.astype(FLOATS[dtype])).tobytes()
+        values = np.ascontiguousarray(values)
+        yield label, tensor.dtype, values.tobytes()
+        for dtype in narrower:
+            yield label, dtype, values.astype(FLOATS[dtype]).tobytes()
 
 
-def _find(data: bytes, needle: bytes, dtype: ir.DataType) -> int | None:
+def _find(data: bytes, needle: bytes | None, dtype: ir.DataType) -> int | None:
     """The first element-aligned byte offset of ``needle`` in ``data``."""
+    if needle is None:
+        return None
     size = max(int(dtype.itemsize), 1)
     start = data.find(needle)
     while start >= 0 and start % size:
