@@ -467,7 +467,7 @@ def _new_job(meta: Any, source: Any, plan: Any, backends: tuple[str, ...], shape
     results["skipped"] += [{"variant": "both", "backend": "every", "shape": str(s), "reason": r} for s, r in refused.items()]
     return _Job(source, backends, taken, cfg, DeviceMemory(), form,
                 {shape: timing_feed(config, shape, form=form) for shape in taken}, parity_batches(meta.config, form),
-                {"*": DEFAULT_TOLERANCES[cfg.precision]}, meta.adapter.sizes(meta.config).vocab,
+                {"*": DEFAULT_TOLERANCES[f"precision-{cfg.precision}"]}, meta.adapter.sizes(meta.config).vocab,
                 meta.adapter.ort_model_type, results, artifacts)
 
 
