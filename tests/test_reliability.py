@@ -167,7 +167,7 @@ def export(b):
 
 
 def calibrate(b):
-    return ["calibrate", "--model", str(b["model"]), "--random-ids", "--out", str(b["tmp"] / "never.json"), "--sparsity", "0.2"]
+    return ["calibrate", "--model", str(b["model"]), "--out", str(b["tmp"] / "never.json"), "--random-ids", "--sparsity", "0.2"]
 
 
 def measure(b):
