@@ -1,0 +1,105 @@
+"""The main job's parity checks fail on single planted faults, at the default tolerances.
+
+Each fault is planted in the exported graph only (the PyTorch reference stays right), one at a time, by wrapping the
+export the job calls; the job must exit with a parity failure naming the check that caught it. The cases are the
+weakest of benchmarks/results/parity-separation-cpu.json's kinds that run in seconds; the benchmark holds the matrix.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from skrr_export import export as export_module
+from skrr_export.errors import AccuracyError
+from skrr_export.pipeline import ExportConfig, run_export
+
+from . import planted
+from .helpers import build_reference_model
+
+
+def plan_file(tmp_path, family: str) -> str:
+    """Two kept sub-blocks of each kind and one re-used slot each: attention slot 2 re-uses sub-block 0 (4 kept),
+    FFN slot 3 re-uses 5 (1 kept)."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    path = tmp_path / "plan.json"
+    path.write_text(json.dumps({"format": "skrr-plan/1", "encoder": {"family": family, "num_blocks": 3},
+                                "skip": [2, 3], "reuse": {"2": 0, "3": 5}}))
+    return str(path)
+
+
+def run_with(plant, tmp_path, folder, family, precision="fp32", quantization=None):
+    """The main job with ``plant`` applied to the exported model.onnx (None: left correct); its report."""
+    export = export_module.export_onnx
+
+    def planted_export(*args, **kwargs):
+        artifact = export(*args, **kwargs)
+        if plant is not None:
+            plant(artifact.path)
+        return artifact
+
+    cfg = ExportConfig(plan=plan_file(tmp_path, family), out=tmp_path / "out", model=folder, random_ids=True,
+                       precision=precision, dense_distance=False, quantization=quantization)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(export_module, "export_onnx", planted_export)
+        try:
+            run_export(cfg)
+        except AccuracyError:
+            pass
+    return json.loads((tmp_path / "out" / "report.json").read_text())
+
+
+def verdicts(report) -> dict[str, bool]:
+    out: dict[str, bool] = {}
+    for p in report["parity"]:
+        out[p["check"]] = out.get(p["check"], True) and p["passed"]
+    return out
+
+
+@pytest.mark.parametrize("family, precision", [("bert", "fp32"), ("clip", "bf16"), ("t5", "bf16"), ("umt5", "fp16")])
+@pytest.mark.parametrize("kind", ["attention", "ffn"])
+def test_one_reused_slot_reading_another_sub_blocks_weight_fails_the_wiring_check(family, precision, kind, tiny_models,
+                                                                                  tmp_path):
+    _, folder = tiny_models[family]
+    report = run_with(lambda p: planted.plant_reused_weight(p, kind, "last"), tmp_path, folder, family, precision)
+    assert verdicts(report)["wiring"] is False, report["parity"]
+
+
+def test_q_and_k_swapped_in_one_slot_fails_the_wiring_check(tiny_models, tmp_path):
+    _, folder = tiny_models["clip"]
+    report = run_with(lambda p: planted.plant_qk_swap(p, "first"), tmp_path, folder, "clip", "bf16")
+    assert verdicts(report)["wiring"] is False
+
+
+def test_a_quantized_weight_reading_another_blocks_scales_fails_the_wiring_check(tiny_models, tmp_path):
+    from skrr_export.quantize import quantization
+
+    _, folder = tiny_models["bert"]
+    report = run_with(lambda p: planted.plant_scales(p, "middle"), tmp_path, folder, "bert", "bf16",
+                      quantization("int8", None))
+    assert verdicts(report)["wiring"] is False
+
+
+@pytest.fixture(scope="module")
+def t5_at_xxl_scale(tmp_path_factory):
+    """The tiny T5 with its embedding scaled up, so that the squares its norms average exceed fp16's 65504, as
+    T5-v1.1-XXL's activations do."""
+    model = build_reference_model("t5")
+    with torch.no_grad():
+        model.shared.weight.mul_(1e3)
+    folder = tmp_path_factory.mktemp("t5-xxl-scale")
+    model.save_pretrained(folder)
+    return folder
+
+
+def test_an_fp16_round_trip_in_a_norm_fails_only_the_precision_check(t5_at_xxl_scale, tmp_path):
+    """The wiring check widens every Cast, so it cannot see a fault that exists only in half precision; the
+    precision check, which rounds where the graph stores a half tensor, must. The same model exported correctly
+    passes both."""
+    correct = run_with(None, tmp_path / "correct", t5_at_xxl_scale, "t5", "bf16")
+    assert verdicts(correct) == {"wiring": True, "precision": True}, correct["parity"]
+    report = run_with(lambda p: planted.plant_fp16_round_trip(p, "last"), tmp_path / "planted", t5_at_xxl_scale, "t5",
+                      "bf16")
+    assert verdicts(report) == {"wiring": True, "precision": False}, report["parity"]
