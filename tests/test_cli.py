@@ -192,8 +192,9 @@ def test_existing_output_needs_force(tmp_path, tiny_models, capsys):
     assert sorted(p.name for p in out.iterdir()) == ARTIFACTS
     assert leftovers(tmp_path) == []
     printed = capsys.readouterr().out.splitlines()
-    assert printed[0].startswith("onnxruntime vs pytorch on the prompts, ") and ": PASSED (max abs " in printed[0]
-    assert printed[1].startswith("onnxruntime vs pytorch on the empty prompt, ") and ": PASSED" in printed[1]
+    assert printed[0].startswith("wiring check: onnxruntime vs pytorch on the prompts, ")
+    assert ": PASSED (token error " in printed[0] and " <= 3e-05 in last_hidden_state)" in printed[0]
+    assert printed[1].startswith("wiring check: onnxruntime vs pytorch on the empty prompt, ") and ": PASSED" in printed[1]
 
 
 def test_interrupt_during_export_leaves_nothing(tmp_path, tiny_models, monkeypatch, capsys):
