@@ -632,9 +632,43 @@ def cmd_measure(argv: list[str]) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------------------------- verify
+
+
+def _verify_parser() -> Parser:
+    p = Parser(prog="skrr-export verify", description="Re-run the parity checks (wiring, precision) on an artifacts "
+               "folder as it is, with this machine's runtimes: build on one machine, verify on another.")
+    p.add_argument("out", type=Path, help="an artifacts folder the main job wrote")
+    p.add_argument("--model", type=Path, help="the model folder (default: the one report.json names)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("-q", "--quiet", action="store_true")
+    _common(p)
+    return p
+
+
+def cmd_verify(argv: list[str]) -> int:
+    args = _verify_parser().parse_args(argv)
+    _setup_logging(args.quiet or args.json)
+    from .verify import check_passed, verify
+
+    result = verify(args.out, args.model)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        for check in result["parity"]:
+            print(_parity_line(check))
+        if result["onnx_changed_since_export"]:
+            print("model.onnx changed since the export (its sha256 differs from manifest.json): checked as it is")
+        if result["engine"]:
+            print(f"engine.plan: not executed ({result['engine']['reason']})")
+    check_passed(result)
+    return 0
+
+
 # ----------------------------------------------------------------------------------------------- main
 
-COMMANDS = {"measure": cmd_measure, "inspect": cmd_inspect, "calibrate": cmd_calibrate, "triton": cmd_triton, "trtexec": cmd_trtexec}
+COMMANDS = {"measure": cmd_measure, "inspect": cmd_inspect, "calibrate": cmd_calibrate, "triton": cmd_triton,
+            "trtexec": cmd_trtexec, "verify": cmd_verify}
 
 
 def _one_line(text: str) -> str:

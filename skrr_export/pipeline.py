@@ -202,10 +202,7 @@ def _artifacts(cfg: ExportConfig, job: _Job, ref: _Reference, stage: Path, stage
         found.options = options
     ref.drop()
     with stages.stage("parity"):
-        for check in ref.checks:
-            parity = runner_parity(ref.outputs_for(check), check.runner(found.onnx.path), ref.batches,
-                                   {"*": _tolerance(cfg, check.tolerance_key)}, check.reference, check.kind)
-            found.parity += [p | check.describe() for p in parity]
+        found.parity = run_checks(cfg, ref, found.onnx.path)
     found.polygraphy = save_parity_data(stage, ref.batches, ref.plan_outputs, cfg.precision)
     if cfg.engine != "onnx":
         with stages.stage("engine"):
@@ -219,6 +216,16 @@ def _artifacts(cfg: ExportConfig, job: _Job, ref: _Reference, stage: Path, stage
         with stages.stage("measure"):
             found.measured = _measure(cfg, job.source, job.plan, stage, found.onnx.path, found.engine)
     return found
+
+
+def run_checks(cfg: ExportConfig, ref: _Reference, onnx_path: Path) -> list[dict[str, Any]]:
+    """Every parity check of ``ref.checks`` on the graph at ``onnx_path``: one result per check and batch."""
+    results: list[dict[str, Any]] = []
+    for check in ref.checks:
+        parity = runner_parity(ref.outputs_for(check), check.runner(onnx_path), ref.batches,
+                               {"*": _tolerance(cfg, check.tolerance_key)}, check.reference, check.kind)
+        results += [p | check.describe() for p in parity]
+    return results
 
 
 def _report(cfg: ExportConfig, job: _Job, ref: _Reference, found: _Found, stages: Stages) -> dict[str, Any]:
