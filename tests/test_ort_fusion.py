@@ -185,12 +185,13 @@ def test_optimize_ort_with_a_tensorrt_engine_is_refused(engine, tiny_models, tmp
 
 
 def test_the_job_reports_an_onnx_runtime_only_variant(tiny_models, tmp_path):
-    """The main job with optimize="ort" (fp16: the fp32-arithmetic check on this CPU): parity executed and passed,
-    report.json and report.md say the model is for ONNX Runtime only."""
+    """The main job with optimize="ort" (fp16 on this CPU: the wiring check in fp32 arithmetic and the precision
+    check emulating fp16, on the fused graph): parity executed and passed, report.json and report.md say the model
+    is for ONNX Runtime only."""
     out = tmp_path / "out"
     report = run_export(ExportConfig(plan=write_plan(tmp_path), out=out, model=tiny_models["t5"][1], precision="fp16",
                                      random_ids=True, optimize="ort", dense_distance=False, measure=False))
-    assert [p["passed"] for p in report["parity"]] == [True, True]
+    assert [(p["check"], p["passed"]) for p in report["parity"]] == [("wiring", True)] * 2 + [("precision", True)] * 2
     fusion = report["onnx"]["ort_fusion"]
     assert fusion["fused_attention"] == 3 and fusion["op_counts"]["com.microsoft.MultiHeadAttention"] == 3
     assert "never TensorRT" in fusion["runtime"]
