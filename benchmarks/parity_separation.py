@@ -41,7 +41,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -303,17 +302,10 @@ def run_case(model_name: str, precision: str, quant: str | None, seeds: int, wor
 
 
 def set_seed(seed: int) -> None:
-    """Random weights of another seed. ``RANDOM_WEIGHTS_SEED`` alone changes nothing: skrr_export.model seeds each
-    module with ``RANDOM_WEIGHTS_SEED * 2**32 + crc32(name)`` and torch's CPU generator keeps only the low 32 bits of a
-    seed (torch.manual_seed(2**32 + 5) draws what manual_seed(5) draws), so every seed gave seed 0's weights. Until
-    that is fixed there, the crc32 it calls starts from the seed too (seed 0: the plain crc32, the shipped weights)."""
-    import zlib
-
+    """Random weights of another seed: skrr_export.model seeds each module with crc32(name, seed)."""
     from skrr_export import model as model_module
 
     model_module.RANDOM_WEIGHTS_SEED = seed
-    shim = SimpleNamespace(crc32=lambda data, start=seed: zlib.crc32(data, start))
-    setattr(model_module, "zlib", zlib if seed == 0 else shim)
 
 
 def write_weights(base: Path, path: Path, module: Any) -> int:

@@ -218,7 +218,7 @@ def _random_parameters(enc: Encoder, needed: list[Needed]) -> None:
         item.assign(torch.empty(item.meta.shape, dtype=target_dtype(enc, item.name)))
     with torch.no_grad(), torch.random.fork_rng(devices=[]):
         for name in _owners_and_ancestors(needed):
-            torch.manual_seed(RANDOM_WEIGHTS_SEED * 2**32 + zlib.crc32(name.encode()))
+            torch.manual_seed(zlib.crc32(name.encode(), RANDOM_WEIGHTS_SEED))  # 32 bits: what the generator keeps
             enc.model._init_weights(enc.model.get_submodule(name))
 
 
