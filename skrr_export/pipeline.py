@@ -218,6 +218,11 @@ def _artifacts(cfg: ExportConfig, job: _Job, ref: _Reference, stage: Path, stage
     return found
 
 
+# Checked while loading (model.check_precision_policy): a violation stops the job before anything is written.
+POLICY_CHECK = {"check": "policy", "method": "every loaded and exported weight has the dtype transformers gives it when "
+                "loading in this precision (its keep-in-fp32 lists)"}
+
+
 def run_checks(cfg: ExportConfig, ref: _Reference, onnx_path: Path) -> list[dict[str, Any]]:
     """Every parity check of ``ref.checks`` on the graph at ``onnx_path``: one result per check and batch."""
     results: list[dict[str, Any]] = []
@@ -242,6 +247,8 @@ def _report(cfg: ExportConfig, job: _Job, ref: _Reference, found: _Found, stages
         "cost": asdict(cost) | {"sparsity": cost.sparsity},
         "onnx": onnx | ({"ort_fusion": found.fusion.to_json()} if found.fusion else {}),
         "quantization": ref.quantization,
+        "checks": [c.describe() | {"tolerance": asdict(_tolerance(cfg, c.tolerance_key))} for c in ref.checks]
+        + [POLICY_CHECK | {"precision": cfg.precision, "passed": True}],
         "parity": found.parity,
         "polygraphy": found.polygraphy,
         "distance_to_dense": found.dense,

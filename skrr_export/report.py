@@ -76,6 +76,8 @@ def render_markdown(r: dict[str, Any]) -> str:
         "",
     ]
     lines += _parity_lines(r["parity"])
+    lines += [f"- Policy check: {c['method']} ({c['precision']}): {'PASSED' if c['passed'] else 'FAILED'}."
+              for c in r.get("checks", []) if c["check"] == "policy"] + [""]
     lines += _polygraphy_lines(r.get("polygraphy"))
     if r.get("quantization"):
         from .quantize import render as render_quantization

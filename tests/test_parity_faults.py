@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from skrr_export import export as export_module
+from skrr_export.compare import DEFAULT_TOLERANCES
 from skrr_export.errors import AccuracyError
 from skrr_export.pipeline import ExportConfig, run_export
 
@@ -100,6 +101,10 @@ def test_an_fp16_round_trip_in_a_norm_fails_only_the_precision_check(t5_at_xxl_s
     passes both."""
     correct = run_with(None, tmp_path / "correct", t5_at_xxl_scale, "t5", "bf16")
     assert verdicts(correct) == {"wiring": True, "precision": True}, correct["parity"]
+    checks = {c["check"]: c for c in correct["checks"]}  # what ran, how, and against which tolerance
+    assert list(checks) == ["wiring", "precision", "policy"] and checks["policy"]["passed"]
+    assert (checks["wiring"]["tolerance_key"], checks["precision"]["tolerance_key"]) == ("wiring", "precision-bf16")
+    assert checks["precision"]["tolerance"]["max_token_error"] == DEFAULT_TOLERANCES["precision-bf16"].max_token_error
     report = run_with(lambda p: planted.plant_fp16_round_trip(p, "last"), tmp_path / "planted", t5_at_xxl_scale, "t5",
                       "bf16")
     assert verdicts(report) == {"wiring": True, "precision": False}, report["parity"]
