@@ -141,7 +141,9 @@ def _width(x: Any) -> int | None:
 
 
 def _scores(value: Any, bias: tuple[Any, ...]) -> tuple[Any, float, tuple[Any, ...]] | None:
-    """Walk up from the Softmax's input: Adds of bias terms, at most one scalar Mul/Div, then MatMul(q, k^T)."""
+    """Walk up from the Softmax's input: Adds of bias terms, at most one scalar Mul/Div (in fp32 between Casts in a
+    half graph whose scale that precision cannot hold), then MatMul(q, k^T)."""
+    value = _through_casts(value)
     node = value.producer()
     if node is None:
         return None
@@ -153,7 +155,7 @@ def _scores(value: Any, bias: tuple[Any, ...]) -> tuple[Any, float, tuple[Any, .
         return None
     if node.op_type in ("Mul", "Div"):
         scale = _scalar(node.inputs[1])
-        matmul = _producer(node.inputs[0], "MatMul")
+        matmul = _producer(_through_casts(node.inputs[0]), "MatMul")
         if scale is None or matmul is None or scale == 0:
             return None
         return matmul, (scale if node.op_type == "Mul" else 1.0 / scale), bias
@@ -234,16 +236,24 @@ GELU_TANH = (0.5, 0.044715, math.sqrt(2 / math.pi), 1.0, 3.0)  # 0.5 x (1 + tanh
 HALF_ROUNDING = 4e-3  # a bf16-rounded constant is within 2^-9 of its value
 
 
+def _through_casts(value: Any) -> Any:
+    """What ``value`` is a Cast (or Casts) of: a half graph computes its scalar arithmetic in fp32 between Casts
+    (export.HalfScalarsInFp32)."""
+    while value is not None and (node := _producer(value, "Cast")) is not None:
+        value = node.inputs[0]
+    return value
+
+
 def _with_constant(value: Any, op: str, expected: float) -> Any:
     """``op(other, c)`` or ``op(c, other)`` with c a scalar close to ``expected`` (rounded to half precision at
-    worst) -> other; None otherwise."""
-    node = _producer(value, op)
+    worst), looking through Casts on either side -> other; None otherwise."""
+    node = _producer(_through_casts(value), op)
     if node is None or len(node.inputs) != 2:
         return None
     for k in (0, 1):
         c = _scalar(node.inputs[k])
         if c is not None and abs(c - expected) <= HALF_ROUNDING * abs(expected):
-            return node.inputs[1 - k]
+            return _through_casts(node.inputs[1 - k])
     return None
 
 
