@@ -1,4 +1,4 @@
-"""Finding Skrr plans: beam-search Skip, then greedy Re-use (Seo et al., ICML 2025; DESIGN.md section 1).        _check_reference(self.feeds, enc.dtype)
+"""Finding Skrr plans: beam-search Skip, then greedy Re-use (Seo et al., ICML 2025; DESIGN.md section 1).
 
 D(pruned) = MSE(f(dense(C)), f(pruned(C))) + MSE(f(dense("")), f(pruned(""))): f is the denoiser's caption
 projection (or the identity), C the calibration prompts; each MSE runs over every real (unpadded) token of its
@@ -166,7 +166,7 @@ class Scorer:
             for f in self.feeds:
                 state, keep = self._begin(f)
                 f.reference = self._outputs(self._walk(dense, state, 0, False), keep)
-
+        _check_reference(self.feeds, enc.dtype)
         self.width_out = self.feeds[0].reference.shape[-1]
         self.evaluations = 0  # one = one sub-block of one candidate over the whole calibration set
 
