@@ -44,6 +44,8 @@ def test_loaded_and_exported_weights_have_hugging_faces_dtypes(family, precision
     if family == "t5":  # the case that matters: wo kept in fp32 in fp16 only
         wo = [d for n, d in loaded.items() if n.endswith(".wo.weight")]
         assert wo and set(wo) == {torch.float32 if precision == "fp16" else torch.bfloat16}
+    if family != "t5":
+        return  # the export stores what was loaded: checked once, on the family with a keep-in-fp32 module
     module = apply_plan(enc, plan)
     path = export_onnx(module, tmp_path / "model.onnx", ExportOptions(), vocab_size=96).path
     params = dict(module.named_parameters(remove_duplicate=False))
