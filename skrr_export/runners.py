@@ -233,10 +233,13 @@ class OrtFp32ArithmeticRunner(OrtRunner):
         import onnx
 
         model = onnx.load(str(self.path), load_external_data=False)
-        fp32_arithmetic(model.graph)
-        model.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))  # FusedMatMul
+        self.rewrite(model)
         onnx.save(model, str(self.copy))
         return self.copy
+
+    def rewrite(self, model: Any) -> None:
+        """What the copy computes: fp32 arithmetic on the graph's own weights."""
+        fp32_arithmetic_model(model)
 
     def deactivate_impl(self) -> None:
         super().deactivate_impl()
@@ -261,13 +264,8 @@ class OrtHalfEmulationRunner(OrtFp32ArithmeticRunner):
         return (f"the {precision} graph as stored: each node computed in fp32 and rounded to {precision} where the graph "
                 f"stores {precision} (ONNX Runtime CPU, a rewritten copy), against PyTorch computing in {precision}")
 
-    def session_path(self) -> Path:
-        import onnx
-
-        model = onnx.load(str(self.path), load_external_data=False)
+    def rewrite(self, model: Any) -> None:
         half_emulation(model)
-        onnx.save(model, str(self.copy))
-        return self.copy
 
 
 def half_emulation(model: Any) -> None:
@@ -280,8 +278,7 @@ def half_emulation(model: Any) -> None:
     inferred = onnx.shape_inference.infer_shapes(model).graph
     halves = {v.name: v.type.tensor_type.elem_type for v in (*inferred.value_info, *inferred.output)
               if v.type.tensor_type.elem_type in _HALVES}
-    fp32_arithmetic(graph)
-    model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    fp32_arithmetic_model(model)
     nodes = []
     for node in graph.node:
         nodes.append(node)
@@ -292,6 +289,14 @@ def half_emulation(model: Any) -> None:
                 nodes.append(helper.make_node("Cast", [f"{name}::rounded"], [name], to=_FP32))
     graph.ClearField("node")
     graph.node.extend(nodes)
+
+
+def fp32_arithmetic_model(model: Any) -> None:
+    """``fp32_arithmetic`` on ``model``'s graph, with the com.microsoft domain its FusedMatMul needs."""
+    from onnx import helper
+
+    fp32_arithmetic(model.graph)
+    model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
 
 
 def fp32_arithmetic(graph: Any) -> None:

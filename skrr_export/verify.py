@@ -38,8 +38,9 @@ def verify(folder: Path, model: Path | None = None) -> dict[str, Any]:
     ref = _pytorch_reference(cfg, _Job(plan, source, None, {}), Stages())
     ref.drop()
     parity = run_checks(cfg, ref, onnx_path)
+    digest = sha256_file(onnx_path)
     result = {"folder": str(folder), "model": str(source.folder), "precision": cfg.precision,
-              "onnx_sha256": sha256_file(onnx_path), "onnx_changed_since_export": sha256_file(onnx_path) != recorded,
+              "onnx_sha256": digest, "onnx_changed_since_export": digest != recorded,
               "parity": parity, "engine": _engine_note(folder), "passed": all(p["passed"] for p in parity)}
     if result["onnx_changed_since_export"]:
         log.warning("model.onnx changed since the export (sha256 differs from manifest.json); checking it as it is")
