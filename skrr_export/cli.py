@@ -521,14 +521,22 @@ def _calibration_pipeline(args: argparse.Namespace) -> Any:
 
 
 def _triton_parser() -> Parser:
-    p = Parser(prog="skrr-export triton", description="Write a Triton model repository for the exported engine or ONNX.")
+    p = Parser(prog="skrr-export triton", description="Write a Triton model repository for the exported engine or ONNX; "
+               "with --text also a tokenizer model and an ensemble NAME_text: text in, embeddings out.")
     p.add_argument("--artifacts", type=Path, required=True, help="output folder of the main job")
     p.add_argument("--repo", type=Path, required=True, help="Triton model repository to write into")
     p.add_argument("--name", help="model name (default: FAMILY_skrr, e.g. t5_skrr)")
-    p.add_argument("--max-batch", type=at_least(0), help="max_batch_size (default: the engine profile's max batch, 8 for ONNX)")
+    p.add_argument("--max-batch", type=at_least(0), help="max_batch_size (default: the engine profile's max batch, else "
+                   "the batch the export was made for, else 8)")
     p.add_argument("--instances", type=at_least(1), default=1, help="instances per GPU (default 1)")
-    p.add_argument("--backend", choices=("auto", "tensorrt", "onnx"), default="auto",
-                   help="auto: a TensorRT engine when there is one, else the ONNX with ONNX Runtime")
+    p.add_argument("--backend", choices=("auto", "tensorrt", "onnx", "python"), default="auto",
+                   help="auto: a TensorRT engine when there is one, else the ONNX with ONNX Runtime; python: the ONNX "
+                   "with ONNX Runtime in a Python-backend model (CUDA provider on GPU instances, else CPU)")
+    p.add_argument("--text", action="store_true", help="also NAME_tokenizer (Python backend, the tokenizer's files copied "
+                   "in) and the ensemble NAME_text: TEXT (BYTES) in, the encoder's outputs out, padded as the pipeline pads")
+    p.add_argument("--tokenizer", type=Path, metavar="DIR", help="--text: tokenizer folder (default: the one the export used)")
+    p.add_argument("--python-env", metavar="PATH", help="the Python-backend models' environment on the serving machine "
+                   "(EXECUTION_ENV_PATH: a folder or a packed .tar.gz, absolute path)")
     p.add_argument("--force", action="store_true", help="replace an existing model folder")
     p.add_argument("-q", "--quiet", action="store_true")
     _common(p)
@@ -538,11 +546,49 @@ def _triton_parser() -> Parser:
 def cmd_triton(argv: list[str]) -> int:
     args = _triton_parser().parse_args(argv)
     _setup_logging(args.quiet)
-    from .serving import write_triton_repo
+    from .serving import TritonRequest, write_triton_repo
 
-    out = write_triton_repo(args.artifacts, args.repo, args.name, args.max_batch, args.instances, args.backend, args.force)
-    print(f"wrote {out}/ (config.pbtxt, 1/{', 1/'.join(sorted(p.name for p in (out / '1').iterdir()))})")
+    if args.tokenizer is not None and not args.text:
+        raise ArgumentError("triton: --tokenizer is for --text (the tokenizer model)")
+    written = write_triton_repo(TritonRequest(
+        artifacts=args.artifacts, repo=args.repo, name=args.name, max_batch=args.max_batch, instances=args.instances,
+        backend=args.backend, force=args.force, text=args.text, python_env=args.python_env, tokenizer=args.tokenizer))
+    for out in written:
+        files = sorted(p.name for p in (out / "1").iterdir())
+        print(f"wrote {out}/ (config.pbtxt{''.join(f', 1/{f}' for f in files)})")
     return 0
+
+
+def _serve_parser() -> Parser:
+    p = Parser(prog="skrr-export serve", description="Start a local Triton Inference Server (the tritonserver of "
+               "nvidia-pytriton: Python backend only) on a model repository, on 127.0.0.1; Ctrl-C stops it.")
+    p.add_argument("repo", type=Path, nargs="?", help="the model repository (skrr-export triton --backend python [--text])")
+    p.add_argument("--http-port", type=at_least(1), default=8000, help="default 8000")
+    p.add_argument("--grpc-port", type=at_least(1), default=8001, help="default 8001")
+    p.add_argument("--work", type=Path, help="folder for the server's log and backend links (default: a temporary one)")
+    p.add_argument("--ready-timeout", type=at_least(1), default=300, help="seconds to wait for every model to load")
+    p.add_argument("--make-env", type=Path, metavar="DIR", help="only make DIR a Python environment the server's "
+                   "models can use (numpy 1.x for the Triton 2.51 stub, this Python's other packages), print it, exit")
+    _common(p)
+    return p
+
+
+def cmd_serve(argv: list[str]) -> int:
+    args = _serve_parser().parse_args(argv)
+    _setup_logging(False)
+    import tempfile
+
+    from .triton_server import python_env, serve
+
+    if args.make_env is not None:
+        print(python_env(args.make_env.resolve()))
+        return 0
+    if args.repo is None:
+        raise ArgumentError("serve: give the model repository (or --make-env DIR)")
+    if args.work is not None:
+        return serve(args.repo, args.work, args.http_port, args.grpc_port, args.ready_timeout)
+    with tempfile.TemporaryDirectory(prefix="skrr-serve-") as work:
+        return serve(args.repo, Path(work), args.http_port, args.grpc_port, args.ready_timeout)
 
 
 def _trtexec_parser() -> Parser:
@@ -670,7 +716,7 @@ def cmd_verify(argv: list[str]) -> int:
 # ----------------------------------------------------------------------------------------------- main
 
 COMMANDS = {"measure": cmd_measure, "inspect": cmd_inspect, "calibrate": cmd_calibrate, "triton": cmd_triton,
-            "trtexec": cmd_trtexec, "verify": cmd_verify}
+            "trtexec": cmd_trtexec, "verify": cmd_verify, "serve": cmd_serve}
 
 
 def _one_line(text: str) -> str:

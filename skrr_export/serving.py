@@ -164,14 +164,14 @@ def inputs_note(art: Artifacts) -> str | None:
     return NO_MASK_NOTE if "input_ids" in names and "attention_mask" not in names else None
 
 
-def triton_config(art: Artifacts, name: str, max_batch: int, instances: int) -> str:
+def triton_config(art: Artifacts, name: str, max_batch: int, instances: int, notes: tuple[str, ...] = ()) -> str:
     """config.pbtxt: with max_batch_size > 0 the batch axis is left out of dims (Triton adds it)."""
 
     def block(kind: str, t: Tensor) -> str:
         dims = t.shape[1:] if max_batch > 0 else t.shape
         return f'  {{\n    name: "{t.name}"\n    data_type: {t.dtype}\n    dims: [ {", ".join(map(str, dims))} ]\n  }}'
 
-    lines = [f"# {line}" for line in [inputs_note(art)] if line] + [
+    lines = [f"# {line}" for line in [inputs_note(art), *notes] if line] + [
         f'name: "{name}"',
         f'platform: "{art.kind}"',
         f"max_batch_size: {max_batch}",
@@ -198,35 +198,102 @@ def default_model_name(artifacts: Path) -> str:
 MODEL_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 
 
-def write_triton_repo(artifacts: Path, repo: Path, name: str | None, max_batch: int | None, instances: int,
-                      prefer: str = "auto", force: bool = False) -> Path:
-    """Write ``repo/name/config.pbtxt`` and ``repo/name/1/model.plan`` (or model.onnx + its data file)."""
-    art = read_artifacts(artifacts, prefer)
-    name = name or default_model_name(artifacts)
-    if not MODEL_NAME.fullmatch(name):
-        raise UserError(f"--name '{name}': a Triton model name is a folder name: letters, digits, '_', '.', '-'")
-    batch = art.max_batch if max_batch is None else max_batch
-    if batch is None:
-        batch = 8
+@dataclass(frozen=True)
+class TritonRequest:
+    """What ``skrr-export triton`` writes: the encoder as ``backend`` (auto / tensorrt / onnx: Triton's own backends;
+    python: ONNX Runtime in a Python-backend model.py), and with ``text`` a tokenizer model and an ensemble
+    NAME_text (TEXT in, the encoder's outputs out)."""
+
+    artifacts: Path
+    repo: Path
+    name: str | None = None
+    max_batch: int | None = None
+    instances: int = 1
+    backend: str = "auto"
+    force: bool = False
+    text: bool = False
+    python_env: str | None = None
+    tokenizer: Path | None = None
+
+
+def repo_max_batch(art: Artifacts, req: TritonRequest) -> int:
+    """--max-batch, else the engine profile's max batch, else the batch the export was made for, else 8; never more
+    than the engine allows."""
+    from .triton_repo import DEFAULT_MAX_BATCH, recorded_max_batch
+
+    batch = req.max_batch if req.max_batch is not None else art.max_batch or recorded_max_batch(req.artifacts) or DEFAULT_MAX_BATCH
     if batch < 0 or (art.max_batch is not None and batch > art.max_batch):
         raise UserError(f"--max-batch {batch}: the engine's profile allows batches up to {art.max_batch}")
-    if instances < 1:
-        raise UserError("--instances must be at least 1")
+    if req.text and batch == 0:
+        raise UserError("--text needs a batched encoder (--max-batch 1 or more): the ensemble sends TEXT as a batch")
     for t in art.inputs + art.outputs:
         if batch > 0 and (not t.shape or t.shape[0] not in (-1, batch) and art.kind == "onnxruntime_onnx"):
             raise UserError(f"{t.name} has a fixed batch axis {t.shape[:1]}; export with a dynamic batch or use --max-batch 0")
-    if inputs_note(art):
-        log.warning("%s: %s", name, inputs_note(art))
-    with staged_folder(repo / name, force) as stage:
-        version = stage / "1"
-        version.mkdir()
-        if art.kind == "tensorrt_plan":
-            shutil.copy2(artifacts / "engine.plan", version / "model.plan")
-        else:
-            for f in [artifacts / "model.onnx", *artifacts.glob("model.onnx.data")]:
-                shutil.copy2(f, version / f.name)
-        (stage / "config.pbtxt").write_text(triton_config(art, name, batch, instances))
-    return repo / name
+    return batch
+
+
+def write_triton_repo(req: TritonRequest) -> list[Path]:
+    """Write ``repo/NAME`` (config.pbtxt and 1/model.plan, 1/model.onnx + its data file, or 1/model.py beside the ONNX),
+    and with ``text`` also ``repo/NAME_tokenizer`` and ``repo/NAME_text``; every folder appears whole or not at all."""
+    from contextlib import ExitStack
+
+    from . import triton_repo as tr
+
+    python = req.backend == "python"
+    art = read_artifacts(req.artifacts, "onnx" if python else req.backend)
+    name = req.name or default_model_name(req.artifacts)
+    if not MODEL_NAME.fullmatch(name):
+        raise UserError(f"--name '{name}': a Triton model name is a folder name: letters, digits, '_', '.', '-'")
+    batch = repo_max_batch(art, req)
+    python_env = tr.check_python_env(req.python_env)
+    if req.python_env and not (python or req.text):
+        raise UserError("--python-env is for Python-backend models: use it with --backend python or --text")
+    text = tr.text_pipeline(req.artifacts, art, req.tokenizer) if req.text else None
+    note = tr.bf16_note(art, "python" if python else "triton")
+    for line in filter(None, [inputs_note(art), note]):
+        log.warning("%s: %s", name, line)
+    names = [name] + ([f"{name}_tokenizer", f"{name}_text"] if text else [])
+    with ExitStack() as stack:
+        stages = [stack.enter_context(staged_folder(req.repo / n, req.force)) for n in names]
+        _write_encoder(stages[0], art, req, name, batch, python_env, note)
+        if text:
+            _write_text_models(stages[1], stages[2], art, names, batch, text, python_env, note if python else None)
+    return [req.repo / n for n in names]
+
+
+def _write_encoder(stage: Path, art: Artifacts, req: TritonRequest, name: str, batch: int, python_env: str | None,
+                   note: str | None) -> None:
+    from . import triton_repo as tr
+
+    version = stage / "1"
+    version.mkdir()
+    if art.kind == "tensorrt_plan":
+        shutil.copy2(req.artifacts / "engine.plan", version / "model.plan")
+    else:
+        for f in [req.artifacts / "model.onnx", *req.artifacts.glob("model.onnx.data")]:
+            shutil.copy2(f, version / f.name)
+    if req.backend == "python":
+        (version / "model.py").write_text(tr.model_file("onnx_runtime.py"))
+        precision = onnx_precision(read_onnx(req.artifacts / "model.onnx"))
+        notes = [n for n in (inputs_note(art), note) if n]
+        config = tr.python_encoder_config(art, name, batch, req.instances, python_env, precision, notes)
+    else:
+        config = triton_config(art, name, batch, req.instances, (note,) if note else ())
+    (stage / "config.pbtxt").write_text(config)
+
+
+def _write_text_models(tokenizer: Path, ensemble: Path, art: Artifacts, names: list[str], batch: int, text: Any,
+                       python_env: str | None, note: str | None) -> None:
+    from . import triton_repo as tr
+
+    (tokenizer / "1").mkdir()
+    tr.copy_tokenizer(text, tokenizer / "1" / "tokenizer")
+    (tokenizer / "1" / "model.py").write_text(tr.model_file("tokenizer.py"))
+    (tokenizer / "config.pbtxt").write_text(tr.tokenizer_config(art, names[1], batch, text, python_env))
+    (ensemble / "1").mkdir()  # an ensemble's version folder is empty, but must exist
+    types = ["TYPE_FP32" if note and t.dtype == "TYPE_BF16" else t.dtype for t in art.outputs]
+    notes = [n for n in (text.describe(), note or tr.bf16_note(art, "triton")) if n]
+    (ensemble / "config.pbtxt").write_text(tr.ensemble_config(art, names[2], names[0], names[1], batch, types, notes))
 
 
 # ----------------------------------------------------------------------------------------------- trtexec and Jetson
