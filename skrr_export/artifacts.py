@@ -9,6 +9,7 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from .errors import ArtifactError, UserError
 
@@ -132,14 +133,13 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def write_manifest(folder: Path, plan_sha256: str, versions: dict[str, str]) -> None:
-    """manifest.json: every artifact in ``folder`` with its size and sha256, the plan hash and the versions."""
+def write_manifest(folder: Path, record: dict[str, Any]) -> None:
+    """manifest.json: ``record`` (what made the folder: provenance.manifest_record) and every artifact in ``folder``
+    with its size and sha256."""
     import json
 
     files = sorted(p for p in folder.iterdir() if p.is_file() and p.name != "manifest.json")
-    manifest = {
-        "plan_sha256": plan_sha256,
-        "versions": versions,
+    manifest = record | {
         "artifacts": [{"name": p.name, "bytes": p.stat().st_size, "sha256": sha256_file(p)} for p in files],
     }
     (folder / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")

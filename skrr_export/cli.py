@@ -197,6 +197,9 @@ def _export_parser() -> Parser:
     )
     p.add_argument("--version", action=VersionAction)
     _plan_arguments(p)
+    p.add_argument("--from-manifest", type=Path, metavar="OUT", help="rerun the settings an artifacts folder's manifest.json "
+                   "records (plan, model, recipe, flags) into --out; only --model / --tokenizer (where they are now), "
+                   "--out and --force may be given")
     p.add_argument("--engine", choices=("onnx", "trt", "trt-rtx"), default="onnx", help="artifact to produce (default: onnx)")
     _model_arguments(p, tokenizer=True)
     p.add_argument("--out", type=Path, default=Path("out"), help="output folder (default: ./out)")
@@ -294,8 +297,11 @@ def _tolerance_overrides(args: argparse.Namespace) -> dict[str, float]:
 
 
 def cmd_export(argv: list[str]) -> int:
-    args = _export_parser().parse_args(argv)
+    parser = _export_parser()
+    args = parser.parse_args(argv)
     _setup_logging(args.quiet)
+    if args.from_manifest is not None:
+        return _rerun(args, parser, argv)
     quantization = _quantization(args)
     recipe = _resolve_recipe(args, "")
     _export_settings(args, recipe)
@@ -327,14 +333,39 @@ def cmd_export(argv: list[str]) -> int:
         weight_streaming_budget=args.weight_streaming_budget,
         optimize=args.optimize,
         attention_mask=not args.no_attention_mask and (recipe is None or recipe.pipeline is None or recipe.pipeline.attention_mask),
+        command=tuple(argv),
     )
-    report = run_export(cfg)
+    _print_job(run_export(cfg), args.out)
+    return 0
+
+
+RERUN_FLAGS = ("from_manifest", "out", "force", "model", "tokenizer", "quiet", "debug")
+
+
+def _rerun(args: argparse.Namespace, parser: Parser, argv: list[str]) -> int:
+    """--from-manifest OUT: the recorded settings (merged recipe and flags) into --out; then whether model.onnx came
+    out byte-identical. A setting given as a flag would make it another job, so it is refused."""
+    given = [k for k, v in vars(args).items() if k not in RERUN_FLAGS and v != parser.get_default(k)]
+    if given:
+        raise ArgumentError(f"--from-manifest reruns the recorded settings, so --{given[0].replace('_', '-')} cannot be "
+                            "given with it (only --out, --force, and --model / --tokenizer where they are now)")
+    from .pipeline import run_export
+    from .provenance import compare_reruns, read_json, rerun
+
+    with rerun(args.from_manifest, args.out, args.model, args.tokenizer, args.force, tuple(argv)) as cfg:
+        report = run_export(cfg)
+    _print_job(report, args.out)
+    for line in compare_reruns(read_json(args.from_manifest, "manifest.json"), read_json(args.out, "manifest.json")):
+        print(line)
+    return 0
+
+
+def _print_job(report: dict[str, Any], out: Path) -> None:
     for check in report["parity"]:
         print(_parity_line(check))
     policy = next(c for c in report["checks"] if c["check"] == "policy")
     print(f"policy check: {policy['method']} ({report['precision']}): PASSED")
-    print(f"wrote {args.out}/ ({', '.join(sorted(p.name for p in args.out.iterdir()))})")
-    return 0
+    print(f"wrote {out}/ ({', '.join(sorted(p.name for p in out.iterdir()))})")
 
 
 def _parity_line(check: dict[str, Any]) -> str:
@@ -687,7 +718,7 @@ def _verify_parser() -> Parser:
     p = Parser(prog="skrr-export verify", description="Re-run the parity checks (wiring, precision) on an artifacts "
                "folder as it is, with this machine's runtimes: build on one machine, verify on another.")
     p.add_argument("out", type=Path, help="an artifacts folder the main job wrote")
-    p.add_argument("--model", type=Path, help="the model folder (default: the one report.json names)")
+    p.add_argument("--model", type=Path, help="the model folder (default: the one manifest.json records)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("-q", "--quiet", action="store_true")
     _common(p)
@@ -703,12 +734,18 @@ def cmd_verify(argv: list[str]) -> int:
     if args.json:
         print(json.dumps(result, indent=2))
     else:
+        once = result["weights_once"]
+        print(f"weights once: {'PASSED' if once['passed'] else 'FAILED'} ({once['weights']['count']} weights, "
+              f"{once['constants']['count']} other tensors of {once['constants']['bytes']:,} bytes)")
+        for violation in once["violations"]:
+            print(f"  {violation}")
         for check in result["parity"]:
             print(_parity_line(check))
         if result["onnx_changed_since_export"]:
             print("model.onnx changed since the export (its sha256 differs from manifest.json): checked as it is")
-        if result["engine"]:
-            print(f"engine.plan: not executed ({result['engine']['reason']})")
+        if result["model_files_changed"]:
+            print(f"model files changed since the export: {', '.join(result['model_files_changed'])}; the reference "
+                  "is built from what is there now")
     check_passed(result)
     return 0
 

@@ -55,6 +55,7 @@ class ExportConfig:
     quantization: Any = None  # quantize.Quantization: weight-only int8 / int4 of the kept sub-blocks (quantize.py)
     optimize: str | None = None  # "ort": the ONNX Runtime-only fused variant (ort_fusion.py); never with an engine
     attention_mask: bool = True  # False: input_ids only, every position scored (SD3/FLUX T5; recipes.PipelineCall)
+    command: tuple[str, ...] = ()  # the command line's arguments, recorded in the manifest and the report (provenance)
 
 
 @dataclass
@@ -76,6 +77,7 @@ def run_export(cfg: ExportConfig) -> dict[str, Any]:
     Memory: the PyTorch module (the kept weights) is dropped after the export, before ONNX Runtime loads the
     graph; the dense model for the distance is streamed one sub-block at a time."""
     from .artifacts import check_disk, staged_folder, write_manifest
+    from .provenance import manifest_record
 
     job = _preflight(cfg)
     stages = Stages()
@@ -85,7 +87,7 @@ def run_export(cfg: ExportConfig) -> dict[str, Any]:
         found = _artifacts(cfg, job, ref, stage, stages)
         report = _report(cfg, job, ref, found, stages)
         write_report(stage, report)
-        write_manifest(stage, job.plan.digest(), report["tool"])
+        write_manifest(stage, manifest_record(cfg, job.source, job.plan, report))
     failed = [p for p in found.parity if p.get("passed") is False]
     if failed:
         raise AccuracyError(
@@ -234,6 +236,8 @@ def run_checks(cfg: ExportConfig, ref: _Reference, onnx_path: Path) -> list[dict
 
 
 def _report(cfg: ExportConfig, job: _Job, ref: _Reference, found: _Found, stages: Stages) -> dict[str, Any]:
+    from .provenance import report_record
+
     plan, source, cost = job.plan, job.source, job.cost
     onnx = found.onnx.to_json() | {"export_options": asdict(found.options)}
     return {
@@ -255,6 +259,7 @@ def _report(cfg: ExportConfig, job: _Job, ref: _Reference, found: _Found, stages
         "engine": found.engine.metadata if found.engine else None,
         "measure": found.measured,
         "seconds": stages.seconds,
+        "provenance": report_record(cfg, source),
     }
 
 

@@ -122,6 +122,7 @@ class Recipe:
     plan_file: str = "plan.json"
     model_config: str | None = None  # a folder holding the expected model's config.json, relative to the recipe
     pipeline: PipelineCall | None = None  # how the pipeline calls the encoder: export, parity, D and calibration follow it
+    recorded: dict[str, Any] | None = None  # read back from a manifest: its record (name, path, sha256, content)
 
     @property
     def plan(self) -> Path:
@@ -196,6 +197,15 @@ def load_recipe(name: str) -> Recipe:
         raise UserError(f"no recipe '{name}'; available: {', '.join(available_recipes()) or 'none (this installation carries no recipes)'}")
     try:
         data = json.loads((folder / "recipe.json").read_text())
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{folder / 'recipe.json'} is not JSON: {exc.msg} (line {exc.lineno})") from None
+    return parse_recipe(data, folder)
+
+
+def parse_recipe(data: Any, folder: Path) -> Recipe:
+    """A recipe from its recipe.json content (``folder``: where its plan and shipped config are); a manifest's
+    recorded copy is read the same way (provenance.py)."""
+    try:
         return Recipe(
             name=data["name"],
             folder=folder,
@@ -208,8 +218,6 @@ def load_recipe(name: str) -> Recipe:
             model_config=data.get("model_config"),
             pipeline=_pipeline_of(data, folder / "recipe.json"),
         )
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{folder / 'recipe.json'} is not JSON: {exc.msg} (line {exc.lineno})") from None
     except (KeyError, TypeError, AttributeError) as exc:
         raise UserError(f"{folder / 'recipe.json'} is not a recipe: missing or malformed field {exc}") from None
 

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-LIBRARIES = ("torch", "transformers", "onnx", "onnxruntime", "onnxruntime-gpu", "onnxscript")
+LIBRARIES = ("torch", "transformers", "onnx", "onnxruntime", "onnxruntime-gpu", "onnxscript", "onnx-ir")
 BACKENDS = ("tensorrt", "tensorrt-rtx")
 
 
@@ -90,8 +90,31 @@ def render_markdown(r: dict[str, Any]) -> str:
         lines += [render_measure(r["measure"], level=2)]
     if r.get("engine"):
         lines += render_engine(r["engine"])
+    lines += _provenance_lines(r.get("provenance"), r["tool"])
     lines += ["## Stages", ""] + [f"- {k}: {v:.1f} s" for k, v in r["seconds"].items()] + [""]
     return "\n".join(lines)
+
+
+def _provenance_lines(p: dict[str, Any] | None, tool: dict[str, Any]) -> list[str]:
+    """Where the report came from: the command, the tool, the recipe, the settings after merging recipe and flags."""
+    if not p:
+        return []
+    recipe = p.get("recipe")
+    s = dict(p["settings"])
+    tolerances = s.pop("tolerances", {})
+    if s.get("engine") == "onnx":  # builder settings of an engine that was not built
+        for key in ("engine_options", "weight_streaming_budget"):
+            s.pop(key, None)
+    libraries = ", ".join(f"{k} {v}" for k, v in tool.items() if k not in ("name", "skrr-export"))
+    return ["## Provenance", "",
+            f"- Command: `{p['command']['line']}` (in `{p['command']['cwd']}`)",
+            f"- Tool: skrr-export {tool.get('skrr-export')} ({libraries})",
+            f"- Recipe: {recipe['name']} (`{recipe['path']}`, sha256 `{recipe['sha256']}`)" if recipe
+            else "- Recipe: none (a plan file and flags)",
+            "- Settings (recipe, then flags): " + ", ".join(f"{k} {v}" for k, v in s.items() if v not in (None, {}, [])),
+            "- Tolerances: " + "; ".join(f"`{k}` " + ", ".join(f"{n} {v:g}" for n, v in t.items() if v is not None)
+                                         for k, t in tolerances.items()),
+            "- Rerun into a new folder: `skrr-export --from-manifest THIS_FOLDER --out NEW`", ""]
 
 
 def _parity_lines(parity: list[dict[str, Any]]) -> list[str]:

@@ -52,6 +52,16 @@ def run_with(plant, tmp_path, folder, family, precision="fp32", quantization=Non
     return json.loads((tmp_path / "out" / "report.json").read_text())
 
 
+def verify_fails(folder, check: str, capsys) -> None:
+    """``skrr-export verify`` on the folder the faulty job wrote fails (exit 1) in the same check, and only there."""
+    from skrr_export.cli import main
+
+    capsys.readouterr()
+    assert main(["verify", str(folder), "--json", "-q"]) == 1
+    result = json.loads(capsys.readouterr().out)
+    assert {p["check"] for p in result["parity"] if p["passed"] is False} == {check} and result["weights_once"]["passed"]
+
+
 def verdicts(report) -> dict[str, bool]:
     out: dict[str, bool] = {}
     for p in report["parity"]:
@@ -74,13 +84,14 @@ def test_q_and_k_swapped_in_one_slot_fails_the_wiring_check(tiny_models, tmp_pat
     assert verdicts(report)["wiring"] is False
 
 
-def test_a_quantized_weight_reading_another_blocks_scales_fails_the_wiring_check(tiny_models, tmp_path):
+def test_a_quantized_weight_reading_another_blocks_scales_fails_the_wiring_check(tiny_models, tmp_path, capsys):
     from skrr_export.quantize import quantization
 
     _, folder = tiny_models["bert"]
     report = run_with(lambda p: planted.plant_scales(p, "middle"), tmp_path, folder, "bert", "bf16",
                       quantization("int8", None))
     assert verdicts(report)["wiring"] is False
+    verify_fails(tmp_path / "out", "wiring", capsys)
 
 
 @pytest.fixture(scope="module")
@@ -95,10 +106,10 @@ def t5_at_xxl_scale(tmp_path_factory):
     return folder
 
 
-def test_an_fp16_round_trip_in_a_norm_fails_only_the_precision_check(t5_at_xxl_scale, tmp_path):
+def test_an_fp16_round_trip_in_a_norm_fails_only_the_precision_check(t5_at_xxl_scale, tmp_path, capsys):
     """The wiring check widens every Cast, so it cannot see a fault that exists only in half precision; the
     precision check, which rounds where the graph stores a half tensor, must. The same model exported correctly
-    passes both."""
+    passes both. verify on the faulty folder fails the same way."""
     correct = run_with(None, tmp_path / "correct", t5_at_xxl_scale, "t5", "bf16")
     assert verdicts(correct) == {"wiring": True, "precision": True}, correct["parity"]
     checks = {c["check"]: c for c in correct["checks"]}  # what ran, how, and against which tolerance
@@ -108,3 +119,4 @@ def test_an_fp16_round_trip_in_a_norm_fails_only_the_precision_check(t5_at_xxl_s
     report = run_with(lambda p: planted.plant_fp16_round_trip(p, "last"), tmp_path / "planted", t5_at_xxl_scale, "t5",
                       "bf16")
     assert verdicts(report) == {"wiring": True, "precision": False}, report["parity"]
+    verify_fails(tmp_path / "planted" / "out", "precision", capsys)

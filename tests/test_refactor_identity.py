@@ -25,7 +25,7 @@ RECORD = Path(__file__).parent / "golden" / "refactor-identity.json"
 PACKAGES = ("torch", "transformers", "onnx", "onnxscript", "onnx-ir", "onnxruntime", "numpy")
 CASES = [("t5", "heavy-reuse", "fp32"), ("bert", "heavy-reuse", "fp32"), ("clip", "heavy-reuse", "fp32"),
          ("t5", "heavy-reuse", "bf16")]
-VOLATILE = ("seconds", "tool", "path", "model")  # report keys that say when, where and with what, not what
+VOLATILE = ("seconds", "tool", "path", "model", "provenance")  # report keys that say when, where and with what, not what
 
 
 def versions() -> dict[str, str]:
