@@ -103,8 +103,9 @@ def tolerances_record(cfg: Any) -> dict[str, dict[str, Any]]:
 def _json(value: Any) -> Any:
     if isinstance(value, Path):
         return str(value.resolve())
-    if hasattr(value, "to_json"):
-        return value.to_json()
+    if hasattr(value, "to_json"):  # EngineOptions: its timing cache absolute as well
+        out = value.to_json()
+        return out | {"timing_cache": _json(value.timing_cache)} if getattr(value, "timing_cache", None) else out
     if is_dataclass(value) and not isinstance(value, type):
         return asdict(value)
     if isinstance(value, tuple):

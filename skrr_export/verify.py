@@ -131,9 +131,12 @@ def _engine(folder: Path, cfg: ExportConfig, ref: Any, onnx_sha256: str,
     from .compare import runner_parity
     from .trt import TrtRunner
 
-    tolerances = {"*": _tolerance(cfg, f"precision-{cfg.precision}")}
+    key = f"precision-{cfg.precision}"  # the main job's engine parity (pipeline._engine)
     runner = TrtRunner(path, kind, cfg.weight_streaming_budget)
-    return note | {"executed": True}, runner_parity(ref.plan_outputs, runner, ref.batches, tolerances)
+    rows = runner_parity(ref.plan_outputs, runner, ref.batches, {"*": _tolerance(cfg, key)})
+    described = {"check": "engine", "method": f"engine.plan on this machine's {kind} runtime against PyTorch in "
+                 f"{cfg.precision}", "tolerance_key": key}
+    return note | {"executed": True}, [row | described for row in rows]
 
 
 def _engine_blocker(kind: str) -> str | None:

@@ -122,6 +122,8 @@ def test_from_manifest_refuses_what_it_cannot_rerun(exported, tmp_path, capsys):
         err = capsys.readouterr().err
         assert words in err and err.count("\n") == 1, err
     assert not (tmp_path / "new").exists()
+    assert main(["--from-manifest", str(folder), "--out", str(folder), "--force"]) == 2
+    assert "the rerun needs a new folder" in capsys.readouterr().err
 
 
 def test_a_rewired_slot_fails_and_the_change_is_named(exported, tmp_path, capsys):
@@ -224,3 +226,29 @@ def test_an_engine_that_cannot_run_here_is_reported_not_executed(exported, tmp_p
     assert engine["executed"] is False and engine["built_from_this_onnx"] is False
     assert engine["reason"].startswith(("built, not executed: no CUDA device", "not executed: the trt-rtx runtime"))
     assert [p["reason"] for p in result["parity"] if p["passed"] is None] == [engine["reason"]]
+
+
+def test_an_engine_that_runs_here_is_checked_against_pytorch(exported, tmp_path, monkeypatch, capsys):
+    """Where a runtime can load engine.plan, it runs against PyTorch at the precision check's tolerance, and its
+    failure fails verify. No TensorRT here: ONNX Runtime's half emulation of a damaged copy of the graph (its word
+    embedding's rows reversed) stands in for the engine."""
+    from skrr_export import trt
+    from skrr_export import verify as verify_module
+    from skrr_export.artifacts import sha256_file
+    from skrr_export.checks import ParityCheck
+
+    folder, stand_in = copy_of(exported, tmp_path), tmp_path / "engine.onnx"
+    model = onnx.load(str(folder / "model.onnx"))
+    table = next(i for i in model.graph.initializer if i.name.endswith("word_embeddings.weight"))
+    table.raw_data = np.frombuffer(table.raw_data, np.uint16).reshape(tuple(table.dims))[::-1].tobytes()  # bf16 rows
+    onnx.save(model, str(stand_in))
+    (folder / "engine.plan").write_bytes(b"stand-in")
+    (folder / "engine.json").write_text(json.dumps({"backend": "trt", "onnx_sha256": sha256_file(folder / "model.onnx")}))
+    monkeypatch.setattr(verify_module, "_engine_blocker", lambda kind: None)
+    monkeypatch.setattr(trt, "TrtRunner", lambda path, kind, budget: ParityCheck("precision", "bf16").runner(stand_in))
+    assert main(["verify", str(folder), "--json", "-q"]) == 1
+    result = json.loads(capsys.readouterr().out)
+    assert result["engine"] == result["engine"] | {"executed": True, "built_from_this_onnx": True, "backend": "trt"}
+    engine = [p for p in result["parity"] if p["check"] == "engine"]
+    assert len(engine) == 2 and not any(p["passed"] for p in engine) and engine[0]["tolerance_key"] == "precision-bf16"
+    assert all(p["passed"] for p in result["parity"] if p["check"] != "engine")
