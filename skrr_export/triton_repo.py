@@ -147,7 +147,8 @@ def tokenizer_config(art: Any, name: str, max_batch: int, text: TextPipeline, py
              f'name: "{name}"', 'backend: "python"', f"max_batch_size: {max_batch}",
              "input [\n" + tensor_block("TEXT", "TYPE_STRING", (-1, 1), max_batch) + "\n]",
              "output [\n" + ",\n".join(outputs) + "\n]",
-             "instance_group [\n  {\n    count: 1\n    kind: KIND_CPU\n  }\n]"]
+             "instance_group [\n  {\n    count: 1\n    kind: KIND_CPU\n  }\n]",
+             "dynamic_batching { }"]  # requests still tokenized one by one (each padded alone), in one call
     values = {"padding": text.padding, "max_length": str(text.max_length), ENV_PARAMETER: python_env}
     return "\n".join(lines + parameter_lines(values)) + "\n"
 
