@@ -125,13 +125,23 @@ def python_env_numpy(env: Path | None) -> str | None:
     return done.stdout.strip() if done.returncode == 0 else None
 
 
-def check_python_envs(repo: Path) -> None:
-    """Refuse, before starting, a repository whose Python-backend models would import numpy 2 (the 2.51 stub hands
-    them zeros for every input there)."""
+# What this server can load: the Python backend and ensembles of its models (no onnxruntime or tensorrt backend)
+LOADABLE = re.compile(r'^\s*(backend:\s*"python"|platform:\s*"ensemble")', re.M)
+
+
+def check_repository(repo: Path) -> None:
+    """Refuse, before starting, a model this server has no backend for, and Python-backend models that would import
+    numpy 2 (the 2.51 stub hands them zeros for every input there)."""
     seen: dict[Path | None, str | None] = {}
     for config in sorted(repo.glob("*/config.pbtxt")):
         text = config.read_text()
-        if not re.search(r'^\s*backend:\s*"python"', text, re.M):
+        loadable = LOADABLE.search(text)
+        if loadable is None:
+            named = re.search(r'^\s*(?:platform|backend):\s*"([^"]+)"', text, re.M)
+            raise UserError(f"{config.parent.name}: the {named.group(1) if named else 'unnamed'} backend is not in the "
+                            f"local server ({PYTRITON}'s Triton 2.51 has the Python backend only); write the repository "
+                            "with skrr-export triton --backend python")
+        if loadable.group(1).startswith("platform"):  # an ensemble: no Python of its own
             continue
         found = re.search(r'key:\s*"EXECUTION_ENV_PATH"\s*value:\s*\{\s*string_value:\s*"([^"]*)"', text)
         env = Path(found.group(1).replace("$$TRITON_MODEL_DIRECTORY", str(config.parent))) if found else None
@@ -157,7 +167,8 @@ def python_env(folder: Path) -> Path:
     done = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-compile", "--target", str(site),
                            STUB_NUMPY], capture_output=True, text=True)
     if done.returncode != 0:
-        raise UserError(f"cannot install {STUB_NUMPY} into {folder}: {done.stderr.strip().splitlines()[-1:]}")
+        last = (done.stderr.strip().splitlines() or ["pip failed"])[-1]
+        raise UserError(f"cannot install {STUB_NUMPY} into {folder} ({last}); pip must reach a package index")
     return folder
 
 
@@ -192,7 +203,7 @@ class TritonServer:
     def start(self, ready_timeout: float = 300.0) -> TritonServer:
         if not self.repo.is_dir():
             raise ArtifactError(f"model repository {self.repo} does not exist; write one with skrr-export triton")
-        check_python_envs(self.repo)
+        check_repository(self.repo)
         files = server_files()
         self.work.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "wb") as out:

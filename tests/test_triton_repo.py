@@ -133,13 +133,19 @@ def test_text_without_a_tokenizer_and_a_failure_midway_leave_nothing(tmp_path, c
     assert "give an absolute path" in capsys.readouterr().err
 
 
-def test_serve_refuses_models_that_would_import_numpy_2(tmp_path, capsys, minilm_path):
-    """Under numpy 2 the Triton 2.51 stub hands model.py zeros: serve says so, and how to fix it, before starting."""
+def test_serve_refuses_what_the_local_server_cannot_run(tmp_path, capsys, minilm_path):
+    """The local server has the Python backend only, and under numpy 2 its stub hands model.py zeros: serve says
+    so, and how to fix it, before starting anything."""
     import numpy
 
+    art = fake_export(tmp_path / "art", TensorProto.FLOAT, minilm_path, None)
+    onnx_repo = tmp_path / "onnx_repo"
+    assert main(["triton", "--artifacts", str(art), "--repo", str(onnx_repo), "--backend", "onnx", "-q"]) == 0
+    assert main(["serve", str(onnx_repo), "--work", str(tmp_path / "work")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "onnxruntime_onnx backend is not in the local server" in err[0] and "--backend python" in err[0]
     if numpy.__version__.startswith("1."):
         pytest.skip("this Python has numpy 1.x: nothing to refuse")
-    art = fake_export(tmp_path / "art", TensorProto.FLOAT, minilm_path, None)
     repo = tmp_path / "repo"
     assert main(["triton", "--artifacts", str(art), "--repo", str(repo), "--backend", "python", "-q"]) == 0
     code = main(["serve", str(repo), "--work", str(tmp_path / "work")])
