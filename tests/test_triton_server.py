@@ -57,9 +57,13 @@ def exports(tmp_path_factory, tiny_models) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="module")
-def repo(tmp_path_factory, exports) -> Path:
+def env(tmp_path_factory) -> Path:
+    return python_env(tmp_path_factory.mktemp("triton_env") / "env")  # numpy 1.x for the 2.51 stub, else this Python's
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory, exports, env) -> Path:
     tmp = tmp_path_factory.mktemp("triton_repo")
-    env = python_env(tmp / "env")  # numpy 1.x for the 2.51 stub, this Python's packages otherwise
     for name, folder in exports.items():
         assert main(["triton", "--artifacts", str(folder), "--repo", str(tmp / "repo"), "--name", name, "--backend",
                      "python", "--text", "--python-env", str(env), "-q"]) == 0
@@ -246,3 +250,25 @@ def test_bad_requests_get_a_triton_error_and_the_server_keeps_serving(server, re
         client.infer("t5", [ids])
     assert token_error(infer(grpc, server["grpc"], "t5", [""]), references["t5"]([""])) <= TOKEN_ERROR
     assert token_error(infer(http, server["http"], "minilm", [""]), references["minilm"]([""])) <= TOKEN_ERROR
+
+
+def test_a_model_that_fails_to_load_stops_the_server_with_its_error(tmp_path, env):
+    """The server's own error line names the model and the exception; the server is gone afterwards."""
+    from skrr_export.triton_server import ServerError, TritonServer
+
+    model = tmp_path / "repo" / "broken"
+    (model / "1").mkdir(parents=True)
+    (model / "1" / "model.py").write_text("class TritonPythonModel:\n    def initialize(self, args):\n"
+                                          "        raise RuntimeError('planted: cannot load')\n")
+    (model / "config.pbtxt").write_text(f'name: "broken"\nbackend: "python"\nmax_batch_size: 0\n'
+                                        'input [ { name: "X" data_type: TYPE_FP32 dims: [ 1 ] } ]\n'
+                                        'output [ { name: "Y" data_type: TYPE_FP32 dims: [ 1 ] } ]\n'
+                                        f'parameters: {{ key: "EXECUTION_ENV_PATH" value: {{ string_value: "{env}" }} }}\n')
+    server = TritonServer(tmp_path / "repo", tmp_path / "work")
+    try:
+        with pytest.raises(ServerError, match="planted: cannot load") as info:
+            server.start(ready_timeout=120)
+        assert "broken" in str(info.value) and "\n" not in str(info.value)
+        assert server.process is None or server.process.poll() is not None
+    finally:
+        server.stop()
