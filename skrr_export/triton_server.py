@@ -274,7 +274,8 @@ def serve(repo: Path, work: Path, http_port: int, grpc_port: int, ready_timeout:
     def terminate(signum: int, frame: object) -> None:
         raise KeyboardInterrupt
 
-    previous = signal.signal(signal.SIGTERM, terminate)
+    # SIGINT too: a shell starts background jobs with SIGINT ignored, and Ctrl-C / kill -INT must still stop it
+    previous = {s: signal.signal(s, terminate) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         server.start(ready_timeout)
         assert server.process is not None
@@ -288,4 +289,5 @@ def serve(repo: Path, work: Path, http_port: int, grpc_port: int, ready_timeout:
         return server.stop() or 0
     finally:
         server.stop()
-        signal.signal(signal.SIGTERM, previous)
+        for number, handler in previous.items():
+            signal.signal(number, handler)
