@@ -101,6 +101,15 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def check_port_free(port: int, flag: str) -> None:
+    """Nothing listens on 127.0.0.1:``port`` (else a readiness check could be answered by another server)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            raise UserError(f"port {port} on 127.0.0.1 is in use; pass another {flag}") from None
+
+
 def _die_with_parent() -> None:
     """In the child before exec: SIGTERM when the process that started the server dies (Linux PR_SET_PDEATHSIG)."""
     try:
@@ -203,6 +212,8 @@ class TritonServer:
     def start(self, ready_timeout: float = 300.0) -> TritonServer:
         if not self.repo.is_dir():
             raise ArtifactError(f"model repository {self.repo} does not exist; write one with skrr-export triton")
+        check_port_free(self.http_port, "--http-port")
+        check_port_free(self.grpc_port, "--grpc-port")
         check_repository(self.repo)
         files = server_files()
         self.work.mkdir(parents=True, exist_ok=True)

@@ -144,6 +144,14 @@ def test_serve_refuses_what_the_local_server_cannot_run(tmp_path, capsys, minilm
     assert main(["serve", str(onnx_repo), "--work", str(tmp_path / "work")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "onnxruntime_onnx backend is not in the local server" in err[0] and "--backend python" in err[0]
+    import socket
+
+    with socket.socket() as busy:  # a port another server holds: its readiness answer must not be taken for ours
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert main(["serve", str(onnx_repo), "--http-port", str(port)]) == 2
+        assert f"port {port} on 127.0.0.1 is in use; pass another --http-port" in capsys.readouterr().err
     if numpy.__version__.startswith("1."):
         pytest.skip("this Python has numpy 1.x: nothing to refuse")
     repo = tmp_path / "repo"
