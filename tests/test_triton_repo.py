@@ -93,14 +93,21 @@ class FakeTritonModelException(Exception):
     pass
 
 
-def test_the_python_backend_refuses_a_bf16_export_on_cpu_in_one_line(tmp_path, monkeypatch):
-    """model.py's initialize on a CPU instance: one line naming the reason and what to do, before ONNX Runtime sees
-    the graph (its CPU provider has no bf16 kernels)."""
+def encoder_model_py(monkeypatch) -> dict:
+    """The Python-backend encoder's model.py, run against a stand-in for Triton's triton_python_backend_utils."""
     fake = types.ModuleType("triton_python_backend_utils")
     fake.TritonModelException = FakeTritonModelException
+    fake.Tensor = lambda name, array: (name, array)
     monkeypatch.setitem(sys.modules, "triton_python_backend_utils", fake)
     namespace: dict = {}
     exec(compile(model_file("onnx_runtime.py"), "model.py", "exec"), namespace)
+    return namespace
+
+
+def test_the_python_backend_refuses_a_bf16_export_on_cpu_in_one_line(tmp_path, monkeypatch):
+    """model.py's initialize on a CPU instance: one line naming the reason and what to do, before ONNX Runtime sees
+    the graph (its CPU provider has no bf16 kernels)."""
+    namespace = encoder_model_py(monkeypatch)
     config = {"name": "t5_skrr", "parameters": {"precision": {"string_value": "bf16"}}, "input": [], "output": []}
     args = {"model_config": json.dumps(config), "model_repository": str(tmp_path), "model_version": "1",
             "model_instance_kind": "CPU", "model_instance_device_id": "0"}
@@ -109,6 +116,35 @@ def test_the_python_backend_refuses_a_bf16_export_on_cpu_in_one_line(tmp_path, m
     message = str(info.value)
     assert "\n" not in message and "bf16" in message and "CPU provider has no bf16 kernels" in message
     assert namespace["as_float32"](__import__("numpy").array([0x3F80, 0xC000], dtype="uint16")).tolist() == [1.0, -2.0]
+
+
+def test_bf16_outputs_reach_the_client_widened_exactly_and_batches_split_per_request(monkeypatch):
+    """ONNX Runtime's Python API has no numpy type for bf16 (session.run raises): model.py binds the outputs to CPU
+    memory and widens their 16-bit words; two requests run as one batch get their own rows back."""
+    import ml_dtypes
+    import numpy as np
+    import onnxruntime as ort
+
+    nodes = [helper.make_node("Cast", ["input_ids"], ["f"], to=TensorProto.FLOAT),
+             helper.make_node("Mul", ["f", "scale"], ["g"]),
+             helper.make_node("Cast", ["g"], ["last_hidden_state"], to=TensorProto.BFLOAT16)]
+    graph = helper.make_graph(nodes, "bf16", [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["b", "s"])],
+                              [helper.make_tensor_value_info("last_hidden_state", TensorProto.BFLOAT16, ["b", "s"])],
+                              [helper.make_tensor("scale", TensorProto.FLOAT, [], [1.0 / 3.0])])
+    session = ort.InferenceSession(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)],
+                                                     ir_version=10).SerializeToString(), providers=["CPUExecutionProvider"])
+    with pytest.raises(Exception, match="bfloat16"):
+        session.run(None, {"input_ids": np.ones((1, 2), dtype=np.int64)})
+    model = encoder_model_py(monkeypatch)["TritonPythonModel"]()
+    model.session, model.bf16 = session, True
+    model.inputs, model.outputs = [("input_ids", np.int64)], [("last_hidden_state", np.float32)]
+    feeds = [{"input_ids": np.array([[1, 2, 3]])}, {"input_ids": np.array([[7, 8, 9], [10, 11, 12]])}]
+    answers = model.run(feeds)
+    for feed, answer in zip(feeds, answers):
+        ((name, got),) = answer
+        expected = (feed["input_ids"].astype(np.float32) * np.float32(1.0 / 3.0)).astype(ml_dtypes.bfloat16).astype(np.float32)
+        assert name == "last_hidden_state" and got.dtype == np.float32 and got.shape == feed["input_ids"].shape
+        np.testing.assert_array_equal(got, expected)
 
 
 def test_text_without_a_tokenizer_and_a_failure_midway_leave_nothing(tmp_path, capsys, monkeypatch, minilm_path):

@@ -6,6 +6,7 @@ CPU when the model loads. Requests the dynamic batcher gathers are run together 
 sequence length) and split again; a bf16 output is widened to FP32 (exactly: every value is a bf16 value).
 """
 
+import ctypes
 import json
 from pathlib import Path
 
@@ -22,7 +23,17 @@ def as_float32(array):
     array = np.asarray(array)
     if array.dtype == np.uint16:
         return (array.astype(np.uint32) << 16).view(np.float32)
-    return array.astype(np.float32)
+    return array.astype(np.float32, copy=False)
+
+
+def bf16_words(value):
+    """A bf16 OrtValue in CPU memory as its 16-bit words (ONNX Runtime's Python API has no numpy type for bf16)."""
+    shape = tuple(value.shape())
+    count = int(np.prod(shape))
+    if count == 0:
+        return np.zeros(shape, dtype=np.uint16)
+    words = np.ctypeslib.as_array(ctypes.cast(value.data_ptr(), ctypes.POINTER(ctypes.c_uint16)), shape=(count,))
+    return words.copy().reshape(shape)
 
 
 class TritonPythonModel:
@@ -43,6 +54,7 @@ class TritonPythonModel:
         self.session = ort.InferenceSession(str(path), providers=providers)
         self.inputs = [(i["name"], pb_utils.triton_string_to_numpy(i["data_type"])) for i in config["input"]]
         self.outputs = [(o["name"], pb_utils.triton_string_to_numpy(o["data_type"])) for o in config["output"]]
+        self.bf16 = any(o.type == "tensor(bfloat16)" for o in self.session.get_outputs())
 
     def execute(self, requests):
         feeds = [{name: pb_utils.get_input_tensor_by_name(r, name).as_numpy() for name, _ in self.inputs} for r in requests]
@@ -68,11 +80,21 @@ class TritonPythonModel:
         """One ONNX Runtime run for requests of one shape; each request's outputs as Triton tensors."""
         sizes = [len(f[self.inputs[0][0]]) for f in feeds]
         batch = {name: np.concatenate([f[name] for f in feeds]).astype(dtype, copy=False) for name, dtype in self.inputs}
-        results = self.session.run([name for name, _ in self.outputs], batch)
+        results = self.run_bound(batch) if self.bf16 else self.session.run([name for name, _ in self.outputs], batch)
         bounds = np.cumsum([0] + sizes)
         return [[pb_utils.Tensor(name, np.ascontiguousarray(as_float32(r[lo:hi]) if dtype == np.float32 else
                                                             np.asarray(r[lo:hi]).astype(dtype)))
                  for (name, dtype), r in zip(self.outputs, results)] for lo, hi in zip(bounds[:-1], bounds[1:])]
+
+    def run_bound(self, batch):
+        """The outputs bound to CPU memory (ONNX Runtime copies them off the GPU), bf16 ones read as 16-bit words."""
+        binding = self.session.io_binding()
+        for name, value in batch.items():
+            binding.bind_cpu_input(name, np.ascontiguousarray(value))
+        for name, _ in self.outputs:
+            binding.bind_output(name, "cpu")
+        self.session.run_with_iobinding(binding)
+        return [bf16_words(v) if v.data_type() == "tensor(bfloat16)" else v.numpy() for v in binding.get_outputs()]
 
 
 def groups(feeds, names):
