@@ -29,6 +29,10 @@ log = logging.getLogger("skrr_export")
 MANIFEST_FORMAT = "skrr-export-manifest/2"
 # ExportConfig fields recorded elsewhere in the manifest (plan, recipe, command) or belonging to one run (out, force)
 _NOT_SETTINGS = ("plan", "out", "force", "recipe", "command")
+# Settings every manifest of format 2 records, on which the exported bytes depend: missing, the manifest is refused
+# (a setting added later, missing from older manifests, takes ExportConfig's default)
+REQUIRED_SETTINGS = ("model", "random_weights", "precision", "input_dtype", "fixed_sequence", "external_data",
+                     "attention_mask", "quantization", "optimize", "engine")
 # Random weights are the same weights only with the same initializers: these libraries' versions
 RANDOM_WEIGHT_LIBRARIES = ("torch", "transformers")
 # What the exported bytes depend on besides the inputs: a rerun under other versions may write another model.onnx
@@ -175,6 +179,16 @@ def read_json(folder: Path, name: str) -> dict[str, Any]:
     return data
 
 
+@contextmanager
+def recorded_fields(path: Path) -> Iterator[None]:
+    """Reading what ``path`` records: a field that is missing or of the wrong type (a hand-edited or truncated file)
+    is the folder's problem, one line and exit 2, not a bug."""
+    try:
+        yield
+    except (KeyError, TypeError, AttributeError) as exc:
+        raise ArtifactError(f"{path} is not what skrr-export writes: missing or malformed field {exc}") from None
+
+
 def has_settings(manifest: dict[str, Any]) -> bool:
     """Manifests of format 2 and later record the settings; older ones only the artifacts, the plan hash, versions."""
     return isinstance(manifest.get("settings"), dict) and "plan" in manifest
@@ -216,6 +230,9 @@ def recorded_config(manifest: dict[str, Any], plan: Path, out: Path, model: Path
     from .pipeline import ExportConfig
 
     s = manifest["settings"]
+    missing = [k for k in REQUIRED_SETTINGS if k not in s]
+    if missing:
+        raise KeyError(missing[0])  # recorded_fields: one line naming it, exit 2
     known = {f.name for f in fields(ExportConfig)} - set(_NOT_SETTINGS)
     unknown = sorted(set(s) - known - {"tolerances"})
     if unknown:
@@ -272,14 +289,17 @@ def rerun(folder: Path, out: Path, model: Path | None, tokenizer: Path | None, f
                         "rerun the original command instead")
     if out.resolve() == folder.resolve():
         raise UserError(f"--from-manifest {folder} --out {out}: the rerun needs a new folder (it reads the old one)")
-    check_random_weight_versions(manifest["tool"], manifest["settings"]["random_weights"])
-    differ = version_differences(manifest["tool"], EXPORT_LIBRARIES)
+    with recorded_fields(folder / "manifest.json"):
+        check_random_weight_versions(manifest["tool"], manifest["settings"]["random_weights"])
+        differ = version_differences(manifest["tool"], EXPORT_LIBRARIES)
     if differ:
         log.warning("other library versions than the export's (%s): model.onnx may differ in bytes", "; ".join(differ))
     with tempfile.TemporaryDirectory(prefix="skrr-export-rerun-") as tmp:
         plan = Path(tmp) / "plan.json"
-        plan.write_text(json.dumps(manifest["plan"]))
-        yield recorded_config(manifest, plan, out, model, tokenizer, force, command)
+        with recorded_fields(folder / "manifest.json"):
+            plan.write_text(json.dumps(manifest["plan"]))
+            cfg = recorded_config(manifest, plan, out, model, tokenizer, force, command)
+        yield cfg
 
 
 def compare_reruns(old: dict[str, Any], new: dict[str, Any]) -> list[str]:

@@ -21,7 +21,8 @@ from .errors import AccuracyError, UserError
 from .model import model_source
 from .pipeline import ExportConfig, Stages, _Job, _pytorch_reference, _tolerance, not_executed, run_checks
 from .plan import Plan, parse_plan
-from .provenance import changed_files, check_random_weight_versions, has_settings, read_json, recorded_config
+from .provenance import (changed_files, check_random_weight_versions, has_settings, read_json, recorded_config,
+                         recorded_fields)
 
 log = logging.getLogger("skrr_export")
 
@@ -33,7 +34,8 @@ def verify(folder: Path, model: Path | None = None) -> dict[str, Any]:
     """Re-run the checks on ``folder``; the result (``passed``: every executed check held). ``check_passed`` turns
     a failed check into an AccuracyError."""
     manifest, report = read_json(folder, "manifest.json"), _optional(folder, "report.json")
-    cfg, plan, recorded = _recorded(folder, manifest, report, model)
+    with recorded_fields(folder / ("manifest.json" if has_settings(manifest) else "report.json")):
+        cfg, plan, recorded = _recorded(folder, manifest, report, model)
     check_random_weight_versions(recorded["versions"], cfg.random_weights)
     onnx_path = folder / "model.onnx"
     check_onnx_files(onnx_path)

@@ -111,6 +111,8 @@ def test_from_manifest_refuses_what_it_cannot_rerun(exported, tmp_path, capsys):
         (lambda m: m["settings"].update(model=str(tmp_path / "gone")), [], f"the model folder the export read, {tmp_path / 'gone'}, no longer exists"),
         (lambda m: None, ["--precision", "fp16"], "--precision cannot be given with it"),
         (lambda m: m.pop("settings"), [], "records no settings"),
+        (lambda m: m["settings"].pop("precision"), [], "manifest.json is not what skrr-export writes: missing or "
+                                                       "malformed field 'precision'"),
         (lambda m: (m["settings"].update(random_weights=True), m["tool"].update(torch="0.0")), [], "other library versions"),
     ]
     original = (folder / "manifest.json").read_text()
@@ -155,6 +157,9 @@ def test_a_folder_without_its_manifest_or_with_other_random_weights_is_refused(e
     edit_json(folder / "manifest.json", lambda m: (m["settings"].update(random_weights=True), m["tool"].update(torch="0.0")))
     assert main(["verify", str(folder)]) == 2
     assert "other library versions" in capsys.readouterr().err
+    edit_json(folder / "manifest.json", lambda m: m["model"].pop("files"))
+    assert main(["verify", str(folder)]) == 2
+    assert "missing or malformed field 'files'" in capsys.readouterr().err
 
 
 def test_an_older_folder_is_verified_from_its_report(exported, tmp_path, capsys):
