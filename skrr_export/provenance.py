@@ -303,11 +303,12 @@ def rerun(folder: Path, out: Path, model: Path | None, tokenizer: Path | None, f
 
 
 def compare_reruns(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    """One line per file the rerun could reproduce (model.onnx and its data file; the model's own files)."""
+    """One line per file the rerun reproduces (model.onnx and its data file; an engine, whose builder may pick other
+    tactics on another machine), and the model's own files that changed."""
     lines = []
     before = {a["name"]: a["sha256"] for a in old.get("artifacts", [])}
     for a in new.get("artifacts", []):
-        if a["name"].startswith("model.onnx"):
+        if a["name"].startswith("model.onnx") or a["name"] == "engine.plan":
             same = before.get(a["name"]) == a["sha256"]
             lines.append(f"{a['name']}: {'byte-identical to the original' if same else 'DIFFERS from the original'} "
                          f"(sha256 {a['sha256'][:16]})")
