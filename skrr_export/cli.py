@@ -715,10 +715,13 @@ def cmd_measure(argv: list[str]) -> int:
 
 
 def _verify_parser() -> Parser:
-    p = Parser(prog="skrr-export verify", description="Re-run the parity checks (wiring, precision) on an artifacts "
-               "folder as it is, with this machine's runtimes: build on one machine, verify on another.")
+    p = Parser(prog="skrr-export verify", description="Re-run the checks (weights once, wiring, precision; the engine "
+               "where a runtime for it can load it) on an artifacts folder as it is, with the settings its manifest.json "
+               "records and this machine's runtimes: build on one machine, verify on another.")
     p.add_argument("out", type=Path, help="an artifacts folder the main job wrote")
     p.add_argument("--model", type=Path, help="the model folder (default: the one manifest.json records)")
+    p.add_argument("--tokenizer", type=Path, metavar="DIR", help="the tokenizer folder, where the export was given one "
+                   "(default: the one manifest.json records)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("-q", "--quiet", action="store_true")
     _common(p)
@@ -730,7 +733,7 @@ def cmd_verify(argv: list[str]) -> int:
     _setup_logging(args.quiet or args.json)
     from .verify import check_passed, verify
 
-    result = verify(args.out, args.model)
+    result = verify(args.out, args.model, args.tokenizer)
     if args.json:
         print(json.dumps(result, indent=2))
     else:

@@ -30,12 +30,13 @@ WEIGHTS_ONCE = {"check": "weights once", "method": "every weight stored once; no
                 "stored, transposed, cast, reshaped or a block of it); other tensors within their bound (graph.weights)"}
 
 
-def verify(folder: Path, model: Path | None = None) -> dict[str, Any]:
-    """Re-run the checks on ``folder``; the result (``passed``: every executed check held). ``check_passed`` turns
-    a failed check into an AccuracyError."""
+def verify(folder: Path, model: Path | None = None, tokenizer: Path | None = None) -> dict[str, Any]:
+    """Re-run the checks on ``folder`` (``model`` / ``tokenizer``: where the recorded folders are now, when they
+    moved); the result (``passed``: every executed check held). ``check_passed`` turns a failed check into an
+    AccuracyError."""
     manifest, report = read_json(folder, "manifest.json"), _optional(folder, "report.json")
     with recorded_fields(folder / ("manifest.json" if has_settings(manifest) else "report.json")):
-        cfg, plan, recorded = _recorded(folder, manifest, report, model)
+        cfg, plan, recorded = _recorded(folder, manifest, report, model, tokenizer)
     check_random_weight_versions(recorded["versions"], cfg.random_weights)
     onnx_path = folder / "model.onnx"
     check_onnx_files(onnx_path)
@@ -63,13 +64,13 @@ def _optional(folder: Path, name: str) -> dict[str, Any] | None:
     return read_json(folder, name) if (folder / name).is_file() else None
 
 
-def _recorded(folder: Path, manifest: dict[str, Any], report: dict[str, Any] | None,
-              model: Path | None) -> tuple[ExportConfig, Plan, dict[str, Any]]:
+def _recorded(folder: Path, manifest: dict[str, Any], report: dict[str, Any] | None, model: Path | None,
+              tokenizer: Path | None) -> tuple[ExportConfig, Plan, dict[str, Any]]:
     """The job's settings and plan, and what the export recorded: versions, model files, weight bytes, artifacts.
     From the manifest; from report.json for a folder written before the manifest recorded settings."""
     artifacts = {a["name"]: a["sha256"] for a in manifest.get("artifacts", [])}
     if has_settings(manifest):
-        cfg = recorded_config(manifest, plan=folder / "manifest.json", out=folder, model=model)
+        cfg = recorded_config(manifest, plan=folder / "manifest.json", out=folder, model=model, tokenizer=tokenizer)
         weights = manifest.get("onnx", {}).get("weights", {}).get("bytes")
         return cfg, parse_plan(manifest["plan"]), {"from": "manifest.json", "versions": manifest["tool"],
                                                    "files": manifest["model"]["files"], "weight_bytes": weights,

@@ -160,6 +160,9 @@ def test_a_folder_without_its_manifest_or_with_other_random_weights_is_refused(e
     edit_json(folder / "manifest.json", lambda m: m["model"].pop("files"))
     assert main(["verify", str(folder)]) == 2
     assert "missing or malformed field 'files'" in capsys.readouterr().err
+    edit_json(folder / "manifest.json", lambda m: m["settings"].update(random_weights=False, model=str(tmp_path / "gone")))
+    assert main(["verify", str(folder)]) == 2
+    assert f"the model folder the export read, {tmp_path / 'gone'}, no longer exists: pass --model" in capsys.readouterr().err
 
 
 def test_an_older_folder_is_verified_from_its_report(exported, tmp_path, capsys):
