@@ -217,6 +217,8 @@ def _export_parser() -> Parser:
                    help="parity: maximum per-token ||test - ref|| / ||ref|| (default per precision)")
     _quantize_arguments(p)
     p.add_argument("--no-dense-distance", action="store_true", help="skip loading the dense model to measure the plan's cost")
+    p.add_argument("--skip-memory-check", action="store_true", help="run even when the printed host-memory estimate exceeds "
+                   "the available memory (for users who know better)")
     p.add_argument("--no-measure", action="store_true", help="with a CUDA device: skip measuring memory and latency (dense vs plan)")
     p.add_argument("--optimize", choices=("ort",), help="ort: fuse attention (MultiHeadAttention), norms and GELU into ONNX "
                    "Runtime's com.microsoft operators; the ONNX then runs on ONNX Runtime only (not with --engine trt/trt-rtx)")
@@ -327,6 +329,7 @@ def cmd_export(argv: list[str]) -> int:
         recipe=recipe,
         quantization=quantization,
         dense_distance=not args.no_dense_distance,
+        skip_memory_check=args.skip_memory_check,
         measure=not args.no_measure,
         force=args.force,
         engine_options=engine_options,
@@ -638,16 +641,9 @@ def _trtexec_parser() -> Parser:
 def cmd_trtexec(argv: list[str]) -> int:
     args = _trtexec_parser().parse_args(argv)
     from .artifacts import write_atomic
-    from .serving import read_artifacts, trtexec_script
+    from .serving import trtexec_profile, trtexec_script
 
-    profile = None
-    if args.batch or args.sequence:
-        from .trt import EngineOptions, ShapeRange, profile_shapes
-
-        options = EngineOptions(batch=ShapeRange.parse(args.batch or "1,1,8", "--batch"),
-                                sequence=ShapeRange.parse(args.sequence or "1,128,512", "--sequence"))
-        art = read_artifacts(args.artifacts, prefer="onnx")
-        profile = profile_shapes([{"name": t.name, "shape": list(t.shape)} for t in art.inputs], options)
+    profile = trtexec_profile(args.artifacts, args.batch, args.sequence)
     script = args.script or args.artifacts / "build_engine.sh"
     _check_file_path(script, "--script")
     text = trtexec_script(args.artifacts, args.target, profile, args.workspace_mib, script.parent)

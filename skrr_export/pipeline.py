@@ -17,7 +17,7 @@ from typing import Any
 from .backends import cuda_available
 from .checks import ParityCheck, parity_checks
 from .compare import Tolerance, distance, runner_parity, tolerance_for
-from .errors import AccuracyError, UserError
+from .errors import AccuracyError, ArtifactError, UserError
 from .inputs import find_tokenizer, tokenizer_used
 from .model import RANDOM_WEIGHTS_SEED
 from .ort_fusion import check_optimize
@@ -55,6 +55,7 @@ class ExportConfig:
     quantization: Any = None  # quantize.Quantization: weight-only int8 / int4 of the kept sub-blocks (quantize.py)
     optimize: str | None = None  # "ort": the ONNX Runtime-only fused variant (ort_fusion.py); never with an engine
     attention_mask: bool = True  # False: input_ids only, every position scored (SD3/FLUX T5; recipes.PipelineCall)
+    skip_memory_check: bool = False  # --skip-memory-check: run even when the estimate exceeds the available memory
     command: tuple[str, ...] = ()  # the command line's arguments, recorded in the manifest and the report (provenance)
 
 
@@ -197,7 +198,8 @@ def _artifacts(cfg: ExportConfig, job: _Job, ref: _Reference, stage: Path, stage
     from .polygraphy_io import save_parity_data
 
     with stages.stage("export"):
-        options = ExportOptions(cfg.input_dtype, cfg.fixed_sequence, cfg.external_data)
+        external = True if cfg.external_data is None and cfg.engine != "onnx" else cfg.external_data  # mapped by the build
+        options = ExportOptions(cfg.input_dtype, cfg.fixed_sequence, external)
         onnx = export_onnx(ref.module, stage / "model.onnx", options, ref.enc.adapter.sizes(ref.enc.config).vocab,
                            ref.quantized)
         found = _Found(*fuse_artifact(onnx, ref.enc.adapter)) if cfg.optimize else _Found(onnx)
@@ -280,7 +282,6 @@ def _check_resources(source: Any, plan: Plan, cfg: ExportConfig) -> Any:
     (load, export; then ONNX Runtime's copy once the module is dropped), or, while the dense distance streams,
     the stem and head and the largest sub-block; plus 10 % and 0.6 GiB for activations and the runtime."""
     from .apply import plan_cost, sub_block_parameters
-    from .artifacts import check_memory
     from .workload import check_shapes
     from .model import DTYPES, build_meta, check_plan_fits, load_config
 
@@ -296,9 +297,32 @@ def _check_resources(source: Any, plan: Plan, cfg: ExportConfig) -> Any:
     largest_sub_block = max(sum(p.numel() for _, p in block) for block in sub_block_parameters(meta)) * itemsize
     always = sum(p.numel() for part in (meta.stem, meta.head) for p in part.parameters()) * itemsize
     streaming = always + largest_sub_block if cfg.dense_distance else 0
-    held = max(cost.kept_weight_bytes, streaming)
-    check_memory(int(held * 1.1) + (600 << 20), f"holding {held / 2**30:.2f} GiB of weights at the run's peak")
+    held = {"load and export": cost.kept_weight_bytes, "dense distance": streaming}
+    if cfg.engine != "onnx":
+        from .quantize import plan_accounting
+        from .trt import build_memory
+
+        exported = plan_accounting(meta, plan, cfg.quantization)["total_bytes"] if cfg.quantization else cost.kept_weight_bytes
+        held["engine build"] = build_memory(exported, cfg.engine_options)
+    _check_footprint(held, cfg.skip_memory_check)
     return cost
+
+
+def _check_footprint(held: dict[str, int], skip: bool) -> None:
+    """Print the estimate (the largest stage's bytes + 10 % + 0.6 GiB for activations and runtimes) before any work;
+    refuse, with both numbers, when the machine cannot hold it (``skip``: --skip-memory-check)."""
+    from .artifacts import available_memory
+
+    stage = max(held, key=lambda k: held[k])
+    need = int(held[stage] * 1.1) + (600 << 20)
+    free = available_memory()
+    have = f"{free / 2**30:.1f} GiB available" if free is not None else "available memory unknown"
+    log.info("memory estimate: %.1f GiB at the peak (%s; %s), %s", need / 2**30, stage,
+             ", ".join(f"{k} {v / 2**30:.2f} GiB" for k, v in held.items() if v), have)
+    if free is not None and need > free and not skip:
+        raise ArtifactError(f"this run needs about {need / 2**30:.1f} GiB of host memory but {free / 2**30:.1f} GiB is "
+                            f"available (its peak: {stage}); free memory, use a bigger machine, or pass "
+                            "--skip-memory-check to run anyway")
 
 
 def _check_finite(module: Any, batches: tuple[Any, ...], outputs: dict[str, Any]) -> None:
@@ -388,6 +412,7 @@ def _engine(cfg: ExportConfig, onnx_path: Path, plan: Plan, stage: Path, referen
     """Build the engine; run it against PyTorch where a CUDA runtime can, else say why it was not run."""
     from .trt import EngineOptions, TrtRunner, build_engine, execution_blocker
 
+    _release_memory()  # the PyTorch module and the parity sessions are gone: the build starts at the floor
     options = cfg.engine_options or EngineOptions()
     if cfg.fixed_sequence:
         from .trt import ShapeRange
@@ -399,3 +424,15 @@ def _engine(cfg: ExportConfig, onnx_path: Path, plan: Plan, stage: Path, referen
         return artifact, [not_executed(cfg.engine, blocker)]
     runner = TrtRunner(artifact.path, cfg.engine, cfg.weight_streaming_budget)
     return artifact, runner_parity(reference, runner, batches, tolerances)
+
+
+def _release_memory() -> None:
+    """Collect what the dropped stages left and hand glibc's free heap back to the system (malloc_trim), so the
+    engine build's peak adds to the floor rather than to the export's high-water heap."""
+    import ctypes
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass

@@ -316,13 +316,41 @@ def activation_estimate(art: Artifacts, profile: dict[str, list[list[int]]]) -> 
 
 
 def fits(weights: int, activations: int, target: str) -> tuple[bool, int]:
-    """(fits, bytes needed) on a Jetson target: weights + activations + the system reserve."""
+    """(fits, bytes needed) to run on a Jetson target: weights + activations + the system reserve."""
     need = weights + activations + SYSTEM_RESERVE
     return need <= TARGETS[target], need
 
 
-def recipes_that_fit(target: str, precision: str, activations: int) -> list[str]:
-    """Recipes whose kept weights (from their config and plan, no weights loaded) fit ``target``."""
+# Building on the Orin, where the GPU and the host share one memory. Documented (TensorRT developer guide): the ONNX
+# parser holds the network's weights in host memory until the build ends, the builder times tactics on the GPU with
+# the weights there, trtexec's --saveEngine writes the plan from one host buffer, and --stripWeights leaves the
+# refittable weights out of that plan. Counted from it (an assumption, not measured on an Orin): three copies of the
+# weights for a full build, two for a weight-stripped one. Measured on the build host (benchmarks/engine_memory.py,
+# TensorRT-RTX 1.7.1, no GPU): the same parse-from-file + one-buffer build held 2.6 x the weights above the floor.
+BUILD_COPIES = {"full": 3, "stripped": 2}
+MIN_WORKSPACE = 256 << 20
+
+
+def build_fits(weights: int, activations: int, target: str, kind: str = "full") -> tuple[bool, int]:
+    """(fits, bytes needed) to build on the target with trtexec: the weight copies of ``kind`` (BUILD_COPIES),
+    activations for timing, the smallest workspace worth building with and the system reserve."""
+    need = BUILD_COPIES[kind] * weights + activations + MIN_WORKSPACE + SYSTEM_RESERVE
+    return need <= TARGETS[target], need
+
+
+def largest_batch(weights: int, activations: int, max_batch: int, target: str, kind: str) -> int:
+    """The largest max batch (activations scaled from ``max_batch``) that runs and builds (``kind``) on the target;
+    0 when not even batch 1 does."""
+    for batch in range(max_batch, 0, -1):
+        scaled = activations * batch // max_batch
+        if fits(weights, scaled, target)[0] and build_fits(weights, scaled, target, kind)[0]:
+            return batch
+    return 0
+
+
+def recipes_that_fit(target: str, precision: str, activations: int, build: str | None = None) -> list[str]:
+    """Recipes whose kept weights (from their config and plan, no weights loaded) run on ``target`` (and, with
+    ``build``, "full" or "stripped", build there)."""
     from .apply import plan_cost
     from .model import DTYPES, ModelSource, build_meta, load_config
     from .plan import load_plan
@@ -337,7 +365,7 @@ def recipes_that_fit(target: str, precision: str, activations: int) -> list[str]
         meta = build_meta(load_config(ModelSource(config_dir)))
         meta.dtype = DTYPES[precision]
         weights = plan_cost(meta, load_plan(recipe.plan)).kept_weight_bytes
-        if fits(weights, activations, target)[0]:
+        if fits(weights, activations, target)[0] and (build is None or build_fits(weights, activations, target, build)[0]):
             out.append(f"{name} ({weights / 1e9:.2f} GB)")
     return out
 
@@ -352,28 +380,33 @@ def trtexec_script(artifacts: Path, target: str | None, profile: dict[str, list[
     if profile is None and (artifacts / "engine.json").is_file():
         profile = _engine_profile(artifacts)
     if profile is None:
-        raise UserError("no engine.json to take profiles from; pass --batch and --sequence")
+        profile = trtexec_profile(artifacts, None, None)
     activations = activation_estimate(art, profile)
+    build = "full"
     if target is not None:
-        left = _workspace_on(target, art, activations)  # refuses a target the engine does not fit
+        left, build = _workspace_on(target, art, activations, profile[art.inputs[0].name][2][0])  # refuses what won't fit
         workspace_mib = workspace_mib or left
 
     def shapes(i: int) -> str:
         return ",".join(f"{n}:{'x'.join(map(str, s[i]))}" for n, s in profile.items())
 
-    args = ["trtexec", "--onnx=model.onnx", "--saveEngine=model.plan", "--stronglyTyped",
+    args = ["trtexec", "--onnx=model.onnx", "--saveEngine=engine.plan", "--stronglyTyped",
             f"--minShapes={shapes(0)}", f"--optShapes={shapes(1)}", f"--maxShapes={shapes(2)}",
             "--timingCacheFile=timing.cache"]
     if workspace_mib:
         args.append(f"--memPoolSize=workspace:{workspace_mib}M")
+    if build == "stripped":
+        args += ["--stripWeights", "--refit"]
     relative = os.path.relpath(artifacts.resolve(), (script_dir or artifacts).resolve())
     header = [
         "#!/usr/bin/env bash",
         "# Rebuild the TensorRT engine on this device from the portable ONNX (engines are specific to a GPU",
         "# generation and a TensorRT version). Written by skrr-export. Usage: build_engine.sh [FOLDER]",
         "# FOLDER holds model.onnx (default: the artifacts folder it was written for, found relative to this script);",
-        "# model.plan is written there.",
+        "# engine.plan is written there, as the main job names it.",
         f"# Target: {target or 'any'}; weights {art.weight_bytes / GIB:.2f} GiB, activations ~{activations / GIB:.2f} GiB.",
+        *([f"# Weight-stripped build (a full build does not fit {target}): refit engine.plan from model.onnx's weights "
+           "at load (skrr_export.trt.load_refitted, or TensorRT's OnnxParserRefitter)."] if build == "stripped" else []),
         *[f"# Inputs: {', '.join(t.name for t in art.inputs)}; {note}" for note in [inputs_note(art)] if note],
         "set -euo pipefail",
         f'cd "${{1:-$(dirname "$0")/{_bash_quoted(relative)}}}"',
@@ -382,19 +415,35 @@ def trtexec_script(artifacts: Path, target: str | None, profile: dict[str, list[
     return "\n".join(header + [" \\\n  ".join(shlex.quote(a) for a in args)]) + "\n"
 
 
-def _workspace_on(target: str, art: Any, activations: int) -> int:
-    """The builder workspace (MiB) the target has left beside weights, activations and the system; refused (with
-    the recipes that fit) when nothing is left."""
-    ok, need = fits(art.weight_bytes, activations, target)
+def _workspace_on(target: str, art: Any, activations: int, max_batch: int) -> tuple[int, str]:
+    """The builder workspace (MiB) the target has left beside the build, and which build fits ("full", or
+    "stripped": weight-stripped, refit at load); refused with the recipes and the largest batch that fit."""
+    w = art.weight_bytes
+    ok, need = fits(w, activations, target)
     if not ok:
-        precision = {"TYPE_FP16": "fp16", "TYPE_BF16": "bf16"}.get(art.outputs[0].dtype, "fp32")
-        others = recipes_that_fit(target, precision, activations)
-        raise UserError(
-            f"does not fit {target}: needs {need / GIB:.2f} GiB (weights {art.weight_bytes / GIB:.2f} + activations "
-            f"{activations / GIB:.2f} + system {SYSTEM_RESERVE / GIB:.1f}) of {TARGETS[target] / GIB:.0f} GiB, "
-            f"{(need - TARGETS[target]) / GIB:.2f} GiB too much; in {precision}, recipes that fit: {', '.join(others) or 'none'}"
-        )
-    return max(256, (TARGETS[target] - need) // (2 << 20))
+        raise UserError(f"does not fit {target}: needs {need / GIB:.2f} GiB (weights {w / GIB:.2f} + activations "
+                        f"{activations / GIB:.2f} + system {SYSTEM_RESERVE / GIB:.1f}) of {TARGETS[target] / GIB:.0f} GiB, "
+                        f"{(need - TARGETS[target]) / GIB:.2f} GiB too much; {_alternatives(target, art, activations, max_batch)}")
+    for kind in BUILD_COPIES:
+        ok, need = build_fits(w, activations, target, kind)
+        if ok:
+            if kind != "full":
+                log.warning("a full build does not fit %s (needs %.2f GiB: %d copies of the weights); the script builds "
+                            "a weight-stripped engine and refits it from model.onnx's weights at load",
+                            target, build_fits(w, activations, target)[1] / GIB, BUILD_COPIES["full"])
+            return (TARGETS[target] - need + MIN_WORKSPACE) // (2 << 20), kind
+    raise UserError(f"runs on {target} but cannot be built there: even a weight-stripped build needs {need / GIB:.2f} GiB "
+                    f"({BUILD_COPIES['stripped']} copies of {w / GIB:.2f} GiB of weights + activations {activations / GIB:.2f} "
+                    f"+ workspace + system) of {TARGETS[target] / GIB:.0f} GiB; {_alternatives(target, art, activations, max_batch)}")
+
+
+def _alternatives(target: str, art: Any, activations: int, max_batch: int) -> str:
+    """What would fit instead: a smaller max batch of this export, and the recipes whose weights fit."""
+    precision = {"TYPE_FP16": "fp16", "TYPE_BF16": "bf16"}.get(art.outputs[0].dtype, "fp32")
+    batch = largest_batch(art.weight_bytes, activations, max_batch, target, "stripped") if max_batch > 1 else 0
+    smaller = f"max batch {batch} fits (--batch 1,1,{batch}); " if 0 < batch < max_batch else ""
+    others = recipes_that_fit(target, precision, activations, build="stripped")
+    return f"{smaller}in {precision}, recipes that run and build there: {', '.join(others) or 'none'}"
 
 
 def _bash_quoted(text: str) -> str:
@@ -410,3 +459,26 @@ def _engine_profile(artifacts: Path) -> dict[str, list[list[int]]]:
     except (KeyError, IndexError, TypeError, ValueError, AttributeError) as exc:
         raise ArtifactError(f"{artifacts / 'engine.json'} has no usable profile ({type(exc).__name__}: {exc}); "
                             "pass --batch and --sequence") from None
+
+
+def trtexec_profile(artifacts: Path, batch: str | None, sequence: str | None) -> dict[str, list[list[int]]]:
+    """min/opt/max per input for trtexec: from --batch/--sequence, else engine.json's profile, else the export's fixed
+    sequence (model.onnx's input shape, report.json's --fixed-sequence) with batch 1,1,8 or --batch. A --sequence
+    that contradicts a fixed sequence is refused, not replaced."""
+    from .trt import EngineOptions, ShapeRange, profile_shapes
+
+    art = read_artifacts(artifacts, prefer="onnx")
+    fixed = {t.shape[1] for t in art.inputs if len(t.shape) > 1 and t.shape[1] > 0}
+    if sequence is not None and fixed:
+        wanted = ShapeRange.parse(sequence, "--sequence")
+        if {wanted.min, wanted.opt, wanted.max} != fixed:
+            raise UserError(f"--sequence {sequence}: model.onnx is fixed at sequence {fixed.pop()}; drop --sequence "
+                            "or export again with another --fixed-sequence")
+    if batch is None and sequence is None and (artifacts / "engine.json").is_file():
+        return _engine_profile(artifacts)
+    if batch is None and sequence is None and not fixed:
+        raise UserError(f"model.onnx in {artifacts} has a dynamic sequence and no engine.json to take profiles from; "
+                        "pass --sequence MIN,OPT,MAX (and --batch)")
+    options = EngineOptions(batch=ShapeRange.parse(batch or "1,1,8", "--batch"),
+                            sequence=ShapeRange.parse(sequence or (str(min(fixed)) if fixed else "1,128,512"), "--sequence"))
+    return profile_shapes([{"name": t.name, "shape": list(t.shape)} for t in art.inputs], options)

@@ -13,13 +13,13 @@ import logging
 import re
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .artifacts import sha256_file, write_atomic
-from .backends import cuda_available
+from .environment import cuda_available
 from .errors import ArtifactError, InvariantError, UserError
 from .runners import Bound, Feed, Runner
 
@@ -186,19 +186,60 @@ def _make_logger() -> Any:
     return CapturingLogger()
 
 
-def _parse(builder: Any, logger: Any, onnx_path: Path) -> tuple[Any, Any]:
+def _parse(builder: Any, logger: Any, onnx_path: Path, weights: ExitStack) -> tuple[Any, Any, str]:
+    """The network and how its weights reached the parser: mapped from the data file (caller-owned, not copied;
+    ``weights`` keeps the mapping open until the build is done) or read by the parser from the path."""
     flags = 0
     if hasattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED"):  # TensorRT 10: opt in; 11 and RTX: always
         flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
     network = builder.create_network(flags)
     parser = trt.OnnxParser(network, logger)
-    if not parser.parse_from_file(str(onnx_path)):  # from the path, so external data resolves
+    mapped = _external_initializers(onnx_path, weights) if hasattr(parser, "load_initializer") else None
+    if mapped:
+        how = PARSE_MAPPED
+        ok = parser.load_model_proto(onnx_path.read_bytes(), str(onnx_path)) and all(
+            parser.load_initializer(name, address, size) for name, address, size in mapped) and parser.parse_model_proto()
+    else:
+        how = PARSE_FILE
+        ok = parser.parse_from_file(str(onnx_path))  # from the path, so external data resolves
+    if not ok:
         errors = [parser.get_error(i) for i in range(parser.num_errors)]
         first = errors[0] if errors else None
         where = f" at node {first.node()} ({first.node_name()}, {first.node_operator()})" if first else ""
         desc = first.desc() if first else "; ".join(logger.errors()) or "unknown error"
         raise ArtifactError(f"TensorRT cannot parse {onnx_path.name}{where}: {desc}")
-    return network, parser
+    return network, parser, how
+
+
+PARSE_MAPPED = "caller-owned weights: the ONNX data file mapped read-only, handed to the parser without a copy"
+PARSE_FILE = "parse_from_file: the parser reads every weight into host memory"
+
+
+def _external_initializers(onnx_path: Path, weights: ExitStack) -> list[tuple[str, int, int]]:
+    """(name, address, bytes) of every externally stored initializer, its data file mapped read-only and kept
+    open by ``weights``; empty for a single-file ONNX (its weights live inside the protobuf)."""
+    import mmap
+
+    import numpy as np
+    import onnx
+
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    bases: dict[str, int] = {}
+    out = []
+    for init in model.graph.initializer:
+        if init.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        info = {e.key: e.value for e in init.external_data}
+        length = int(info.get("length", 0))
+        if length == 0:
+            continue
+        if info["location"] not in bases:
+            handle = weights.enter_context((onnx_path.parent / info["location"]).open("rb"))
+            mapping = weights.enter_context(mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ))
+            bases[info["location"]] = int(np.frombuffer(mapping, dtype=np.uint8).ctypes.data)  # no copy; the
+            # view is released at once (a live export would stop the mapping from closing), the address stays valid
+        out.append((init.name, bases[info["location"]] + int(info.get("offset", 0)), length))
+    return out
 
 
 def _io(network: Any) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -300,6 +341,18 @@ def build_engine(onnx_path: Path, engine: str, options: EngineOptions, out: Path
     return EngineArtifact(out, metadata_path, meta)
 
 
+# Host memory of the engine build above the floor, per exported ONNX weight byte and in all (benchmarks/engine_memory.py,
+# TensorRT-RTX 1.7.1 on the CPU): the mapped data file's pages (1 x) plus what the builder holds while it compiles.
+BUILD_WEIGHT_FACTOR = 1.5
+BUILD_OVERHEAD = 512 << 20
+
+
+def build_memory(onnx_weight_bytes: int, options: EngineOptions | None = None) -> int:
+    """Host bytes the engine stage holds at its peak for an export of ``onnx_weight_bytes`` (the preflight's engine
+    term; the caller adds its 10 % and 0.6 GiB)."""
+    return int(onnx_weight_bytes * BUILD_WEIGHT_FACTOR) + BUILD_OVERHEAD
+
+
 def _check_build_resources(onnx_path: Path, options: EngineOptions, out: Path) -> None:
     """The ONNX and its data file are there; the disk holds the engine; the device its weights (unless capped)."""
     from .artifacts import check_device_memory, check_disk, check_onnx_files
@@ -313,19 +366,66 @@ def _check_build_resources(onnx_path: Path, options: EngineOptions, out: Path) -
 
 def _build(backend: Backend, onnx_path: Path, options: EngineOptions, out: Path) -> tuple[Any, Any, Any, dict[str, Any]]:
     """Parse, configure and build; write the engine to ``out``; return its inputs, outputs, profile and weights."""
-    with bound(backend):
+    with bound(backend), ExitStack() as weights:
         logger = _make_logger()
         builder = trt.Builder(logger)
-        network, _parser = _parse(builder, logger, onnx_path)
+        network, _parser, parsed = _parse(builder, logger, onnx_path, weights)
         inputs, outputs = _io(network)
         shapes = profile_shapes(inputs, options)
         config = _configure(backend, builder, options, shapes)
         with _timing_cache(backend, config, options.timing_cache):
-            serialized = builder.build_serialized_network(network, config)
-        if serialized is None:
+            written = _serialize(builder, network, config, out, _streams(backend))
+        if not written:
             raise ArtifactError(f"{backend.engine} build failed: {'; '.join(logger.errors()[-3:]) or 'no reason logged'}")
+        del network, _parser, config, builder
+    return inputs, outputs, shapes, _weight_bytes(backend, out, logger) | {"parse": parsed, "serialize": written}
+
+
+SERIALIZE_STREAM = "build_serialized_network_to_stream: written to the file in the builder's chunks"
+SERIALIZE_HOST = "build_serialized_network: the whole engine in one host buffer, then written"
+
+
+def _streams(backend: Backend) -> bool:
+    """Whether the builder writes engines through an IStreamWriter that receives bytes: TensorRT-RTX 1.x and
+    TensorRT 10.15+ (10.13's binding declares ``write(capsule, size)``, which a file cannot take)."""
+    if not (hasattr(trt.Builder, "build_serialized_network_to_stream") and hasattr(trt, "IStreamWriter")):
+        return False
+    return backend.rtx or tuple(int(v) for v in backend.version.split(".")[:2]) >= (10, 15)
+
+
+def _serialize(builder: Any, network: Any, config: Any, out: Path, streams: bool) -> str | None:
+    """Build straight into ``out`` through a stream writer where the runtime has one (TensorRT-RTX 1.x, TensorRT
+    10.15+); else through one host buffer. The file appears whole or not at all. Returns how, or None on failure."""
+    from .artifacts import unique_sibling
+
+    if not streams:
+        serialized = builder.build_serialized_network(network, config)
+        if serialized is None:
+            return None
         write_atomic(out, memoryview(serialized))
-        return inputs, outputs, shapes, _weight_bytes(backend, out, logger)
+        return SERIALIZE_HOST
+    tmp = unique_sibling(out, "partial")
+    try:
+        with tmp.open("xb") as f:
+            ok = builder.build_serialized_network_to_stream(network, config, _file_writer(f))
+        if ok:
+            tmp.replace(out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return SERIALIZE_STREAM if ok else None
+
+
+def _file_writer(f: Any) -> Any:
+    """An IStreamWriter (of the bound backend) that appends every chunk the builder hands it to the open file ``f``."""
+
+    class FileWriter(trt.IStreamWriter):
+        def __init__(self) -> None:
+            trt.IStreamWriter.__init__(self)
+
+        def write(self, data: Any, size: int | None = None) -> int:  # RTX and 10.15+: (data); the 10.13 stubs: (data, size)
+            return int(f.write(data))
+
+    return FileWriter()
 
 
 def _engine_metadata(backend: Backend, onnx_path: Path, options: EngineOptions, out: Path, io: tuple[Any, Any, Any],
@@ -344,6 +444,7 @@ def _engine_metadata(backend: Backend, onnx_path: Path, options: EngineOptions, 
         "inputs": inputs,
         "outputs": outputs,
         "options": options.to_json(),
+        "gpu_targets": gpu_targets(backend, options),
         "engine_sha256": sha256_file(out),
         "onnx_sha256": sha256_file(onnx_path),
         "serialized_bytes": out.stat().st_size,
@@ -352,6 +453,39 @@ def _engine_metadata(backend: Backend, onnx_path: Path, options: EngineOptions, 
         "static_sequence_table_bytes": STATIC_SEQUENCE_TABLE_BYTES * seq * seq,
         "weights": accounting,
     }
+
+
+# TensorRT-RTX without set_compute_capability (num_compute_capabilities 0; no GPU needed): "an engine built by
+# TensorRT-RTX can be run on GPU devices with compute capability 8.0, 8.6, 8.9, 12.0, and later" (CPU-only AOT docs).
+RTX_DEFAULT_TARGETS = ("8.0", "8.6", "8.9", "12.0+")
+RTX_DOCS = "https://docs.nvidia.com/deeplearning/tensorrt-rtx/latest/inference-library/cpu-engines.html"
+
+
+def gpu_targets(backend: Backend, options: EngineOptions) -> dict[str, Any]:
+    """The GPU generations the engine was built for, and where that comes from."""
+    if backend.rtx and options.compute_capabilities:
+        caps = [_sm_to_cc(c) for c in options.compute_capabilities]
+        return {"compute_capabilities": caps, "source": "--compute-capability"}
+    if backend.rtx:
+        return {"compute_capabilities": list(RTX_DEFAULT_TARGETS), "source": "the builder's default (no "
+                f"--compute-capability): portable engine, documented at {RTX_DOCS}"}
+    if options.hardware_compatibility == "ampere_plus":
+        return {"compute_capabilities": ["8.0+"], "source": "--hardware-compatibility ampere_plus"}
+    return {"compute_capabilities": [_build_gpu() or "the build GPU's"], "source": "TensorRT: the GPU it was built on"
+            + (" (same_compute_capability)" if options.hardware_compatibility else "")}
+
+
+def _sm_to_cc(sm: str) -> str:
+    digits = sm.lower().removeprefix("sm")
+    return "current GPU" if digits == "current" else f"{digits[:-1]}.{digits[-1]}"
+
+
+def _build_gpu() -> str | None:
+    if not cuda_available():
+        return None
+    import torch
+
+    return "{}.{}".format(*torch.cuda.get_device_capability())
 
 
 def _weight_bytes(backend: Backend, engine_path: Path, logger: Any) -> dict[str, Any]:

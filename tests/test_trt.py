@@ -20,6 +20,9 @@ from skrr_export.export import ExportOptions, export_onnx
 from skrr_export.model import ModelSource, load_encoder
 from skrr_export.plan import Plan
 from skrr_export.trt import (
+    PARSE_FILE,
+    PARSE_MAPPED,
+    SERIALIZE_STREAM,
     WEIGHT_SLACK,
     EngineOptions,
     ShapeRange,
@@ -96,6 +99,8 @@ def test_rtx_engine_weights_equal_unique_onnx_weights(family, plan_name, onnx_fi
     assert meta["profiles"][0]["input_ids"] == [[1, 1], [2, 16], [4, 64]]
     assert [o["name"] for o in meta["outputs"]][0] == "last_hidden_state"
     assert meta["plan_sha256"] == plan.digest()
+    assert meta["gpu_targets"]["compute_capabilities"] == ["8.0", "8.6", "8.9", "12.0+"]  # the builder's documented default
+    assert meta["weights"]["parse"] == PARSE_FILE  # a single-file ONNX: its weights live in the protobuf
 
 
 @needs_rtx
@@ -121,6 +126,9 @@ def test_rtx_external_data_and_fixed_sequence(tiny_models, tmp_path):
     art = build_engine(onnx_path, "trt-rtx", OPTIONS, tmp_path / "engine.plan", {})
     assert art.metadata["profiles"][0]["input_ids"] == [[1, 9], [2, 9], [4, 9]]
     assert_weights_stored_once(art.metadata, onnx_path)
+    # issue 26: the parser got the mapped data file's pages (no copy) and the engine streamed into the file
+    assert art.metadata["weights"]["parse"] == PARSE_MAPPED and art.metadata["weights"]["serialize"] == SERIALIZE_STREAM
+    assert [p.name for p in tmp_path.iterdir() if "partial" in p.name] == []
     (tmp_path / "model.onnx.data").unlink()
     with pytest.raises(ArtifactError, match="needs its external data file"):
         build_engine(onnx_path, "trt-rtx", OPTIONS, tmp_path / "engine2.plan", {})
@@ -237,7 +245,9 @@ def test_rtx_builder_options_build(onnx_files, tmp_path):
                             optimization_level=1, weight_streaming=True, compute_capabilities=("sm86", "sm89"),
                             timing_cache=tmp_path / "timing.cache")
     art = build_engine(onnx_path, "trt-rtx", options, tmp_path / "engine.plan", {})
-    assert json.loads(art.metadata_path.read_text())["options"]["compute_capabilities"] == ["sm86", "sm89"]
+    meta = json.loads(art.metadata_path.read_text())
+    assert meta["options"]["compute_capabilities"] == ["sm86", "sm89"]
+    assert meta["gpu_targets"] == {"compute_capabilities": ["8.6", "8.9"], "source": "--compute-capability"}
     assert_weights_stored_once(art.metadata, onnx_path)
     assert not (tmp_path / "timing.cache").exists(), "RTX has no timing cache; nothing is written"
     with pytest.raises(UserError, match="unknown compute capability 'sm99'"):
@@ -271,3 +281,13 @@ def test_refit_engine_lists_equal_valued_parameters_as_two_weights(tiny_models, 
     listed = set(trt.Refitter(engine, logger).get_all_weights())
     biases = {n for n, _ in module.named_parameters() if n.endswith("LayerNorm.bias") and n.startswith("kept.")}
     assert biases <= listed
+
+
+@needs_rtx
+@pytest.mark.skipif(cuda_available(), reason="checks the failure a weight-stripped build meets without a GPU")
+def test_a_failed_streamed_build_leaves_no_file(onnx_files, tmp_path):
+    """TensorRT-RTX 1.7 needs a CUDA device to build a weight-stripped plan (Myelin asks CUDA for the device): the
+    build fails, the error names it, and neither engine.plan nor a partial file is left."""
+    with pytest.raises(ArtifactError, match="trt-rtx build failed"):
+        build_engine(onnx_files("bert", "dense"), "trt-rtx", replace(OPTIONS, strip_weights=True), tmp_path / "engine.plan", {})
+    assert list(tmp_path.iterdir()) == []

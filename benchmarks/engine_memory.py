@@ -1,0 +1,187 @@
+"""Peak host memory of the main job with an engine (issue 26), per stage, before and after the engine stage's rework.
+
+    python benchmarks/engine_memory.py run --case minilm --code before --code after
+    python benchmarks/engine_memory.py run --case xxl-bf16 --code after      # one large case at a time
+    python benchmarks/engine_memory.py summarize                              # the table for benchmarks/README.md
+
+Each run is the CLI in a child process (``skrr-export ... --engine trt-rtx``); this process samples the child's VmRSS
+(and its file-backed part, RssFile: the mapped ONNX data) from /proc every 0.1 s, tags each sample with the stage the
+child's log is in ("[skrr-export] engine ..." to "engine done"), and takes the child's VmHWM at every stage change,
+so a stage's peak is exact even between samples. ``--code before`` runs the tree of commit BEFORE (``git archive``
+into a temporary folder; nothing in the working tree changes), ``after`` this working tree. The import baseline is a
+child that imports what the job imports (torch, transformers, onnx, onnxruntime, tensorrt_rtx, skrr_export.cli).
+
+Cases: MiniLM (the embedded real model, recipe plan, fp32, dynamic sequence 1,64,128); T5-v1.1-XXL config with
+random weights, PixArt-Sigma 41.9 % (bf16, and int4 weight-only), fixed sequence 300, batch 1,1,4 (the recipe's).
+Results: benchmarks/results/engine-memory-cpu.json (runs are merged in by case and code).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results" / "engine-memory-cpu.json"
+BEFORE = "26278fc"  # main before issue 26
+GIB = 2**30
+IMPORTS = "import torch, transformers, onnx, onnxruntime, tensorrt_rtx, skrr_export.cli"
+XXL = ["--recipe", "pixart-sigma-41.9", "--model", str(ROOT / "recipes" / "t5-v1_1-xxl"), "--random-weights"]
+CASES = {
+    "minilm": ["--plan", str(ROOT / "recipes" / "minilm" / "plan.json"), "--sequence", "1,64,128"],
+    "xxl-bf16": XXL,
+    "xxl-int4": [*XXL, "--quantize", "int4"],
+}
+STAGE = re.compile(r"\[skrr-export\] (.+?) (\.\.\.|done in)")
+ESTIMATE = re.compile(r"memory estimate: ([\d.]+) GiB")
+
+
+def status(pid: int) -> dict[str, int]:
+    try:
+        text = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return {}
+    return {k: int(v.split()[0]) * 1024 for k, v in (l.split(":", 1) for l in text.splitlines())
+            if k in ("VmRSS", "VmHWM", "RssFile", "RssAnon")}
+
+
+def sampled(cmd: list[str], env: dict[str, str]) -> tuple[int, dict[str, dict[str, int]], list[str], float]:
+    """Run ``cmd``; (exit code, per stage {peak, peak file-backed, seconds}, stderr lines, seconds)."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
+    stages: dict[str, dict[str, int]] = {"startup": {"peak": 0, "file": 0}}
+    current, lines, lock = ["startup"], [], threading.Lock()
+
+    def enter(name: str) -> None:
+        hwm = status(proc.pid).get("VmHWM", 0)
+        with lock:
+            stages[current[0]]["peak"] = max(stages[current[0]]["peak"], hwm if hwm > stages[current[0]].get("hwm0", 0) else 0)
+            current[0] = name
+            stages.setdefault(name, {"peak": 0, "file": 0})["hwm0"] = hwm
+
+    def read() -> None:
+        for line in proc.stderr:
+            lines.append(line.rstrip())
+            m = STAGE.search(line)
+            if m:
+                enter(m.group(1) if m.group(2) == "..." else f"after {m.group(1)}")
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    while proc.poll() is None:
+        s = status(proc.pid)
+        with lock:
+            st = stages[current[0]]
+            st["peak"] = max(st["peak"], s.get("VmRSS", 0))
+            st["file"] = max(st["file"], s.get("RssFile", 0))
+        time.sleep(0.1)
+    reader.join()
+    for st in stages.values():
+        st.pop("hwm0", None)
+    return proc.returncode, stages, lines, time.perf_counter() - start
+
+
+def baseline(env: dict[str, str]) -> int:
+    out = subprocess.run([sys.executable, "-c", f"{IMPORTS}; print(open('/proc/self/status').read())"],
+                         capture_output=True, text=True, check=True, env=env).stdout
+    return next(int(l.split()[1]) * 1024 for l in out.splitlines() if l.startswith("VmRSS:"))
+
+
+def tree(code: str, tmp: Path) -> Path:
+    if code == "after":
+        return ROOT
+    folder = tmp / f"tree-{BEFORE}"
+    folder.mkdir()
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", BEFORE], capture_output=True, check=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(folder)], input=archive, check=True)
+    return folder
+
+
+def run_one(case: str, code: str, tmp: Path, extra: list[str]) -> dict:
+    source = tree(code, tmp)
+    env = dict(os.environ, PYTHONPATH=str(source), HF_HUB_OFFLINE="1")
+    out = tmp / f"out-{case}-{code}"
+    argv = [*CASES[case], *extra, "--engine", "trt-rtx", "--out", str(out), "--no-dense-distance"]
+    base = baseline(env)
+    code_, stages, lines, seconds = sampled([sys.executable, "-m", "skrr_export.cli", *argv], env)
+    report = json.loads((out / "report.json").read_text()) if code_ == 0 else {}
+    weights = (report.get("onnx") or {}).get("weights", {}).get("bytes")
+    engine = report.get("engine") or {}
+    peak = max(s["peak"] for s in stages.values())
+    estimate = next((float(m.group(1)) for l in lines if (m := ESTIMATE.search(l))), None)
+    result = {
+        "case": case, "code": "HEAD" if code == "after" else BEFORE, "label": code, "argv": argv, "exit_code": code_,
+        "seconds": round(seconds, 1), "import_baseline_gib": round(base / GIB, 3),
+        "onnx_weight_bytes": weights, "engine_bytes": engine.get("serialized_bytes"),
+        "engine_weights": engine.get("weights"),
+        "peak_gib": round(peak / GIB, 3), "peak_above_baseline_gib": round((peak - base) / GIB, 3),
+        "stages_gib": {k: {"peak": round(v["peak"] / GIB, 3), "file_backed": round(v["file"] / GIB, 3)}
+                       for k, v in stages.items()},
+        "estimate_gib": estimate, "stderr_tail": [l for l in lines if "[skrr-export]" not in l][-4:],
+    }
+    if weights:
+        bound = 1.1 * weights + 0.6 * GIB
+        result["bound_gib"] = round(bound / GIB, 3)  # 1.1 x exported ONNX weight bytes + 0.6 GiB above the baseline
+        result["within_bound"] = peak - base <= bound
+    return result
+
+
+def run(case: str, codes: list[str], extra: list[str]) -> None:
+    results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {"runs": []}
+    with tempfile.TemporaryDirectory(prefix="engine-memory-", dir=os.environ.get("ENGINE_MEMORY_TMP")) as tmp:
+        for code in codes:
+            r = run_one(case, code, Path(tmp), extra)
+            print(json.dumps(r, indent=2), flush=True)
+            results["runs"] = [x for x in results["runs"] if (x["case"], x["label"]) != (case, code)] + [r]
+    results |= {"what": __doc__.split("\n\n")[0], "machine": {"cpus": len(os.sched_getaffinity(0)),
+                "python": platform.python_version(), "platform": platform.platform()}, "versions": _versions()}
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(results, indent=2) + "\n")
+
+
+def summarize() -> None:
+    runs = json.loads(RESULTS.read_text())["runs"]
+    print("| case | code | ONNX weights GB | peak above import baseline GiB | bound GiB | estimate GiB | "
+          "load / reference / export / parity / engine peak GiB | wall s |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in sorted(runs, key=lambda r: (r["case"], r["label"] != "before")):
+        st = r["stages_gib"]
+        parts = " / ".join(f"{st[k]['peak']:.2f}" if k in st else "-"
+                           for k in ("load", "pytorch reference", "export", "parity", "engine"))
+        w = r["onnx_weight_bytes"]
+        print(f"| {r['case']} | {r['label']} ({r['code']}) | {w / 1e9:.2f} | {r['peak_above_baseline_gib']:.2f} | "
+              f"{r.get('bound_gib', '-')} | {r['estimate_gib'] or '-'} | {parts} | {r['seconds']} |" if w else
+              f"| {r['case']} | {r['label']} | failed (exit {r['exit_code']}) | | | | | |")
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import version
+
+    return {p: version(p) for p in ("torch", "transformers", "onnx", "onnxruntime", "tensorrt-rtx")}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("command", choices=["run", "summarize"])
+    p.add_argument("--case", choices=list(CASES))
+    p.add_argument("--code", action="append", choices=["before", "after"])
+    p.add_argument("extra", nargs="*", help="more CLI flags after --")
+    args = p.parse_args()
+    if args.command == "summarize":
+        summarize()
+        return 0
+    run(args.case, args.code or ["before", "after"], args.extra)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
