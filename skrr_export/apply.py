@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -30,7 +30,7 @@ class SkrrEncoder(nn.Module):
         self.kept = nn.ModuleDict({str(i): enc.sub_blocks[i] for i in sources})
         self.schedule = plan.schedule()
         self.head = enc.head
-        self.penultimate_before = 2 * (plan.num_blocks - 1)  # slots of the last block
+        self.penultimate_before = penultimate_boundary(slot for slot, _ in self.schedule)
         self.inputs = enc.adapter.inputs if attention_mask else without_mask(enc.adapter.inputs)
         self.input_names = tuple(i.name for i in self.inputs)
         self.output_names = enc.adapter.output_names(enc.config)
@@ -56,10 +56,11 @@ class SkrrEncoder(nn.Module):
         """A numpy feed as this module's positional inputs."""
         return [torch.from_numpy(feed[name]).to(device) for name in self.input_names]
 
-    def step(self, state: Running, slot: int, sub_block: nn.Module) -> None:
-        """Run ``sub_block`` at ``slot``: the one rule for how a slot updates the hidden states."""
+    def step(self, state: Running, slot: int, sub_block: nn.Module, penultimate_before: int | None = None) -> None:
+        """Run ``sub_block`` at ``slot``: the one rule for how a slot updates the hidden states. ``penultimate_before``:
+        the boundary of the schedule being run when it is not this module's (calibration's candidates)."""
         state.hidden = sub_block(state.hidden, state.ctx)
-        if slot < self.penultimate_before:
+        if slot < (self.penultimate_before if penultimate_before is None else penultimate_before):
             state.penultimate = state.hidden
 
     def finish(self, state: Running) -> tuple[torch.Tensor, ...]:
@@ -77,10 +78,20 @@ class UnmaskedSkrrEncoder(SkrrEncoder):
         return self.run(self.start(input_ids, *optional))
 
 
+def penultimate_boundary(executed: Iterable[int]) -> int:
+    """The first slot of the last block that executes any slot (``executed``: the slots that run).
+
+    The penultimate layer of a pruned model (SD3 reads CLIP's ``hidden_states[-2]``) is the hidden state entering that
+    block: what Hugging Face's ``hidden_states`` tuple gives at index -2 for the model with its fully skipped blocks
+    removed and its other skipped sub-blocks made identities, i.e. the output of the last-but-one block that still
+    runs something (the embeddings when only one block does). Dense: the output of block N-2, as Hugging Face's."""
+    return 2 * (max(executed) // 2)
+
+
 @dataclass
 class Running:
-    """One batch on its way through the schedule: hidden states, the last block's input (CLIP's penultimate
-    output) and what the stem computed once."""
+    """One batch on its way through the schedule: hidden states, the input of the last block that runs (the
+    penultimate layer, see ``penultimate_boundary``) and what the stem computed once."""
 
     hidden: torch.Tensor
     penultimate: torch.Tensor

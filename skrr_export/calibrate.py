@@ -1,8 +1,13 @@
 """Finding Skrr plans: beam-search Skip, then greedy Re-use (Seo et al., ICML 2025; DESIGN.md section 1).
 
 D(pruned) = MSE(f(dense(C)), f(pruned(C))) + MSE(f(dense("")), f(pruned(""))): f is the denoiser's caption
-projection (or the identity), C the calibration prompts; each MSE runs over every real (unpadded) token of its
-term, accumulated as sums and token counts batch by batch and divided once, so the batching does not change it.
+projection (or the identity), C the calibration prompts, "" the empty (or the declared negative) prompt, tokenized and
+padded as the pipeline does; each MSE runs over every real (unpadded) token of its term, or over every position where
+the pipeline runs the encoder unmasked, accumulated as sums and counts batch by batch and divided once, so the batching
+does not change it. Where the pipeline reads several outputs (SD3's CLIP: the penultimate layer and the projected
+pooled text_embeds), D is the unweighted sum of both terms over each output it reads: a per-token output's MSE runs
+over the scored positions, a pooled one's over the prompts (one row each). ``penultimate_hidden_state`` of a candidate
+is its own: the input of its last block that runs something (``apply.penultimate_boundary``).
 
 The naive method runs the whole pruned encoder for every candidate (every beam x every slot it still keeps).
 This one gives the same answer with fewer sub-block evaluations: batch by batch, each beam runs once up to its
@@ -29,7 +34,7 @@ import torch
 from torch import nn
 
 from .adapters import Context, sizes_of
-from .apply import Running, SkrrEncoder
+from .apply import Running, SkrrEncoder, penultimate_boundary
 from .artifacts import sha256_file, write_atomic
 from .errors import AccuracyError, ArtifactError, Interrupted, UserError
 from .inputs import load_tokenizer, tokenizer_used
@@ -126,39 +131,73 @@ class Feed:
     ids: torch.Tensor  # (b, s) on the host
     mask: torch.Tensor  # (b, s) 1 for real tokens, on the host
     term: int  # PROMPTS or EMPTY
-    reference: torch.Tensor = field(default_factory=lambda: torch.empty(0))  # f(dense) at the real tokens, fp32
+    # f(dense) of every output read, fp32: a per-token one at the scored positions (tokens, width), a pooled one (rows, width)
+    reference: list[torch.Tensor] = field(default_factory=list)
 
 
 def _expand(ctx: Context, n: int) -> Context:
-    """The context of ``n`` candidates stacked along the batch axis."""
+    """The context of ``n`` candidates stacked along the batch axis. A mask without a batch axis of its own (none:
+    SD3/FLUX's unmasked T5; CLIP's causal mask without padding, one row) broadcasts as it is."""
     if n == 1:
         return ctx
-    return Context(input_ids=ctx.input_ids.repeat(n, 1), mask=ctx.mask.repeat(n, *[1] * (ctx.mask.dim() - 1)),
-                   position_bias=ctx.position_bias)
+    mask = ctx.mask
+    if mask is not None and mask.shape[0] > 1:
+        mask = mask.repeat(n, *[1] * (mask.dim() - 1))
+    return Context(input_ids=ctx.input_ids.repeat(n, 1), mask=mask, position_bias=ctx.position_bias)
 
 
 Branch = tuple[int, int | None]  # (slot, what runs there instead of the base schedule's sub-block); later slots follow the base
 
 
+def boundary(schedule: Schedule) -> int:
+    """Where ``schedule``'s penultimate layer is taken: the first slot of its last block that runs anything."""
+    return penultimate_boundary(t for t, src in enumerate(schedule) if src is not None)
+
+
+def branched(base: Schedule, branch: Branch) -> Schedule:
+    slot, src = branch
+    return (*base[:slot], src, *base[slot + 1:])
+
+
+def read_outputs(names: tuple[str, ...], outputs: tuple[str, ...] | None) -> list[int]:
+    """The positions in the encoder's ``names`` of the ``outputs`` the pipeline reads (None: the first output)."""
+    if outputs is None:
+        return [0]
+    missing = [o for o in outputs if o not in names]
+    if missing:
+        raise UserError(f"the pipeline reads {missing[0]}, which this encoder does not output (it outputs "
+                        f"{', '.join(names)}); declare the outputs its pipeline reads")
+    return [names.index(o) for o in outputs]
+
+
 class Scorer:
     """Scores schedules of sub-blocks against the dense model.
 
-    D = sum over the two terms (the prompts, the empty prompt) of the squared error summed over the term's real
-    tokens, divided once by its token count x output width: the same number whatever the batching. Only the batch
-    in flight has cached states; the dense reference is kept at real tokens only. Every slot runs through the
-    dense SkrrEncoder's ``step`` (the exported module's own rule); the scorer adds caching and stacking on top.
+    D = sum over the two terms (the prompts, the empty prompt) and the outputs read of the squared error summed over
+    the term's scored positions (a pooled output: its rows), divided once by their count x the output's width: the
+    same number whatever the batching. Only the batch in flight has cached states; the dense reference is kept at
+    the scored positions only. Every slot runs through the dense SkrrEncoder's ``step`` (the exported module's own
+    rule, given the candidate's penultimate boundary); the scorer adds caching and stacking on top.
     """
 
     def __init__(self, enc: Any, batches: list[tuple[torch.Tensor, torch.Tensor]], empty: tuple[torch.Tensor, torch.Tensor],
-                 projection: nn.Module | None, device: str, width: int = 1, masked: bool = True):
+                 projection: nn.Module | None, device: str, width: int = 1, masked: bool = True,
+                 outputs: tuple[str, ...] | None = None):
         self.model = SkrrEncoder(enc, Plan.dense(enc.adapter.family, enc.adapter.num_blocks(enc.config)))
         self.masked = masked  # False: the encoder runs without a mask, as SD3/FLUX call T5 (the feeds' masks are all ones)
+        names = enc.adapter.output_names(enc.config)
+        self.reads = read_outputs(names, outputs)  # the outputs D scores (the pipeline's), by position
+        self.tokenwise = [names[i] in enc.adapter.token_outputs(enc.config) for i in self.reads]
+        # Only where the penultimate layer is read does a candidate's own boundary matter (it moves when a candidate
+        # empties the last block that runs): then such candidates are scored from the stem.
+        self.reads_penultimate = "penultimate_hidden_state" in (names[i] for i in self.reads)
         self.blocks = [self.model.kept[str(i)] for i in range(len(enc.sub_blocks))]
         self.num_slots = len(self.blocks)
         self.projection = projection.to(device=device, dtype=torch.float32) if projection is not None else None
         self.device, self.width = device, width
         self.feeds = [Feed(ids, mask, PROMPTS) for ids, mask in batches] + [Feed(*empty, EMPTY)]
         self.tokens = [int(sum(f.mask.sum() for f in self.feeds if f.term == t)) for t in (PROMPTS, EMPTY)]
+        self.rows = [sum(f.ids.shape[0] for f in self.feeds if f.term == t) for t in (PROMPTS, EMPTY)]
         if min(self.tokens) == 0:
             raise UserError("calibration needs at least one real token in the prompts and in the empty prompt")
         dense = schedule_of(self.num_slots, ())
@@ -167,50 +206,61 @@ class Scorer:
                 state, keep = self._begin(f)
                 f.reference = self._outputs(self._walk(dense, state, 0, False), keep)
         _check_reference(self.feeds, enc.dtype)
-        self.width_out = self.feeds[0].reference.shape[-1]
+        self.widths = [r.shape[-1] for r in self.feeds[0].reference]
         self.evaluations = 0  # one = one sub-block of one candidate over the whole calibration set
 
     def _begin(self, feed: Feed) -> tuple[Running, torch.Tensor]:
         ids, mask = feed.ids.to(self.device), feed.mask.to(self.device)
         return self.model.start(ids, mask if self.masked else None), mask.bool()
 
-    def _outputs(self, state: Running, keep: torch.Tensor) -> torch.Tensor:
-        """f(first output) at the real tokens: (tokens, width), fp32."""
-        out = self.model.finish(state)[0].float()
-        out = self.projection(out) if self.projection is not None else out
-        return out[keep]
+    def _outputs(self, state: Running, keep: torch.Tensor) -> list[torch.Tensor]:
+        """f(output) of every output read, fp32: a per-token one at the scored positions (the projection applies
+        to these), a pooled one per row."""
+        outs = self.model.finish(state)
+        found = []
+        for i, tokenwise in zip(self.reads, self.tokenwise):
+            out = outs[i].float()
+            if tokenwise:
+                out = (self.projection(out) if self.projection is not None else out)[keep]
+            found.append(out)
+        return found
 
-    def _error(self, feed: Feed, state: Running, keep: torch.Tensor) -> float:
-        """Squared error summed over the feed's real tokens (not yet divided)."""
-        return float((self._outputs(state, keep) - feed.reference).pow(2).sum(dtype=torch.float64))
+    def _error(self, feed: Feed, state: Running, keep: torch.Tensor) -> list[float]:
+        """Per output read, the squared error summed over the feed's scored positions or rows (not yet divided)."""
+        return [float((o - r).pow(2).sum(dtype=torch.float64)) for o, r in zip(self._outputs(state, keep), feed.reference)]
 
-    def _d(self, sums: list[float]) -> float:
-        return sum(s / (n * self.width_out) for s, n in zip(sums, self.tokens))
+    def _sums(self) -> list[list[float]]:
+        return [[0.0] * len(self.reads) for _ in (PROMPTS, EMPTY)]
 
-    def _run(self, slot: int, src: int | None, state: Running, n: int, count: bool) -> Running:
-        """Sub-block ``src`` at ``slot`` for ``n`` stacked candidates (only the first feed counts evaluations); a
-        new state, so that cached ones stay as they were."""
+    def _d(self, sums: list[list[float]]) -> float:
+        counts = [[n if tokenwise else rows for tokenwise in self.tokenwise] for n, rows in zip(self.tokens, self.rows)]
+        return sum(s / (n * w) for term, per in enumerate(sums) for s, n, w in zip(per, counts[term], self.widths))
+
+    def _run(self, slot: int, src: int | None, state: Running, n: int, count: bool, before: int) -> Running:
+        """Sub-block ``src`` at ``slot`` for ``n`` stacked candidates whose penultimate boundary is ``before`` (only
+        the first feed counts evaluations); a new state, so that cached ones stay as they were."""
         if src is None:
             return state
         if count:
             self.evaluations += n
         stepped = Running(state.hidden, state.penultimate, _expand(state.ctx, n))
-        self.model.step(stepped, slot, self.blocks[src])
+        self.model.step(stepped, slot, self.blocks[src], before)
         return Running(stepped.hidden, stepped.penultimate, state.ctx)
 
     def _walk(self, schedule: Schedule, state: Running, start: int, count: bool) -> Running:
+        before = boundary(schedule)
         for t in range(start, self.num_slots):
-            state = self._run(t, schedule[t], state, 1, count)
+            state = self._run(t, schedule[t], state, 1, count, before)
         return state
 
     @torch.no_grad()
     def score_full(self, schedules: list[Schedule]) -> list[float]:
         """D of each schedule, every one run from the stem (the naive method)."""
-        sums = [[0.0, 0.0] for _ in schedules]
+        sums = [self._sums() for _ in schedules]
         for i, feed in enumerate(self.feeds):
             state, keep = self._begin(feed)
             for k, schedule in enumerate(schedules):
-                sums[k][feed.term] += self._error(feed, self._walk(schedule, state, 0, i == 0), keep)
+                _add(sums[k][feed.term], self._error(feed, self._walk(schedule, state, 0, i == 0), keep))
         return [self._d(s) for s in sums]
 
     def discrepancy(self, schedule: Schedule) -> float:
@@ -220,33 +270,46 @@ class Scorer:
     def score(self, base: Schedule, branches: list[Branch]) -> list[float]:
         """D of ``base`` changed at one slot per branch: each branch runs from ``base``'s state at its slot, and
         ``width`` branches run together, stacked on the batch axis. ``base`` runs once per batch, up to the last
-        branch; its states are cached for the batch in flight only."""
-        sums = [[0.0, 0.0] for _ in branches]
+        branch; its states are cached for the batch in flight only. Where the penultimate layer is read, a branch
+        that moves the schedule's penultimate boundary (it empties the last block that runs, or fills a later one)
+        runs from the stem instead."""
+        before = boundary(base)
+        moved = [k for k, b in enumerate(branches) if self.reads_penultimate and boundary(branched(base, b)) != before]
+        same = [k for k in range(len(branches)) if k not in moved]
+        scores = dict(zip(moved, self.score_full([branched(base, branches[k]) for k in moved])))
+        scores |= dict(zip(same, self._score_branches(base, [branches[k] for k in same], before)))
+        return [scores[k] for k in range(len(branches))]
+
+    def _score_branches(self, base: Schedule, branches: list[Branch], before: int) -> list[float]:
+        if not branches:
+            return []
+        sums = [self._sums() for _ in branches]
         order = sorted(range(len(branches)), key=lambda k: branches[k][0])
         last = branches[order[-1]][0]
         for i, feed in enumerate(self.feeds):
             state, keep = self._begin(feed)
             states = [state]
             for t in range(last):
-                states.append(self._run(t, base[t], states[-1], 1, i == 0))
+                states.append(self._run(t, base[t], states[-1], 1, i == 0, before))
             for g in range(0, len(order), self.width):
                 group = order[g:g + self.width]
-                finals = self._branches(base, states, [branches[k] for k in group], i == 0)
+                finals = self._branches(base, states, [branches[k] for k in group], i == 0, before)
                 for k, final in zip(group, finals):
-                    sums[k][feed.term] += self._error(feed, final, keep)
+                    _add(sums[k][feed.term], self._error(feed, final, keep))
             del states
         return [self._d(s) for s in sums]
 
-    def _branches(self, base: Schedule, states: list[Running], group: list[Branch], count: bool) -> list[Running]:
+    def _branches(self, base: Schedule, states: list[Running], group: list[Branch], count: bool,
+                  before: int) -> list[Running]:
         """Branches (sorted by slot) join at their slot and then run every later slot of ``base`` together."""
         active: Running | None = None
         n = 0
         for t in range(group[0][0], self.num_slots):
             if active is not None:
-                active = self._run(t, base[t], active, n, count)
+                active = self._run(t, base[t], active, n, count, before)
             for slot, src in group:
                 if slot == t:
-                    joined = self._run(t, src, states[t], 1, count)
+                    joined = self._run(t, src, states[t], 1, count, before)
                     active = joined if active is None else _stacked(active, joined)
                     n += 1
         assert active is not None
@@ -254,10 +317,15 @@ class Scorer:
         return [Running(h, p, active.ctx) for h, p in zip(active.hidden.split(rows), active.penultimate.split(rows))]
 
 
+def _add(into: list[float], errors: list[float]) -> None:
+    for k, e in enumerate(errors):
+        into[k] += e
+
+
 def _check_reference(feeds: list[Feed], dtype: torch.dtype) -> None:
     """D against a non-finite dense output would rank candidates by NaN: refused."""
     bad = [name for term, name in ((PROMPTS, "the prompts"), (EMPTY, "the empty prompt"))
-           if any(f.term == term and not torch.isfinite(f.reference).all() for f in feeds)]
+           if any(f.term == term and not all(torch.isfinite(r).all() for r in f.reference) for f in feeds)]
     if bad:
         raise AccuracyError(f"the dense model's output on {' and '.join(bad)} is not finite (NaN or Inf) in {dtype}, "
                             "so no discrepancy to it means anything; calibrate in fp32 (or bf16), or check the checkpoint")
@@ -628,6 +696,7 @@ class CalibrationConfig:
     max_memory: int | None = None  # bytes of device memory the calibration may use (default: free minus a margin)
     naive: bool = False  # the reference method: every candidate runs the whole encoder
     pipeline: Any = None  # recipes.PipelineCall: how the pipeline calls the encoder (None: masked, real tokens scored)
+    negative_prompt: str | None = None  # D's second term (None: the pipeline's declared one, else "")
     force: bool = False  # replace existing plan files
 
 
@@ -712,7 +781,7 @@ def _prepare(cfg: CalibrationConfig) -> _Job:
     _check_length(meta.config, cfg.max_length)
     tokenizer = load_tokenizer(source)
     prompts, ids, empty = _tokenize(tokenizer, meta.config, read_prompts(cfg.prompts, cfg.num_prompts), cfg.max_length,
-                                    str(cfg.prompts or "the built-in calibration set"))
+                                    str(cfg.prompts or "the built-in calibration set"), negative_prompt(cfg))
     projection = load_projection(cfg.projection, meta.adapter.sizes(meta.config).hidden) if cfg.projection else None
     memory = _memory_plan(meta, cfg, ids, empty, projection)
     log.info("%s", memory.describe())
@@ -739,11 +808,25 @@ def _scorer(job: _Job, cfg: CalibrationConfig) -> Scorer:
     size, masked = job.memory.batch, _masked(cfg)
     length = None if masked else cfg.max_length  # unmasked: every prompt padded to the pipeline's length, all scored
     batches = [_pad(job.tokenizer, job.ids[i:i + size], length) for i in range(0, len(job.ids), size)]
-    return Scorer(enc, batches, _pad(job.tokenizer, [job.empty], length), job.projection, cfg.device, width, masked)
+    return Scorer(enc, batches, _pad(job.tokenizer, [job.empty], length), job.projection, cfg.device, width, masked,
+                  cfg.pipeline.outputs if cfg.pipeline is not None else None)
 
 
 def _scored(cfg: CalibrationConfig) -> str:
     return "every real token" if _masked(cfg) else f"every position (padded to {cfg.max_length}, padding included; unmasked)"
+
+
+def _read(cfg: CalibrationConfig) -> str:
+    """The outputs D scores, in words."""
+    return ", ".join(cfg.pipeline.outputs) if cfg.pipeline is not None else "the first output"
+
+
+def negative_prompt(cfg: CalibrationConfig) -> str:
+    """The prompt of D's second term: --negative-prompt, else the pipeline's declared one, else "" (the empty prompt
+    classifier-free guidance runs without a negative prompt)."""
+    if cfg.negative_prompt is not None:
+        return cfg.negative_prompt
+    return cfg.pipeline.negative_prompt if cfg.pipeline is not None else ""
 
 
 def _masked(cfg: CalibrationConfig) -> bool:
@@ -791,8 +874,10 @@ def _plan_for(target: float, job: _Job, cfg: CalibrationConfig, scorer: Scorer, 
         "tool": "skrr-export calibrate",
         "method": "Skrr: beam-search Skip, greedy Re-use (Seo et al., ICML 2025)",
         "pipeline": cfg.pipeline.to_json() if cfg.pipeline is not None else None,
-        "metric": f"MSE(dense, pruned) over {_scored(cfg)} of the prompts + the same on the empty prompt, after "
+        "metric": f"MSE(dense, pruned) of {_read(cfg)} over {_scored(cfg)} of the prompts + the same on the "
+                  f"negative prompt {negative_prompt(cfg)!r}, after "
                   + (f"projection {cfg.projection.name}" if cfg.projection else "no projection (raw encoder output)"),
+        "negative_prompt": negative_prompt(cfg),
         "model": str(job.source.folder),
         "tokenizer": tokenizer_used(job.source),
         "model_config_sha256": key["model_config"],
@@ -844,10 +929,11 @@ def _memory_plan(meta: Any, cfg: CalibrationConfig, ids: list[list[int]], empty:
 
     meta.dtype = DTYPES[cfg.precision]
     weights = plan_cost(meta, Plan.dense(meta.adapter.family, meta.adapter.num_blocks(meta.config))).kept_weight_bytes
-    out_width = None
+    out_width = meta.adapter.sizes(meta.config).hidden
     if projection is not None:
         weights += sum(p.numel() * 4 for p in projection.parameters())
         out_width = [m for m in projection.modules() if isinstance(m, nn.Linear)][-1].out_features
+    out_width *= len(cfg.pipeline.outputs) if cfg.pipeline is not None else 1  # a pooled one counted per token: more
     if cfg.device.startswith("cuda"):  # the checkpoint is read into host memory before it moves to the GPU
         check_memory(int(weights * 1.1) + (600 << 20), f"loading the model for calibration (dense weights {weights / 2**30:.1f} GiB)")
     budget = cfg.max_memory or default_budget(cfg.device) or 2**62
@@ -890,19 +976,25 @@ def _model_hash(source: Any) -> str:
     return fingerprint([(p.name, sha256_file(p)) for p in sorted(source.folder.glob("*.safetensors"))])
 
 
-def _tokenize(tokenizer: Any, config: Any, prompts: list[str], max_length: int, where: str
+def _tokenize(tokenizer: Any, config: Any, prompts: list[str], max_length: int, where: str, negative: str = ""
               ) -> tuple[list[str], list[list[int]], list[int]]:
-    """(prompts kept, their token ids, the empty prompt's ids). Prompts that tokenize like the empty prompt are
-    dropped (all of them: an error). Without a tokenizer: seeded random ids of ``max_length`` tokens."""
+    """(prompts kept, their token ids, the ids of ``negative``, D's second prompt: "" or the declared negative prompt),
+    truncated to ``max_length`` as the pipelines truncate. Prompts that tokenize like the empty prompt are dropped (all
+    of them: an error). Without a tokenizer: seeded random ids of ``max_length`` tokens, and the end-of-text token
+    alone for the second prompt (a negative prompt needs a tokenizer)."""
     import numpy as np
 
     from .inputs import prompt_batch, random_ids
 
     if tokenizer is None:
+        if negative:
+            raise UserError(f"negative prompt {negative!r}: token ids for it need a tokenizer (random ids stand in for "
+                            "the empty prompt only); pass --tokenizer DIR, or drop the negative prompt")
         ids = random_ids(config, (len(prompts), max_length), np.random.default_rng(0))
         _, empty = prompt_batch(None, config, "int64", None)
         return prompts, ids.tolist(), empty.feed["input_ids"][0].tolist()
     empty_ids = tokenizer("", truncation=True, max_length=max_length)["input_ids"]
+    negative_ids = tokenizer(negative, truncation=True, max_length=max_length)["input_ids"]
     ids = tokenizer(prompts, truncation=True, max_length=max_length)["input_ids"]
     kept = [i for i, t in enumerate(ids) if t != empty_ids]
     if not kept:
@@ -910,16 +1002,18 @@ def _tokenize(tokenizer: Any, config: Any, prompts: list[str], max_length: int, 
                         "give prompts with text the tokenizer keeps")
     if len(kept) < len(prompts):
         log.warning("%s: %d prompts are empty after tokenization and were left out", where, len(prompts) - len(kept))
-    return [prompts[i] for i in kept], [ids[i] for i in kept], empty_ids
+    return [prompts[i] for i in kept], [ids[i] for i in kept], negative_ids
 
 
 def _pad(tokenizer: Any, ids: list[list[int]], length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """A batch padded to its longest prompt: (input_ids, attention_mask). With ``length`` (a pipeline that runs the
     encoder unmasked): padded to ``length`` as the pipeline pads, and the mask all ones, since D scores every
     position the denoiser reads."""
+    if length is not None and tokenizer is not None:  # the tokenizer's own padding (its pad token, its side)
+        enc = tokenizer.pad({"input_ids": ids}, padding="max_length", max_length=length, return_tensors="pt")
+        return enc["input_ids"], torch.ones_like(enc["input_ids"])
     if length is not None:
-        pad = tokenizer.pad_token_id if tokenizer is not None else 0
-        out = torch.tensor([row + [pad] * (length - len(row)) for row in ids], dtype=torch.long)
+        out = torch.tensor([row + [0] * (length - len(row)) for row in ids], dtype=torch.long)
         return out, torch.ones_like(out)
     if tokenizer is not None:
         enc = tokenizer.pad({"input_ids": ids}, return_tensors="pt")

@@ -494,8 +494,11 @@ def _calibrate_parser() -> Parser:
     which = p.add_mutually_exclusive_group()
     which.add_argument("--recipe", help="calibrate for a recipe's pipeline (its pipeline block: mask or not, padded length; "
                        "its checkpoint config is checked)")
-    which.add_argument("--pipeline", choices=("sd3", "flux", "pixart-sigma"), help="calibrate for this pipeline's T5 call: "
-                       "sd3/flux run it unmasked at 256/512 (D over every position), pixart-sigma masked at 300")
+    which.add_argument("--pipeline", choices=("sd3", "flux", "pixart-sigma"), help="calibrate for this pipeline's call of "
+                       "the model: T5: sd3/flux run it unmasked at 256/512 (D over every position), pixart-sigma masked at "
+                       "300; CLIP: unmasked at 77, sd3 reads the penultimate layer and text_embeds, flux pooler_output")
+    p.add_argument("--negative-prompt", metavar="TEXT", help="the prompt of D's second term, tokenized and padded as the "
+                   "pipeline pads it (default: the recipe's negative prompt, else \"\", classifier-free guidance's empty prompt)")
     p.add_argument("--force", action="store_true", help="replace existing plan files")
     p.add_argument("-q", "--quiet", action="store_true")
     _common(p)
@@ -511,6 +514,8 @@ def cmd_calibrate(argv: list[str]) -> int:
         from .recipes import load_recipe
 
         load_recipe(args.recipe).check_config(config)
+    if args.pipeline is not None:
+        call = _pipeline_length(args, _named_pipeline(args.pipeline, config, args.subfolder))
     if args.max_length is None:
         args.max_length = min(256, _positions(config) or 256)
     else:
@@ -522,7 +527,7 @@ def cmd_calibrate(argv: list[str]) -> int:
         random_weights=args.random_weights, tokenizer=args.tokenizer, random_ids=args.random_ids, beam=args.beam,
         prompts=args.prompts, num_prompts=args.num_prompts,
         max_length=args.max_length, batch_size=args.batch_size, projection=args.projection, device=args.device,
-        precision=args.precision, naive=args.naive, force=args.force, pipeline=call,
+        precision=args.precision, naive=args.naive, force=args.force, pipeline=call, negative_prompt=args.negative_prompt,
         max_memory=parse_size(args.max_memory) if args.max_memory is not None else None,
     )
     for target, plan in calibrate(cfg).items():
@@ -535,12 +540,30 @@ def cmd_calibrate(argv: list[str]) -> int:
 def _calibration_pipeline(args: argparse.Namespace) -> Any:
     """--recipe / --pipeline: how the pipeline calls the encoder (None: with the mask, D over real tokens); its padded
     length is the default --max-length, and the only one for an unmasked call (D covers every padded position)."""
-    from .recipes import PIPELINES, load_recipe
+    from .recipes import load_recipe
 
-    recipe = load_recipe(args.recipe) if args.recipe is not None else None
-    if recipe is not None:
-        args.model = recipe.model_folder(args.model, args.random_weights)
-    call = recipe.pipeline if recipe is not None else PIPELINES.get(args.pipeline or "")
+    if args.recipe is None:
+        return None
+    recipe = load_recipe(args.recipe)
+    args.model = recipe.model_folder(args.model, args.random_weights)
+    return _pipeline_length(args, recipe.pipeline)
+
+
+def _named_pipeline(name: str, config: Any, subfolder: str | None) -> Any:
+    """--pipeline NAME: that pipeline's call of this model's family (its T5 or its CLIP call), naming --subfolder as
+    the encoder when given (SD3's CLIP-G: text_encoder_2)."""
+    from dataclasses import replace
+
+    from .adapters import adapter_for
+    from .recipes import pipeline_for
+
+    adapter = adapter_for(config)
+    call = pipeline_for(name, adapter.family, adapter.output_names(config))
+    return replace(call, encoder=subfolder) if subfolder else call
+
+
+def _pipeline_length(args: argparse.Namespace, call: Any) -> Any:
+    """The call's padded length is the default --max-length, and the only one for an unmasked call."""
     if call is None or call.max_length is None:
         return call
     if args.max_length is None:

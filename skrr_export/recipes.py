@@ -70,6 +70,31 @@ PIPELINES = {
     "flux": PipelineCall("flux", False, 512, ("last_hidden_state",), "text_encoder_2"),
     "pixart-sigma": PipelineCall("pixart-sigma", True, 300, ("last_hidden_state",), "text_encoder"),
 }
+# Their CLIP calls (``_get_clip_prompt_embeds``): input_ids only, padded to tokenizer_max_length (77). SD3 reads
+# hidden_states[-2] (the penultimate layer; its clip_skip, which moves it, is not offered) and output [0], the projected
+# pooled text_embeds of CLIPTextModelWithProjection, from text_encoder (CLIP-L) and text_encoder_2 (CLIP-G); FLUX
+# reads pooler_output from text_encoder (CLIP-L).
+CLIP_PIPELINES = {
+    "sd3": PipelineCall("sd3", False, 77, ("penultimate_hidden_state", "text_embeds"), "text_encoder"),
+    "flux": PipelineCall("flux", False, 77, ("pooler_output",), "text_encoder"),
+}
+PIPELINE_CALLS = {"t5": PIPELINES, "umt5": PIPELINES, "clip": CLIP_PIPELINES}  # by encoder family
+
+
+def pipeline_for(name: str, family: str, outputs: tuple[str, ...]) -> PipelineCall:
+    """How pipeline ``name`` calls an encoder of ``family`` whose adapter gives ``outputs``; a UserError when that
+    pipeline has no such encoder or reads an output this model does not give."""
+    call = PIPELINE_CALLS.get(family, {}).get(name)
+    if call is None:
+        calls = sorted({f for f, c in PIPELINE_CALLS.items() if name in c} - {"umt5"})
+        raise UserError(f"the {name} pipeline calls no {family} encoder (its encoders: {', '.join(calls)}); pass the "
+                        "--pipeline that calls this model, or none for D over its real tokens")
+    missing = [o for o in call.outputs if o not in outputs]
+    if missing:
+        raise UserError(f"the {name} pipeline reads {missing[0]} from its {family} encoder, which this model does not "
+                        f"output (it outputs {', '.join(outputs)}); pass the encoder the pipeline ships "
+                        "(SD3: CLIPTextModelWithProjection, text_encoder or text_encoder_2)")
+    return call
 
 
 # Said by the report, the README, the Triton config and the trtexec script of every export without the mask.

@@ -75,7 +75,7 @@ def test_working_set_bounds_the_measured_peak(family, width, precision, tmp_path
     ids = torch.randint(5, 64, (batch, seq))
     scorer = Scorer(enc, [(ids, torch.ones_like(ids))], (ids[:1, :1], torch.ones(1, 1, dtype=torch.long)), None, "cpu", width)
     resident = {t.untyped_storage().data_ptr() for t in [*enc.model.parameters(), *enc.model.buffers()]}
-    resident |= {f.reference.untyped_storage().data_ptr() for f in scorer.feeds}
+    resident |= {r.untyped_storage().data_ptr() for f in scorer.feeds for r in f.reference}
     n = scorer.num_slots
     with torch.no_grad(), LiveTensorBytes(resident) as live:
         scorer.score(schedule_of(n, ()), [(j, None) for j in range(n)])

@@ -9,6 +9,8 @@ function: its embeddings must come back at every position the pipeline hands the
 
 from __future__ import annotations
 
+import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -226,3 +228,97 @@ def test_clip_export_is_what_flux_reads_pooler_output(clip_standins):
     got = embeds(standin)
     assert standin.calls() == [["input_ids"]]
     np.testing.assert_allclose(got.numpy(), reference.numpy(), rtol=0, atol=2e-5)
+
+
+def test_clip_export_of_a_plan_skipping_the_last_block_gives_sd3_the_pruned_models_hidden_states_minus_2(
+        tiny_models, tmp_path):
+    """The penultimate layer of a pruned CLIP (apply.penultimate_boundary): with block 2 of 3 skipped whole, SD3's
+    hidden_states[-2] is what Hugging Face gives for the model without that block, the output of block 0 (not the
+    input of the skipped block, which would be block 1's output), and text_embeds is that model's too."""
+    from diffusers import StableDiffusion3Pipeline
+
+    tokenizer = word_tokenizer(bos=True)
+    standin = exported(tiny_models, "clip-projection", tmp_path, False, Plan("clip", 3, skip=(4, 5)))
+    reference = hf("clip-projection")
+    reference.text_model.encoder.layers = reference.text_model.encoder.layers[:2]
+
+    def embeds(encoder):
+        pipe = pipeline(StableDiffusion3Pipeline, text_encoder=encoder, text_encoder_2=encoder, tokenizer=tokenizer,
+                        tokenizer_2=tokenizer, tokenizer_max_length=LENGTH)
+        return pipe._get_clip_prompt_embeds(PROMPTS, device=CPU, clip_model_index=0)
+
+    with torch.no_grad():
+        ref_states, ref_pooled = embeds(reference)
+    states, pooled = embeds(standin)
+    np.testing.assert_allclose(states.numpy(), ref_states.numpy(), rtol=0, atol=2e-5)
+    np.testing.assert_allclose(pooled.numpy(), ref_pooled.numpy(), rtol=0, atol=2e-5)
+
+
+# ------------------------------------------------ the negative prompt in calibration's D, as the pipeline encodes it
+
+CLIP_SD3 = "clip-sd3"  # SD3's CLIP call on CLIPTextModelWithProjection; "clip-flux": FLUX's on CLIPTextModel
+
+
+@pytest.fixture(scope="module")
+def calibration_folders(tiny_models, tmp_path_factory):
+    """The tiny T5, CLIP and CLIP-with-projection folders with their word tokenizer and a prompt file beside them."""
+    out = {}
+    for family in ("t5", "clip", "clip-projection"):
+        folder = tmp_path_factory.mktemp(f"{family}-calib") / family
+        shutil.copytree(tiny_models[family][1], folder)
+        word_tokenizer(bos=family != "t5").save_pretrained(folder)
+        (folder.parent / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
+        out[family] = folder
+    return out
+
+
+def negative_reference(folder, call, negative: str) -> list[torch.Tensor]:
+    """Calibration's dense reference for D's second term: each output the pipeline reads, at the scored positions."""
+    from skrr_export.calibrate import CalibrationConfig, _prepare, _scorer
+
+    cfg = CalibrationConfig(out=folder.parent / "plan.json", sparsities=(0.2,), model=folder,
+                            prompts=folder.parent / "prompts.txt", max_length=LENGTH, pipeline=replace(call, max_length=LENGTH),
+                            negative_prompt=negative, force=True)
+    return _scorer(_prepare(cfg), cfg).feeds[-1].reference
+
+
+@pytest.mark.parametrize("case, negative", [("sd3", ""), ("flux", "the snow"), ("pixart-sigma", ""),
+                                            ("pixart-sigma", "the snow"), ("clip-sd3", ""), ("clip-flux", "the snow")])
+def test_calibration_encodes_the_negative_prompt_as_the_pipeline_does(case, negative, calibration_folders, tiny_models):
+    """D's second term runs the empty (or a given negative) prompt through the encoder exactly as diffusers' own
+    encode function does: SD3/FLUX padded to max length without a mask, every position scored; PixArt-Sigma with
+    the mask, its real tokens scored; SD3's CLIP the penultimate layer at every position and text_embeds, FLUX's CLIP
+    pooler_output. The Hugging Face model through the pipeline's function is the reference."""
+    from diffusers import FluxPipeline, PixArtSigmaPipeline, StableDiffusion3Pipeline
+
+    from skrr_export.recipes import CLIP_PIPELINES
+
+    family = {"clip-sd3": "clip-projection", "clip-flux": "clip"}.get(case, "t5")
+    call = CLIP_PIPELINES[case[5:]] if case.startswith("clip") else PIPELINES[case]
+    got = negative_reference(calibration_folders[family], call, negative)
+    model, tokenizer = tiny_models[family][0], word_tokenizer(bos=family != "t5")
+    with torch.no_grad():
+        if case in ("sd3", "flux"):
+            cls, attr, tok_attr = ((StableDiffusion3Pipeline, "text_encoder_3", "tokenizer_3") if case == "sd3"
+                                   else (FluxPipeline, "text_encoder_2", "tokenizer_2"))
+            pipe = pipeline(cls, **{attr: model, tok_attr: tokenizer, "text_encoder": model})
+            expected = [pipe._get_t5_prompt_embeds([negative], max_sequence_length=LENGTH, device=CPU,
+                                                   dtype=torch.float32)[0]]
+        elif case == "pixart-sigma":
+            pipe = pipeline(PixArtSigmaPipeline, text_encoder=model, tokenizer=tokenizer, transformer=None)
+            _, _, neg, neg_mask = pipe.encode_prompt(PROMPTS, negative_prompt=negative, device=CPU,
+                                                     max_sequence_length=LENGTH)
+            expected = [neg[0][neg_mask[0].bool()]]
+        elif case == "clip-sd3":
+            pipe = pipeline(StableDiffusion3Pipeline, text_encoder=model, text_encoder_2=model, tokenizer=tokenizer,
+                            tokenizer_2=tokenizer, tokenizer_max_length=LENGTH)
+            states, pooled = pipe._get_clip_prompt_embeds([negative], device=CPU, clip_model_index=0)
+            expected = [states[0], pooled]
+        else:
+            pipe = pipeline(FluxPipeline, text_encoder=model, tokenizer=tokenizer, tokenizer_max_length=LENGTH)
+            expected = [pipe._get_clip_prompt_embeds([negative], device=CPU)]
+    assert [tuple(g.shape) for g in got] == [tuple(e.shape) for e in expected]
+    if case in ("sd3", "flux", "clip-sd3"):
+        assert got[0].shape[0] == LENGTH  # every padded position is scored
+    for g, e in zip(got, expected):
+        np.testing.assert_allclose(g.numpy(), e.numpy(), rtol=0, atol=1e-5)
