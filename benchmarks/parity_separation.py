@@ -95,7 +95,16 @@ MODELS: dict[str, tuple[dict[str, Any] | None, dict[str, Any], int | None]] = { 
     "bert": (BERT, _heavy("bert"), None),
     "minilm-recipe": (None, _recipe_plan("minilm"), None),
     "minilm-3reuse": (None, MINILM_3, None),
+    # As SD3 and FLUX call their encoders (DESIGN.md section 6): exported without attention_mask, prompts padded to the
+    # pipeline's length, every position (padding included) compared.
+    "t5-sd3-unmasked": (T5, _recipe_plan("sd3-40.5"), 256),
+    "umt5-sd3-unmasked": (UMT5, _recipe_plan("sd3-40.5", "umt5"), 256),
+    "t5-flux-unmasked": (T5, _recipe_plan("flux-dev-40.5"), 512),
+    "t5-reuse-unmasked": (T5, _recipe_plan("pixart-sigma-41.9"), 256),  # sd3/flux plans re-use nothing; this one 9 slots
+    "clip-projection-unmasked": (CLIP_PROJECTION, _heavy("clip"), 77),  # SD3's CLIP-L/G
+    "clip-unmasked": (CLIP, _heavy("clip"), 77),  # FLUX's CLIP-L
 }
+UNMASKED = {name for name in MODELS if name.endswith("-unmasked")}
 
 # (model, precision, quantization or None, seeds): in the order they run (most telling first, so that a cut-short run
 # still has them). Quantized: in the family's recipe precision (T5: bf16, MiniLM: fp32) or fp32.
@@ -113,6 +122,10 @@ CASES: list[tuple[str, str, str | None, int]] = [
     ("t5-sd3", "fp32", None, 0), ("t5-sd3", "bf16", None, 0), ("umt5-sd3", "bf16", None, 0),
     ("bert", "fp16", None, 0), ("umt5-pixart", "fp16", None, 0),
     ("minilm-recipe", "bf16", None, 0), ("clip-projection", "fp16", None, 0),
+    ("t5-sd3-unmasked", "fp32", None, 0), ("t5-sd3-unmasked", "bf16", None, 0), ("umt5-sd3-unmasked", "bf16", None, 0),
+    ("t5-flux-unmasked", "bf16", None, 0), ("t5-reuse-unmasked", "bf16", None, 0),
+    ("clip-projection-unmasked", "fp32", None, 0), ("clip-projection-unmasked", "bf16", None, 0),
+    ("clip-unmasked", "fp32", None, 0),
 ]
 # Faults recorded but not counted: the round trips must pass the wiring check (which widens Casts); the one in the
 # first norm silences one sub-block, which a residual stream at x1e4 hardly shows (recorded as a finding).
@@ -214,14 +227,15 @@ def _load(model_name: str, precision: str, quant: str | None, work: Path) -> tup
         (folder / "config.json").write_text(json.dumps(config))
         source = ModelSource(folder, random_weights=True)
     plan = parse_plan(plan_json)
-    module = apply_plan(load_encoder(source, plan, precision.removesuffix("-scaled")), plan)
+    masked = model_name not in UNMASKED
+    module = apply_plan(load_encoder(source, plan, precision.removesuffix("-scaled")), plan, masked)
     if precision.endswith("-scaled"):
         with torch.no_grad():
             dict(module.named_parameters())["stem.embed.weight"].mul_(EMBEDDING_SCALE)
     quantized = None
     if quant:
         quantized = quantize_module(module, Quantization("int8") if quant == "int8" else Quantization("int4", 32))
-    batches = prompt_batch(load_tokenizer(source), _config(source), "int64", seq)
+    batches = prompt_batch(load_tokenizer(source), _config(source), "int64", seq, attention_mask=masked)
     return source, plan, module, quantized, batches
 
 
