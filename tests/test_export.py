@@ -6,6 +6,7 @@ import hashlib
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 import pytest
 import torch
 
@@ -15,6 +16,7 @@ from skrr_export.compare import DEFAULT_TOLERANCES, compare
 from skrr_export.errors import ArtifactError
 from skrr_export.artifacts import SMALL_CONSTANT_BYTES, onnx_initializer_sizes, onnx_weight_bytes
 from skrr_export.export import ExportOptions, export_onnx
+from skrr_export.graph.half_scalars import rounded_scalars
 from skrr_export.model import ModelSource, load_encoder
 from skrr_export.runners import OrtFp32ArithmeticRunner, OrtRunner, TorchRunner
 
@@ -176,6 +178,7 @@ def test_half_export_is_executed_in_fp32_arithmetic_and_catches_a_wiring_error(f
     computing in fp32 on the same weights. The weights keep their precision in the rewritten graph (no fp32 copy);
     a planted wiring error (a re-used slot reading another sub-block's weight) fails the check."""
     module, art = exported(tiny_models, family, tmp_path, precision=precision)
+    assert rounded_scalars(ir.load(str(art.path))) == []  # test_half_scalars walks the other pairs
     half = {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
     batch = complete_feed(module.inputs, feed())
     with computed_in_fp32(module), TorchRunner(module, module.output_names) as torch_runner:

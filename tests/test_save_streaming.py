@@ -25,39 +25,41 @@ def sha256(path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def export_both_ways(folder, family, precision, tmp_path, monkeypatch, external=None):
-    """Export once; at the save, the same in-memory model is also written by onnx_ir.save (into ``tmp_path/ir``)."""
+def export_saved_three_ways(folder, family, precision, tmp_path, monkeypatch, external=None):
+    """Export once; at the save, the same in-memory model is written by the export's save, by onnx_ir.save (into
+    ``tmp_path/ir``) and, for a single file, streamed with every initializer streamed (into ``tmp_path/all``)."""
     streamed = export_module.save_model
-    reference = tmp_path / "ir"
-    reference.mkdir()
+    reference, every = tmp_path / "ir", tmp_path / "all"
+    reference.mkdir(), every.mkdir()
 
-    def both(model, path, external_data):
+    def three(model, path, external_data):
         streamed(model, path, external_data)
+        if not external_data:
+            with pytest.MonkeyPatch.context() as mp:
+                mp.setattr(save, "STREAM_MIN_BYTES", 1)
+                streamed(model, every / path.name, external_data)
         ir.save(model, str(reference / path.name), **({"external_data": path.name + ".data"} if external_data else {}))
 
-    monkeypatch.setattr(export_module, "save_model", both)
+    monkeypatch.setattr(export_module, "save_model", three)
     plan = make_plan(family, "heavy-reuse")
     module = apply_plan(load_encoder(ModelSource(folder), plan, precision), plan)
     art = export_onnx(module, tmp_path / "model.onnx", ExportOptions(external_data=external), vocab_size=96)
-    return art, reference
+    return art, reference, every
 
 
-@pytest.mark.parametrize("threshold", [save.STREAM_MIN_BYTES, 1])  # 1: every initializer streamed
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 @pytest.mark.parametrize("family", ["t5", "bert"])
-def test_streamed_model_onnx_is_byte_identical_to_onnx_irs(family, precision, threshold, tiny_models, tmp_path,
-                                                           monkeypatch):
-    monkeypatch.setattr(save, "STREAM_MIN_BYTES", threshold)
-    art, reference = export_both_ways(tiny_models[family][1], family, precision, tmp_path, monkeypatch)
+def test_streamed_model_onnx_is_byte_identical_to_onnx_irs(family, precision, tiny_models, tmp_path, monkeypatch):
+    """At the default threshold (small tensors inside the serialized proto) and with every initializer streamed."""
+    art, reference, every = export_saved_three_ways(tiny_models[family][1], family, precision, tmp_path, monkeypatch)
     assert art.data_path is None
-    assert sha256(art.path) == sha256(reference / "model.onnx")
-    streamed = ir.load(str(art.path))
-    streamed_count = sum(v.const_value.nbytes >= threshold for v in streamed.graph.initializers.values())
-    assert streamed_count >= (10 if threshold == 1 else 1)  # the comparison covers streamed tensors
+    assert sha256(art.path) == sha256(reference / "model.onnx") == sha256(every / "model.onnx")
+    sizes = [v.const_value.nbytes for v in ir.load(str(art.path)).graph.initializers.values()]
+    assert sum(n >= save.STREAM_MIN_BYTES for n in sizes) >= 1 and len(sizes) >= 10  # both saves streamed tensors
 
 
 def test_external_data_is_written_as_onnx_ir_writes_it(tiny_models, tmp_path, monkeypatch):
-    art, reference = export_both_ways(tiny_models["t5"][1], "t5", "fp32", tmp_path, monkeypatch, external=True)
+    art, reference, _ = export_saved_three_ways(tiny_models["t5"][1], "t5", "fp32", tmp_path, monkeypatch, external=True)
     assert art.data_path is not None and art.data_path.stat().st_size > 0
     assert sha256(art.path) == sha256(reference / "model.onnx")
     assert sha256(art.data_path) == sha256(reference / "model.onnx.data")

@@ -94,15 +94,27 @@ def test_the_export_as_made_passes_in_both_places(t5, capsys):
 
 
 @pytest.mark.parametrize("kind", PLANTS)
-def test_a_planted_copy_fails_the_export_with_exit_3_and_writes_nothing(kind, t5, tmp_path, monkeypatch):
-    module = t5[0]
+def test_a_planted_copy_fails_the_exports_check_with_exit_3(kind, t5):
+    """The check the export runs on its graph (export.weights_once), on the export with one copy planted."""
+    module, _, _, path = t5
     plant, name, copies = PLANTS[kind]
-    passes = export_module.graph_passes  # the export's own passes, then the plant: as a faulty pass would leave it
+    model = ir.load(str(path))
+    plant(model)
+    with pytest.raises(InvariantError) as raised:
+        weights_once(model, module)
+    assert raised.value.exit_code == 3
+    assert name in str(raised.value) and copies in str(raised.value), str(raised.value)
+
+
+def test_a_copy_left_by_a_pass_fails_the_export_and_writes_nothing(t5, tmp_path, monkeypatch):
+    """The export runs that check after its passes: a pass that leaves a copy (planted after them) stops it."""
+    module = t5[0]
+    plant, name, copies = PLANTS["transposed copy named val_*"]
+    passes = export_module.graph_passes
     monkeypatch.setattr(export_module, "graph_passes", lambda names: _Planted(passes(names), plant))
     with pytest.raises(InvariantError) as raised:
         export_onnx(module, tmp_path / "model.onnx", ExportOptions(), vocab_size=96)
-    assert raised.value.exit_code == 3
-    assert name in str(raised.value) and copies in str(raised.value), str(raised.value)
+    assert raised.value.exit_code == 3 and name in str(raised.value) and copies in str(raised.value)
     assert not (tmp_path / "model.onnx").exists()
 
 
@@ -144,16 +156,25 @@ def test_the_bound_grows_with_a_fixed_sequence_and_fills_are_not_copies(t5):
     assert weights_once(fill, module).constant_bytes >= 4096
 
 
-@pytest.mark.parametrize("what", ["integers reshaped", "embedding cast to bf16"])
-def test_the_quantized_form_refuses_a_copy_too(what, tiny_models, tmp_path):
-    """quantize's check is the same invariant: a copy of a weight's int8 integers, or of a float weight, is refused."""
-    from skrr_export.quantize import QUANTIZED_SUFFIX, Quantization, quantize_module, quantized_weights_once
+@pytest.fixture(scope="module")
+def t5_int8(tiny_models, tmp_path_factory):
+    """The tiny T5's heavy-reuse export quantized to int8: (module, quantized weights, model.onnx)."""
+    from skrr_export.quantize import Quantization, quantize_module
 
     plan = make_plan("t5", "heavy-reuse")
     module = apply_plan(load_encoder(ModelSource(tiny_models["t5"][1]), plan, "fp32"), plan)
     quantized = quantize_module(module, Quantization("int8"))
-    art = export_onnx(module, tmp_path / "model.onnx", ExportOptions(), vocab_size=96, quantized=quantized)
-    model = ir.load(str(art.path))
+    path = tmp_path_factory.mktemp("weights-once-int8") / "model.onnx"
+    return module, quantized, export_onnx(module, path, ExportOptions(), vocab_size=96, quantized=quantized).path
+
+
+@pytest.mark.parametrize("what", ["integers reshaped", "embedding cast to bf16"])
+def test_the_quantized_form_refuses_a_copy_too(what, t5_int8):
+    """quantize's check is the same invariant: a copy of a weight's int8 integers, or of a float weight, is refused."""
+    from skrr_export.quantize import QUANTIZED_SUFFIX, quantized_weights_once
+
+    module, quantized, path = t5_int8
+    model = ir.load(str(path))
     quantized_weights_once(model, module, quantized)  # as exported: passes
     if what == "integers reshaped":
         source = next(n for n in model.graph.initializers if n.endswith(QUANTIZED_SUFFIX))
