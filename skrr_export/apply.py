@@ -102,8 +102,19 @@ def unique_parameter_bytes(module: nn.Module) -> int:
     """Bytes of distinct parameter storages: a tensor shared by several slots counts once."""
     seen: dict[tuple[int, int], int] = {}
     for _, p in module.named_parameters(remove_duplicate=False):
-        seen[(p.untyped_storage().data_ptr(), p.storage_offset())] = p.numel() * p.element_size()
+        seen[_storage(p)] = p.numel() * p.element_size()
     return sum(seen.values())
+
+
+def parameter_keys(module: nn.Module) -> dict[str, str]:
+    """Every name a parameter goes by -> one name per parameter (its first): aliases of a re-used sub-block's
+    weights share a key."""
+    first: dict[tuple[int, int], str] = {}
+    return {name: first.setdefault(_storage(p), name) for name, p in module.named_parameters(remove_duplicate=False)}
+
+
+def _storage(p: torch.Tensor) -> tuple[int, int]:
+    return (p.untyped_storage().data_ptr(), int(p.storage_offset()))
 
 
 def _param_ids(module: nn.Module) -> set[int]:

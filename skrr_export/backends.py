@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from .environment import cuda_available
 from .errors import UserError
 
 BACKENDS = ("torch", "ort-cuda", "trt", "trt-rtx", "torch-compile", "ort-cuda-stock", "hf", "ort-cuda-fused")
@@ -15,14 +16,6 @@ TORCH_BACKENDS = ("torch", "torch-compile", "hf")
 # a fused copy of its graph reading the same weights, with our settings).
 ON_REQUEST = ("torch-compile", "ort-cuda-stock", "hf", "ort-cuda-fused")
 DENSE_ONLY = ("hf",)
-
-
-def cuda_available() -> bool:
-    try:
-        import torch
-    except ImportError:
-        return False
-    return bool(torch.cuda.is_available())
 
 
 def require_cuda() -> None:

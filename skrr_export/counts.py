@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
-from .errors import ModelError
+from .errors import ModelError, UserError
 
 BYTES = {"fp32": ("float32", 4), "fp16": ("float16", 2), "bf16": ("bfloat16", 2)}  # --precision -> dtype, bytes
 
@@ -291,9 +291,16 @@ def part_bytes(parts: list[Part], precision: str) -> dict[str, int]:
 def inspect_shape(config: Any, shape: tuple[int, int] | None) -> tuple[int, int]:
     """``shape`` (batch, sequence), or batch 1 and 256 tokens (fewer where the model has fewer positions); checked as
     ``workload.check_shapes`` checks it."""
-    from .workload import check_values
-
     limit = counting_for(config).positions(config)
     batch, seq = shape or (1, min(256, limit or 256))
     check_values((batch,), (seq,), limit)
     return batch, seq
+
+
+def check_values(batches: tuple[int, ...], sequences: tuple[int, ...], limit: int | None) -> None:
+    """Positive sizes, and no sequence beyond the model's ``limit`` positions (None: no limit)."""
+    for value, what in [(b, "batch size") for b in batches] + [(s, "sequence length") for s in sequences]:
+        if value < 1:
+            raise UserError(f"{what} must be a positive integer, got {value}")
+    if limit is not None and max(sequences) > limit:
+        raise UserError(f"sequence length {max(sequences)} exceeds this model's {limit} positions")

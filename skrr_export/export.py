@@ -18,7 +18,7 @@ from typing import Any
 import onnx_ir as ir
 import torch
 
-from .apply import SkrrEncoder, unique_parameter_bytes
+from .apply import SkrrEncoder, parameter_keys, unique_parameter_bytes
 from .errors import InvariantError
 from .graph.half_scalars import rounded_scalars
 from .graph import weights as weights_invariant
@@ -314,20 +314,9 @@ def weights_once(model: ir.Model, module: torch.nn.Module, sequence: int | None 
     return invariant.stored
 
 
-def parameter_keys(module: torch.nn.Module) -> dict[str, str]:
-    """Every name a parameter goes by -> one name per parameter (its first): aliases of a re-used sub-block's
-    weights share a key."""
-    first: dict[tuple[int, int], str] = {}
-    return {name: first.setdefault(_storage(p), name) for name, p in module.named_parameters(remove_duplicate=False)}
-
-
 def check_half_scalars(model: ir.Model) -> None:
     """The export's half-precision arithmetic uses every scalar at the precision PyTorch does (HalfScalarsInFp32);
     a rounded scalar left in the graph is a bug of this tool."""
     found = rounded_scalars(model)
     if found:
         raise InvariantError(f"{len(found)} half-precision node(s) compute with a rounded scalar, first: {found[0]}")
-
-
-def _storage(p: torch.Tensor) -> tuple[int, int]:
-    return (p.untyped_storage().data_ptr(), int(p.storage_offset()))

@@ -679,7 +679,7 @@ def _environment() -> dict[str, Any]:
     """The device, and the versions every report records (report.versions)."""
     import torch
 
-    from .report import versions
+    from .environment import versions
 
     props = torch.cuda.get_device_properties(0)
     return {"device": torch.cuda.get_device_name(0), "device_memory_bytes": int(props.total_memory),

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from .backends import cuda_available
+from .environment import cuda_available
 from .checks import ParityCheck, parity_checks
 from .compare import Tolerance, distance, runner_parity, tolerance_for
 from .errors import AccuracyError, ArtifactError, UserError

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .apply import parameter_keys
 from .errors import ArgumentError, InvariantError, UserError
 from .graph import weights as weights_invariant
 
@@ -411,8 +412,6 @@ def quantized_weights_once(model: Any, module: Any, quantized: QuantizedWeights,
     once (plain, or inside one integer and one scale initializer), the weights' bytes are the plan's kept weights at
     their quantized size (within 1 %: int4 pairs packed across joined weights), and everything else stored is within
     the bound for ``sequence`` and copies no weight. A violation is a bug of this tool (InvariantError)."""
-    from .export import parameter_keys
-
     keys = parameter_keys(module)
     params = dict(module.named_parameters(remove_duplicate=False))
     holders = {}

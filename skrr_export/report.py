@@ -6,27 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-LIBRARIES = ("torch", "transformers", "onnx", "onnxruntime", "onnxruntime-gpu", "onnxscript", "onnx-ir")
-BACKENDS = ("tensorrt", "tensorrt-rtx")
-
-
-def versions(all_backends: bool = False) -> dict[str, str]:
-    """skrr-export's version, Python's and the main libraries' (from package metadata: nothing is imported).
-    ``all_backends`` also lists the TensorRT packages, as 'not installed' where they are absent."""
-    import importlib.metadata as md
-    import platform
-
-    from . import __version__
-
-    out = {"skrr-export": __version__, "python": platform.python_version()}
-    for package in LIBRARIES + BACKENDS:
-        try:
-            out[package] = md.version(package)
-        except md.PackageNotFoundError:
-            if all_backends and package in BACKENDS:
-                out[package] = "not installed"
-    return out
-
+from .environment import versions  # noqa: F401  (report.versions: what every report records)
 
 def write_report(folder: Path, report: dict[str, Any]) -> None:
     (folder / "report.json").write_text(json.dumps(report, indent=2, sort_keys=False) + "\n")

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import UserError
+from .counts import check_values
 
 
 @dataclass(frozen=True)
@@ -28,15 +28,6 @@ def check_shapes(config: Any, batches: tuple[int, ...], sequences: tuple[int, ..
     check_values(batches, sequences, sizes_of(config).positions)
     return sorted((Shape(b, s) for b in dict.fromkeys(batches) for s in dict.fromkeys(sequences)),
                   key=lambda sh: (sh.batch * sh.seq, sh.batch))
-
-
-def check_values(batches: tuple[int, ...], sequences: tuple[int, ...], limit: int | None) -> None:
-    """Positive sizes, and no sequence beyond the model's ``limit`` positions (None: no limit)."""
-    for value, what in [(b, "batch size") for b in batches] + [(s, "sequence length") for s in sequences]:
-        if value < 1:
-            raise UserError(f"{what} must be a positive integer, got {value}")
-    if limit is not None and max(sequences) > limit:
-        raise UserError(f"sequence length {max(sequences)} exceeds this model's {limit} positions")
 
 
 def default_sequence(config: Any, preferred: int) -> int:
