@@ -230,9 +230,13 @@ class OrtFp32ArithmeticRunner(OrtRunner):
         opts.enable_cpu_mem_arena = False  # each widened weight goes back when its node is done, not to an arena
 
     def session_path(self) -> Path:
+        """The rewritten copy, beside the original: its weights are references to the original's bytes (inside
+        model.onnx or in its data file), so neither this process nor the file holds a second copy of them."""
         import onnx
 
-        model = onnx.load(str(self.path), load_external_data=False)
+        from .graph.read import proto_referencing_weights
+
+        model = proto_referencing_weights(self.path)
         self.rewrite(model)
         onnx.save(model, str(self.copy))
         return self.copy

@@ -46,3 +46,28 @@ def test_emulation_rounds_each_half_tensor_as_the_graph_stores_it(precision, tmp
         widened = runner.infer({"x": f(x)})["z"]
     np.testing.assert_allclose(widened, f(x) * f(x) * np.float32(1.0001) + f(x), rtol=1e-6)
     assert not np.array_equal(widened, emulated)
+
+
+@pytest.mark.parametrize("runner", [OrtFp32ArithmeticRunner, OrtHalfEmulationRunner])
+def test_the_rewritten_copy_reads_its_weight_from_the_original_file(runner, tmp_path):
+    """y = x @ W with a 32 KiB bf16 weight stored inside model.onnx: the copy the check runs refers to the weight's
+    bytes in model.onnx (external data at its offset) instead of holding them, and computes x @ W exactly."""
+    onnx_dtype, dtype = HALVES["bf16"]
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((128, 128)).astype(dtype)
+    x = rng.standard_normal((2, 128)).astype(dtype)
+    weight = onnx.numpy_helper.from_array(w.view(np.uint16), "w")
+    weight.data_type = onnx_dtype
+    g = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+                          [helper.make_tensor_value_info("x", onnx_dtype, [2, 128])],
+                          [helper.make_tensor_value_info("y", onnx_dtype, [2, 128])], [weight])
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 20)], ir_version=10), str(tmp_path / "model.onnx"))
+    with runner(tmp_path / "model.onnx", "bf16") as r:
+        y = r.infer({"x": np.asarray(x, np.float32)})["y"]
+        copy = onnx.load(str(r.copy), load_external_data=False)
+        assert r.copy.stat().st_size < w.nbytes / 4
+    stored = next(t for t in copy.graph.initializer if t.name == "w")
+    assert {e.key: e.value for e in stored.external_data}["location"] == "model.onnx"
+    exact = np.asarray(x, np.float64) @ np.asarray(w, np.float64)
+    expected = exact.astype(np.float32) if runner is OrtFp32ArithmeticRunner else exact.astype(dtype).astype(np.float32)
+    np.testing.assert_allclose(y, expected, rtol=1e-5 if runner is OrtFp32ArithmeticRunner else 1e-2, atol=1e-5)

@@ -1,14 +1,20 @@
-"""Reading an ONNX file into onnx_ir: the one reader of the ONNX layer (external data stays on disk until read)."""
+"""Reading an ONNX file: the one reader of the ONNX layer (external data stays on disk until read), and a proto of
+the file whose weights stay in it (``proto_referencing_weights``), for rewritten copies that run beside it."""
 
 from __future__ import annotations
 
+import mmap
 import os
 from pathlib import Path
 
+import onnx
 import onnx_ir as ir
 
 from ..artifacts import check_onnx_files
 from ..errors import ArtifactError
+from .wire import GRAPH_INITIALIZER, LENGTH_DELIMITED, MODEL_GRAPH, TENSOR_NAME, TENSOR_RAW_DATA, fields, varint
+
+REFERENCED_MIN_BYTES = 4096  # smaller initializers are copied into the proto (rewrites may read them)
 
 
 def read_model(path: Path) -> ir.Model:
@@ -18,3 +24,60 @@ def read_model(path: Path) -> ir.Model:
         return ir.load(os.fspath(path))
     except Exception as exc:  # protobuf's DecodeError and the like
         raise ArtifactError(f"{path} is not a readable ONNX model ({type(exc).__name__}); export it again") from None
+
+
+def proto_referencing_weights(path: Path) -> onnx.ModelProto:
+    """The ModelProto at ``path`` with every initializer of ``REFERENCED_MIN_BYTES`` or more held inside the file left
+    there: the tensor becomes external data pointing at its bytes in ``path`` (location, offset, length), so the
+    proto holds no weight. Saved beside ``path``, it is a model that runs on the original's weights without a copy;
+    initializers already external keep their references. Reads only the file's small fields (mapped)."""
+    check_onnx_files(path)
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+        small, references = _without_raw_data(buf)
+    proto = onnx.ModelProto()
+    try:
+        proto.ParseFromString(small)
+    except Exception as exc:
+        raise ArtifactError(f"{path} is not a readable ONNX model ({type(exc).__name__}); export it again") from None
+    for tensor in proto.graph.initializer:
+        if tensor.name in references:
+            offset, length = references[tensor.name]
+            tensor.data_location = onnx.TensorProto.EXTERNAL
+            for key, value in (("location", path.name), ("offset", str(offset)), ("length", str(length))):
+                entry = tensor.external_data.add()
+                entry.key, entry.value = key, value
+    return proto
+
+
+def _without_raw_data(buf: mmap.mmap) -> tuple[bytes, dict[str, tuple[int, int]]]:
+    """The file's model with large raw_data fields left out; tensor name -> (offset, length) of each one left out."""
+    references: dict[str, tuple[int, int]] = {}
+    out = bytearray()
+    for number, start, value, end in fields(buf, 0, len(buf)):
+        if number != MODEL_GRAPH:
+            out += buf[start:end]
+            continue
+        graph = bytearray()
+        for g_number, g_start, g_value, g_end in fields(buf, value, end):
+            if g_number == GRAPH_INITIALIZER:
+                graph += _delimited(g_number, _tensor_without_raw_data(buf, g_value, g_end, references))
+            else:
+                graph += buf[g_start:g_end]
+        out += _delimited(number, graph)
+    return bytes(out), references
+
+
+def _tensor_without_raw_data(buf: mmap.mmap, start: int, end: int, references: dict[str, tuple[int, int]]) -> bytes:
+    found = list(fields(buf, start, end))
+    names = [bytes(buf[v:e]).decode() for n, _, v, e in found if n == TENSOR_NAME]
+    out = bytearray()
+    for number, field_start, value, field_end in found:
+        if number == TENSOR_RAW_DATA and names and field_end - value >= REFERENCED_MIN_BYTES:
+            references[names[0]] = (value, field_end - value)
+        else:
+            out += buf[field_start:field_end]
+    return bytes(out)
+
+
+def _delimited(number: int, payload: bytes | bytearray) -> bytes:
+    return varint(number << 3 | LENGTH_DELIMITED) + varint(len(payload)) + bytes(payload)

@@ -13,7 +13,6 @@ way the exporter's own save writes them (onnx_ir streams those already).
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Union
@@ -23,10 +22,10 @@ import onnx_ir as ir
 
 from ..artifacts import unique_sibling
 from ..errors import InvariantError
+from .wire import (GRAPH_INITIALIZER, LENGTH_DELIMITED, MODEL_GRAPH, TENSOR_NAME, TENSOR_RAW_DATA, fields,
+                   varint)
 
 STREAM_MIN_BYTES = 4096  # smaller initializers stay inside the serialized model
-_MODEL_GRAPH, _GRAPH_INITIALIZER, _TENSOR_NAME, _TENSOR_RAW_DATA = 7, 5, 8, 9
-_LENGTH_DELIMITED = 2
 Part = Union[bytes, "_Data"]  # a piece of the file: bytes as they are, or a tensor's data
 
 
@@ -135,60 +134,19 @@ def _checker(path: Path) -> None:
         raise InvariantError(f"exported ONNX fails onnx.checker: {str(exc).splitlines()[0]}") from None
 
 
-# ----------------------------------------------------------------------------------------------- the wire format
-
-
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, value = value & 0x7F, value >> 7
-        out.append(byte | (0x80 if value else 0))
-        if not value:
-            return bytes(out)
-
-
-def _read_varint(buf: bytes, pos: int) -> tuple[int, int]:
-    value = shift = 0
-    while True:
-        byte = buf[pos]
-        value, shift, pos = value | (byte & 0x7F) << shift, shift + 7, pos + 1
-        if not byte & 0x80:
-            return value, pos
-
-
-def _fields(buf: bytes, start: int, end: int) -> Iterator[tuple[int, int, int, int]]:
-    """(field number, field start, value start, field end) of each field of the message in ``buf[start:end]``;
-    the value of a length-delimited field is ``buf[value start:field end]``."""
-    pos = start
-    while pos < end:
-        key, value_start = _read_varint(buf, pos)
-        wire = key & 7
-        if wire == 0:
-            field_end = _read_varint(buf, value_start)[1]
-        elif wire == _LENGTH_DELIMITED:
-            length, value_start = _read_varint(buf, value_start)
-            field_end = value_start + length
-        elif wire in (1, 5):
-            field_end = value_start + (8 if wire == 1 else 4)
-        else:
-            raise InvariantError(f"unexpected protobuf wire type {wire} while saving the ONNX model")
-        yield key >> 3, pos, value_start, field_end
-        pos = field_end
-
-
 def _size(parts: list[Part]) -> int:
     return sum(len(p) if isinstance(p, bytes) else int(p.tensor.nbytes) for p in parts)
 
 
 def _nested(number: int, parts: list[Part]) -> list[Part]:
     """A length-delimited field holding ``parts``: its key and length, then the parts."""
-    return [_varint(number << 3 | _LENGTH_DELIMITED) + _varint(_size(parts)), *parts]
+    return [varint(number << 3 | LENGTH_DELIMITED) + varint(_size(parts)), *parts]
 
 
 def _model_parts(buf: bytes, hollow: dict[str, ir.TensorProtocol]) -> list[Part]:
     parts: list[Part] = []
-    for number, start, value, end in _fields(buf, 0, len(buf)):
-        parts += _nested(number, _graph_parts(buf, value, end, hollow)) if number == _MODEL_GRAPH else [buf[start:end]]
+    for number, start, value, end in fields(buf, 0, len(buf)):
+        parts += _nested(number, _graph_parts(buf, value, end, hollow)) if number == MODEL_GRAPH else [buf[start:end]]
     if hollow:
         raise InvariantError(f"initializers {', '.join(sorted(hollow)[:3])} were not found while saving the ONNX model")
     return parts
@@ -196,8 +154,8 @@ def _model_parts(buf: bytes, hollow: dict[str, ir.TensorProtocol]) -> list[Part]
 
 def _graph_parts(buf: bytes, start: int, end: int, hollow: dict[str, ir.TensorProtocol]) -> list[Part]:
     parts: list[Part] = []
-    for number, field_start, value, field_end in _fields(buf, start, end):
-        if number == _GRAPH_INITIALIZER:
+    for number, field_start, value, field_end in fields(buf, start, end):
+        if number == GRAPH_INITIALIZER:
             parts += _nested(number, _tensor_parts(buf, value, field_end, hollow))
         else:
             parts.append(buf[field_start:field_end])
@@ -206,13 +164,13 @@ def _graph_parts(buf: bytes, start: int, end: int, hollow: dict[str, ir.TensorPr
 
 def _tensor_parts(buf: bytes, start: int, end: int, hollow: dict[str, ir.TensorProtocol]) -> list[Part]:
     """A TensorProto's fields; a hollow tensor's empty ``raw_data`` becomes its data."""
-    fields = list(_fields(buf, start, end))
-    names = [buf[v:e].decode() for n, _, v, e in fields if n == _TENSOR_NAME]
+    found = list(fields(buf, start, end))
+    names = [buf[v:e].decode() for n, _, v, e in found if n == TENSOR_NAME]
     tensor = hollow.pop(names[0], None) if names else None
     parts: list[Part] = []
-    for number, field_start, value, field_end in fields:
-        if tensor is not None and number == _TENSOR_RAW_DATA and value == field_end:
-            parts += [_varint(number << 3 | _LENGTH_DELIMITED) + _varint(int(tensor.nbytes)), _Data(names[0], tensor)]
+    for number, field_start, value, field_end in found:
+        if tensor is not None and number == TENSOR_RAW_DATA and value == field_end:
+            parts += [varint(number << 3 | LENGTH_DELIMITED) + varint(int(tensor.nbytes)), _Data(names[0], tensor)]
             tensor = None
         else:
             parts.append(buf[field_start:field_end])
