@@ -2,6 +2,7 @@
 
     python benchmarks/engine_memory.py run --case minilm --code before --code after
     python benchmarks/engine_memory.py run --case xxl-bf16 --code after      # one large case at a time
+    python benchmarks/engine_memory.py build --onnx OUT/model.onnx --label xxl-bf16 --code before --code after
     python benchmarks/engine_memory.py summarize                              # the table for benchmarks/README.md
 
 Each run is the CLI in a child process (``skrr-export ... --engine trt-rtx``); this process samples the child's VmRSS
@@ -135,6 +136,49 @@ def run_one(case: str, code: str, tmp: Path, extra: list[str]) -> dict:
     return result
 
 
+BUILD_CHILD = """
+import sys, json, time
+from pathlib import Path
+from skrr_export.trt import EngineOptions, ShapeRange, build_engine
+print("[skrr-export] engine ...", file=sys.stderr, flush=True)
+onnx, seq = Path(sys.argv[1]), sys.argv[2]
+art = build_engine(onnx, "trt-rtx", EngineOptions(batch=ShapeRange(1, 1, 4), sequence=ShapeRange.parse(seq, "seq")),
+                   Path(sys.argv[3]), {})
+print("[skrr-export] engine done in 0 s", file=sys.stderr, flush=True)
+print(json.dumps({k: art.metadata.get(k) for k in ("serialized_bytes", "onnx_weight_bytes", "weights")}), file=sys.stderr)
+"""
+
+
+def build_only(onnx: Path, sequence: str, code: str, label: str) -> None:
+    """The engine stage alone (build_engine in a child) on an existing export: before/after without the export."""
+    results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {"runs": []}
+    with tempfile.TemporaryDirectory(prefix="engine-memory-", dir=os.environ.get("ENGINE_MEMORY_TMP")) as tmp:
+        source = tree(code, Path(tmp))
+        env = dict(os.environ, PYTHONPATH=str(source))
+        base = subprocess.run([sys.executable, "-c", "import onnx, tensorrt_rtx, skrr_export.trt; "
+                               "print(open('/proc/self/status').read())"], capture_output=True, text=True, env=env,
+                              check=True).stdout
+        base = next(int(l.split()[1]) * 1024 for l in base.splitlines() if l.startswith("VmRSS:"))
+        code_, stages, lines, seconds = sampled([sys.executable, "-c", BUILD_CHILD, str(onnx), sequence,
+                                                  str(Path(tmp) / "engine.plan")], env)
+    meta = json.loads(lines[-1]) if code_ == 0 else {}
+    weights = meta.get("onnx_weight_bytes")
+    peak = stages.get("engine", {"peak": 0})["peak"]
+    r = {"case": label, "code": "HEAD" if code == "after" else BEFORE, "label": f"build-only {code}", "exit_code": code_,
+         "seconds": round(seconds, 1), "import_baseline_gib": round(base / GIB, 3), "onnx_weight_bytes": weights,
+         "engine_bytes": meta.get("serialized_bytes"), "engine_weights": meta.get("weights"),
+         "peak_gib": round(peak / GIB, 3), "peak_above_baseline_gib": round((peak - base) / GIB, 3),
+         "engine_file_backed_gib": round(stages.get("engine", {"file": 0})["file"] / GIB, 3),
+         "stages_gib": {k: {"peak": round(v["peak"] / GIB, 3), "file_backed": round(v["file"] / GIB, 3)}
+                        for k, v in stages.items()}, "estimate_gib": None, "stderr_tail": lines[-3:]}
+    if weights:
+        r["bound_gib"] = round((1.1 * weights + 0.6 * GIB) / GIB, 3)
+        r["within_bound"] = peak - base <= 1.1 * weights + 0.6 * GIB
+    print(json.dumps(r, indent=2), flush=True)
+    results["runs"] = [x for x in results["runs"] if (x["case"], x["label"]) != (label, r["label"])] + [r]
+    RESULTS.write_text(json.dumps(results, indent=2) + "\n")
+
+
 def run(case: str, codes: list[str], extra: list[str]) -> None:
     results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {"runs": []}
     with tempfile.TemporaryDirectory(prefix="engine-memory-", dir=os.environ.get("ENGINE_MEMORY_TMP")) as tmp:
@@ -171,13 +215,20 @@ def _versions() -> dict[str, str]:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("command", choices=["run", "summarize"])
+    p.add_argument("command", choices=["run", "build", "summarize"])
+    p.add_argument("--onnx", type=Path, help="build: an existing export's model.onnx")
+    p.add_argument("--sequence", default="300", help="build: the sequence profile (the export's fixed sequence)")
+    p.add_argument("--label", help="build: the case name to record it under")
     p.add_argument("--case", choices=list(CASES))
     p.add_argument("--code", action="append", choices=["before", "after"])
     p.add_argument("extra", nargs="*", help="more CLI flags after --")
     args = p.parse_args()
     if args.command == "summarize":
         summarize()
+        return 0
+    if args.command == "build":
+        for code in args.code or ["before", "after"]:
+            build_only(args.onnx, args.sequence, code, args.label)
         return 0
     run(args.case, args.code or ["before", "after"], args.extra)
     return 0

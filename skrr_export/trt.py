@@ -568,6 +568,44 @@ def execution_blocker(engine: str) -> str | None:
     return None
 
 
+def load_engine(engine_path: Path, engine: str, onnx_path: Path | None = None) -> tuple[Any, Any, Any]:
+    """(runtime, engine, logger) for ``engine_path`` in the runtime of the backend that built it (checked against
+    engine.json); a weight-stripped engine is refitted from the export's own ONNX weights (``onnx_path``, default
+    model.onnx beside it), mapped from its data file. Keep the runtime alive as long as the engine."""
+    backend = load_backend(engine)
+    blocker = execution_blocker(engine)
+    if blocker:
+        raise ArtifactError(blocker.replace("built, not executed", f"cannot load {engine_path.name}"))
+    meta = check_engine_metadata(engine_path, backend)
+    with bound(backend):
+        logger = _make_logger()
+        runtime = trt.Runtime(logger)
+        loaded = runtime.deserialize_cuda_engine(engine_path.read_bytes())
+        if loaded is None:
+            raise ArtifactError(f"cannot load {engine_path.name}: {'; '.join(logger.errors()) or 'no reason logged'}")
+        if meta.get("options", {}).get("strip_weights"):
+            _refit(loaded, onnx_path or engine_path.with_name("model.onnx"), logger)
+        return runtime, loaded, logger
+
+
+def _refit(engine: Any, onnx_path: Path, logger: Any) -> None:
+    """Put the weights a weight-stripped engine left out back from the ONNX: its data file mapped (no copy) where it
+    has one, else read from the file by the parser."""
+    refitter = trt.Refitter(engine, logger)
+    parser = trt.OnnxParserRefitter(refitter, logger)
+    with ExitStack() as weights:
+        mapped = _external_initializers(onnx_path, weights)
+        if mapped:
+            ok = parser.load_model_proto(onnx_path.read_bytes(), str(onnx_path)) and all(
+                parser.load_initializer(name, address, size) for name, address, size in mapped) and parser.refit_model_proto()
+        else:
+            ok = parser.refit_from_file(str(onnx_path))
+        if not ok or not refitter.refit_cuda_engine():
+            errors = [parser.get_error(i).desc() for i in range(parser.num_errors)] + logger.errors()
+            raise ArtifactError(f"cannot refit the weight-stripped engine from {onnx_path.name}: "
+                                f"{'; '.join(errors[-3:]) or 'no reason logged'}")
+
+
 class TrtRunner(Runner):
     """Runs an engine on CUDA: allocate by profile, set shapes, run on a stream, return named outputs."""
 
@@ -589,13 +627,8 @@ class TrtRunner(Runner):
         blocker = execution_blocker(self.backend.engine)
         if blocker:
             raise ArtifactError(blocker)
-        check_engine_metadata(self.engine_path, self.backend)
+        self._runtime, engine, self._logger = load_engine(self.engine_path, self.backend.engine)
         with bound(self.backend):
-            self._logger = _make_logger()
-            self._runtime = trt.Runtime(self._logger)
-            engine = self._runtime.deserialize_cuda_engine(self.engine_path.read_bytes())
-            if engine is None:
-                raise ArtifactError(f"cannot load {self.engine_path.name}: {'; '.join(self._logger.errors())}")
             if self.budget is not None:
                 engine.weight_streaming_budget_v2 = self.budget
             self._engine, self._context = engine, engine.create_execution_context()

@@ -291,3 +291,37 @@ def test_a_failed_streamed_build_leaves_no_file(onnx_files, tmp_path):
     with pytest.raises(ArtifactError, match="trt-rtx build failed"):
         build_engine(onnx_files("bert", "dense"), "trt-rtx", replace(OPTIONS, strip_weights=True), tmp_path / "engine.plan", {})
     assert list(tmp_path.iterdir()) == []
+
+
+@needs_rtx
+def test_loading_an_engine_says_why_not_on_this_machine(engines):
+    """load_engine checks the machine before the plan: without an RTX-class GPU it names the reason (here, where
+    the RTX engines of this suite cannot run)."""
+    from skrr_export.trt import execution_blocker, load_engine
+
+    blocker = execution_blocker("trt-rtx")
+    if blocker is None:
+        pytest.skip("an RTX-class GPU is here: test_rtx_weight_stripped_engine_refits_and_runs loads engines")
+    art = engines("bert", "dense")
+    with pytest.raises(ArtifactError, match=f"cannot load engine.plan: {blocker.split(': ', 1)[1]}"):
+        load_engine(art.path, "trt-rtx")
+
+
+@needs_rtx
+@pytest.mark.skipif(not cuda_available(), reason="a weight-stripped TensorRT-RTX build and its refit need a CUDA device")
+def test_rtx_weight_stripped_engine_refits_and_runs(tiny_models, tmp_path):  # pragma: no cover - RTX GPUs only
+    """--strip-weights: the plan is smaller than the full engine, load_engine refits it from the export's own
+    model.onnx(.data), and the refitted engine passes the job's parity check against PyTorch."""
+    from skrr_export.cli import main
+    from skrr_export.trt import execution_blocker
+
+    if execution_blocker("trt-rtx"):
+        pytest.skip(f"needs an RTX-class GPU (compute capability 8.0/8.6/8.9/12.x): {execution_blocker('trt-rtx')}")
+    _, folder = tiny_models["bert"]
+    plan_path = write_plan(tmp_path, make_plan("bert", "dense").to_json())
+    common = ["--plan", str(plan_path), "--model", str(folder), "--engine", "trt-rtx", "--no-dense-distance", "-q"]
+    assert main([*common, "--out", str(tmp_path / "full")]) == 0
+    assert main([*common, "--strip-weights", "--out", str(tmp_path / "stripped")]) == 0
+    stripped = json.loads((tmp_path / "stripped" / "report.json").read_text())
+    assert stripped["parity"][-1]["passed"] is True
+    assert (tmp_path / "stripped" / "engine.plan").stat().st_size < (tmp_path / "full" / "engine.plan").stat().st_size / 2
