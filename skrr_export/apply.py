@@ -34,6 +34,13 @@ class SkrrEncoder(nn.Module):
         self.inputs = enc.adapter.inputs if attention_mask else without_mask(enc.adapter.inputs)
         self.input_names = tuple(i.name for i in self.inputs)
         self.output_names = enc.adapter.output_names(enc.config)
+        # id -> the checkpoint's name (its first, where weights are tied): what a person reads (``checkpoint_name``)
+        self.checkpoint_names = {id(p): n for n, p in reversed(list(enc.model.named_parameters(remove_duplicate=False)))}
+
+    def checkpoint_name(self, name: str) -> str:
+        """A parameter's name in the checkpoint (``encoder.block.3.layer.0.SelfAttention.q.weight``) for its name in
+        this module (``kept.6.layer.SelfAttention.q.weight``, ``stem.…``): reports, inspect and errors use the former."""
+        return self.checkpoint_names.get(id(self.get_parameter(name)), name)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *optional: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """``optional``: the family's optional inputs, in the order it declares them (BERT's token_type_ids)."""

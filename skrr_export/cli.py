@@ -375,12 +375,26 @@ def _parity_line(check: dict[str, Any]) -> str:
     where = f" on the {check['batch']}" if "batch" in check else ""
     if check.get("passed") is None:
         return f"{check['test']} vs {check['reference']}{where}: {check['reason']}"
+    from .compare import Tolerance, deciding
+
     worst = max(check["outputs"], key=lambda o: o["max_token_error"])
-    tol = worst["tolerance"]["max_token_error"]
-    bound = f" <= {tol:g}" if tol is not None and check["passed"] else f", tolerance {tol:g}" if tol is not None else ""
+    tol = Tolerance(**worst["tolerance"])
+    decided = ", ".join(_decided(s, worst, tol) for s in deciding(tol))
     name = f"{check['check']} check: " if "check" in check else ""
     return (f"{name}{check['test']} vs {check['reference']}{where}: {'PASSED' if check['passed'] else 'FAILED'} "
-            f"(token error {worst['max_token_error']:.3g}{bound} in {worst['name']})")
+            f"(decided by {decided} in {worst['name']}; max abs/rel: information only, in report.md)")
+
+
+def _decided(statistic: str, stats: dict[str, Any], tol: Any) -> str:
+    """One statistic that decides pass/fail against its bound: ``token error 2.1e-06 <= 3e-05``."""
+    value = stats[statistic]
+    if statistic == "min_cosine":
+        return f"min cosine {value:.6g} {'>=' if value >= tol.min_cosine else '<'} {tol.min_cosine:g}"
+    if statistic == "max_abs":  # element-wise |test - ref| <= atol + rtol |ref|: the atol that passes, against atol
+        value, bound, label = stats["needed_atol"], tol.atol, f"atol needed at rtol {tol.rtol:g}"
+    else:
+        bound, label = tol.max_token_error, "token error"
+    return f"{label} {value:.3g} {'<=' if value <= bound else '>'} {bound:g}"
 
 
 # ----------------------------------------------------------------------------------------------- inspect
@@ -425,9 +439,20 @@ def _inspect_precision(args: argparse.Namespace, recipe: Any, exported: dict[str
     return str(exported["precision"])
 
 
-def _inspect_quantization(args: argparse.Namespace) -> Any:
-    """--quantize / --quant-block, read by ``quantize`` only when given: its accounting builds the model on the meta
-    device, so it needs torch, and says so in one line where torch is missing."""
+def _inspect_quantization(args: argparse.Namespace, exported: dict[str, Any] | None = None) -> Any:
+    """--quantize / --quant-block, or the ONNX's own quantization (a flag that contradicts it is refused), read by
+    ``quantize`` only when there is one: its accounting builds the model on the meta device, so it needs torch, and
+    says so in one line where torch is missing."""
+    from .inspect_plan import quantization_name
+
+    stored = (exported or {}).get("quantization")
+    if stored:
+        if args.quantize not in (None, stored["scheme"]) or args.quant_block not in (None, stored["block"]):
+            given = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in (("quantize", args.quantize),
+                                                                         ("quant_block", args.quant_block)) if v)
+            raise ArgumentError(f"inspect: {given}, but {exported['onnx']} holds {quantization_name(stored)} weights; leave "
+                                "--quantize out to use the ONNX's")
+        args = argparse.Namespace(**vars(args) | {"quantize": stored["scheme"], "quant_block": stored["block"]})
     if args.quantize is None and args.quant_block is None:
         return None
     try:
@@ -439,24 +464,35 @@ def _inspect_quantization(args: argparse.Namespace) -> Any:
                         "meta device), which is not installed; install torch, or leave --quantize out") from None
 
 
+def _recipe_shape(recipe: Any) -> tuple[int, int] | None:
+    """The shape a recipe ships: its fixed sequence at its profile's opt batch (None: the recipe fixes no sequence)."""
+    export = recipe.export if recipe is not None else {}
+    if not export.get("fixed_sequence"):
+        return None
+    batch = str(export.get("batch") or EXPORT_DEFAULTS["batch"]).split(",")
+    return int(batch[1] if len(batch) == 3 else batch[0]), int(export["fixed_sequence"])
+
+
 def cmd_inspect(argv: list[str]) -> int:
     """Without --quantize (and --onnx) torch is never imported: the counts come from the config (``counts``)."""
     args = _inspect_parser().parse_args(argv)
     _setup_logging(True)
-    quantization = _inspect_quantization(args)
     if args.plan is None and args.recipe is None and args.onnx is None:
         raise ArgumentError("inspect: give --plan or --recipe (with --model) and/or --onnx")
     from .inspect_plan import agreement, check_weights_once, inspect_onnx, inspect_plan, render, render_onnx
 
     exported = inspect_onnx(args.onnx) if args.onnx is not None else None
+    quantization = _inspect_quantization(args, exported if args.plan is not None or args.recipe is not None else None)
     info: dict[str, Any] = {}
     if args.plan is not None or args.recipe is not None:
         from .plan import load_plan
         from .recipes import default_model_path
 
         recipe = _resolve_recipe(args, "inspect", config_only=True)
+        shape = _shape(args.shape) or _recipe_shape(recipe)
         info = inspect_plan(load_plan(args.plan), args.model or default_model_path(), args.subfolder,
-                            _inspect_precision(args, recipe, exported), _shape(args.shape), quantization)
+                            _inspect_precision(args, recipe, exported), shape, quantization)
+        info["flops"]["shape_from"] = "--shape" if args.shape else "the recipe" if shape else "default"
     if exported is not None:
         info["exported"] = exported | (agreement(info, exported) if "bytes_after" in info else {})
     if args.json:

@@ -26,6 +26,22 @@ class Tolerance:
     max_token_error: float | None = None
 
 
+# The statistics a parity result reports (OutputStats field -> the name a person reads), in report order.
+STATISTICS = {"max_token_error": "token error", "min_cosine": "min cos", "max_abs": "max abs", "mean_abs": "mean abs",
+              "max_rel": "max rel", "mean_cosine": "mean cos"}
+INFORMATION_ONLY = ("absolute errors depend on the model's scale, and relative error |test - ref| / |ref| grows "
+                    "without bound at elements whose reference is near zero (values above 1 are normal in bf16), so "
+                    "neither separates a correct export from a faulty one; the token error is scale-free "
+                    "per token (benchmarks/README.md, parity separation)")
+
+
+def deciding(tol: Tolerance) -> tuple[str, ...]:
+    """The statistics (``STATISTICS`` keys) that ``tol`` bounds, i.e. that decide pass/fail; the rest are reported
+    for information. NaN/Inf always decides."""
+    return tuple(s for s, bounded in (("max_token_error", tol.max_token_error is not None), ("min_cosine", True),
+                                      ("max_abs", tol.atol is not None)) if bounded)
+
+
 # Per check (checks.py): "wiring" (the graph and PyTorch both computing in fp32 on the same stored weights, every
 # precision) and "precision-<p>" (the graph as shipped in its precision against PyTorch in that precision: emulated
 # on ONNX Runtime's CPU provider, or CUDA / TensorRT). Set from benchmarks/results/parity-separation-cpu.json

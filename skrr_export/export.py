@@ -22,6 +22,7 @@ from .apply import SkrrEncoder, parameter_keys, unique_parameter_bytes
 from .errors import InvariantError
 from .graph.half_scalars import rounded_scalars
 from .graph import weights as weights_invariant
+from .units import size
 from .graph.save import save_model
 from .graph.weights import Initializers
 
@@ -109,8 +110,8 @@ def export_onnx(module: SkrrEncoder, path: Path, options: ExportOptions, vocab_s
     data_path = path.with_name(path.name + ".data") if external else None
     save_model(program.model, path, external)  # and onnx.checker on it, without reading the weights back
     seconds = time.perf_counter() - start
-    log.info("exported %s: %d weights (%d bytes, each parameter once), %d constants (%d bytes) in %.1f s",
-             path.name, stored.weight_count, stored.weight_bytes, stored.constant_count, stored.constant_bytes, seconds)
+    log.info("exported %s: %d weights (%s, each parameter once), %d constants (%s) in %.1f s", path.name,
+             stored.weight_count, size(stored.weight_bytes), stored.constant_count, size(stored.constant_bytes), seconds)
     return OnnxArtifact(
         path=path,
         data_path=data_path,

@@ -11,9 +11,11 @@ from .errors import AccuracyError, ArtifactError
 from .graph import weights
 from .graph.read import read_model
 from .plan import Plan, kind_of
+from .units import size
 
 PRECISIONS = {ir.DataType.FLOAT: "fp32", ir.DataType.FLOAT16: "fp16", ir.DataType.BFLOAT16: "bf16"}
 QUANTIZED_DTYPES = {"int8", "int4"}
+SCHEMES = {ir.DataType.INT8: "int8", ir.DataType.INT4: "int4"}
 
 
 def inspect_plan(plan: Plan, model: Path, subfolder: str | None, precision: str,
@@ -68,10 +70,9 @@ def _slots(plan: Plan) -> list[dict[str, Any]]:
 
 
 def render(info: dict[str, Any]) -> str:
-    def gb(n: int) -> str:
-        return f"{n / 1e9:.3f} GB"
-
-    lines = [f"{info['family']} encoder, {info['num_blocks']} blocks ({info['num_slots']} sub-blocks), {info['precision']}"]
+    gb = size
+    lines = [f"{info['family']} encoder, {info['num_blocks']} blocks ({info['num_slots']} sub-blocks), {info['precision']}"
+             f"{_scheme(info.get('quantization'))}"]
     for s in info["slots"]:
         if s["state"] != "kept":
             lines.append(f"  slot {s['slot']:>3} (block {s['block']:>2} {s['kind']:<9}) {s['state']}")
@@ -86,8 +87,9 @@ def render(info: dict[str, Any]) -> str:
         f"(compute fraction {info['compute_fraction']:.3f})"
     )
     f = info["flops"]
-    lines.append(f"executed FLOPs at {f['batch']}x{f['seq']}: {f['plan'] / 1e12:.4g} of {f['dense'] / 1e12:.4g} TFLOP "
-                 f"(fraction {f['fraction']:.3f}; matmuls and attention, as torch counts them)")
+    where = {"the recipe": ", the recipe's fixed sequence and opt batch", "--shape": ", --shape"}.get(f.get("shape_from"), "")
+    lines.append(f"executed FLOPs at {f['batch']}x{f['seq']}{where}: {f['plan'] / 1e12:.4g} of {f['dense'] / 1e12:.4g} "
+                 f"TFLOP (fraction {f['fraction']:.3f}; matmuls and attention, as torch counts them)")
     if "quantization" in info:
         from .quantize import render as render_quantization
 
@@ -104,8 +106,27 @@ def inspect_onnx(path: Path) -> dict[str, Any]:
         tensor = value.const_value
         if tensor is not None:
             by_dtype[tensor.dtype.name.lower()] = by_dtype.get(tensor.dtype.name.lower(), 0) + int(tensor.nbytes)
-    return {"onnx": str(path), "precision": _precision(model, path), "initializers": len(model.graph.initializers),
-            "bytes": by_dtype, "total_bytes": sum(by_dtype.values())}
+    return {"onnx": str(path), "precision": _precision(model, path), "quantization": _quantization(model),
+            "initializers": len(model.graph.initializers), "bytes": by_dtype, "total_bytes": sum(by_dtype.values())}
+
+
+def _quantization(model: ir.Model) -> dict[str, Any] | None:
+    """The weight-only quantization the file stores (``quantize.store_quantized``'s form): int8 or int4 integers into
+    DequantizeLinear, block-wise where it has a block_size; None: not quantized."""
+    for node in model.graph:
+        if node.op_type == "DequantizeLinear" and node.inputs[0] is not None and node.inputs[0].dtype in SCHEMES:
+            block = node.attributes.get("block_size")
+            return {"scheme": SCHEMES[node.inputs[0].dtype], "block": block.as_int() if block is not None and block.as_int() else None}
+    return None
+
+
+def quantization_name(q: dict[str, Any]) -> str:
+    """``int4 weight-only (block 32)``, ``int8 weight-only (per output channel)``: how reports and inspect name it."""
+    return f"{q['scheme']} weight-only " + (f"(block {q['block']})" if q.get("block") else "(per output channel)")
+
+
+def _scheme(q: dict[str, Any] | None) -> str:
+    return f", {quantization_name(q)}" if q else ""
 
 
 def _precision(model: ir.Model, path: Path) -> str:
@@ -117,17 +138,19 @@ def _precision(model: ir.Model, path: Path) -> str:
 
 
 def render_onnx(e: dict[str, Any]) -> str:
-    lines = [f"{e['onnx']}: {e['precision']}, {e['initializers']} initializers, "
-             + ", ".join(f"{k} {v / 1e9:.3f} GB" for k, v in e["bytes"].items())]
+    made = f"{e['precision']}{_scheme(e.get('quantization'))}"
+    lines = [f"{e['onnx']}: {made}, {e['initializers']} initializers, "
+             + ", ".join(f"{k} {size(v)}" for k, v in e["bytes"].items())]
     if "agrees" in e:
-        lines.append(f"agrees with the plan in {e['precision']}: {'yes' if e['agrees'] else 'NO'} "
-                     f"(difference {e['difference']:+,} bytes)")
+        difference = f"{'+' if e['difference'] >= 0 else '-'}{size(abs(e['difference']))}, {e['difference']:+,} bytes"
+        lines.append(f"agrees with the plan in {made}: {'yes' if e['agrees'] else 'NO'} "
+                     f"({size(e['onnx_initializer_bytes'])} stored, {size(e['plan_kept_bytes'])} planned: {difference})")
         if not e["agrees"] and QUANTIZED_DTYPES & set(e["bytes"]):
             lines.append("  the ONNX holds int8/int4 weights: pass its --quantize (and --quant-block) to compare")
     if "weights_once" in e:
         check = e["weights_once"]
         lines.append("weights once: " + ("passed" if check["passed"] else "FAILED") + f" ({check['weights']['count']} "
-                     f"weights, {check['constants']['count']} other tensors of {check['constants']['bytes']:,} bytes)")
+                     f"weights, {check['constants']['count']} other tensors of {size(check['constants']['bytes'])})")
         lines += [f"  {v}" for v in check["violations"]]
     return "\n".join(lines)
 

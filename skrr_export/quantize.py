@@ -28,6 +28,7 @@ from torch import nn
 from .apply import parameter_keys
 from .errors import ArgumentError, InvariantError, UserError
 from .graph import weights as weights_invariant
+from .units import size
 
 SCHEMES = {"int8": 8, "int4": 4}
 BLOCKS = (32, 64, 128)
@@ -202,7 +203,7 @@ def quantize_module(module: Any, q: Quantization) -> QuantizedWeights:
     ``module`` computes with the quantized weights (the parity reference) while it holds the integers and scales,
     the unquantized parts and one layer's weight at a time (the memory floor of a T5-v1.1-XXL-size export)."""
     targets = list(quantizable(kept_parts(module), (module.stem, module.head)))
-    check_blocks(q, ((n, p) for n, p in targets))
+    check_blocks(q, ((module.checkpoint_name(n), p) for n, p in targets))
     done: dict[int, QuantizedWeight] = {}
     stored: dict[int, torch.dtype] = {}
     for name, p in targets:
@@ -461,13 +462,13 @@ def accounting(q: Quantization, entries: Iterable[tuple[str, tuple[int, ...], in
 
 
 def module_accounting(module: Any, quantized: QuantizedWeights) -> dict[str, Any]:
-    """``accounting`` of an applied (and quantized) plan."""
+    """``accounting`` of an applied (and quantized) plan, by the checkpoint's names (as ``plan_accounting``)."""
     seen: set[int] = set()
     entries = []
     for name, p in module.named_parameters(remove_duplicate=False):
         if id(p) not in seen:
             seen.add(id(p))
-            entries.append((name, tuple(p.shape), p.element_size(), id(p) in quantized.weights))
+            entries.append((module.checkpoint_name(name), tuple(p.shape), p.element_size(), id(p) in quantized.weights))
     return accounting(quantized.quantization, entries)
 
 
@@ -488,14 +489,11 @@ def plan_accounting(enc: Any, plan: Any, q: Quantization) -> dict[str, Any]:
 
 def render(a: dict[str, Any]) -> list[str]:
     """report.md / inspect lines: the two sides and their roles."""
-    def mb(n: int) -> str:
-        return f"{n / 1e6:,.2f} MB"
-
     qd, nq = a["quantized"], a["not_quantized"]
     lines = [f"weight-only {a['scheme']}" + (f", block {a['block']}" if a["block"] else ", per output channel")
-             + f" (opset {a['opset']}): {mb(a['total_bytes'])} of weights",
-             f"  quantized: {qd['count']} weights, {mb(qd['bytes_before'])} -> {mb(qd['bytes'])} (integers + scales)"]
-    lines += [f"    {role}: {r['count']} x, {mb(r['bytes_before'])} -> {mb(r['bytes'])}" for role, r in qd["roles"].items()]
-    lines.append(f"  kept in the export's precision: {nq['count']} tensors, {mb(nq['bytes'])}")
-    lines += [f"    {role}: {r['count']} x, {mb(r['bytes'])}" for role, r in nq["roles"].items()]
+             + f" (opset {a['opset']}): {size(a['total_bytes'])} of weights",
+             f"  quantized: {qd['count']} weights, {size(qd['bytes_before'])} -> {size(qd['bytes'])} (integers + scales)"]
+    lines += [f"    {role}: {r['count']} x, {size(r['bytes_before'])} -> {size(r['bytes'])}" for role, r in qd["roles"].items()]
+    lines.append(f"  kept in the export's precision: {nq['count']} tensors, {size(nq['bytes'])}")
+    lines += [f"    {role}: {r['count']} x, {size(r['bytes'])}" for role, r in nq["roles"].items()]
     return lines

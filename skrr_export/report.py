@@ -7,6 +7,9 @@ from pathlib import Path
 from typing import Any
 
 from .environment import versions  # noqa: F401  (report.versions: what every report records)
+from .compare import INFORMATION_ONLY, STATISTICS, Tolerance, deciding
+from .inspect_plan import quantization_name
+from .units import size, size_exact
 
 def write_report(folder: Path, report: dict[str, Any]) -> None:
     (folder / "report.json").write_text(json.dumps(report, indent=2, sort_keys=False) + "\n")
@@ -19,8 +22,23 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
-def _mib(n: int) -> str:
-    return f"{n / 2**20:,.2f} MiB"
+def headline(r: dict[str, Any]) -> str:
+    """What was made: the family, the precision and the quantization (``t5, bf16, int4 weight-only (block 32)``)."""
+    q = r.get("quantization")
+    scheme = f", {quantization_name(q)}" if q else ""
+    recipe = ((r.get("provenance") or {}).get("recipe") or {}).get("name")
+    return f"{r['model']['family']}, {r['precision']}{scheme}" + (f"; recipe {recipe}" if recipe else "")
+
+
+def weights_line(r: dict[str, Any]) -> str:
+    """The ONNX's weight bytes against what the plan says they should be: the quantized plan for a quantized export
+    (the unquantized figure shown as such), else the plan's unique parameters (each stored once)."""
+    onnx, q = r["onnx"], r.get("quantization")
+    stored = f"`{onnx['path']}`: {onnx['weights']['count']} weights, {size(onnx['weights']['bytes'])}"
+    if q:
+        return (f"{stored} ({q['scheme']} weight-only; the quantized plan: {size(q['total_bytes'])}; unquantized in "
+                f"{r['precision']} the kept parameters would be {size(onnx['unique_parameter_bytes'])})")
+    return f"{stored} (each parameter once: the plan's unique parameters {size(onnx['unique_parameter_bytes'])})"
 
 
 def _pipeline_lines(pipeline: dict[str, Any] | None, inputs: list[str]) -> list[str]:
@@ -36,7 +54,7 @@ def _pipeline_lines(pipeline: dict[str, Any] | None, inputs: list[str]) -> list[
 def render_markdown(r: dict[str, Any]) -> str:
     plan, cost, onnx = r["plan"], r["cost"], r["onnx"]
     lines = [
-        f"# skrr-export report: {r['model']['family']} ({r['precision']})",
+        f"# skrr-export report: {headline(r)}",
         "",
         f"- Model: `{r['model']['path']}`{' (random weights)' if r['model']['random_weights'] else ''}",
         f"- Plan: {plan['skipped']} of {cost['num_slots']} sub-blocks skipped, {plan['reused']} re-used; "
@@ -45,9 +63,7 @@ def render_markdown(r: dict[str, Any]) -> str:
         f"({cost['kept_params']:,} of {cost['total_params']:,} parameters kept)",
         f"- Executed sub-blocks: {cost['executed_slots']} of {cost['num_slots']} "
         f"(compute fraction {cost['compute_fraction']:.3f})",
-        f"- ONNX `{onnx['path']}`: {onnx['weights']['count']} weights, {_mib(onnx['weights']['bytes'])} "
-        f"(each parameter once: unique parameters {_mib(onnx['unique_parameter_bytes'])}); "
-        f"{onnx['constants']['count']} other constants, {onnx['constants']['bytes']:,} bytes",
+        f"- ONNX {weights_line(r)}; {onnx['constants']['count']} other constants, {size(onnx['constants']['bytes'])}",
         *_pipeline_lines(r.get("pipeline"), onnx["inputs"]),
         *([f"- **ONNX Runtime only** (--optimize ort): {onnx['ort_fusion']['fused_attention']} attention slots fused into "
            f"MultiHeadAttention; {onnx['ort_fusion']['runtime']}"] if onnx.get("ort_fusion") else []),
@@ -98,8 +114,10 @@ def _provenance_lines(p: dict[str, Any] | None, tool: dict[str, Any]) -> list[st
 
 
 def _parity_lines(parity: list[dict[str, Any]]) -> list[str]:
-    """One table per check: the statistics of every output against its tolerance."""
-    lines: list[str] = []
+    """One table per check: the statistics that decide pass/fail against their tolerance, then, apart, the ones
+    that are shown for information only (``compare.deciding``), and once why those do not decide."""
+    lines = [f"Only the statistics a check's tolerance bounds decide pass/fail (NaN/Inf always fails); the others are "
+             f"information: {INFORMATION_ONLY}.", ""] if parity else []
     for check in parity:
         if "outputs" not in check:
             lines += [f"- {check['test']} vs {check['reference']}: **not executed**: {check['reason']}", ""]
@@ -109,18 +127,24 @@ def _parity_lines(parity: list[dict[str, Any]]) -> list[str]:
             f"### {_check_name(check)}{check['test']} vs {check['reference']} ({check['batch']}): {verdict}",
             "",
             *([f"Method: {check['method']}; tolerance `{check['tolerance_key']}`.", ""] if check.get("method") else []),
-            "| output | max abs | mean abs | max rel | min cos | mean cos | token error | tolerance | pass |",
-            "|---|---|---|---|---|---|---|---|---|",
         ]
-        for o in check["outputs"]:
-            lines.append(
-                f"| {o['name']} | {_fmt(o['max_abs'])} | {_fmt(o['mean_abs'])} | {_fmt(o['max_rel'])} | "
-                f"{_fmt(o['min_cosine'])} | {_fmt(o['mean_cosine'])} | {_fmt(o['max_token_error'])} | "
-                f"{_tolerance(o['tolerance'])} | {'yes' if o['passed'] else 'NO'} |"
-            )
-        lines.append("")
+        lines += _statistics_tables(check["outputs"])
         lines += [f"- {line}" for line in _failures(check)] + ([""] if not check["passed"] else [])
     return lines
+
+
+def _statistics_tables(outputs: list[dict[str, Any]]) -> list[str]:
+    """Decides pass/fail: the statistics the tolerance bounds. Information only: the rest, with why."""
+    decide = deciding(Tolerance(**outputs[0]["tolerance"]))
+    inform = [s for s in STATISTICS if s not in decide]
+    lines = ["Decides pass/fail:", "", "| output | " + " | ".join(STATISTICS[s] for s in decide) + " | tolerance | pass |",
+             "|---" * (len(decide) + 3) + "|"]
+    lines += [f"| {o['name']} | " + " | ".join(_fmt(o[s]) for s in decide) + f" | {_tolerance(o['tolerance'])} | "
+              f"{'yes' if o['passed'] else 'NO'} |" for o in outputs]
+    lines += ["", "Information only (not tested):", "",
+              "| output | " + " | ".join(STATISTICS[s] for s in inform) + " |", "|---" * (len(inform) + 1) + "|"]
+    lines += [f"| {o['name']} | " + " | ".join(_fmt(o[s]) for s in inform) + " |" for o in outputs]
+    return lines + [""]
 
 
 def _check_name(check: dict[str, Any]) -> str:
@@ -151,7 +175,7 @@ def _tolerance(t: dict[str, Any]) -> str:
 
 def _failures(check: dict[str, Any]) -> list[str]:
     """For every failing output, what failed and the tolerance that would have passed (the comparator's words)."""
-    from .compare import OutputStats, Tolerance
+    from .compare import OutputStats
 
     lines = []
     for o in check["outputs"]:
@@ -162,7 +186,7 @@ def _failures(check: dict[str, Any]) -> list[str]:
 
 
 def _bytes(n: int | None) -> str:
-    return "not reported" if n is None else f"{n:,} B ({_mib(n)})"
+    return "not reported" if n is None else size_exact(n)
 
 
 def _polygraphy_lines(p: dict[str, Any] | None) -> list[str]:

@@ -193,7 +193,8 @@ def test_existing_output_needs_force(tmp_path, tiny_models, capsys):
     assert leftovers(tmp_path) == []
     printed = capsys.readouterr().out.splitlines()
     assert printed[0].startswith("wiring check: onnxruntime vs pytorch on the prompts, ")
-    assert ": PASSED (token error " in printed[0] and " <= 3e-05 in last_hidden_state)" in printed[0]
+    assert ": PASSED (decided by token error " in printed[0] and " <= 3e-05, min cosine " in printed[0]
+    assert " in last_hidden_state; max abs/rel: information only, in report.md)" in printed[0]
     assert printed[1].startswith("wiring check: onnxruntime vs pytorch on the empty prompt, ") and ": PASSED" in printed[1]
 
 
@@ -259,7 +260,7 @@ def test_inspect_works_without_torch():
     done = cli_without(("torch",), "inspect", "--plan", str(PIXART_PLAN), "--model", str(T5XXL_CONFIG))
     assert done.returncode == 0, done.stderr
     assert "parameters: 4,762,310,656 -> 2,765,735,936" in done.stdout
-    assert "bytes bfloat16: 9.525 GB -> 5.531 GB" in done.stdout and "sparsity: 41.92 %" in done.stdout
+    assert "bytes bfloat16: 8.87 GiB -> 5.15 GiB" in done.stdout and "sparsity: 41.92 %" in done.stdout
     plan, dense = t5_flops(256, 17, 19), t5_flops(256, 24, 24)  # PixArt 41.9 %: 17 attention and 19 FFN slots run
     assert (f"executed sub-blocks: 36 of 48 (compute fraction 0.763)\nexecuted FLOPs at 1x256: {plan / 1e12:.4g} of "
             f"{dense / 1e12:.4g} TFLOP (fraction {plan / dense:.3f};") in done.stdout
@@ -303,6 +304,11 @@ def test_inspect_t5_xxl_pixart_plan_reports_41_92_percent(capsys):
     assert states[2] == "re-uses 0" and states[46] == "skipped" and states[0] == "kept"
     assert main(["inspect", "--plan", str(PIXART_PLAN), "--model", str(T5XXL_CONFIG)]) == 0
     assert "sparsity: 41.92 %" in capsys.readouterr().out
+    # the recipe fixes 300 tokens (PixArt-Sigma's call), profile batch 1,1,4: FLOPs counted at 1x300 (opt batch)
+    assert main(["inspect", "--recipe", "pixart-sigma-41.9", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["flops"] | {"fraction": 0} == {
+        "batch": 1, "seq": 300, "dense": t5_flops(300, 24, 24), "plan": t5_flops(300, 17, 19), "fraction": 0,
+        "shape_from": "the recipe"}
 
 
 def t5_flops(seq: int, attention: int, ffn: int) -> int:

@@ -30,6 +30,7 @@ from skrr_export.quantize import (
 )
 from skrr_export.runners import OrtRunner, TorchRunner
 from skrr_export.trt import WEIGHT_SLACK, EngineOptions, ShapeRange, available, build_engine
+from skrr_export.units import size
 
 from . import helpers
 from .helpers import ids_and_mask, plan_family
@@ -293,22 +294,31 @@ def test_main_job_on_minilm_reports_what_was_quantized(tmp_path, capsys):
     report = json.loads((out / "report.json").read_text())
     q = report["quantization"]
     assert (q["scheme"], q["block"]) == ("int4", 128)
-    assert q["quantized"]["count"] == 26 and "stem.embeddings.word_embeddings.weight" in q["not_quantized"]["roles"]
+    assert q["quantized"]["count"] == 26 and "embeddings.word_embeddings.weight" in q["not_quantized"]["roles"]
+    assert not any(role.startswith(("kept.", "stem.", "head.")) for side in ("quantized", "not_quantized")
+                   for role in q[side]["roles"])  # the checkpoint's names, as inspect names them
     unquantized = report["onnx"]["unique_parameter_bytes"]
     assert report["onnx"]["weights"]["bytes"] == q["total_bytes"] == unquantized - q["quantized"]["bytes_before"] + q["quantized"]["bytes"]
     assert q["quantized"]["bytes"] < 0.14 * q["quantized"]["bytes_before"]  # 4 bits of 32, and the scales
     assert all(p["passed"] for p in report["parity"])
     assert max(o["max_token_error"] for p in report["parity"] for o in p["outputs"]) < 1e-4
-    assert "## Weight-only quantization" in (out / "report.md").read_text()
-    # inspect agrees with the file when told its quantization, and says what to pass when not
+    md = (out / "report.md").read_text()
+    assert "## Weight-only quantization" in md and md.startswith("# skrr-export report: bert, fp32, int4 weight-only (block 128)")
+    assert f"(int4 weight-only; the quantized plan: {size(q['total_bytes'])}; unquantized in fp32 the kept parameters " \
+           f"would be {size(unquantized)})" in md
+    # inspect agrees with the file, reading its quantization from it; a contradicting --quantize is refused
     inspect = ["inspect", "--plan", str(ROOT / "recipes/minilm/plan.json"), "--onnx", str(out / "model.onnx"), "--json"]
     capsys.readouterr()
     assert main([*inspect, "--quantize", "int4", "--quant-block", "128"]) == 0
     told = json.loads(capsys.readouterr().out)
     assert told["exported"]["agrees"] and told["quantization"]["total_bytes"] == q["total_bytes"]
+    assert told["quantization"]["quantized"]["roles"] == q["quantized"]["roles"]  # one set of names
     assert main(inspect) == 0
     untold = json.loads(capsys.readouterr().out)
-    assert not untold["exported"]["agrees"]
+    assert untold["exported"]["quantization"] == {"scheme": "int4", "block": 128} and untold["exported"]["agrees"]
+    assert untold["quantization"]["total_bytes"] == q["total_bytes"]
+    assert main([*inspect[:-1], "--quantize", "int8"]) == 2
+    assert "holds int4 weight-only (block 128) weights; leave --quantize out" in capsys.readouterr().err
 
 
 @needs_rtx
