@@ -15,6 +15,7 @@ from .counts import PlanCost
 from .errors import InvariantError
 from .model import Encoder, check_plan_fits, target_dtype
 from .plan import Plan
+from .progress import each
 
 
 class SkrrEncoder(nn.Module):
@@ -249,7 +250,7 @@ def dense_outputs_streamed(source: Any, precision: str, feeds: list[tuple[torch.
     dense = encoder_for(enc, Plan.dense(enc.adapter.family, enc.adapter.num_blocks(enc.config)), attention_mask)
     with streamer.part([dense.stem, dense.head]):
         states = [dense.start(*inputs) for inputs in feeds]
-        for slot, src in dense.schedule:
+        for slot, src in each(dense.schedule, "sub-blocks"):
             sub_block = dense.kept[str(src)]
             with streamer.part([sub_block]):
                 for state in states:

@@ -21,6 +21,7 @@ from torch import nn
 from .adapters import Adapter, adapter_for, text_config_of
 from .errors import ArgumentError, InvariantError, ModelError
 from .plan import Plan
+from .progress import each
 from .recipes import default_model_path
 
 log = logging.getLogger("skrr_export")
@@ -255,7 +256,7 @@ def _check_complete(enc: Encoder, ckpt: Any) -> None:
 
 
 def _read_parameters(enc: Encoder, needed: list[Needed], ckpt: Any) -> None:
-    for item in needed:
+    for item in each(needed, "tensors"):
         item.assign(ckpt.read(item.names, tuple(item.meta.shape), target_dtype(enc, item.name)))
 
 

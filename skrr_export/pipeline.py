@@ -22,6 +22,7 @@ from .inputs import find_tokenizer, tokenizer_used
 from .model import RANDOM_WEIGHTS_SEED
 from .ort_fusion import check_optimize
 from .plan import Plan, load_plan
+from .progress import each, finished, stage_bar
 from .recipes import pipeline_report
 from .report import versions, write_report
 
@@ -65,9 +66,12 @@ class Stages:
 
     @contextmanager
     def stage(self, name: str) -> Iterator[None]:
+        """Logs the start and the duration; meanwhile a progress bar (``progress.stage_bar``: elapsed time, and a
+        count with an estimate where the stage's work goes through ``progress.each``)."""
         log.info("%s ...", name)
         start = time.perf_counter()
-        yield
+        with stage_bar(name):
+            yield
         self.seconds[name] = time.perf_counter() - start
         log.info("%s done in %.1f s", name, self.seconds[name])
 
@@ -77,6 +81,17 @@ def run_export(cfg: ExportConfig) -> dict[str, Any]:
 
     Memory: the PyTorch module (the kept weights) is dropped after the export, before ONNX Runtime loads the
     graph; the dense model for the distance is streamed one sub-block at a time."""
+    start = time.perf_counter()
+    try:
+        report = _run_export(cfg)
+    except AccuracyError:  # a whole run whose parity failed: its time and memory are worth knowing too
+        finished("finished (parity failed)", time.perf_counter() - start)
+        raise
+    finished("finished", time.perf_counter() - start)
+    return report
+
+
+def _run_export(cfg: ExportConfig) -> dict[str, Any]:
     from .artifacts import check_disk, staged_folder, write_manifest
     from .provenance import manifest_record
 
@@ -230,7 +245,7 @@ POLICY_CHECK = {"check": "policy", "method": "every loaded and exported weight h
 def run_checks(cfg: ExportConfig, ref: _Reference, onnx_path: Path) -> list[dict[str, Any]]:
     """Every parity check of ``ref.checks`` on the graph at ``onnx_path``: one result per check and batch."""
     results: list[dict[str, Any]] = []
-    for check in ref.checks:
+    for check in each(ref.checks, "checks"):
         parity = runner_parity(ref.outputs_for(check), check.runner(onnx_path), ref.batches,
                                {"*": _tolerance(cfg, check.tolerance_key)}, check.reference, check.kind)
         results += [p | check.describe() for p in parity]
@@ -345,7 +360,7 @@ def reference_outputs(module: Any, batches: tuple[Any, ...], fp32_arithmetic: bo
     from .runners import TorchRunner
 
     with computed_in_fp32(module) if fp32_arithmetic else nullcontext(), TorchRunner(module, module.output_names) as runner:
-        return {batch.label: runner.infer(batch.feed) for batch in batches}
+        return {batch.label: runner.infer(batch.feed) for batch in each(batches, "batches")}
 
 
 def not_executed(test: str, reason: str) -> dict[str, Any]:

@@ -28,6 +28,7 @@ from torch import nn
 from .apply import parameter_keys
 from .errors import ArgumentError, InvariantError, UserError
 from .graph import weights as weights_invariant
+from .progress import each
 from .units import size
 
 SCHEMES = {"int8": 8, "int4": 4}
@@ -206,7 +207,7 @@ def quantize_module(module: Any, q: Quantization) -> QuantizedWeights:
     check_blocks(q, ((module.checkpoint_name(n), p) for n, p in targets))
     done: dict[int, QuantizedWeight] = {}
     stored: dict[int, torch.dtype] = {}
-    for name, p in targets:
+    for name, p in each(targets, "weights"):
         done[id(p)], stored[id(p)] = quantize_tensor(p.data, q, name), p.dtype
         _drop_file_pages(p.data)
         p.data = placeholder(p.data)

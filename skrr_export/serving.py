@@ -19,6 +19,7 @@ from .artifacts import staged_folder
 from .errors import ArtifactError, UserError
 from .ort_fusion import refuse_for_tensorrt
 from .recipes import NO_MASK_NOTE
+from .units import size
 
 log = logging.getLogger("skrr_export")
 
@@ -366,7 +367,7 @@ def recipes_that_fit(target: str, precision: str, activations: int, build: str |
         meta.dtype = DTYPES[precision]
         weights = plan_cost(meta, load_plan(recipe.plan)).kept_weight_bytes
         if fits(weights, activations, target)[0] and (build is None or build_fits(weights, activations, target, build)[0]):
-            out.append(f"{name} ({weights / 1e9:.2f} GB)")
+            out.append(f"{name} ({size(weights, 'GiB')})")
     return out
 
 

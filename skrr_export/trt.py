@@ -22,6 +22,7 @@ from .artifacts import sha256_file, write_atomic
 from .environment import cuda_available
 from .errors import ArtifactError, InvariantError, UserError
 from .runners import Bound, Feed, Runner
+from .units import size, size_exact
 
 log = logging.getLogger("skrr_export")
 
@@ -334,9 +335,9 @@ def build_engine(onnx_path: Path, engine: str, options: EngineOptions, out: Path
     meta |= {"build_seconds": round(seconds, 2), **provenance}
     metadata_path = out.with_suffix(".json")
     metadata_path.write_text(json.dumps(meta, indent=2) + "\n")
-    log.info("built %s with %s %s in %.1f s: %s weight bytes (%s) for %d unique ONNX weight bytes", out.name,
-             backend.module.__name__, backend.version, seconds, accounting.get("total_bytes"), accounting.get("source"),
-             meta["onnx_weight_bytes"])
+    log.info("built %s with %s %s in %.1f s: engine weights %s (%s) for %s of unique ONNX weights", out.name,
+             backend.module.__name__, backend.version, seconds, size(accounting.get("total_bytes")),
+             accounting.get("source"), size(meta["onnx_weight_bytes"]))
     _check_weights(accounting, meta["onnx_weight_bytes_aligned"], meta["static_sequence_table_bytes"], out)
     return EngineArtifact(out, metadata_path, meta)
 
@@ -529,9 +530,10 @@ def _check_weights(weights: dict[str, Any], unique: int, folded: int, engine_pat
     if total > limit:
         engine_path.unlink(missing_ok=True)
         engine_path.with_suffix(".json").unlink(missing_ok=True)
-        table = f" + a {folded}-byte static-sequence table" if folded else ""
+        table = f" + a static-sequence table of {size_exact(folded)}" if folded else ""
         raise InvariantError(
-            f"engine stores {total} weight bytes for {unique} unique ONNX weight bytes (256-byte aligned){table} "
+            f"engine stores {size_exact(total)} of weights for {size_exact(unique)} of unique ONNX weights (256-byte "
+            f"aligned){table} "
             f"(+{(total / (unique + folded) - 1) * 100:.1f} %, limit +{(WEIGHT_SLACK - 1) * 100:.0f} %): "
             "a weight is stored twice"
         )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -48,8 +49,12 @@ def test_minilm_end_to_end_from_the_console_script(tmp_path):
     assert set(report["distance_to_dense"]) == {"prompts", "empty prompt"}
     assert 0 < report["distance_to_dense"]["prompts"]["last_hidden_state"]["mse"]
     assert report["onnx"]["initializer_bytes"] <= report["onnx"]["unique_parameter_bytes"] + 65536
-    assert "## Parity" in (out / "report.md").read_text()
-    assert "[skrr-export] export done in" in proc.stderr
+    md = (out / "report.md").read_text()
+    assert md.startswith("# skrr-export report: bert, fp32\n") and "## Parity" in md
+    assert md.count("Decides pass/fail:\n\n| output | token error | min cos | tolerance | pass |") == 2
+    assert md.count("Information only (not tested):\n\n| output | max abs | mean abs | max rel | mean cos |") == 2
+    assert "[skrr-export] export done in" in proc.stderr and "\r" not in proc.stderr  # not a terminal: plain lines
+    assert re.search(r"\[skrr-export\] finished in [\d.]+ s wall, peak memory [\d.,]+ (MiB|GiB) \(resident", proc.stderr)
     assert leftovers(tmp_path) == []
 
 

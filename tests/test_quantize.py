@@ -264,6 +264,7 @@ def test_a_block_that_does_not_divide_an_input_width_is_refused(tiny_models, tmp
                  "--quantize", "int4", "--quant-block", "32"])
     err = capsys.readouterr().err.strip()
     assert code == 2 and "does not divide the input width 48" in err and len(err.splitlines()) == 1
+    assert "48 of encoder.block.0.layer.1.DenseReluDense.wo.weight; " in err  # the checkpoint's name, not kept.1.…
     with pytest.raises(ArgumentError):
         quantization("int4", 16)
 
