@@ -16,6 +16,7 @@ from typing import Any
 
 from .environment import cuda_available
 from .checks import ParityCheck, parity_checks
+from .config import ENGINES, ExportConfig  # noqa: F401  (pipeline.ENGINES: the CLI's choices)
 from .compare import Tolerance, distance, runner_parity, tolerance_for
 from .errors import AccuracyError, ArtifactError, UserError
 from .inputs import find_tokenizer, tokenizer_used
@@ -23,41 +24,11 @@ from .model import RANDOM_WEIGHTS_SEED
 from .ort_fusion import check_optimize
 from .plan import Plan, load_plan
 from .progress import each, finished, stage_bar
+from .provenance import manifest_record, report_record
 from .recipes import pipeline_report
 from .report import versions, write_report
 
 log = logging.getLogger("skrr_export")
-
-ENGINES = ("onnx", "trt", "trt-rtx")
-
-
-@dataclass(frozen=True)
-class ExportConfig:
-    plan: Path
-    out: Path
-    model: Path | None = None  # None: the embedded MiniLM
-    subfolder: str | None = None
-    random_weights: bool = False
-    allow_pickle: bool = False
-    tokenizer: Path | None = None  # None: the model folder's own, or the one its pipeline pairs with the subfolder
-    random_ids: bool = False  # seeded random token ids instead of a tokenizer (implied by random_weights)
-    engine: str = "onnx"
-    precision: str = "fp32"
-    input_dtype: str = "int64"
-    fixed_sequence: int | None = None
-    external_data: bool | None = None
-    tolerance_overrides: dict[str, float] = field(default_factory=dict)  # --atol --rtol --min-cosine --max-token-error
-    dense_distance: bool = True
-    measure: bool = True  # with a CUDA device: memory and latency, dense vs plan (skrr-export measure's numbers)
-    force: bool = False
-    engine_options: Any = None  # trt.EngineOptions for --engine trt / trt-rtx
-    recipe: Any = None  # recipes.Recipe whose checkpoint expectations the model must meet
-    weight_streaming_budget: int | None = None
-    quantization: Any = None  # quantize.Quantization: weight-only int8 / int4 of the kept sub-blocks (quantize.py)
-    optimize: str | None = None  # "ort": the ONNX Runtime-only fused variant (ort_fusion.py); never with an engine
-    attention_mask: bool = True  # False: input_ids only, every position scored (SD3/FLUX T5; recipes.PipelineCall)
-    skip_memory_check: bool = False  # --skip-memory-check: run even when the estimate exceeds the available memory
-    command: tuple[str, ...] = ()  # the command line's arguments, recorded in the manifest and the report (provenance)
 
 
 @dataclass
@@ -93,7 +64,6 @@ def run_export(cfg: ExportConfig) -> dict[str, Any]:
 
 def _run_export(cfg: ExportConfig) -> dict[str, Any]:
     from .artifacts import check_disk, staged_folder, write_manifest
-    from .provenance import manifest_record
 
     job = _preflight(cfg)
     stages = Stages()
@@ -174,14 +144,15 @@ def _preflight(cfg: ExportConfig) -> _Job:
         _tolerance(cfg, check.tolerance_key)  # a recipe that loosens a default is refused before any work
     cost = _check_resources(source, plan, cfg)
     check_writable(cfg.out, cfg.force)
+    backend = None
     if cfg.engine != "onnx":
         from .trt import load_backend
 
-        load_backend(cfg.engine)  # fail before any work when the backend is missing
+        backend = load_backend(cfg.engine)  # fail before any work when the backend is missing
     if cfg.quantization is not None:
         from .quantize import check_backends
 
-        check_backends(cfg.quantization, cfg.engine)
+        check_backends(cfg.quantization, backend)
     return _Job(plan, source, cost, tolerances)
 
 
@@ -253,7 +224,6 @@ def run_checks(cfg: ExportConfig, ref: _Reference, onnx_path: Path) -> list[dict
 
 
 def _report(cfg: ExportConfig, job: _Job, ref: _Reference, found: _Found, stages: Stages) -> dict[str, Any]:
-    from .provenance import report_record
 
     plan, source, cost = job.plan, job.source, job.cost
     onnx = found.onnx.to_json() | {"export_options": asdict(found.options)}

@@ -21,8 +21,9 @@ from pathlib import Path
 from typing import Any
 
 from .artifacts import sha256_file
+from .config import ExportConfig
 from .errors import ArtifactError, UserError
-from .report import versions
+from .environment import versions
 
 log = logging.getLogger("skrr_export")
 
@@ -227,8 +228,6 @@ def recorded_config(manifest: dict[str, Any], plan: Path, out: Path, model: Path
                     tokenizer: Path | None = None, force: bool = False, command: tuple[str, ...] = ()) -> Any:
     """The ExportConfig the manifest's job ran with (``model`` / ``tokenizer``: where they are now, when they moved).
     A recorded model or tokenizer folder that no longer exists is one line naming it (exit 2)."""
-    from .pipeline import ExportConfig
-
     s = manifest["settings"]
     missing = [k for k in REQUIRED_SETTINGS if k not in s]
     if missing:

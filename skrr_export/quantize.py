@@ -79,17 +79,15 @@ def quantization(scheme: str | None, block: int | None) -> Quantization | None:
     return Quantization("int4", block)
 
 
-def check_backends(q: Quantization, engine: str) -> None:
-    """Refuse, before any work, a runtime or engine builder that cannot take block-wise int4 / int8 weights."""
+def check_backends(q: Quantization, backend: Any = None) -> None:
+    """Refuse, before any work, a runtime or engine builder that cannot take block-wise int4 / int8 weights
+    (``backend``: the loaded trt.Backend of an engine job, None for ONNX only)."""
     import onnxruntime
 
     if tuple(int(v) for v in onnxruntime.__version__.split(".")[:2]) < (1, 20):
         raise UserError(f"--quantize needs onnxruntime >= 1.20 (opset 21 DequantizeLinear), found {onnxruntime.__version__}")
-    if engine == "onnx":
+    if backend is None:
         return
-    from .trt import load_backend
-
-    backend = load_backend(engine)
     if not backend.rtx and backend.major < 10 and q.scheme == "int4":
         raise UserError(f"--quantize int4 needs TensorRT >= 10 (block-wise int4 weights), found {backend.version}; "
                         "use --quantize int8, --engine trt-rtx, or a newer TensorRT")

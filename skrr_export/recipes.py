@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from .compare import DEFAULT_TOLERANCES
+from .counts import counting_for
 from .errors import ModelError, UserError
 
 
@@ -185,9 +186,7 @@ class Recipe:
 
     def check_config(self, config: Any) -> None:
         """The model's config must have the values the recipe's plan was made for."""
-        from .adapters import text_config_of
-
-        config = text_config_of(config)
+        config = counting_for(config).text_config(config)
         for key, expected in self.checkpoint.get("config", {}).items():
             found = getattr(config, key, None)
             if found != expected:
