@@ -5,8 +5,10 @@
 Each form is one `skrr-export measure` command (benchmarks/rehearsal.py: ONNX Runtime's CPU provider stands in for
 CUDA, memory figures read 0) on the T5-v1.1-XXL config at 1/64 of its width and full depth (tiny_copy), random
 weights, the PixArt-Sigma 41.9 % plan: the recipes' fixed sequences (SD3 256, PixArt 300, FLUX 512) in their bf16 and
-in fp16, int32 inputs, and a dynamic fp32 export. Per form it records what every backend measured, skipped (with the
-reason) or failed on (with the reason): `forms.json` and `forms.md` in --out. No number in it is a GPU measurement.
+in fp16, int32 inputs, a dynamic fp32 export, and the PixArt fp16 form with ort-cuda-fused (`--optimize ort`). Per
+form it records what every backend measured, skipped (with the reason) or failed on (with the reason): `forms.json`
+and `forms.md` in --out. No number in it is a GPU measurement. Not covered yet: int8 / int4 exports (measure does not
+quantize).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from gpu_part1 import _unstated, tiny_copy  # noqa: E402
+from gpu_run import _unstated, tiny_copy  # noqa: E402
 
 MODEL = ROOT / "recipes" / "t5-v1_1-xxl"
 PLAN = ROOT / "recipes" / "t5-v1_1-xxl" / "pixart-sigma-41.9.json"
@@ -37,6 +39,8 @@ FORMS = {
     "flux-fp16": ["--precision", "fp16", "--fixed-sequence", "512"],
     "int32-fp32": ["--precision", "fp32", "--fixed-sequence", "256", "--input-dtype", "int32"],
     "dynamic-fp32": ["--precision", "fp32", "--seq", "128"],
+    # --optimize ort as measure runs it: ort-cuda-fused, the fused copy of the export reading its data file
+    "pixart-fp16-fused": ["--precision", "fp16", "--fixed-sequence", "300", "--backends", "torch,ort-cuda,ort-cuda-fused"],
 }
 
 
@@ -50,7 +54,7 @@ def run_form(name: str, model: Path, plan: Path, out: Path, iterations: int) -> 
     start = time.perf_counter()
     code = main(["measure", "--plan", str(plan), "--model", str(model), "--random-weights", "--out", str(out / name),
                  "--backends", "torch,ort-cuda", "--batch", "1", "--warmup", "1", "--iterations", str(iterations),
-                 "-q", *FORMS[name]])
+                 "-q", *FORMS[name]])  # a form's own --backends comes last and wins
     record: dict[str, Any] = {"form": name, "flags": FORMS[name], "exit_code": code,
                               "seconds": round(time.perf_counter() - start, 1)}
     if code != 0:
@@ -66,7 +70,7 @@ def run_form(name: str, model: Path, plan: Path, out: Path, iterations: int) -> 
 
 def inputs(folder: Path, layers: int | None) -> tuple[Path, Path]:
     """The narrow config and the plan without its stated sparsity; with ``layers``, both cut to that depth."""
-    model, plan = tiny_copy(MODEL, folder / "configs"), _unstated({"plan": PLAN}, folder)["plan"]
+    model, plan = tiny_copy(MODEL, folder / "configs"), _unstated(PLAN, folder)
     if layers:
         config, data = json.loads((model / "config.json").read_text()), json.loads(plan.read_text())
         (model / "config.json").write_text(json.dumps(config | {"num_layers": layers}))

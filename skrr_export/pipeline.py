@@ -356,7 +356,8 @@ def _measure(cfg: ExportConfig, source: Any, plan: Plan, stage: Path, onnx_path:
     import shutil
 
     from .backends import backend_blockers
-    from .measure import MeasureConfig, MeasuredArtifacts, plot_memory, run_measurements
+    from .measure import MeasureConfig, MeasuredArtifacts, run_measurements
+    from .measure_report import plot_memory
     from .model import build_meta, load_config
     from .workload import check_shapes, default_sequence
 

@@ -81,7 +81,7 @@ def render_markdown(r: dict[str, Any]) -> str:
         lines += ["## Weight-only quantization", "", "```text", *render_quantization(r["quantization"]), "```", ""]
     lines += _distance_lines(r.get("distance_to_dense"))
     if r.get("measure"):
-        from .measure import render_markdown as render_measure
+        from .measure_report import render as render_measure
 
         lines += [render_measure(r["measure"], level=2)]
     if r.get("engine"):

@@ -70,12 +70,15 @@ def spy_on_ort(monkeypatch) -> list[dict]:
 
 def test_main_jobs_measure_stage_feeds_its_int32_fixed_sequence_export(tiny_models, int32_fixed_export, tmp_path,
                                                                       monkeypatch, rehearsal):
-    """The main job's measure stage (pipeline._measure) on the ONNX it wrote: ONNX Runtime gets int32 feeds of the
-    fixed length, timings and parity at that length, nothing lost (before: both rejected, the backend not measured)."""
+    """The main job's measure stage (pipeline._measure) on the ONNX it wrote, with no second export: ONNX Runtime gets
+    int32 feeds of the fixed length, timings and parity at that length, nothing lost (before: both rejected, the
+    backend not measured); the dense model in PyTorch only; the job's own file left where it was."""
+    import skrr_export.measure as measure
     from skrr_export.pipeline import ExportConfig, _measure
 
     _, folder = tiny_models["t5"]
     assert graph_inputs(int32_fixed_export)["input_ids"] == ("tensor(int32)", ["batch", FIXED])
+    monkeypatch.setattr(measure, "_export", lambda *a: pytest.fail("the measure stage exported the model again"))
     seen = spy_on_ort(monkeypatch)
     cfg = ExportConfig(plan=tmp_path / "unused.json", out=tmp_path / "unused", input_dtype="int32", fixed_sequence=FIXED)
     results = _measure(cfg, ModelSource(folder), PLAN, tmp_path, int32_fixed_export, None)
@@ -85,6 +88,7 @@ def test_main_jobs_measure_stage_feeds_its_int32_fixed_sequence_export(tiny_mode
     assert runs == {("dense", "torch"): [(1, FIXED)], ("plan", "torch"): [(1, FIXED)], ("plan", "ort-cuda"): [(1, FIXED)]}
     assert [(p["backend"], p["passed"]) for p in results["parity"]] == [("ort-cuda", True)] * 2  # prompts, empty prompt
     assert seen[0]["feeds"] == {f"1x{FIXED}": {"input_ids": ("int32", (1, FIXED)), "attention_mask": ("int32", (1, FIXED))}}
+    assert int32_fixed_export.is_file(), "the job's own artifact is left where it was"
 
 
 def test_main_jobs_measure_stage_feeds_an_unmasked_export(tiny_models, tmp_path, monkeypatch, rehearsal):
@@ -176,21 +180,22 @@ def test_measure_command_refuses_shapes_none_of_which_the_export_takes(tiny_mode
 
 @pytest.mark.parametrize("precision", ["fp16", "bf16"])
 def test_half_precision_exports_in_the_rehearsal(precision, tiny_models, tmp_path, rehearsal):
-    """fp16: ONNX Runtime's CPU provider stands in and matches PyTorch. bf16: it has no kernels, so each variant's
-    ONNX Runtime backend records that one reason; PyTorch's rows are there and the command succeeds."""
+    """fp16: ONNX Runtime's CPU provider stands in and matches PyTorch. bf16: it has no kernels, so the ONNX Runtime
+    backend records that one reason; PyTorch's rows are there. (The plan only: the dense export takes the same path.)"""
+    import skrr_export.measure as measure
+
     _, folder = tiny_models["t5"]
-    plan, out = write_plan(tmp_path, PLAN.to_json()), tmp_path / "m"
-    assert main(["measure", "--plan", str(plan), "--model", str(folder), "--out", str(out), "--precision", precision,
-                 "--backends", "torch,ort-cuda", "--batch", "2", "--seq", "12", *QUICK]) == 0
-    results = json.loads((out / "results.json").read_text())
-    measured = {(r["variant"], r["backend"]) for r in results["runs"] if len(r["shapes"]) == 1}
+    cfg = measure.MeasureConfig(plan=tmp_path / "unused.json", out=tmp_path / "unused", precision=precision, warmup=1,
+                                iterations=2, variants=("plan",))
+    results = measure.run_measurements(build_meta(load_config(ModelSource(folder))), ModelSource(folder), PLAN,
+                                       ("torch", "ort-cuda"), [Shape(2, 12)], cfg, tmp_path / "work")
+    measured = {r["backend"] for r in results["runs"] if len(r["shapes"]) == 1}
     if precision == "fp16":
-        assert measured == {(v, b) for v in ("dense", "plan") for b in ("torch", "ort-cuda")} and not results["errors"]
+        assert measured == {"torch", "ort-cuda"} and not results["errors"]
         assert [p["passed"] for p in results["parity"]] == [True, True]
         return
-    assert measured == {("dense", "torch"), ("plan", "torch")}
-    assert [(e["variant"], e["backend"], e["shapes_kept"]) for e in results["errors"]] == [
-        ("dense", "ort-cuda", 0), ("plan", "ort-cuda", 0)]
+    assert measured == {"torch"}
+    assert [(e["variant"], e["backend"], e["shapes_kept"]) for e in results["errors"]] == [("plan", "ort-cuda", 0)]
     assert all("skipped in the CPU rehearsal" in e["error"] and "NOT_IMPLEMENTED" in e["error"] for e in results["errors"])
 
 
@@ -225,7 +230,9 @@ def test_a_backend_failing_half_way_keeps_what_it_measured(tiny_models, tmp_path
                                   "error": "ArtifactError: ONNX Runtime failed to run the model: Failed to allocate "
                                            "memory for requested buffer"}]
     assert [p["backend"] for p in results["parity"]] == ["ort-cuda-stock"] * 2  # the stopped one checked nothing
-    md = measure.render_markdown(results | {"tool": {"device": "cpu"}, "model": {"path": "m", "family": "t5",
+    from skrr_export.measure_report import render
+
+    md = render(results | {"tool": {"device": "cpu"}, "model": {"path": "m", "family": "t5",
                                                                                  "random_weights": False}, "targets": []})
     assert "**Stopped after 2 shapes:** ort-cuda (plan): ArtifactError" in md
 

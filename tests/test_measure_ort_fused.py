@@ -10,7 +10,9 @@ import shutil
 import pytest
 
 from skrr_export.errors import InvariantError
-from skrr_export.measure import MeasureConfig, check_targets, hot_path
+from benchmarks.targets import check_targets
+from skrr_export.measure import MeasureConfig
+from skrr_export.ort_profile import hot_path
 from skrr_export.model import ModelSource, build_meta, load_config
 from skrr_export.plan import Plan
 from skrr_export.workload import Shape
@@ -103,7 +105,7 @@ def test_a_fused_copy_that_stores_weights_anew_is_refused(tiny_models, tmp_path)
 
     from skrr_export.apply import apply_plan
     from skrr_export.export import ExportOptions, export_onnx
-    from skrr_export.measure import fused_copy, shared_weight_storage
+    from skrr_export.fused_copy import fused_copy, shared_weight_storage
     from skrr_export.model import load_encoder
 
     _, folder = tiny_models["t5"]
