@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ArtifactError, UserError
+from .units import size
 
 
 def check_writable(out: Path, force: bool) -> None:
@@ -160,7 +161,7 @@ def check_memory(needed: int, what: str) -> None:
     free = available_memory()
     if free is not None and needed > free:
         raise ArtifactError(
-            f"{what} needs about {needed / 2**30:.1f} GiB of host memory but {free / 2**30:.1f} GiB is available; "
+            f"{what} needs about {size(needed, 'GiB', 1)} of host memory but {size(free, 'GiB', 1)} is available; "
             "free memory, use a smaller plan, or use a bigger machine"
         )
 
@@ -170,7 +171,7 @@ def check_disk(folder: Path, needed: int, what: str) -> None:
     free = shutil.disk_usage(folder).free
     if needed > free:
         raise ArtifactError(
-            f"{what} needs about {needed / 2**30:.2f} GiB on disk but {folder} has {free / 2**30:.2f} GiB free"
+            f"{what} needs about {size(needed, 'GiB')} on disk but {folder} has {size(free, 'GiB')} free"
         )
 
 
@@ -185,7 +186,7 @@ def check_device_memory(needed: int, what: str) -> None:
     free, _ = torch.cuda.mem_get_info()
     if needed > free:
         raise ArtifactError(
-            f"{what} needs about {needed / 2**30:.1f} GiB of GPU memory but {free / 2**30:.1f} GiB is free on "
+            f"{what} needs about {size(needed, 'GiB', 1)} of GPU memory but {size(free, 'GiB', 1)} is free on "
             f"{torch.cuda.get_device_name()}"
         )
 

@@ -1059,8 +1059,8 @@ def _write_json(path: Path, data: Any) -> None:
 
 
 def _progress(expected_steps: int, state: SearchState | None) -> Any:
-    from tqdm import tqdm
+    """The search's bar as every long stage shows one (``progress.counted_bar``: plain lines when not a terminal)."""
+    from .progress import counted_bar
 
     done = state.step if state else 0
-    return tqdm(total=max(expected_steps, done), initial=done, desc="skip search", unit="step",
-                disable=not log.isEnabledFor(logging.INFO))
+    return counted_bar("skip search", max(expected_steps, done), "steps", initial=done)

@@ -23,16 +23,23 @@ TERMINAL_INTERVAL = 1.0  # seconds between refreshes of a bar on a terminal
 PLAIN_INTERVAL = 15.0  # seconds between plain lines in a log file or a pipe
 _current: list[Any] = []  # the open stage's bar (one at a time: stages do not nest)
 ELAPSED = "{desc}: {elapsed} elapsed"
-COUNTED = "{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} {unit} [{elapsed} elapsed, {remaining} left]"
-PLAIN_COUNTED = "{desc}: {n_fmt}/{total_fmt} {unit} ({percentage:.0f} %), {elapsed} elapsed, about {remaining} left"
+COUNTED = "{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} {unit} [{elapsed} elapsed, {remaining} left{postfix}]"
+PLAIN_COUNTED = ("{desc}: {n_fmt}/{total_fmt} {unit} ({percentage:.0f} %), {elapsed} elapsed, about {remaining} left"
+                 "{postfix}")
 
 
 class _LogLines:
-    """A file for tqdm that turns each refresh into one log line (no carriage returns in a log file)."""
+    """A file for tqdm that turns its refreshes into log lines (no carriage returns in a log file), at most one per
+    ``PLAIN_INTERVAL`` besides the one that completes the count (the ticker and an update can refresh together)."""
+
+    def __init__(self) -> None:
+        self.last = -float("inf")
 
     def write(self, text: str) -> None:
         line = text.replace("\r", "").strip()
-        if line:
+        now = time.monotonic()
+        if line and (now - self.last >= 0.9 * PLAIN_INTERVAL or "(100 %)" in line):
+            self.last = now
             log.info("%s", line)
 
     def flush(self) -> None:
@@ -43,18 +50,28 @@ def enabled() -> bool:
     return log.isEnabledFor(logging.INFO)
 
 
-@contextmanager
-def stage_bar(name: str) -> Iterator[Any]:
-    """The bar of one stage: elapsed time from the start, ticking every interval until the stage ends; ``each``
-    inside it gives it a count and an estimate."""
+def counted_bar(name: str, total: int | None, unit: str, initial: int = 0, leave: bool = True) -> Any:
+    """A tqdm bar as this tool shows one: on a terminal a bar refreshed every second, else one log line every
+    ``PLAIN_INTERVAL`` seconds; disabled with -q. ``total`` None: elapsed time only (until ``each`` counts)."""
     from tqdm import tqdm
 
     terminal = sys.stderr.isatty()
     interval = TERMINAL_INTERVAL if terminal else PLAIN_INTERVAL
-    bar = tqdm(desc=f"[skrr-export] {name}" if terminal else name, total=None, disable=not enabled(),
-               file=sys.stderr if terminal else _LogLines(), mininterval=interval, maxinterval=interval,
-               dynamic_ncols=terminal, leave=False, delay=interval, bar_format=ELAPSED)
-    bar.counted_format, bar.counting = (COUNTED if terminal else PLAIN_COUNTED), False
+    counted = COUNTED if terminal else PLAIN_COUNTED
+    bar = tqdm(desc=f"[skrr-export] {name}" if terminal else name, total=total, initial=initial, unit=unit,
+               disable=not enabled(), file=sys.stderr if terminal else _LogLines(), mininterval=interval,
+               maxinterval=interval, dynamic_ncols=terminal, leave=leave and terminal, delay=interval,
+               bar_format=ELAPSED if total is None else counted)
+    bar.counted_format, bar.counting = counted, False
+    return bar
+
+
+@contextmanager
+def stage_bar(name: str) -> Iterator[Any]:
+    """The bar of one stage: elapsed time from the start, ticking every interval until the stage ends; ``each``
+    inside it gives it a count and an estimate."""
+    bar = counted_bar(name, None, "step", leave=False)
+    interval = TERMINAL_INTERVAL if sys.stderr.isatty() else PLAIN_INTERVAL
     stop = threading.Event()
     ticker = threading.Thread(target=_tick, args=(bar, stop, interval), daemon=True, name=f"progress {name}")
     _current.append(bar)
