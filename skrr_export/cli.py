@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from .errors import ArgumentError, SkrrError, UserError
+from .units import size
 
 PRECISIONS = ("fp32", "fp16", "bf16")
 
@@ -209,7 +210,7 @@ def _export_parser() -> Parser:
     p.add_argument("--fixed-sequence", type=at_least(1), metavar="N", help="export a fixed sequence length N (batch stays dynamic)")
     p.add_argument("--no-attention-mask", action="store_true", help="export input_ids only, as SD3/FLUX call T5 (a recipe's "
                    "pipeline block sets it); parity and the distance to dense then score every padded position")
-    p.add_argument("--external-data", action="store_true", default=None, help="store weights in model.onnx.data (automatic above 2 GB)")
+    p.add_argument("--external-data", action="store_true", default=None, help="store weights in model.onnx.data (automatic above 2 GiB)")
     p.add_argument("--atol", type=within(0, math.inf), help="parity: element-wise absolute tolerance (default: not checked; absolute errors depend on the model)")
     p.add_argument("--rtol", type=within(0, math.inf), help="parity: relative tolerance (default per precision)")
     p.add_argument("--min-cosine", type=within(-1, 1), help="parity: minimum per-token cosine similarity")
@@ -794,7 +795,7 @@ def cmd_verify(argv: list[str]) -> int:
     else:
         once = result["weights_once"]
         print(f"weights once: {'PASSED' if once['passed'] else 'FAILED'} ({once['weights']['count']} weights, "
-              f"{once['constants']['count']} other tensors of {once['constants']['bytes']:,} bytes)")
+              f"{once['constants']['count']} other tensors of {size(once['constants']['bytes'])})")
         for violation in once["violations"]:
             print(f"  {violation}")
         for check in result["parity"]:

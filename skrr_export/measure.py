@@ -33,6 +33,7 @@ from . import backends as registry
 from .backends import ENGINE, MEASURE_BACKENDS, MODULE, Backend, backend_blockers, require_cuda, resolve_backends
 from .device_memory import DeviceMemory
 from .errors import InvariantError, UserError
+from .units import size
 from .measure_report import VARIANTS, row_at, write_results
 from .ort_profile import hot_path, placement, read_profile
 from .workload import (InputForm, Shape, check_shapes, engine_input_form, executed_flops, onnx_input_form, planned_form,
@@ -157,8 +158,8 @@ def _shape_rows(runner: Any, shapes: list[Shape], feeds: dict[Shape, Any], cfg: 
         memory = meter.peak(bound)
         rows.append({"batch": shape.batch, "seq": shape.seq, **memory,
                      "activation_bytes": memory["peak_bytes"] - resident, **timing})
-        log.info("%s %s: %.2f ms median, %.2f ms p90, peak %.3f GB", runner.name, shape, timing["median_ms"],
-                 timing["p90_ms"], memory["peak_bytes"] / 1e9)
+        log.info("%s %s: %.2f ms median, %.2f ms p90, peak %s", runner.name, shape, timing["median_ms"],
+                 timing["p90_ms"], size(memory["peak_bytes"]))
         del bound
     return rows
 
@@ -436,7 +437,7 @@ def _measure_variant(job: _Job, variant: str, plan: Any, folder: Path) -> None:
     modes = [b for b in job.backends if b.runs == MODULE and (variant == "dense" or not b.dense_only)]
     parity = (job.batches, job.tolerances) if variant in job.cfg.parity else None
     if modes or parity:
-        check_device_memory(int(unique * 1.1), f"the {variant} model's weights ({unique / 1e9:.2f} GB)")
+        check_device_memory(int(unique * 1.1), f"the {variant} model's weights ({size(unique)})")
         torch_results, reference = measure_torch(module, modes, job.shapes, job.feeds, job.cfg, job.probe, parity,
                                                  enc.model)
         for name, result in torch_results.items():

@@ -8,6 +8,9 @@ from pathlib import Path
 from typing import Any
 
 from .errors import MissingDependencyError
+from .units import SCALE
+
+GIB = SCALE["GiB"]
 
 VARIANTS = ("dense", "plan")
 
@@ -33,7 +36,8 @@ def write_results(folder: Path, results: dict[str, Any]) -> None:
 
 
 def _gb(n: float) -> str:
-    return f"{n / 1e9:.3f}"
+    """A memory table's cell: GiB (units.py's convention), three decimals, the unit in the table's heading."""
+    return f"{n / GIB:.3f}"
 
 
 def render(r: dict[str, Any], level: int = 1) -> str:
@@ -46,7 +50,7 @@ def render(r: dict[str, Any], level: int = 1) -> str:
         f"`{r['plan']['sha256'][:16]}`, sparsity {r['plan']['sparsity'] * 100:.2f} %",
         "- Versions: " + ", ".join(f"{k} {v}" for k, v in tool.items() if k not in ("device", "device_memory_bytes")),
         "",
-        f"{h}# Memory (GB, 1e9 bytes)",
+        f"{h}# Memory (GiB, 2^30 bytes)",
         "",
         *_memory_method_lines(r.get("memory")),
         "| backend | variant | unique weights | resident | resident / unique | shape | forward peak | above resident "
@@ -119,8 +123,8 @@ def plot_memory(r: dict[str, Any], path: Path) -> None:
     for i, variant in enumerate(VARIANTS):
         runs = {x["backend"]: x for x in r["runs"] if x["variant"] == variant}
         xs = [b + (i - 0.5) * width for b in range(len(r["backends"]))]
-        resident = [runs[b]["resident_bytes"] / 1e9 if b in runs else 0 for b in r["backends"]]
-        extra = [max(runs[b]["shapes"], key=lambda s: s["peak_bytes"])["activation_bytes"] / 1e9 if b in runs and runs[b]["shapes"] else 0
+        resident = [runs[b]["resident_bytes"] / GIB if b in runs else 0 for b in r["backends"]]
+        extra = [max(runs[b]["shapes"], key=lambda s: s["peak_bytes"])["activation_bytes"] / GIB if b in runs and runs[b]["shapes"] else 0
                  for b in r["backends"]]
         color = "tab:gray" if variant == "dense" else "tab:blue"
         ax.bar(xs, resident, width, color=color, label=f"{variant}: resident")
@@ -130,7 +134,7 @@ def plot_memory(r: dict[str, Any], path: Path) -> None:
                 ax.text(x, a + b, f"{a + b:.2f}", ha="center", va="bottom", fontsize=8)
     largest = max(r["flops"], key=lambda f: f["batch"] * f["seq"]) if r["flops"] else None
     ax.set_xticks(range(len(r["backends"])), r["backends"])
-    ax.set_ylabel("device memory (GB)")
+    ax.set_ylabel("device memory (GiB)")
     title = f"{r['model']['family']} {r['precision']} on {r['tool']['device']}"
     ax.set_title(title + (f", peak at {largest['batch']}x{largest['seq']}" if largest else ""), fontsize=9)
     ax.legend(fontsize=7, loc="upper right")
