@@ -2,6 +2,7 @@
 
     python benchmarks/engine_memory.py run --case minilm --code before --code after
     python benchmarks/engine_memory.py run --case xxl-bf16 --code after      # one large case at a time
+    python benchmarks/engine_memory.py export --model recipes/t5-v1_1-xxl --plan recipes/pixart-sigma-41.9/plan.json --out OUT
     python benchmarks/engine_memory.py build --onnx OUT/model.onnx --label xxl-bf16 --code before --code after
     python benchmarks/engine_memory.py summarize                              # the table for benchmarks/README.md
 
@@ -58,7 +59,8 @@ def status(pid: int) -> dict[str, int]:
 def sampled(cmd: list[str], env: dict[str, str]) -> tuple[int, dict[str, dict[str, int]], list[str], float]:
     """Run ``cmd``; (exit code, per stage {peak, peak file-backed, seconds}, stderr lines, seconds)."""
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
+    # cwd: not the repository, whose folder would come first on sys.path and shadow PYTHONPATH's tree
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env, cwd="/")
     stages: dict[str, dict[str, int]] = {"startup": {"peak": 0, "file": 0}}
     current, lines, lock = ["startup"], [], threading.Lock()
 
@@ -93,7 +95,7 @@ def sampled(cmd: list[str], env: dict[str, str]) -> tuple[int, dict[str, dict[st
 
 def baseline(env: dict[str, str]) -> int:
     out = subprocess.run([sys.executable, "-c", f"{IMPORTS}; print(open('/proc/self/status').read())"],
-                         capture_output=True, text=True, check=True, env=env).stdout
+                         capture_output=True, text=True, check=True, env=env, cwd="/").stdout
     return next(int(l.split()[1]) * 1024 for l in out.splitlines() if l.startswith("VmRSS:"))
 
 
@@ -140,7 +142,8 @@ BUILD_CHILD = """
 import sys, json, time
 from pathlib import Path
 from skrr_export.trt import EngineOptions, ShapeRange, build_engine
-print("[skrr-export] engine ...", file=sys.stderr, flush=True)
+import skrr_export
+print("[skrr-export] engine ...", skrr_export.__file__, file=sys.stderr, flush=True)
 onnx, seq = Path(sys.argv[1]), sys.argv[2]
 art = build_engine(onnx, "trt-rtx", EngineOptions(batch=ShapeRange(1, 1, 4), sequence=ShapeRange.parse(seq, "seq")),
                    Path(sys.argv[3]), {})
@@ -157,7 +160,7 @@ def build_only(onnx: Path, sequence: str, code: str, label: str) -> None:
         env = dict(os.environ, PYTHONPATH=str(source))
         base = subprocess.run([sys.executable, "-c", "import onnx, tensorrt_rtx, skrr_export.trt; "
                                "print(open('/proc/self/status').read())"], capture_output=True, text=True, env=env,
-                              check=True).stdout
+                              check=True, cwd="/").stdout
         base = next(int(l.split()[1]) * 1024 for l in base.splitlines() if l.startswith("VmRSS:"))
         code_, stages, lines, seconds = sampled([sys.executable, "-c", BUILD_CHILD, str(onnx), sequence,
                                                   str(Path(tmp) / "engine.plan")], env)
@@ -177,6 +180,30 @@ def build_only(onnx: Path, sequence: str, code: str, label: str) -> None:
     print(json.dumps(r, indent=2), flush=True)
     results["runs"] = [x for x in results["runs"] if (x["case"], x["label"]) != (label, r["label"])] + [r]
     RESULTS.write_text(json.dumps(results, indent=2) + "\n")
+
+
+def export_only(model: Path, plan: Path, out: Path, quantize: str | None) -> None:
+    """An export without the parity reference (what ``build`` measures on): random weights, bf16, fixed sequence
+    300, external data; the stages before the engine are what ``run`` measures."""
+    import torch
+
+    from skrr_export.apply import apply_plan
+    from skrr_export.export import ExportOptions, export_onnx
+    from skrr_export.model import ModelSource, load_encoder
+    from skrr_export.plan import load_plan
+
+    torch.set_grad_enabled(False)
+    enc = load_encoder(ModelSource(model, random_weights=True), load_plan(plan), "bf16")
+    module = apply_plan(enc, load_plan(plan))
+    quantized = None
+    if quantize:
+        from skrr_export.quantize import quantization, quantize_module
+
+        quantized = quantize_module(module, quantization(quantize, None))
+    out.mkdir(parents=True, exist_ok=True)
+    art = export_onnx(module, out / "model.onnx", ExportOptions("int64", 300, True),
+                      enc.adapter.sizes(enc.config).vocab, quantized)
+    print(json.dumps(art.to_json(), default=str)[:400])
 
 
 def run(case: str, codes: list[str], extra: list[str]) -> None:
@@ -215,7 +242,11 @@ def _versions() -> dict[str, str]:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("command", choices=["run", "build", "summarize"])
+    p.add_argument("command", choices=["run", "export", "build", "summarize"])
+    p.add_argument("--model", type=Path, help="export: a model folder (config.json; random weights)")
+    p.add_argument("--plan", type=Path, help="export: the plan")
+    p.add_argument("--quantize", help="export: int4 / int8")
+    p.add_argument("--out", type=Path, help="export: the folder to write")
     p.add_argument("--onnx", type=Path, help="build: an existing export's model.onnx")
     p.add_argument("--sequence", default="300", help="build: the sequence profile (the export's fixed sequence)")
     p.add_argument("--label", help="build: the case name to record it under")
@@ -225,6 +256,9 @@ def main() -> int:
     args = p.parse_args()
     if args.command == "summarize":
         summarize()
+        return 0
+    if args.command == "export":
+        export_only(args.model, args.plan, args.out, args.quantize)
         return 0
     if args.command == "build":
         for code in args.code or ["before", "after"]:
