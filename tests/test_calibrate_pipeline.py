@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from contextlib import contextmanager
 from dataclasses import replace
 
 import pytest
@@ -89,7 +90,7 @@ def test_plans_carry_the_pipeline_and_the_cli_picks_it(t5_with_tokenizer, tmp_pa
     assert provenance["pipeline"]["name"] == "pixart-sigma" and "every real token" in provenance["metric"]
 
 
-# ------------------------------------------------------------------------- CLIP: what SD3 and FLUX read (issue 25 item 1)
+# ----------------------------------------------------------------- CLIP: what SD3 and FLUX read (issue 25 item 1)
 
 SD3_CLIP = replace(CLIP_PIPELINES["sd3"], max_length=LENGTH)
 FLUX_CLIP = replace(CLIP_PIPELINES["flux"], max_length=LENGTH)
@@ -165,9 +166,18 @@ def test_sd3_clip_d_is_the_penultimate_layer_and_text_embeds_as_sd3_reads_them(c
     assert fast == pytest.approx(scorer.score_full([branched(base, b) for b in branches]), rel=1e-6)
 
 
+@pytest.fixture(scope="module")
+def clip_scorers(clip_folders, tmp_path_factory):
+    """One scorer per CLIP call, shared: SD3's on CLIPTextModelWithProjection, FLUX's on CLIPTextModel."""
+    tmp = tmp_path_factory.mktemp("clip-scorers")
+    return {"sd3": clip_scorer(clip_folders["clip-projection"], tmp, SD3_CLIP),
+            "flux": clip_scorer(clip_folders["clip"], tmp, FLUX_CLIP)}
+
+
+@contextmanager
 def planted_head(scorer, output: str, where: str, eps: float = 0.1):
     """After the dense reference is taken: the head adds ``eps`` to one output (at every position, or only where
-    every prompt is padding), a difference nothing upstream of it makes."""
+    every prompt is padding), a difference nothing upstream of it makes; restored on leaving."""
     names = scorer.model.output_names
     head = scorer.model.head
     original = head.forward
@@ -182,6 +192,10 @@ def planted_head(scorer, output: str, where: str, eps: float = 0.1):
         return tuple(outs)
 
     head.forward = forward
+    try:
+        yield
+    finally:
+        del head.forward  # the class's forward again
 
 
 @pytest.mark.parametrize("pipeline, output, where, seen", [
@@ -191,16 +205,16 @@ def planted_head(scorer, output: str, where: str, eps: float = 0.1):
     (FLUX_CLIP, "pooler_output", "all", True),
     (FLUX_CLIP, "penultimate_hidden_state", "all", False),
 ], ids=["sd3-penultimate-padding", "sd3-pooled", "sd3-last", "flux-pooled", "flux-penultimate"])
-def test_clip_d_sees_exactly_the_outputs_its_pipeline_reads(clip_folders, tmp_path, pipeline, output, where, seen):
+def test_clip_d_sees_exactly_the_outputs_its_pipeline_reads(clip_scorers, pipeline, output, where, seen):
     """A difference planted in one output only: D sees it (by exactly its share of MSE) where the pipeline reads that
     output, and not at all where it does not."""
-    scorer = clip_scorer(clip_folders["clip-projection" if pipeline.name == "sd3" else "clip"], tmp_path, pipeline)
+    scorer = clip_scorers[pipeline.name]
     dense = schedule_of(scorer.num_slots, ())
     assert scorer.discrepancy(dense) == 0.0
-    planted_head(scorer, output, where)
     share = 0.5 if where == "padding" else 1.0  # the padded half of the positions
     expected = 2 * 0.1 ** 2 * share if seen else 0.0  # the prompts' term and the empty prompt's
-    assert scorer.discrepancy(dense) == pytest.approx(expected, rel=1e-4, abs=1e-12)
+    with planted_head(scorer, output, where):
+        assert scorer.discrepancy(dense) == pytest.approx(expected, rel=1e-4, abs=1e-12)
 
 
 @pytest.fixture(scope="module")

@@ -277,8 +277,8 @@ def negative_reference(folder, call, negative: str) -> list[torch.Tensor]:
     from skrr_export.calibrate import CalibrationConfig, _prepare, _scorer
 
     cfg = CalibrationConfig(out=folder.parent / "plan.json", sparsities=(0.2,), model=folder,
-                            prompts=folder.parent / "prompts.txt", max_length=LENGTH, pipeline=replace(call, max_length=LENGTH),
-                            negative_prompt=negative, force=True)
+                            prompts=folder.parent / "prompts.txt", max_length=LENGTH,
+                            pipeline=replace(call, max_length=LENGTH), negative_prompt=negative, force=True)
     return _scorer(_prepare(cfg), cfg).feeds[-1].reference
 
 
