@@ -39,6 +39,7 @@ from .artifacts import sha256_file, write_atomic
 from .errors import AccuracyError, ArtifactError, Interrupted, UserError
 from .inputs import load_tokenizer, tokenizer_used
 from .plan import Plan, slot_sources
+from .units import size
 
 log = logging.getLogger("skrr_export")
 
@@ -394,15 +395,19 @@ class MemoryPlan:
         return self.weights + self.references + self.states + self.activations
 
     def describe(self) -> str:
-        gib = 2**30
-        return (f"memory plan on {self.device}: weights {self.weights / gib:.2f} GiB + reference outputs "
-                f"{self.references / gib:.2f} GiB + {self.batch} prompts in flight (cached states {self.states / gib:.2f} "
-                f"GiB, activations {self.activations / gib:.2f} GiB) = {self.total / gib:.2f} GiB of {self.budget / gib:.2f} GiB")
+        return (f"memory plan on {self.device}: weights {_gib(self.weights)} + reference outputs {_gib(self.references)} "
+                f"+ {self.batch} prompts in flight (cached states {_gib(self.states)}, activations "
+                f"{_gib(self.activations)}) = {_gib(self.total)} of {_gib(self.budget)}")
 
     def to_json(self) -> dict[str, Any]:
         return {"device": self.device, "budget": self.budget, "weights": self.weights, "references": self.references,
                 "batch": self.batch, "seq": self.seq, "states": self.states, "activations": self.activations,
                 "total": self.total}
+
+
+def _gib(n: int) -> str:
+    """Every figure of the memory plan in one unit, so its terms add up on the page."""
+    return size(n, "GiB")
 
 
 def plan_memory(shapes: Shapes, weights: int, tokens: int, seq: int, batch: int, width: int, budget: int,
@@ -416,10 +421,9 @@ def plan_memory(shapes: Shapes, weights: int, tokens: int, seq: int, batch: int,
         if plan.total <= budget:
             return plan
     one = MemoryPlan(device, budget, weights, references, 1, seq, *working_set(shapes, 1, seq, width))
-    gib = 2**30
-    raise UserError(f"calibration needs at least {one.total / gib:.2f} GiB on {device} (weights {weights / gib:.2f} GiB, "
-                    f"reference outputs {references / gib:.2f} GiB, one prompt in flight "
-                    f"{(one.states + one.activations) / gib:.2f} GiB) but the budget is {budget / gib:.2f} GiB; raise "
+    raise UserError(f"calibration needs at least {_gib(one.total)} on {device} (weights {_gib(weights)}, "
+                    f"reference outputs {_gib(references)}, one prompt in flight "
+                    f"{_gib(one.states + one.activations)}) but the budget is {_gib(budget)}; raise "
                     "--max-memory, or use --precision bf16, fewer --num-prompts or a smaller --max-length")
 
 
@@ -442,10 +446,10 @@ def parse_size(text: str) -> int:
     unit = match.group(2).lower() if match else ""
     if not match or unit not in units:
         raise UserError(f"--max-memory {text}: expected a size such as 24GiB, 800MiB or 80GB")
-    size = int(float(match.group(1)) * units[unit])
-    if size <= 0:
+    n = int(float(match.group(1)) * units[unit])
+    if n <= 0:
         raise UserError(f"--max-memory {text}: the budget must be more than zero bytes")
-    return size
+    return n
 
 
 # ----------------------------------------------------------------------------------------------- search
@@ -935,7 +939,7 @@ def _memory_plan(meta: Any, cfg: CalibrationConfig, ids: list[list[int]], empty:
         out_width = [m for m in projection.modules() if isinstance(m, nn.Linear)][-1].out_features
     out_width *= len(cfg.pipeline.outputs) if cfg.pipeline is not None else 1  # a pooled one counted per token: more
     if cfg.device.startswith("cuda"):  # the checkpoint is read into host memory before it moves to the GPU
-        check_memory(int(weights * 1.1) + (600 << 20), f"loading the model for calibration (dense weights {weights / 2**30:.1f} GiB)")
+        check_memory(int(weights * 1.1) + (600 << 20), f"loading the model for calibration (dense weights {size(weights, 'GiB', 1)})")
     budget = cfg.max_memory or default_budget(cfg.device) or 2**62
     device = "cuda" if cfg.device.startswith("cuda") else "cpu"
     tokens = sum(map(len, ids)) + len(empty) if _masked(cfg) else (len(ids) + 1) * cfg.max_length  # positions scored
@@ -943,7 +947,7 @@ def _memory_plan(meta: Any, cfg: CalibrationConfig, ids: list[list[int]], empty:
     seq = max(map(len, ids)) if _masked(cfg) else cfg.max_length
     plan = plan_memory(shapes_of(meta, out_width), weights, tokens, seq, cfg.batch_size, width, budget, device)
     if plan.batch < cfg.batch_size:
-        log.info("batch size %d -> %d to stay within %.2f GiB", cfg.batch_size, plan.batch, budget / 2**30)
+        log.info("batch size %d -> %d to stay within %s", cfg.batch_size, plan.batch, _gib(budget))
     return plan
 
 

@@ -24,6 +24,7 @@ from .model import RANDOM_WEIGHTS_SEED
 from .ort_fusion import check_optimize
 from .plan import Plan, load_plan
 from .progress import each, finished, stage_bar
+from .units import size
 from .provenance import manifest_record, report_record
 from .recipes import pipeline_report
 from .report import versions, write_report
@@ -301,11 +302,11 @@ def _check_footprint(held: dict[str, int], skip: bool) -> None:
     stage = max(held, key=lambda k: held[k])
     need = int(held[stage] * 1.1) + (600 << 20)
     free = available_memory()
-    have = f"{free / 2**30:.1f} GiB available" if free is not None else "available memory unknown"
-    log.info("memory estimate: %.1f GiB at the peak (%s; %s), %s", need / 2**30, stage,
-             ", ".join(f"{k} {v / 2**30:.2f} GiB" for k, v in held.items() if v), have)
+    have = f"{size(free, 'GiB', 1)} available" if free is not None else "available memory unknown"
+    log.info("memory estimate: %s at the peak (%s; %s), %s", size(need, "GiB", 1), stage,
+             ", ".join(f"{k} {size(v, 'GiB')}" for k, v in held.items() if v), have)
     if free is not None and need > free and not skip:
-        raise ArtifactError(f"this run needs about {need / 2**30:.1f} GiB of host memory but {free / 2**30:.1f} GiB is "
+        raise ArtifactError(f"this run needs about {size(need, 'GiB', 1)} of host memory but {size(free, 'GiB', 1)} is "
                             f"available (its peak: {stage}); free memory, use a bigger machine, or pass "
                             "--skip-memory-check to run anyway")
 
