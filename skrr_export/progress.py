@@ -13,7 +13,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any, TypeVar
 
 log = logging.getLogger("skrr_export")
@@ -78,13 +78,23 @@ def stage_bar(name: str) -> Iterator[Any]:
     if not bar.disable:
         ticker.start()
     try:
-        yield bar
+        with _logs_above(bar):
+            yield bar
     finally:
         stop.set()
         if ticker.is_alive():
             ticker.join()
         _current.remove(bar)
         bar.close()
+
+
+def _logs_above(bar: Any) -> Any:
+    """On a terminal, log lines are printed above the bar (tqdm's logging redirect) instead of through it."""
+    if bar.disable or not sys.stderr.isatty():
+        return nullcontext()
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    return logging_redirect_tqdm()
 
 
 def _tick(bar: Any, stop: threading.Event, interval: float) -> None:
