@@ -433,7 +433,7 @@ def _workspace_on(target: str, art: Any, activations: int, max_batch: int) -> tu
                 log.warning("a full build does not fit %s (needs %.2f GiB: %d copies of the weights); the script builds "
                             "a weight-stripped engine and refits it from model.onnx's weights at load",
                             target, build_fits(w, activations, target)[1] / GIB, BUILD_COPIES["full"])
-            return (TARGETS[target] - need + MIN_WORKSPACE) // (2 << 20), kind
+            return max(MIN_WORKSPACE >> 20, (TARGETS[target] - need + MIN_WORKSPACE) // (2 << 20)), kind  # MiB: half
     raise UserError(f"runs on {target} but cannot be built there: even a weight-stripped build needs {need / GIB:.2f} GiB "
                     f"({BUILD_COPIES['stripped']} copies of {w / GIB:.2f} GiB of weights + activations {activations / GIB:.2f} "
                     f"+ workspace + system) of {TARGETS[target] / GIB:.0f} GiB; {_alternatives(target, art, activations, max_batch)}")

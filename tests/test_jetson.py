@@ -77,6 +77,7 @@ def test_a_full_build_that_does_not_fit_becomes_weight_stripped(fixed, monkeypat
     monkeypatch.setitem(TARGETS, "orin-8gb", room)
     text = trtexec_script(fixed, "orin-8gb", profile, None)
     assert "--stripWeights" in text and "--refit" in text and "refit engine.plan from model.onnx" in text
+    assert "--memPoolSize=workspace:256M" in text  # the workspace the fit counted, at the edge
     monkeypatch.setitem(TARGETS, "orin-8gb", room - 1)
     monkeypatch.setattr(serving, "recipes_that_fit", lambda *a, **k: [])  # (test_serving lists them; 40 s of meta models)
     with pytest.raises(UserError, match=r"runs on orin-8gb but cannot be built there: even a weight-stripped build"):
