@@ -23,7 +23,7 @@ from .inputs import find_tokenizer, tokenizer_used
 from .model import RANDOM_WEIGHTS_SEED
 from .ort_fusion import check_optimize
 from .plan import Plan, load_plan
-from .progress import each, finished, stage_bar
+from .progress import each, finished, peak_memory, stage_bar
 from .units import size
 from .provenance import manifest_record, report_record
 from .recipes import pipeline_report
@@ -247,6 +247,7 @@ def _report(cfg: ExportConfig, job: _Job, ref: _Reference, found: _Found, stages
         "engine": found.engine.metadata if found.engine else None,
         "measure": found.measured,
         "seconds": stages.seconds,
+        "peak_memory_bytes": peak_memory(),  # resident, this process, up to the report (progress.peak_memory)
         "provenance": report_record(cfg, source),
     }
 

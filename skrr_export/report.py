@@ -87,7 +87,10 @@ def render_markdown(r: dict[str, Any]) -> str:
     if r.get("engine"):
         lines += render_engine(r["engine"])
     lines += _provenance_lines(r.get("provenance"), r["tool"])
-    lines += ["## Stages", ""] + [f"- {k}: {v:.1f} s" for k, v in r["seconds"].items()] + [""]
+    lines += ["## Stages", ""] + [f"- {k}: {v:.1f} s" for k, v in r["seconds"].items()]
+    if r.get("peak_memory_bytes") is not None:
+        lines.append(f"- peak memory: {size(r['peak_memory_bytes'])} (resident, this process, up to the report)")
+    lines += [""]
     return "\n".join(lines)
 
 

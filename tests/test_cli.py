@@ -51,6 +51,7 @@ def test_minilm_end_to_end_from_the_console_script(tmp_path):
     assert report["onnx"]["initializer_bytes"] <= report["onnx"]["unique_parameter_bytes"] + 65536
     md = (out / "report.md").read_text()
     assert md.startswith("# skrr-export report: bert, fp32\n") and "## Parity" in md
+    assert report["peak_memory_bytes"] > 0 and "- peak memory: " in md
     assert md.count("Decides pass/fail:\n\n| output | token error | min cos | tolerance | pass |") == 2
     assert md.count("Information only (not tested):\n\n| output | max abs | mean abs | max rel | mean cos |") == 2
     assert "[skrr-export] export done in" in proc.stderr and "\r" not in proc.stderr  # not a terminal: plain lines
