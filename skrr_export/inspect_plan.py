@@ -142,7 +142,8 @@ def render_onnx(e: dict[str, Any]) -> str:
     lines = [f"{e['onnx']}: {made}, {e['initializers']} initializers, "
              + ", ".join(f"{k} {size(v)}" for k, v in e["bytes"].items())]
     if "agrees" in e:
-        difference = f"{'+' if e['difference'] >= 0 else '-'}{size(abs(e['difference']))}, {e['difference']:+,} bytes"
+        d = e["difference"]
+        difference = f"{'+' if d >= 0 else '-'}{size(abs(d))}, {d:+,} bytes" if abs(d) >= 1024 else f"{d:+,} bytes"
         lines.append(f"agrees with the plan in {made}: {'yes' if e['agrees'] else 'NO'} "
                      f"({size(e['onnx_initializer_bytes'])} stored, {size(e['plan_kept_bytes'])} planned: {difference})")
         if not e["agrees"] and QUANTIZED_DTYPES & set(e["bytes"]):
