@@ -445,7 +445,7 @@ def _alternatives(target: str, art: Any, activations: int, max_batch: int) -> st
     batch = largest_batch(art.weight_bytes, activations, max_batch, target, "stripped") if max_batch > 1 else 0
     smaller = f"max batch {batch} fits (--batch 1,1,{batch}); " if 0 < batch < max_batch else ""
     others = recipes_that_fit(target, precision, activations, build="stripped")
-    return f"{smaller}in {precision}, recipes that run and build there: {', '.join(others) or 'none'}"
+    return f"{smaller}in {precision}, recipes that fit: {', '.join(others) or 'none'} (running and building there)"
 
 
 def _bash_quoted(text: str) -> str:
