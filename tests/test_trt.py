@@ -86,8 +86,9 @@ def assert_weights_stored_once(meta: dict, onnx_path: Path) -> None:
 
 
 @needs_rtx
-@pytest.mark.parametrize("plan_name", ["dense", "skip-only", "heavy-reuse"])
-@pytest.mark.parametrize("family", ["t5", "clip-projection", "bert"])
+@pytest.mark.parametrize("family, plan_name", [("t5", "dense"), ("t5", "skip-only"), ("t5", "heavy-reuse"),
+                                               ("clip-projection", "heavy-reuse"), ("bert", "dense"),
+                                               ("bert", "heavy-reuse")])  # every plan kind; every family re-using
 def test_rtx_engine_weights_equal_unique_onnx_weights(family, plan_name, onnx_files, engines):
     plan = make_plan(family, plan_name)
     onnx_path = onnx_files(family, plan_name)
