@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import atexit
+import dataclasses
 import hashlib
+import shutil
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -24,12 +29,23 @@ from .helpers import FAMILIES, NUM_BLOCKS, ids_and_mask, plant_wiring_error
 from .test_apply import make_plan
 
 
+_EXPORTS: dict[tuple, tuple] = {}  # one export per (family, plan, precision, options) in this process
+
+
 def exported(tiny_models, family, tmp_path, plan_name="heavy-reuse", precision="fp32", **options):
-    _, folder = tiny_models[family]
-    plan = make_plan(family, plan_name)
-    module = apply_plan(load_encoder(ModelSource(folder), plan, precision), plan)
-    art = export_onnx(module, tmp_path / "model.onnx", ExportOptions(**options), vocab_size=96)
-    return module, art
+    """The module and its export, copied into ``tmp_path`` (each test may edit its own file). Exported once per
+    process for the same arguments; the module is the one exported, shared by the tests (none changes it)."""
+    key = (family, plan_name, precision, tuple(sorted(options.items())))
+    if key not in _EXPORTS:
+        _, folder = tiny_models[family]
+        plan = make_plan(family, plan_name)
+        module = apply_plan(load_encoder(ModelSource(folder), plan, precision), plan)
+        where = Path(tempfile.mkdtemp(prefix="skrr-test-export-"))
+        atexit.register(shutil.rmtree, where, True)
+        _EXPORTS[key] = module, export_onnx(module, where / "model.onnx", ExportOptions(**options), vocab_size=96)
+    module, art = _EXPORTS[key]
+    copies = [shutil.copy(f, tmp_path / f.name) for f in (art.path, art.data_path) if f is not None]
+    return module, dataclasses.replace(art, path=Path(copies[0]), data_path=Path(copies[1]) if len(copies) > 1 else None)
 
 
 def feed(dtype="int64", seed=0, module=None):
@@ -265,7 +281,9 @@ def test_export_lets_go_of_the_weights(tiny_models, tmp_path):
     import gc
     import weakref
 
-    module, art = exported(tiny_models, "t5", tmp_path)
+    plan = make_plan("t5", "heavy-reuse")
+    module = apply_plan(load_encoder(ModelSource(tiny_models["t5"][1]), plan), plan)
+    art = export_onnx(module, tmp_path / "model.onnx", ExportOptions(), vocab_size=96)
     weights = [weakref.ref(p) for p in module.parameters()]
     del module
     gc.collect()

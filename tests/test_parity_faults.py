@@ -8,6 +8,7 @@ weakest of benchmarks/results/parity-separation-cpu.json's kinds that run in sec
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -52,14 +53,40 @@ def run_with(plant, tmp_path, folder, family, precision="fp32", quantization=Non
     return json.loads((tmp_path / "out" / "report.json").read_text())
 
 
-def verify_fails(folder, check: str, capsys) -> None:
-    """``skrr-export verify`` on the folder the faulty job wrote fails (exit 1) in the same check, and only there."""
+def verify_fails(folder, check: str, capsys, only: bool = False) -> None:
+    """``skrr-export verify`` on the folder fails (exit 1) in the named check (``only``: and in no other; a strong
+    wiring fault may fail the precision check too)."""
     from skrr_export.cli import main
 
     capsys.readouterr()
     assert main(["verify", str(folder), "--json", "-q"]) == 1
     result = json.loads(capsys.readouterr().out)
-    assert {p["check"] for p in result["parity"] if p["passed"] is False} == {check} and result["weights_once"]["passed"]
+    failed = {p["check"] for p in result["parity"] if p["passed"] is False}
+    assert (failed == {check} if only else check in failed) and result["weights_once"]["passed"], result["parity"]
+
+
+@pytest.fixture(scope="module")
+def correct(tiny_models, tmp_path_factory):
+    """``correct(family, precision)``: the folder of the main job on the correct export (every check passed), made
+    once per module; a test plants its fault in a copy and verifies that."""
+    made = {}
+
+    def get(family: str, precision: str):
+        if (family, precision) not in made:
+            work = tmp_path_factory.mktemp(f"correct-{family}-{precision}")
+            report = run_with(None, work, tiny_models[family][1], family, precision)
+            assert all(verdicts(report).values()), report["parity"]
+            made[family, precision] = work / "out"
+        return made[family, precision]
+
+    return get
+
+
+def planted_copy(folder, plant, tmp_path):
+    copy = tmp_path / "planted"
+    shutil.copytree(folder, copy)
+    plant(copy / "model.onnx")
+    return copy
 
 
 def verdicts(report) -> dict[str, bool]:
@@ -71,17 +98,17 @@ def verdicts(report) -> dict[str, bool]:
 
 @pytest.mark.parametrize("family, precision", [("bert", "fp32"), ("clip", "bf16"), ("t5", "bf16"), ("umt5", "fp16")])
 @pytest.mark.parametrize("kind", ["attention", "ffn"])
-def test_one_reused_slot_reading_another_sub_blocks_weight_fails_the_wiring_check(family, precision, kind, tiny_models,
-                                                                                  tmp_path):
-    _, folder = tiny_models[family]
-    report = run_with(lambda p: planted.plant_reused_weight(p, kind, "last"), tmp_path, folder, family, precision)
-    assert verdicts(report)["wiring"] is False, report["parity"]
+def test_one_reused_slot_reading_another_sub_blocks_weight_fails_the_wiring_check(family, precision, kind, correct,
+                                                                                  tmp_path, capsys):
+    """Planted in a copy of the correct export and verified (the same checks as the main job's; the main job itself
+    fails on planted faults below)."""
+    folder = planted_copy(correct(family, precision), lambda p: planted.plant_reused_weight(p, kind, "last"), tmp_path)
+    verify_fails(folder, "wiring", capsys)
 
 
-def test_q_and_k_swapped_in_one_slot_fails_the_wiring_check(tiny_models, tmp_path):
-    _, folder = tiny_models["clip"]
-    report = run_with(lambda p: planted.plant_qk_swap(p, "first"), tmp_path, folder, "clip", "bf16")
-    assert verdicts(report)["wiring"] is False
+def test_q_and_k_swapped_in_one_slot_fails_the_wiring_check(correct, tmp_path, capsys):
+    verify_fails(planted_copy(correct("clip", "bf16"), lambda p: planted.plant_qk_swap(p, "first"), tmp_path), "wiring",
+                 capsys)
 
 
 def test_a_quantized_weight_reading_another_blocks_scales_fails_the_wiring_check(tiny_models, tmp_path, capsys):
@@ -109,14 +136,12 @@ def t5_at_xxl_scale(tmp_path_factory):
 def test_an_fp16_round_trip_in_a_norm_fails_only_the_precision_check(t5_at_xxl_scale, tmp_path, capsys):
     """The wiring check widens every Cast, so it cannot see a fault that exists only in half precision; the
     precision check, which rounds where the graph stores a half tensor, must. The same model exported correctly
-    passes both. verify on the faulty folder fails the same way."""
+    passes both; verify on a copy with the fault planted fails in the precision check only."""
     correct = run_with(None, tmp_path / "correct", t5_at_xxl_scale, "t5", "bf16")
     assert verdicts(correct) == {"wiring": True, "precision": True}, correct["parity"]
     checks = {c["check"]: c for c in correct["checks"]}  # what ran, how, and against which tolerance
     assert list(checks) == ["wiring", "precision", "policy"] and checks["policy"]["passed"]
     assert (checks["wiring"]["tolerance_key"], checks["precision"]["tolerance_key"]) == ("wiring", "precision-bf16")
     assert checks["precision"]["tolerance"]["max_token_error"] == DEFAULT_TOLERANCES["precision-bf16"].max_token_error
-    report = run_with(lambda p: planted.plant_fp16_round_trip(p, "last"), tmp_path / "planted", t5_at_xxl_scale, "t5",
-                      "bf16")
-    assert verdicts(report) == {"wiring": True, "precision": False}, report["parity"]
-    verify_fails(tmp_path / "planted" / "out", "precision", capsys)
+    folder = planted_copy(tmp_path / "correct" / "out", lambda p: planted.plant_fp16_round_trip(p, "last"), tmp_path)
+    verify_fails(folder, "precision", capsys, only=True)
