@@ -89,7 +89,7 @@ class VersionAction(argparse.Action):
         super().__init__(option_strings, dest, nargs=0, help="print the versions of skrr-export and its main libraries")
 
     def __call__(self, parser: argparse.ArgumentParser, *args: Any) -> NoReturn:
-        from .report import versions
+        from .environment import versions
 
         print("\n".join(f"{name} {version}" for name, version in versions(all_backends=True).items()))
         parser.exit(0)

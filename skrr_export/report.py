@@ -110,10 +110,19 @@ def _provenance_lines(p: dict[str, Any] | None, tool: dict[str, Any]) -> list[st
             f"- Tool: skrr-export {tool.get('skrr-export')} ({libraries})",
             f"- Recipe: {recipe['name']} (`{recipe['path']}`, sha256 `{recipe['sha256']}`)" if recipe
             else "- Recipe: none (a plan file and flags)",
-            "- Settings (recipe, then flags): " + ", ".join(f"{k} {v}" for k, v in s.items() if v not in (None, {}, [])),
+            "- Settings (recipe, then flags): " + ", ".join(_setting(k, v) for k, v in s.items() if v not in (None, {}, [])),
             "- Tolerances: " + "; ".join(f"`{k}` " + ", ".join(f"{n} {v:g}" for n, v in t.items() if v is not None)
                                          for k, t in tolerances.items()),
             "- Rerun into a new folder: `skrr-export --from-manifest THIS_FOLDER --out NEW`", ""]
+
+
+def _setting(key: str, value: Any) -> str:
+    """One setting as text; a nested one (the engine options) as its set fields, a shape range as min/opt/max."""
+    if isinstance(value, dict) and set(value) == {"min", "opt", "max"}:
+        return f"{key} {value['min']}/{value['opt']}/{value['max']} (min/opt/max)"
+    if isinstance(value, dict):
+        return ", ".join(_setting(f"{key}.{k}", v) for k, v in value.items() if v not in (None, False, (), [], {}))
+    return f"{key} {value}"
 
 
 def _parity_lines(parity: list[dict[str, Any]]) -> list[str]:

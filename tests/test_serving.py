@@ -111,12 +111,15 @@ def test_a_tensorrt_engine_repository_follows_the_engine_profile(artifacts, tmp_
 def test_the_report_shows_the_engine_as_tables(artifacts):
     import json
 
+    from skrr_export.units import size
+
     md = (artifacts / "report.md").read_text()
-    engine = md[md.index("## Engine"):md.index("## Stages")]
-    assert "```" not in md and "{" not in engine
+    engine = md[md.index("## Engine"):]
+    engine = engine[:engine.index("\n## ")]  # up to the next section
+    assert "```" not in md and "{" not in md
     meta = json.loads((artifacts / "engine.json").read_text())
-    assert f"| engine weights | {meta['weights']['total_bytes']:,} B" in engine
-    assert f"| ONNX weights | {meta['onnx_weight_bytes']:,} B" in engine
+    assert f"| engine weights | {size(meta['weights']['total_bytes'])} ({meta['weights']['total_bytes']:,} bytes)" in engine
+    assert f"| ONNX weights | {size(meta['onnx_weight_bytes'])} ({meta['onnx_weight_bytes']:,} bytes)" in engine
     assert "| input_ids | input | INT64 | -1x-1 | 1x1 / 2x16 / 4x64 |" in engine
     assert len(engine.splitlines()) < 30
 
