@@ -168,7 +168,7 @@ def main() -> None:
     import onnxruntime as ort
 
     from skrr_export.plan import Plan, load_plan
-    from skrr_export.report import versions
+    from skrr_export.environment import versions
 
     p = argparse.ArgumentParser()
     p.add_argument("--cases", default=",".join(CASES))

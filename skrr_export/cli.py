@@ -310,7 +310,8 @@ def cmd_export(argv: list[str]) -> int:
     _export_settings(args, recipe)
     config = _check_export_inputs(args, recipe)
     engine_options = _engine_options(args, config)
-    from .pipeline import ExportConfig, run_export
+    from .config import ExportConfig
+    from .pipeline import run_export
 
     cfg = ExportConfig(
         plan=args.plan,

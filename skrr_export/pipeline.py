@@ -14,9 +14,9 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from .environment import cuda_available
+from .environment import cuda_available, versions
 from .checks import ParityCheck, parity_checks
-from .config import ENGINES, ExportConfig  # noqa: F401  (pipeline.ENGINES: the CLI's choices)
+from .config import ENGINES, ExportConfig
 from .compare import Tolerance, distance, runner_parity, tolerance_for
 from .errors import AccuracyError, ArtifactError, UserError
 from .inputs import find_tokenizer, tokenizer_used
@@ -27,7 +27,7 @@ from .progress import each, finished, peak_memory, stage_bar
 from .units import size
 from .provenance import manifest_record, report_record
 from .recipes import pipeline_report
-from .report import versions, write_report
+from .report import write_report
 
 log = logging.getLogger("skrr_export")
 

@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .environment import versions  # noqa: F401  (report.versions: what every report records)
 from .compare import INFORMATION_ONLY, STATISTICS, Tolerance, deciding
 from .inspect_plan import quantization_name
 from .units import size, size_exact

@@ -17,9 +17,10 @@ from pathlib import Path
 from typing import Any
 
 from .artifacts import check_onnx_files, sha256_file
+from .config import ExportConfig
 from .errors import AccuracyError, UserError
 from .model import model_source
-from .pipeline import ExportConfig, Stages, _Job, _pytorch_reference, _tolerance, not_executed, run_checks
+from .pipeline import Stages, _Job, _pytorch_reference, _tolerance, not_executed, run_checks
 from .plan import Plan, parse_plan
 from .provenance import (changed_files, check_random_weight_versions, has_settings, read_json, recorded_config,
                          recorded_fields)

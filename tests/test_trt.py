@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from skrr_export.apply import apply_plan
-from skrr_export.backends import cuda_available
+from skrr_export.environment import cuda_available
 from skrr_export.errors import ArtifactError, UserError
 from skrr_export.artifacts import onnx_weight_bytes
 from skrr_export.export import ExportOptions, export_onnx

@@ -39,14 +39,21 @@ def proto_referencing_weights(path: Path) -> onnx.ModelProto:
         proto.ParseFromString(small)
     except Exception as exc:
         raise ArtifactError(f"{path} is not a readable ONNX model ({type(exc).__name__}); export it again") from None
+    refer_to_file(proto, references, path.name)
+    return proto
+
+
+def refer_to_file(proto: onnx.ModelProto, offsets: dict[str, tuple[int, int]], location: str) -> None:
+    """Each initializer named in ``offsets`` (name -> (offset, length)) becomes external data at those bytes of the
+    file ``location`` beside the model, its raw_data dropped."""
     for tensor in proto.graph.initializer:
-        if tensor.name in references:
-            offset, length = references[tensor.name]
+        if tensor.name in offsets:
+            tensor.ClearField("raw_data")
             tensor.data_location = onnx.TensorProto.EXTERNAL
-            for key, value in (("location", path.name), ("offset", str(offset)), ("length", str(length))):
+            offset, length = offsets[tensor.name]
+            for key, value in (("location", location), ("offset", str(offset)), ("length", str(length))):
                 entry = tensor.external_data.add()
                 entry.key, entry.value = key, value
-    return proto
 
 
 def _without_raw_data(buf: mmap.mmap) -> tuple[bytes, dict[str, tuple[int, int]]]:

@@ -22,6 +22,7 @@ import onnx_ir as ir
 
 from ..artifacts import unique_sibling
 from ..errors import InvariantError
+from .read import refer_to_file
 from .wire import (GRAPH_INITIALIZER, LENGTH_DELIMITED, MODEL_GRAPH, TENSOR_NAME, TENSOR_RAW_DATA, fields,
                    varint)
 
@@ -111,14 +112,7 @@ def check_saved(serialized: bytes, offsets: dict[str, tuple[int, int]], path: Pa
     initializer pointing at its bytes inside ``path`` (as external data), checked from a hidden sibling file."""
     proto = onnx.ModelProto()
     proto.ParseFromString(serialized)
-    for tensor in proto.graph.initializer:
-        if tensor.name in offsets:
-            tensor.ClearField("raw_data")
-            tensor.data_location = onnx.TensorProto.EXTERNAL
-            offset, length = offsets[tensor.name]
-            for key, value in (("location", path.name), ("offset", str(offset)), ("length", str(length))):
-                entry = tensor.external_data.add()
-                entry.key, entry.value = key, value
+    refer_to_file(proto, offsets, path.name)
     probe = unique_sibling(path, "check")
     try:
         probe.write_bytes(proto.SerializeToString())
