@@ -251,7 +251,7 @@ def _export_settings(args: argparse.Namespace, recipe: Any) -> None:
     for key, default in EXPORT_DEFAULTS.items():
         if getattr(args, key) is None:
             setattr(args, key, (recipe.export.get(key) if recipe else None) or default)
-    if args.sequence is None and recipe is not None:
+    if args.sequence is None and recipe is not None and args.fixed_sequence is None:  # a fixed graph has one sequence
         args.sequence = recipe.export.get("sequence")
 
 
@@ -273,6 +273,8 @@ def _engine_options(args: argparse.Namespace, config: Any) -> Any:
         sequence = ShapeRange.parse(args.sequence, "--sequence")
         if args.fixed_sequence is None:
             _check_positions(config, sequence.max, "--sequence")
+        else:
+            sequence.check_fixed(args.sequence, args.fixed_sequence, f"the export (--fixed-sequence {args.fixed_sequence})")
     else:  # the default profile, capped at the model's positions (CLIP: 77)
         limit = _positions(config) or DEFAULT_SEQUENCE[2]
         sequence = ShapeRange(*(min(v, limit) for v in DEFAULT_SEQUENCE))

@@ -472,10 +472,7 @@ def trtexec_profile(artifacts: Path, batch: str | None, sequence: str | None) ->
     art = read_artifacts(artifacts, prefer="onnx")
     fixed = {t.shape[1] for t in art.inputs if len(t.shape) > 1 and t.shape[1] > 0}
     if sequence is not None and fixed:
-        wanted = ShapeRange.parse(sequence, "--sequence")
-        if {wanted.min, wanted.opt, wanted.max} != fixed:
-            raise UserError(f"--sequence {sequence}: model.onnx is fixed at sequence {fixed.pop()}; drop --sequence "
-                            "or export again with another --fixed-sequence")
+        ShapeRange.parse(sequence, "--sequence").check_fixed(sequence, min(fixed), "model.onnx")
     if batch is None and sequence is None and (artifacts / "engine.json").is_file():
         return _engine_profile(artifacts)
     if batch is None and sequence is None and not fixed:

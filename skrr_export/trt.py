@@ -134,6 +134,13 @@ class ShapeRange:
         shape.check(what)
         return shape
 
+    def check_fixed(self, text: str, fixed: int, fixed_by: str) -> None:
+        """A profile asked for as ``text`` on a graph fixed at sequence ``fixed`` (``fixed_by``: what fixed it) must be
+        that sequence: one that contradicts it is refused, never replaced."""
+        if {self.min, self.opt, self.max} != {fixed}:
+            raise UserError(f"--sequence {text}: {fixed_by} is fixed at sequence {fixed}; drop --sequence or export "
+                            "again with another --fixed-sequence")
+
 
 @dataclass(frozen=True)
 class EngineOptions:

@@ -129,6 +129,21 @@ def test_inputs_are_checked_before_the_output_folder(tmp_path, tiny_models, caps
     assert list((tmp_path / "out").iterdir()) == []
 
 
+def test_a_sequence_profile_that_contradicts_the_fixed_sequence_is_refused(tmp_path, tiny_models, capsys):
+    """--fixed-sequence 16 --sequence 1,32,64: refused in one line (exit 2, nothing written), not replaced by 16;
+    the same check as trtexec's (trt.ShapeRange.check_fixed). --sequence 16 agrees with it and passes the check."""
+    _, folder = tiny_models["bert"]
+    plan = write_plan(tmp_path, {"format": "skrr-plan/1", "encoder": {"family": "bert", "num_blocks": 3}})
+    argv = ["--plan", str(plan), "--model", str(folder), "--random-ids", "--out", str(tmp_path / "o"), "-q",
+            "--fixed-sequence", "16"]
+    assert main([*argv, "--sequence", "1,32,64"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--sequence 1,32,64: the export (--fixed-sequence 16) is fixed at sequence 16" in err[0]
+    assert not (tmp_path / "o").exists()
+    assert main([*argv, "--sequence", "16", "--plan", str(tmp_path / "missing.json")]) == 2  # past the check
+    assert "missing.json" in capsys.readouterr().err
+
+
 def test_an_output_path_under_a_file_is_refused_before_any_work(tmp_path, tiny_models, capsys, monkeypatch):
     import skrr_export.model
 
