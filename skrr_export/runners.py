@@ -9,13 +9,17 @@ The comparator and the benchmarks know only this protocol.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
+import onnx_ir as ir
 
 from .artifacts import check_onnx_files
 from .errors import ArtifactError, MissingDependencyError
+from .graph import passes
+from .graph.read import model_referencing_weights
 
 Feed = dict[str, np.ndarray]
 
@@ -212,6 +216,7 @@ class OrtFp32ArithmeticRunner(OrtRunner):
     rounding (which the CUDA provider and the engines check where a GPU is)."""
 
     name = "onnxruntime-cpu-fp32-arithmetic"
+    rewrite = "fp32-arithmetic"  # what the copy computes (graph.passes)
 
     def __init__(self, path: Path, precision: str = "bf16"):
         super().__init__(path)
@@ -232,18 +237,10 @@ class OrtFp32ArithmeticRunner(OrtRunner):
     def session_path(self) -> Path:
         """The rewritten copy, beside the original: its weights are references to the original's bytes (inside
         model.onnx or in its data file), so neither this process nor the file holds a second copy of them."""
-        import onnx
-
-        from .graph.read import proto_referencing_weights
-
-        model = proto_referencing_weights(self.path)
-        self.rewrite(model)
-        onnx.save(model, str(self.copy))
+        model = model_referencing_weights(self.path)
+        passes.run(model, self.rewrite)
+        ir.save(model, os.fspath(self.copy))
         return self.copy
-
-    def rewrite(self, model: Any) -> None:
-        """What the copy computes: fp32 arithmetic on the graph's own weights."""
-        fp32_arithmetic_model(model)
 
     def deactivate_impl(self) -> None:
         super().deactivate_impl()
@@ -258,6 +255,7 @@ class OrtHalfEmulationRunner(OrtFp32ArithmeticRunner):
     a node that overflows), which the fp32-arithmetic check cannot see."""
 
     name = "onnxruntime-cpu-half-emulation"
+    rewrite = "half-emulation"
 
     def __init__(self, path: Path, precision: str = "bf16"):
         super().__init__(path, precision)
@@ -267,205 +265,6 @@ class OrtHalfEmulationRunner(OrtFp32ArithmeticRunner):
     def method(precision: str) -> str:
         return (f"the {precision} graph as stored: each node computed in fp32 and rounded to {precision} where the graph "
                 f"stores {precision} (ONNX Runtime CPU, a rewritten copy), against PyTorch computing in {precision}")
-
-    def rewrite(self, model: Any) -> None:
-        half_emulation(model)
-
-
-def half_emulation(model: Any) -> None:
-    """Rewrite ``model`` in place: fp32 arithmetic (``fp32_arithmetic``), then every node output the original graph
-    holds in bf16 or fp16 rounded back to that precision (Cast down, Cast up) before anything reads it."""
-    import onnx
-    from onnx import helper
-
-    graph = model.graph
-    inferred = onnx.shape_inference.infer_shapes(model).graph
-    halves = {v.name: v.type.tensor_type.elem_type for v in (*inferred.value_info, *inferred.output)
-              if v.type.tensor_type.elem_type in _HALVES}
-    fp32_arithmetic_model(model)
-    nodes = []
-    for node in graph.node:
-        nodes.append(node)
-        for k, name in enumerate(node.output):
-            if name in halves:
-                node.output[k] = f"{name}::exact"
-                nodes.append(helper.make_node("Cast", [f"{name}::exact"], [f"{name}::rounded"], to=halves[name]))
-                nodes.append(helper.make_node("Cast", [f"{name}::rounded"], [name], to=_FP32))
-    graph.ClearField("node")
-    graph.node.extend(nodes)
-
-
-def fp32_arithmetic_model(model: Any) -> None:
-    """``fp32_arithmetic`` on ``model``'s graph, with the com.microsoft domain its FusedMatMul needs."""
-    from onnx import helper
-
-    fp32_arithmetic(model.graph)
-    model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
-
-
-def fp32_arithmetic(graph: Any) -> None:
-    """Rewrite a graph in place so that it computes in fp32 wherever it computed in bf16 or fp16 (weights untouched).
-
-    Each node that reads a half-precision weight, directly or through a Transpose, gets its own chain
-    ``Cast(Reshape(W, shape that depends on the node's activation input))`` (+ the Transpose): the Reshape's shape
-    waits for the activation, so ONNX Runtime cannot widen every weight at the start of the run (it schedules
-    input-free nodes first: a dense T5-v1.1-XXL then held 22 GB for 9.5 GB of bf16 weights), and no fp32 copy
-    outlives the node that reads it. Reshape to the weight's own shape changes nothing but the order. A MatMul
-    reading a transposed weight becomes ONNX Runtime's FusedMatMul(transB=1): no transposed fp32 copy either."""
-    from onnx import numpy_helper
-
-    _dequantize_per_reader(graph)
-    widening = _Widening(graph)
-    for index, node in enumerate(graph.node):
-        if node.output[0] in widening.transposed:
-            continue  # each reader gets its own Transpose
-        widening.inputs(node, index)
-        if not node.name.endswith("::round"):
-            _widen_attributes(node)
-        widening.nodes.append(node)
-    graph.initializer.append(numpy_helper.from_array(np.array(0, dtype=np.int64), "fp32_arithmetic::zero"))
-    graph.initializer.extend(numpy_helper.from_array(np.array(dims, dtype=np.int64), f"{name}::shape")
-                             for name, dims in widening.weights.items())
-    graph.ClearField("node")
-    graph.node.extend(widening.nodes)
-    for info in (*graph.value_info, *graph.input, *graph.output):
-        if info.type.tensor_type.elem_type in _HALVES:
-            info.type.tensor_type.elem_type = _FP32
-
-
-_HALVES, _FP32 = {16, 10}, 1  # onnx.TensorProto.BFLOAT16, FLOAT16; FLOAT
-
-
-class _Widening:
-    """The half-precision weights of a graph, and the nodes of the rewritten graph as they are built."""
-
-    def __init__(self, graph: Any):
-        self.weights = {i.name: list(i.dims) for i in graph.initializer if i.data_type in _HALVES}
-        self.transposed = {n.output[0]: n for n in graph.node if n.op_type == "Transpose" and n.input[0] in self.weights}
-        self.produced = {o for n in graph.node for o in n.output}
-        self.graph_inputs = [i.name for i in graph.input]
-        self.nodes: list[Any] = []
-
-    def inputs(self, node: Any, index: int) -> None:
-        """Every weight ``node`` reads, directly or through a Transpose, read widened (FusedMatMul for x @ W^T)."""
-        from onnx import helper
-
-        activation = next((i for i in node.input if i in self.produced and i not in self.transposed), None)
-        activation = activation or next((i for i in self.graph_inputs if i in node.input), None)
-        for k, name in enumerate(node.input):
-            tag = f"fp32_arithmetic::{index}::{k}"
-            if name in self.weights:
-                node.input[k] = self.widened(name, activation, tag)
-            elif name in self.transposed:
-                t = self.transposed[name]
-                perm = [list(helper.get_attribute_value(a)) for a in t.attribute if a.name == "perm"][0]
-                if node.op_type == "MatMul" and k == 1 and perm == [1, 0]:  # x @ W^T without a transposed copy
-                    node.op_type, node.domain = "FusedMatMul", "com.microsoft"
-                    node.attribute.extend([helper.make_attribute("transB", 1), helper.make_attribute("alpha", 1.0)])
-                    node.input[k] = self.widened(t.input[0], activation, tag)
-                    continue
-                self.nodes.append(helper.make_node("Transpose", [self.widened(t.input[0], activation, tag)],
-                                                   [f"{tag}::t"], perm=perm))
-                node.input[k] = f"{tag}::t"
-
-    def widened(self, weight: str, activation: str | None, tag: str) -> str:
-        """``Cast(Reshape(weight, its shape + 0 * Size(activation)))``: the widening waits for the activation."""
-        from onnx import helper
-
-        source = weight
-        if activation is not None:
-            zero = f"{tag}::zero"
-            self.nodes.append(helper.make_node("Size", [activation], [f"{tag}::size"]))
-            self.nodes.append(helper.make_node("Mul", [f"{tag}::size", "fp32_arithmetic::zero"], [zero]))
-            self.nodes.append(helper.make_node("Add", [f"{weight}::shape", zero], [f"{tag}::shape"]))
-            self.nodes.append(helper.make_node("Reshape", [weight, f"{tag}::shape"], [f"{tag}::waited"]))
-            source = f"{tag}::waited"
-        self.nodes.append(helper.make_node("Cast", [source], [f"{tag}::fp32"], to=_FP32))
-        return f"{tag}::fp32"
-
-
-def _widen_attributes(node: Any) -> None:
-    """Cast targets and constant tensors in half precision become fp32."""
-    import onnx
-    from onnx import numpy_helper
-
-    for attr in node.attribute:
-        if attr.name in ("to", "dtype") and attr.type == onnx.AttributeProto.INT and attr.i in _HALVES:
-            attr.i = _FP32
-        elif attr.type == onnx.AttributeProto.TENSOR and attr.t.data_type in _HALVES:
-            attr.t.CopyFrom(numpy_helper.from_array(_widen(attr.t), attr.t.name))
-
-
-def _dequantize_per_reader(graph: Any) -> None:
-    """Each DequantizeLinear of a stored weight (quantize.py) becomes one per reader, computed in fp32 and waiting for
-    that reader's activation (its scales pass a Reshape to their own shape, as ``fp32_arithmetic`` does for half
-    weights; the CPU provider has no Reshape for int4): ONNX Runtime schedules input-free nodes first and would
-    dequantize every weight at the start of the run and hold them all (measured: T5-v1.1-XXL PixArt 41.9 % int4,
-    7.8 GB resident during parity, 6 GB of it dequantized weights)."""
-    from onnx import numpy_helper
-
-    stored = {i.name: i for i in graph.initializer}
-    dequantized = {n.output[0]: n for n in graph.node if n.op_type == "DequantizeLinear" and all(x in stored for x in n.input)}
-    if not dequantized:
-        return
-    # fp16 scales next to bf16 weights: dequantized to fp16, then cast to bf16 (quantize.py). Each reader's copy is
-    # rounded as the graph rounds it (``::round`` Casts stay as they are), then widened.
-    casts = {n.output[0]: n for n in graph.node if n.op_type == "Cast" and n.input[0] in dequantized}
-    rounding = {name: [stored[dq.input[1]].data_type] for name, dq in dequantized.items()}
-    rounding |= {name: [*rounding[cast.input[0]], cast.attribute[0].i] for name, cast in casts.items()}
-    dequantized |= {name: dequantized[cast.input[0]] for name, cast in casts.items()}
-    produced = {o for n in graph.node for o in n.output}
-    nodes: list[Any] = []
-    for index, node in enumerate(graph.node):
-        if node.output[0] in dequantized:
-            continue
-        activation = next((i for i in node.input if i in produced and i not in dequantized), None)
-        for k, name in enumerate(node.input):
-            if name in dequantized:
-                node.input[k] = _one_dequantize(nodes, dequantized[name], stored, activation,
-                                                f"fp32_arithmetic::dq::{index}::{k}", rounding[name])
-        nodes.append(node)
-    graph.initializer.append(numpy_helper.from_array(np.array(0, dtype=np.int64), "fp32_arithmetic::dq_zero"))
-    graph.initializer.extend(numpy_helper.from_array(np.array(stored[s].dims, dtype=np.int64), f"{s}::scale_shape")
-                             for s in {dq.input[1] for dq in dequantized.values()})
-    graph.ClearField("node")
-    graph.node.extend(nodes)
-
-
-def _one_dequantize(nodes: list[Any], dq: Any, stored: dict[str, Any], activation: str | None, tag: str,
-                    round_to: list[int]) -> str:
-    from onnx import TensorProto, helper
-
-    scale = dq.input[1]
-    if activation is not None:
-        nodes += [helper.make_node("Size", [activation], [f"{tag}::size"]),
-                  helper.make_node("Mul", [f"{tag}::size", "fp32_arithmetic::dq_zero"], [f"{tag}::zero"]),
-                  helper.make_node("Add", [f"{scale}::scale_shape", f"{tag}::zero"], [f"{tag}::shape"]),
-                  helper.make_node("Reshape", [scale, f"{tag}::shape"], [f"{tag}::waited"])]
-        scale = f"{tag}::waited"
-    if stored[dq.input[1]].data_type != TensorProto.FLOAT:
-        nodes.append(helper.make_node("Cast", [scale], [f"{tag}::fp32"], to=TensorProto.FLOAT))
-        scale = f"{tag}::fp32"
-    reader = helper.make_node("DequantizeLinear", [dq.input[0], scale, *dq.input[2:]], [tag], name=tag)
-    reader.attribute.extend(dq.attribute)
-    nodes.append(reader)
-    value = tag
-    for k, dtype in enumerate(d for d in round_to if d != TensorProto.FLOAT):
-        nodes.append(helper.make_node("Cast", [value], [f"{tag}::rounded{k}"], to=dtype, name=f"{tag}::{k}::round"))
-        value = f"{tag}::rounded{k}"
-    if value != tag:
-        nodes.append(helper.make_node("Cast", [value], [f"{tag}::widened"], to=TensorProto.FLOAT))
-    return f"{tag}::widened" if value != tag else tag
-
-
-def _widen(tensor: Any) -> np.ndarray:
-    """A bf16 or fp16 TensorProto's values as fp32, exactly (bf16 is the upper half of an fp32)."""
-    from onnx import TensorProto, numpy_helper
-
-    values = numpy_helper.to_array(tensor)
-    if tensor.data_type == TensorProto.FLOAT16:
-        return values.astype(np.float32)
-    return (values.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
 
 
 class _OrtBound:

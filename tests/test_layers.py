@@ -16,7 +16,8 @@ ROOT = Path(skrr_export.__file__).parent
 LAYERS = {
     "core (torch-free)": ["skrr_export", "errors", "environment", "units", "progress", "plan", "counts", "compare",
                           "recipes", "artifacts", "config"],
-    "ONNX layer": ["graph", "graph.wire", "graph.read", "graph.save", "graph.weights", "graph.half_scalars"],
+    "ONNX layer": ["graph", "graph.wire", "graph.read", "graph.save", "graph.weights", "graph.half_scalars",
+                   "graph.arithmetic", "graph.passes"],
     "torch side": ["adapters", "adapters.base", "adapters.bert", "adapters.clip", "adapters.t5", "checkpoint", "model",
                    "apply", "quantize"],
     "runtimes": ["runners", "checks", "inputs", "workload", "export", "ort_fusion", "fused_copy", "ort_profile",

@@ -351,7 +351,9 @@ def test_half_quantized_export_runs_in_fp32_arithmetic_one_dequantize_per_reader
     per reading MatMul, after that MatMul's activation exists (not all up front), and matches PyTorch computing in
     fp32 with the same quantized weights; the PyTorch module holds no weight values between calls."""
     from skrr_export.apply import computed_in_fp32
-    from skrr_export.runners import OrtFp32ArithmeticRunner, fp32_arithmetic
+    from skrr_export.graph.passes import run
+    from skrr_export.graph.read import model_referencing_weights
+    from skrr_export.runners import OrtFp32ArithmeticRunner
 
     _, module, quantized, art = exports("t5", "int4", precision)
     held = [p for n, p in module.named_parameters() if id(p) in quantized.weights]
@@ -365,10 +367,9 @@ def test_half_quantized_export_runs_in_fp32_arithmetic_one_dequantize_per_reader
         got = o.infer(feed)
     assert compare(("pytorch", ref), ("onnxruntime", got), feed["attention_mask"], {"*": DEFAULT_TOLERANCES["wiring"]})
     assert np.abs(ref["last_hidden_state"] - got["last_hidden_state"]).max() < 5e-3  # outputs ~3; bf16 graph constants
-    model = onnx.load(str(art.path))
-    stored = sum(1 for n in model.graph.node if n.op_type == "DequantizeLinear")
-    fp32_arithmetic(model.graph)
-    readers = [n for n in model.graph.node if n.op_type == "DequantizeLinear"]
+    model = model_referencing_weights(art.path)
+    stored = sum(1 for n in model.graph if n.op_type == "DequantizeLinear")
+    run(model, "fp32-arithmetic")
+    readers = [n for n in model.graph if n.op_type == "DequantizeLinear"]
     assert stored == 4 and len(readers) == 3 * stored  # q+k+v, o, wi_0+wi_1, wo; each read in three slots
-    made_by = {o: n.op_type for n in model.graph.node for o in n.output}
-    assert all(made_by.get(n.input[1]) in ("Cast", "Reshape") for n in readers)  # the scales wait for the activation
+    assert all(n.inputs[1].producer().op_type in ("Cast", "Reshape") for n in readers)  # scales wait for the activation

@@ -1,5 +1,6 @@
-"""Reading an ONNX file: the one reader of the ONNX layer (external data stays on disk until read), and a proto of
-the file whose weights stay in it (``proto_referencing_weights``), for rewritten copies that run beside it."""
+"""Reading an ONNX file: the one reader of the ONNX layer (external data stays on disk until read), and a proto (or
+model) of the file whose weights stay in it (``proto_referencing_weights``, ``model_referencing_weights``), for
+rewritten copies that run beside it."""
 
 from __future__ import annotations
 
@@ -41,6 +42,13 @@ def proto_referencing_weights(path: Path) -> onnx.ModelProto:
         raise ArtifactError(f"{path} is not a readable ONNX model ({type(exc).__name__}); export it again") from None
     refer_to_file(proto, references, path.name)
     return proto
+
+
+def model_referencing_weights(path: Path) -> ir.Model:
+    """``proto_referencing_weights`` as an onnx_ir model: its weights are external tensors that nothing loads until
+    read; rewritten by passes that read no weight values and saved beside ``path`` (``onnx_ir.save``), it runs on the
+    original's weights without a copy."""
+    return ir.serde.deserialize_model(proto_referencing_weights(path))
 
 
 def refer_to_file(proto: onnx.ModelProto, offsets: dict[str, tuple[int, int]], location: str) -> None:
