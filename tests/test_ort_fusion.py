@@ -19,7 +19,8 @@ from skrr_export.compare import DEFAULT_TOLERANCES, compare
 from skrr_export.errors import InvariantError
 from skrr_export.artifacts import SMALL_CONSTANT_BYTES, onnx_initializer_sizes
 from skrr_export.export import weight_names
-from skrr_export.ort_fusion import fuse_artifact, same_weights, stored_tensors
+from skrr_export.graph import weights as weights_invariant
+from skrr_export.ort_fusion import fuse_artifact
 from skrr_export.pipeline import ExportConfig, run_export
 from skrr_export.runners import OrtFp32ArithmeticRunner, OrtRunner, TorchRunner
 
@@ -140,31 +141,54 @@ def test_external_data_file_is_neither_read_nor_rewritten(tiny_models, tmp_path)
     assert art.initializers.weight_bytes == unique_parameter_bytes(module)
 
 
-def _first_weight(proto, weights, ndim=2):
-    return next(t for t in proto.graph.initializer if t.name in weights and len(t.dims) == ndim)
+def _fused_check(exports, family, plant):
+    """The weights-once check of the fused graph against the export it came from, after ``plant(fused proto, name of
+    its first 2-D weight)`` edited the fused graph; the check's message."""
+    import onnx_ir as ir
+
+    _, art, _, unfused = exports(family)
+    expected = weights_invariant.stored_expected(ir.load(str(unfused)))
+    proto = onnx.load(str(art.path))
+    assert weights_invariant.check(ir.from_proto(proto), expected), "the fused graph as made passes"
+    weight = next(t for t in proto.graph.initializer if t.name in expected.holders and len(t.dims) == 2)
+    plant(proto, weight)
+    result = weights_invariant.check(ir.from_proto(proto), expected)
+    assert not result
+    return result.message()
+
+
+def _added(proto, name, array):
+    proto.graph.initializer.append(onnx.numpy_helper.from_array(np.ascontiguousarray(array), name))
 
 
 def test_the_invariant_catches_a_packed_copy(exports):
     """A fusion that packs Q, K and V into a new initializer stores the re-used attention weights twice."""
-    _, _, _, unfused = exports("bert")
-    proto = onnx.load(str(unfused))
-    before = stored_tensors(proto)
-    parts = [onnx.numpy_helper.to_array(t) for t in proto.graph.initializer if t.name.endswith(("query.weight", "key.weight", "value.weight"))]
-    proto.graph.initializer.append(onnx.numpy_helper.from_array(np.concatenate(parts), "packed_qkv"))
-    with pytest.raises(InvariantError, match="added initializer packed_qkv of shape \\[96, 32\\]"):
-        same_weights(before, proto)
+    def packed(proto, _):
+        parts = [onnx.numpy_helper.to_array(t) for t in proto.graph.initializer
+                 if t.name.endswith(("query.weight", "key.weight", "value.weight"))]
+        _added(proto, "packed_qkv", np.concatenate(parts))
+
+    assert "packed_qkv (12,288 bytes) copies weight" in _fused_check(exports, "bert", packed)
+
+
+@pytest.mark.parametrize("form", ["as stored", "transposed"])
+def test_the_invariant_catches_a_weight_copied_into_another_initializer(form, exports):
+    """A weight of the fused graph duplicated as an initializer of its own (as a fusion's constant folding would
+    write it), as stored or transposed."""
+    def copied(proto, weight):
+        values = onnx.numpy_helper.to_array(weight)
+        _added(proto, "val_99", values.T if form == "transposed" else values)
+
+    assert f"val_99 (4,096 bytes) copies weight" in (message := _fused_check(exports, "t5", copied))
+    assert f"({form}, all of it)" in message
 
 
 def test_the_invariant_catches_a_weight_rewritten_in_place(exports):
     """ONNX Runtime's optimizer folds a weight's Transpose into the weight, under its name (left out for that)."""
-    module, _, _, unfused = exports("t5")
-    weights = weight_names(module)
-    proto = onnx.load(str(unfused))
-    before = stored_tensors(proto)
-    weight = _first_weight(proto, weights)
-    weight.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(weight).T.copy(), weight.name))
-    with pytest.raises(InvariantError, match=f"changed or dropped initializer {weight.name}"):
-        same_weights(before, proto)
+    def transposed(proto, weight):
+        weight.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(weight).T.copy(), weight.name))
+
+    assert "is not the weight the original stored" in _fused_check(exports, "t5", transposed)
 
 
 def write_plan(tmp_path, family="t5"):
