@@ -17,7 +17,7 @@ LAYERS = {
     "core (torch-free)": ["skrr_export", "errors", "environment", "units", "progress", "plan", "counts", "compare",
                           "recipes", "artifacts", "config"],
     "ONNX layer": ["graph", "graph.wire", "graph.read", "graph.save", "graph.weights", "graph.half_scalars",
-                   "graph.arithmetic", "graph.passes"],
+                   "graph.arithmetic", "graph.fusion", "graph.passes"],
     "torch side": ["adapters", "adapters.base", "adapters.bert", "adapters.clip", "adapters.t5", "checkpoint", "model",
                    "apply", "quantize"],
     "runtimes": ["runners", "checks", "inputs", "workload", "export", "ort_fusion", "fused_copy", "ort_profile",

@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-MS_DOMAIN = "com.microsoft"
+from .fusion import MS_DOMAIN
 HALVES = (ir.DataType.BFLOAT16, ir.DataType.FLOAT16)
 FLOAT = ir.DataType.FLOAT
 _ROUND = "::round"  # a Cast that rounds a dequantized weight as the graph does: its target stays half

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import onnx_ir as ir
 
-from . import arithmetic
+from . import arithmetic, fusion
 
 
 @dataclass(frozen=True)
@@ -24,6 +24,14 @@ PASSES: dict[str, Registered] = {
                                   "weights, each widened just before the node that reads it"),
     "half-emulation": Registered(arithmetic.HalfEmulation, "fp32 arithmetic, each half-precision node output rounded "
                                  "back to its precision: a runtime with half kernels, emulated"),
+    "ort-fuse-attention": Registered(fusion.FuseAttention, "each attention the families export becomes one "
+                                     "com.microsoft MultiHeadAttention (Q, K, V unpacked)"),
+    "ort-fuse-half-norms": Registered(fusion.FuseHalfNorms, "T5's fp32-computed RMSNorm in a half graph becomes one "
+                                      "SimplifiedLayerNormalization between Casts"),
+    "ort-fuse-tanh-gelus": Registered(fusion.FuseTanhGelus, "T5's tanh GELU becomes com.microsoft FastGelu (exact "
+                                      "constants)"),
+    "ort-transformer-fusions": Registered(fusion.OrtTransformerFusions, "ONNX Runtime's transformer optimizer (skip "
+                                          "and layer norms, GELU), without its attention fusion and constant folding"),
 }
 
 

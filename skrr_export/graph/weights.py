@@ -72,6 +72,8 @@ class Expected:
     bytes: int | None
     slack: float = 0.0
     sequence: int | None = None
+    stored: Mapping[str, tuple[object, ...]] | None = None  # a rewritten copy: each weight exactly as the original
+    # stored it (``stored_expected``: dtype, shape, and its bytes' file and place, or their digest)
 
 
 @dataclass(frozen=True)
@@ -115,7 +117,7 @@ class _Stored:
 def check(model: ir.Model, expected: Expected) -> WeightsCheck:
     """Every violation of the invariant in ``model`` (nothing is changed)."""
     weights, constants = _split(model, expected.holders)
-    violations = [*_stored_twice(weights, expected), *_missing(weights, expected)]
+    violations = [*_stored_twice(weights, expected), *_missing(weights, expected), *_changed(weights, expected)]
     weight_bytes = sum(w.nbytes for w in weights)
     violations += _wrong_bytes(weights, weight_bytes, expected)
     violations += _over_bound(constants, bound(expected.sequence))
@@ -130,6 +132,33 @@ def file_expected(model: ir.Model, weight_bytes: int | None, slack: float = 0.0)
     names = [n for n, v in model.graph.initializers.items()
              if _PARAMETER_NAME.fullmatch(n) and v.const_value is not None and v.const_value.dtype in WEIGHT_DTYPES]
     return Expected({n: (n,) for n in names}, frozenset(), weight_bytes, slack, fixed_sequence(model))
+
+
+def stored_expected(model: ir.Model) -> Expected:
+    """``Expected`` for a rewritten copy of ``model`` (the ``--optimize ort`` fusion, a measurement's fused copy): it
+    stores exactly ``model``'s weights (``file_expected``), every one of them, each as ``model`` stores it (the same
+    dtype and shape, the same bytes in the same file and place, or inline with the same digest)."""
+    found = file_expected(model, None)
+    weights = {n: model.graph.initializers[n].const_value for n in found.holders}
+    return Expected(found.holders, frozenset(k for keys in found.holders.values() for k in keys),
+                    sum(int(t.nbytes) for t in weights.values() if t is not None), found.slack, found.sequence,
+                    {n: _identity(t) for n, t in weights.items() if t is not None})
+
+
+def _identity(tensor: ir.TensorProtocol) -> tuple[object, ...]:
+    """What a weight is without reading external data: dtype, shape, and where its bytes are (file, offset, length)
+    or the digest of its inline bytes."""
+    if isinstance(tensor, ir.ExternalTensor):
+        where: tuple[object, ...] = ("in", str(tensor.location), tensor.offset or 0, tensor.length)
+    else:
+        where = ("inline", hashlib.sha256(tensor.tobytes()).hexdigest())
+    return (tensor.dtype, tuple(tensor.shape), where)
+
+
+def _describe(identity: tuple[object, ...]) -> str:
+    dtype, shape, where = identity
+    place = f"{where[1]} at byte {where[2]:,}" if where[0] == "in" else "inline"  # type: ignore[index]
+    return f"{dtype} {list(shape)} {place}"  # type: ignore[call-overload]
 
 
 def fixed_sequence(model: ir.Model) -> int | None:
@@ -186,6 +215,15 @@ def _missing(weights: list[_Stored], expected: Expected) -> Iterator[Violation]:
         yield Violation(f"parameter {key}", 0, "is not stored as a weight (no initializer holds it)")
 
 
+def _changed(weights: list[_Stored], expected: Expected) -> Iterator[Violation]:
+    """Each weight of a rewritten copy that the original stored otherwise (``Expected.stored``)."""
+    for w in weights if expected.stored is not None else ():
+        was, now = expected.stored.get(w.name), _identity(w.tensor)
+        if was is not None and was != now:
+            yield Violation(w.name, w.nbytes, f"is not the weight the original stored ({_describe(was)}), it is "
+                            f"{_describe(now)}: rewritten or stored anew")
+
+
 def _wrong_bytes(weights: list[_Stored], weight_bytes: int, expected: Expected) -> list[Violation]:
     """The weights' bytes against the expected ones; over them, each weight whose bytes another weight also holds
     (not a fill) is named: a weight stored twice under two parameter names."""
@@ -216,7 +254,8 @@ def _over_bound(constants: list[_Stored], limit: int) -> list[Violation]:
 
 def find_copies(constants: Iterable[_Stored], weights: list[_Stored]) -> list[Violation]:
     """Each non-weight tensor of ``COPY_MIN_BYTES`` or more that equals a weight, its transpose or cast (or a
-    reshape or contiguous block of one of these), once, with what it copies."""
+    reshape or contiguous block of one of these), or holds one of these whole among other values (a packed copy),
+    once, with what it copies."""
     targets = {c.name: (c, c.tensor.tobytes()) for c in constants if c.nbytes >= COPY_MIN_BYTES}
     targets = {name: t for name, t in targets.items() if not _uniform(t[1], t[0].tensor.dtype)}
     found: list[Violation] = []
@@ -228,10 +267,14 @@ def find_copies(constants: Iterable[_Stored], weights: list[_Stored]) -> list[Vi
             for name, (c, stored) in list(targets.items()):
                 needle = _needle(c.tensor, stored, dtype)
                 offset = _find(data, needle, dtype)
+                cast = f", cast to {FLOAT_NAMES[c.tensor.dtype]}" if c.tensor.dtype != w.tensor.dtype else ""
                 if offset is not None:
-                    cast = f", cast to {FLOAT_NAMES[c.tensor.dtype]}" if c.tensor.dtype != w.tensor.dtype else ""
                     where = "all of it" if len(needle) == len(data) else f"a block at byte {offset:,}"
                     found.append(Violation(name, c.nbytes, f"copies weight {w.name} ({form}{cast}, {where})"))
+                    del targets[name]
+                elif (packed := _packed(needle, data, dtype)) is not None:
+                    found.append(Violation(name, c.nbytes, f"copies weight {w.name} ({form}{cast}, all of it, "
+                                           f"packed at byte {packed:,} among other values)"))
                     del targets[name]
     return found
 
@@ -247,6 +290,13 @@ def _needle(constant: ir.TensorProtocol, data: bytes, dtype: ir.DataType) -> byt
     narrowed = values.astype(FLOATS[dtype])
     exact = np.array_equal(narrowed.astype(FLOATS[constant.dtype]), values)
     return narrowed.tobytes() if exact else None
+
+
+def _packed(constant: bytes | None, weight: bytes, dtype: ir.DataType) -> int | None:
+    """Where a weight of ``COPY_MIN_BYTES`` or more (not a fill) lies whole inside a larger constant's bytes."""
+    if constant is None or len(weight) < COPY_MIN_BYTES or len(constant) <= len(weight) or _uniform(weight, dtype):
+        return None
+    return _find(constant, weight, dtype)
 
 
 def _uniform(data: bytes, dtype: ir.DataType) -> bool:
