@@ -10,14 +10,8 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from skrr_export.errors import InvariantError
-from skrr_export.export import (
-    KeepWeightsOptimize,
-    MergeEqualConstants,
-    RmsNormAsDiv,
-    StripDebugMetadata,
-    WeightsOnce,
-    graph_passes,
-)
+from skrr_export.export import WeightsOnce, graph_passes
+from skrr_export.graph.export_passes import KeepWeightsOptimize, MergeEqualConstants, RmsNormAsDiv, StripDebugMetadata
 
 
 def model_of(nodes, inputs, outputs, initializers=()) -> ir.Model:  # type: ignore[no-untyped-def]

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import onnx_ir as ir
 
-from . import arithmetic, fusion
+from . import arithmetic, export_passes, fusion
 
 
 @dataclass(frozen=True)
@@ -18,6 +18,14 @@ class Registered:
 
 
 PASSES: dict[str, Registered] = {
+    "keep-weights-optimize": Registered(export_passes.KeepWeightsOptimize, "the exporter's optimizer (inline, fold, "
+                                        "rewrite, lift, CSE) that never folds a weight's reader nor merges weights"),
+    "rms-norm-as-div": Registered(export_passes.RmsNormAsDiv, "T5's x * Reciprocal(Sqrt(...)) as x / Sqrt(...), which "
+                                  "ONNX Runtime fuses into SimplifiedLayerNormalization"),
+    "merge-equal-constants": Registered(export_passes.MergeEqualConstants, "graph constants (never weights) holding "
+                                        "equal values become one"),
+    "strip-debug-metadata": Registered(export_passes.StripDebugMetadata, "drop the exporter's per-node stack traces "
+                                       "and FX dumps (files identical across checkouts)"),
     "dequantize-per-reader": Registered(arithmetic.DequantizePerReader, "each stored DequantizeLinear becomes one per "
                                         "reader, in fp32, waiting for that reader's activation"),
     "fp32-arithmetic": Registered(arithmetic.Fp32Arithmetic, "a half-precision graph computes in fp32 on its own "
