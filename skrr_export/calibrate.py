@@ -36,6 +36,7 @@ from torch import nn
 from .adapters import Context, sizes_of
 from .apply import Running, SkrrEncoder, penultimate_boundary
 from .artifacts import sha256_file, write_atomic
+from .config import CalibrationConfig
 from .errors import AccuracyError, ArtifactError, Interrupted, UserError
 from .inputs import load_tokenizer, tokenizer_used
 from .plan import Plan, slot_sources
@@ -680,30 +681,6 @@ def fingerprint(*parts: Any) -> str:
 # ----------------------------------------------------------------------------------------------- the command
 
 
-@dataclass(frozen=True)
-class CalibrationConfig:
-    out: Path
-    sparsities: tuple[float, ...]
-    model: Path | None = None
-    subfolder: str | None = None
-    random_weights: bool = False
-    tokenizer: Path | None = None  # None: the model folder's own, or the one its pipeline pairs with the subfolder
-    random_ids: bool = False  # seeded random token ids instead of a tokenizer (implied by random_weights)
-    beam: int = 3
-    prompts: Path | None = None
-    num_prompts: int | None = None
-    max_length: int = 256
-    batch_size: int = 16  # at most; fewer when --max-memory needs it
-    projection: Path | None = None
-    device: str = "cpu"
-    precision: str = "fp32"
-    max_memory: int | None = None  # bytes of device memory the calibration may use (default: free minus a margin)
-    naive: bool = False  # the reference method: every candidate runs the whole encoder
-    pipeline: Any = None  # recipes.PipelineCall: how the pipeline calls the encoder (None: masked, real tokens scored)
-    negative_prompt: str | None = None  # D's second term (None: the pipeline's declared one, else "")
-    force: bool = False  # replace existing plan files
-
-
 def check_config(cfg: CalibrationConfig) -> None:
     if not cfg.sparsities:
         raise UserError("--sparsity: give at least one target, e.g. --sparsity 0.3 0.4")
@@ -773,10 +750,10 @@ class _Job:
 def _prepare(cfg: CalibrationConfig) -> _Job:
     """Check the request against the model's structure (no weights read) and tokenize the prompts."""
     from .apply import sub_block_parameters
-    from .model import build_meta, load_config, model_source
+    from .model import build_meta, load_config, source_of
 
     check_config(cfg)
-    source = model_source(cfg.model, cfg.subfolder, cfg.random_weights, tokenizer=cfg.tokenizer, random_ids=cfg.random_ids)
+    source = source_of(cfg)
     meta = build_meta(load_config(source))
     sizes = [sum(p.numel() for _, p in block) for block in sub_block_parameters(meta)]
     total = sum(p.numel() for p in meta.model.parameters())

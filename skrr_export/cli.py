@@ -13,13 +13,14 @@ import logging
 import math
 import os
 import sys
+from dataclasses import MISSING, fields
 from pathlib import Path
 from typing import Any, NoReturn
 
+from .config import (ENGINES, INPUT_DTYPES, PRECISIONS, CalibrationConfig, EngineOptions, ExportConfig, MeasureConfig,
+                     ShapeRange)
 from .errors import ArgumentError, SkrrError, UserError
 from .units import size
-
-PRECISIONS = ("fp32", "fp16", "bf16")
 
 
 class Parser(argparse.ArgumentParser):
@@ -99,20 +100,43 @@ def _common(p: Parser) -> None:
     p.add_argument("--debug", action="store_true", help="show the traceback of an internal error")
 
 
+# ----------------------------------------------------------------------------------------------- flags -> configs
+# Each flag's dest is the name of the config field it sets (config.py); its default is the one the dataclass states
+# (``default``), or None where a recipe may set it (merged once: recipes.merge_settings). ``given`` reads them back.
+
+
+def default(cls: type, name: str) -> Any:
+    """The default the config dataclass ``cls`` states for its field ``name``: the one place a default is stated."""
+    found = next(f for f in fields(cls) if f.name == name)
+    return found.default_factory() if found.default is MISSING else found.default  # type: ignore[misc]
+
+
+def given(cls: type, values: argparse.Namespace | dict[str, Any]) -> dict[str, Any]:
+    """The fields of ``cls`` that ``values`` (parsed flags, or merged settings) set; a flag left out (None) is absent,
+    so the recipe's setting or the dataclass's default applies."""
+    names = {f.name for f in fields(cls)}
+    return {k: v for k, v in (values if isinstance(values, dict) else vars(values)).items() if k in names and v is not None}
+
+
+def _profile(shape: ShapeRange) -> str:
+    return f"{shape.min},{shape.opt},{shape.max}"
+
+
 def _model_arguments(p: Parser, allow_pickle: bool = True, tokenizer: bool = False) -> None:
-    """Where the encoder comes from: the same flags for every command that loads it (and, for the commands that
-    tokenize prompts, where its tokenizer comes from)."""
-    p.add_argument("--model", type=Path, help="local Hugging Face model folder (default: the embedded all-MiniLM-L6-v2)")
-    p.add_argument("--subfolder", help="subfolder of a diffusers pipeline folder, e.g. text_encoder_3")
-    p.add_argument("--random-weights", action="store_true",
+    """Where the encoder comes from (config.ModelOptions): the same flags for every command that loads it (and, for
+    the commands that tokenize prompts, where its tokenizer comes from)."""
+    g = p.add_argument_group("model")
+    g.add_argument("--model", type=Path, help="local Hugging Face model folder (default: the embedded all-MiniLM-L6-v2)")
+    g.add_argument("--subfolder", help="subfolder of a diffusers pipeline folder, e.g. text_encoder_3")
+    g.add_argument("--random-weights", action="store_true",
                    help="build the model from its config with random weights (memory and time do not depend on values)")
     if tokenizer:
-        p.add_argument("--tokenizer", type=Path, metavar="DIR", help="tokenizer folder (default: the model folder's, or in "
+        g.add_argument("--tokenizer", type=Path, metavar="DIR", help="tokenizer folder (default: the model folder's, or in "
                        "a diffusers pipeline the one paired with --subfolder: text_encoder_3 -> tokenizer_3)")
-        p.add_argument("--random-ids", action="store_true",
+        g.add_argument("--random-ids", action="store_true",
                        help="seeded random token ids instead of a tokenizer (implied by --random-weights)")
     if allow_pickle:
-        p.add_argument("--allow-pickle", action="store_true",
+        g.add_argument("--allow-pickle", action="store_true",
                        help="also load .bin/.pt checkpoints (torch.load weights_only); only files you trust")
 
 
@@ -120,6 +144,21 @@ def _plan_arguments(p: Parser) -> None:
     which = p.add_mutually_exclusive_group()
     which.add_argument("--plan", type=Path, help="plan file (skrr-plan/1 JSON)")
     which.add_argument("--recipe", help="a built-in recipe by name (or a folder with recipe.json): its plan and settings")
+
+
+def _form_arguments(p: Parser, cls: type, from_recipe: tuple[str, ...]) -> None:
+    """What the exported graph is (config.ExportForm): its precision, input dtype and fixed sequence; ``from_recipe``:
+    the ones a recipe sets for this command when the flag is left out (then the default of ``cls``)."""
+    g = p.add_argument_group("export form")
+
+    def fallback(name: str) -> str:
+        value = "dynamic" if default(cls, name) is None else default(cls, name)
+        return f"default: the recipe's, else {value}" if name in from_recipe else f"default {value}"
+
+    g.add_argument("--precision", choices=PRECISIONS, help=f"the weights' dtype: {', '.join(PRECISIONS)} ({fallback('precision')})")
+    g.add_argument("--input-dtype", choices=INPUT_DTYPES, help=f"dtype of input_ids and attention_mask ({fallback('input_dtype')})")
+    g.add_argument("--fixed-sequence", type=at_least(1), metavar="N",
+                   help=f"export a fixed sequence length N; the batch stays dynamic ({fallback('fixed_sequence')})")
 
 
 def _quantize_arguments(p: Parser) -> None:
@@ -201,14 +240,13 @@ def _export_parser() -> Parser:
     p.add_argument("--from-manifest", type=Path, metavar="OUT", help="rerun the settings an artifacts folder's manifest.json "
                    "records (plan, model, recipe, flags) into --out; only --model / --tokenizer (where they are now), "
                    "--out and --force may be given")
-    p.add_argument("--engine", choices=("onnx", "trt", "trt-rtx"), default="onnx", help="artifact to produce (default: onnx)")
+    p.add_argument("--engine", choices=ENGINES, default=default(ExportConfig, "engine"),
+                   help=f"artifact to produce (default: {default(ExportConfig, 'engine')})")
     _model_arguments(p, tokenizer=True)
     p.add_argument("--out", type=Path, default=Path("out"), help="output folder (default: ./out)")
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
-    p.add_argument("--precision", choices=PRECISIONS, help="fp32 (default), fp16 or bf16")
-    p.add_argument("--input-dtype", choices=("int64", "int32"), help="dtype of input_ids and attention_mask (default int64)")
-    p.add_argument("--fixed-sequence", type=at_least(1), metavar="N", help="export a fixed sequence length N (batch stays dynamic)")
-    p.add_argument("--no-attention-mask", action="store_true", help="export input_ids only, as SD3/FLUX call T5 (a recipe's "
+    _form_arguments(p, ExportConfig, EXPORT_FROM_RECIPE)
+    p.add_argument("--no-attention-mask", dest="attention_mask", action="store_false", default=None, help="export input_ids only, as SD3/FLUX call T5 (a recipe's "
                    "pipeline block sets it); parity and the distance to dense then score every padded position")
     p.add_argument("--external-data", action="store_true", default=None, help="store weights in model.onnx.data (automatic above 2 GiB)")
     p.add_argument("--atol", type=within(0, math.inf), help="parity: element-wise absolute tolerance (default: not checked; absolute errors depend on the model)")
@@ -217,82 +255,67 @@ def _export_parser() -> Parser:
     p.add_argument("--max-token-error", type=within(0, math.inf),
                    help="parity: maximum per-token ||test - ref|| / ||ref|| (default per precision)")
     _quantize_arguments(p)
-    p.add_argument("--no-dense-distance", action="store_true", help="skip loading the dense model to measure the plan's cost")
+    p.add_argument("--no-dense-distance", dest="dense_distance", action="store_false", default=None, help="skip loading the dense model to measure the plan's cost")
     p.add_argument("--skip-memory-check", action="store_true", help="run even when the printed host-memory estimate exceeds "
                    "the available memory (for users who know better)")
-    p.add_argument("--no-measure", action="store_true", help="with a CUDA device: skip measuring memory and latency (dense vs plan)")
+    p.add_argument("--no-measure", dest="measure", action="store_false", default=None, help="with a CUDA device: skip measuring memory and latency (dense vs plan)")
     p.add_argument("--optimize", choices=("ort",), help="ort: fuse attention (MultiHeadAttention), norms and GELU into ONNX "
                    "Runtime's com.microsoft operators; the ONNX then runs on ONNX Runtime only (not with --engine trt/trt-rtx)")
     p.add_argument("-q", "--quiet", action="store_true", help="only errors")
     _common(p)
     e = p.add_argument_group("engine options (--engine trt / trt-rtx; trtexec names in brackets)")
-    e.add_argument("--batch", metavar="MIN,OPT,MAX", help="batch profile, or N for a fixed batch (default 1,1,8)")
-    e.add_argument("--sequence", metavar="MIN,OPT,MAX",
-                   help="sequence profile (default 1,128,512, capped at the model's positions; --fixed-sequence overrides)")
+    e.add_argument("--batch", metavar="MIN,OPT,MAX", help="batch profile, or N for a fixed batch (default: the recipe's, "
+                   f"else {_profile(default(EngineOptions, 'batch'))})")
+    e.add_argument("--sequence", metavar="MIN,OPT,MAX", help=f"sequence profile (default: the recipe's, else "
+                   f"{_profile(default(EngineOptions, 'sequence'))} capped at the model's positions; with --fixed-sequence "
+                   "only that sequence)")
     e.add_argument("--workspace-mib", type=at_least(1), metavar="MIB", help="workspace memory-pool limit [--memPoolSize=workspace:N]")
-    e.add_argument("--opt-level", type=int, choices=range(6), metavar="0-5", help="builder optimization level [--builderOptimizationLevel]")
+    e.add_argument("--opt-level", dest="optimization_level", type=int, choices=range(6), metavar="0-5", help="builder optimization level [--builderOptimizationLevel]")
     e.add_argument("--timing-cache", type=Path, metavar="FILE", help="read and update a timing cache [--timingCacheFile]")
     e.add_argument("--weight-streaming", action="store_true", help="build with weight streaming [--weightStreaming]")
     e.add_argument("--weight-streaming-budget", type=at_least(0), metavar="BYTES", help="device budget for streamed weights when running")
     e.add_argument("--refit", action="store_true", help="refittable engine (REFIT_IDENTICAL) [--refit]")
     e.add_argument("--strip-weights", action="store_true", help="weight-stripped plan, refit at deployment [--stripWeights]")
     e.add_argument("--hardware-compatibility", choices=("ampere_plus", "same_compute_capability"), help="TensorRT: run on later GPUs [--hardwareCompatibilityLevel]")
-    e.add_argument("--compute-capability", action="append", default=[], metavar="SMxx", help="TensorRT-RTX: target GPU generation (repeatable: sm80 sm86 sm89 sm120 ...)")
+    e.add_argument("--compute-capability", dest="compute_capabilities", action="append", metavar="SMxx", help="TensorRT-RTX: target GPU generation (repeatable: sm80 sm86 sm89 sm120 ...)")
     e.add_argument("--version-compatible", action="store_true", help="engine runs on later TensorRT versions [--versionCompatible]")
     return p
 
 
-EXPORT_DEFAULTS = {"precision": "fp32", "input_dtype": "int64", "fixed_sequence": None, "batch": "1,1,8"}
-DEFAULT_SEQUENCE = (1, 128, 512)
+# What the main job takes from a recipe where the flag is left out (recipes.merge_settings)
+EXPORT_FROM_RECIPE = ("precision", "input_dtype", "fixed_sequence", "attention_mask", "batch", "sequence")
 
 
-def _export_settings(args: argparse.Namespace, recipe: Any) -> None:
-    """Fill unset flags from the recipe (if any), then from the defaults."""
-    for key, default in EXPORT_DEFAULTS.items():
-        if getattr(args, key) is None:
-            setattr(args, key, (recipe.export.get(key) if recipe else None) or default)
-    if args.sequence is None and recipe is not None and args.fixed_sequence is None:  # a fixed graph has one sequence
-        args.sequence = recipe.export.get("sequence")
-
-
-def _check_export_inputs(args: argparse.Namespace, recipe: Any) -> Any:
+def _check_export_inputs(args: argparse.Namespace, recipe: Any, settings: dict[str, Any]) -> Any:
     """What the pipeline does not check before the output folder: the recipe's checkpoint (first, it names the
     model the recipe was made for) and sequence lengths against the model's positions; returns the config."""
     config = _model_config(args)
     if recipe is not None:
         recipe.check_config(config)
-    if args.fixed_sequence is not None:
-        _check_positions(config, args.fixed_sequence, "--fixed-sequence")
+    if settings.get("fixed_sequence") is not None:
+        _check_positions(config, settings["fixed_sequence"], "--fixed-sequence")
     return config
 
 
-def _engine_options(args: argparse.Namespace, config: Any) -> Any:
-    from .trt import EngineOptions, ShapeRange
-
-    if args.sequence is not None:
-        sequence = ShapeRange.parse(args.sequence, "--sequence")
-        if args.fixed_sequence is None:
+def _engine_options(settings: dict[str, Any], config: Any) -> EngineOptions:
+    """The builder settings: the engine flags given; the profiles merged with the recipe's, the sequence profile
+    checked against the model's positions, or against the fixed sequence it must then be (trt: one check)."""
+    fixed = settings.get("fixed_sequence")
+    if settings.get("sequence") is not None:
+        sequence = ShapeRange.parse(settings["sequence"], "--sequence")
+        if fixed is None:
             _check_positions(config, sequence.max, "--sequence")
         else:
-            sequence.check_fixed(args.sequence, args.fixed_sequence, f"the export (--fixed-sequence {args.fixed_sequence})")
+            sequence.check_fixed(settings["sequence"], fixed, f"the export (--fixed-sequence {fixed})")
     else:  # the default profile, capped at the model's positions (CLIP: 77)
-        limit = _positions(config) or DEFAULT_SEQUENCE[2]
-        sequence = ShapeRange(*(min(v, limit) for v in DEFAULT_SEQUENCE))
-    if args.timing_cache is not None:
-        _check_file_path(args.timing_cache, "--timing-cache")
-    return EngineOptions(
-        batch=ShapeRange.parse(args.batch, "--batch"),
-        sequence=sequence,
-        workspace_mib=args.workspace_mib,
-        optimization_level=args.opt_level,
-        timing_cache=args.timing_cache,
-        weight_streaming=args.weight_streaming,
-        refit=args.refit,
-        strip_weights=args.strip_weights,
-        hardware_compatibility=args.hardware_compatibility,
-        compute_capabilities=tuple(args.compute_capability),
-        version_compatible=args.version_compatible,
-    )
+        profile = default(EngineOptions, "sequence")
+        limit = _positions(config) or profile.max
+        sequence = ShapeRange(*(min(v, limit) for v in (profile.min, profile.opt, profile.max)))
+    if settings.get("timing_cache") is not None:
+        _check_file_path(settings["timing_cache"], "--timing-cache")
+    batch = ShapeRange.parse(settings["batch"], "--batch") if settings.get("batch") else default(EngineOptions, "batch")
+    return EngineOptions(**given(EngineOptions, settings) | {
+        "batch": batch, "sequence": sequence, "compute_capabilities": tuple(settings.get("compute_capabilities") or ())})
 
 
 def _tolerance_overrides(args: argparse.Namespace) -> dict[str, float]:
@@ -307,41 +330,18 @@ def cmd_export(argv: list[str]) -> int:
     _setup_logging(args.quiet)
     if args.from_manifest is not None:
         return _rerun(args, parser, argv)
+    from .recipes import merge_settings
+
     quantization = _quantization(args)
     recipe = _resolve_recipe(args, "")
-    _export_settings(args, recipe)
-    config = _check_export_inputs(args, recipe)
-    engine_options = _engine_options(args, config)
-    from .config import ExportConfig
+    settings = merge_settings(given(ExportConfig, args) | given(EngineOptions, args), recipe, EXPORT_FROM_RECIPE)
+    config = _check_export_inputs(args, recipe, settings)
+    engine_options = _engine_options(settings, config)
     from .pipeline import run_export
 
-    cfg = ExportConfig(
-        plan=args.plan,
-        out=args.out,
-        model=args.model,
-        subfolder=args.subfolder,
-        random_weights=args.random_weights,
-        allow_pickle=args.allow_pickle,
-        tokenizer=args.tokenizer,
-        random_ids=args.random_ids,
-        engine=args.engine,
-        precision=args.precision,
-        input_dtype=args.input_dtype,
-        fixed_sequence=args.fixed_sequence,
-        external_data=args.external_data,
-        tolerance_overrides=_tolerance_overrides(args),
-        recipe=recipe,
-        quantization=quantization,
-        dense_distance=not args.no_dense_distance,
-        skip_memory_check=args.skip_memory_check,
-        measure=not args.no_measure,
-        force=args.force,
-        engine_options=engine_options,
-        weight_streaming_budget=args.weight_streaming_budget,
-        optimize=args.optimize,
-        attention_mask=not args.no_attention_mask and (recipe is None or recipe.pipeline is None or recipe.pipeline.attention_mask),
-        command=tuple(argv),
-    )
+    cfg = ExportConfig(**given(ExportConfig, settings) | {
+        "recipe": recipe, "quantization": quantization, "tolerance_overrides": _tolerance_overrides(args),
+        "engine_options": engine_options, "command": tuple(argv)})
     _print_job(run_export(cfg), args.out)
     return 0
 
@@ -352,10 +352,11 @@ RERUN_FLAGS = ("from_manifest", "out", "force", "model", "tokenizer", "quiet", "
 def _rerun(args: argparse.Namespace, parser: Parser, argv: list[str]) -> int:
     """--from-manifest OUT: the recorded settings (merged recipe and flags) into --out; then whether model.onnx came
     out byte-identical. A setting given as a flag would make it another job, so it is refused."""
-    given = [k for k, v in vars(args).items() if k not in RERUN_FLAGS and v != parser.get_default(k)]
-    if given:
-        raise ArgumentError(f"--from-manifest reruns the recorded settings, so --{given[0].replace('_', '-')} cannot be "
-                            "given with it (only --out, --force, and --model / --tokenizer where they are now)")
+    flags = [k for k, v in vars(args).items() if k not in RERUN_FLAGS and v != parser.get_default(k)]
+    if flags:
+        flag = next(a.option_strings[-1] for a in parser._actions if a.dest == flags[0])
+        raise ArgumentError(f"--from-manifest reruns the recorded settings, so {flag} cannot be given with it (only "
+                            "--out, --force, and --model / --tokenizer where they are now)")
     from .pipeline import run_export
     from .provenance import compare_reruns, read_json, rerun
 
@@ -473,8 +474,8 @@ def _recipe_shape(recipe: Any) -> tuple[int, int] | None:
     export = recipe.export if recipe is not None else {}
     if not export.get("fixed_sequence"):
         return None
-    batch = str(export.get("batch") or EXPORT_DEFAULTS["batch"]).split(",")
-    return int(batch[1] if len(batch) == 3 else batch[0]), int(export["fixed_sequence"])
+    batch = ShapeRange.parse(str(export["batch"]), "batch") if export.get("batch") else default(EngineOptions, "batch")
+    return batch.opt, int(export["fixed_sequence"])
 
 
 def cmd_inspect(argv: list[str]) -> int:
@@ -520,14 +521,19 @@ def _calibrate_parser() -> Parser:
     p.add_argument("--out", type=Path, required=True, help="plan file; with several --sparsity values, NAME-<pct>.json each")
     p.add_argument("--sparsity", type=within(0, 1, open_low=True, open_high=True), nargs="+", required=True, metavar="S",
                    help="target sparsities in (0, 1)")
-    p.add_argument("--beam", type=at_least(1), default=3, help="beam width k (default 3, as the paper)")
+    p.add_argument("--beam", type=at_least(1), default=default(CalibrationConfig, "beam"),
+                   help=f"beam width k (default {default(CalibrationConfig, 'beam')}, as the paper)")
     p.add_argument("--prompts", type=Path, help="calibration prompts: one per line, or JSONL (default: the built-in set)")
     p.add_argument("--num-prompts", type=at_least(1), help="use only the first N prompts")
-    p.add_argument("--max-length", type=at_least(1), help="tokens per prompt at most (default 256, or the model's positions)")
-    p.add_argument("--batch-size", type=at_least(1), default=16, help="prompts per forward (default 16)")
+    p.add_argument("--max-length", type=at_least(1), help="tokens per prompt at most (default "
+                   f"{default(CalibrationConfig, 'max_length')}, or the model's positions)")
+    p.add_argument("--batch-size", type=at_least(1), default=default(CalibrationConfig, "batch_size"),
+                   help=f"prompts per forward (default {default(CalibrationConfig, 'batch_size')})")
     p.add_argument("--projection", type=Path, help="denoiser caption projection (safetensors): PixArt caption_projection, SD3/FLUX context_embedder")
-    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
-    p.add_argument("--precision", choices=PRECISIONS, default="fp32", help="dtype the model runs in during calibration")
+    p.add_argument("--device", default=default(CalibrationConfig, "device"),
+                   help=f"cpu or cuda (default {default(CalibrationConfig, 'device')})")
+    p.add_argument("--precision", choices=PRECISIONS, default=default(CalibrationConfig, "precision"),
+                   help=f"dtype the model runs in during calibration (default {default(CalibrationConfig, 'precision')})")
     p.add_argument("--max-memory", metavar="SIZE", help="memory the calibration may use on --device, e.g. 24GiB "
                    "(default: what the device has free minus max(1 GiB, 10 %%)); fewer prompts run at once to stay within it")
     p.add_argument("--naive", action="store_true", help="the reference method: every candidate runs the whole encoder")
@@ -557,19 +563,15 @@ def cmd_calibrate(argv: list[str]) -> int:
     if args.pipeline is not None:
         call = _pipeline_length(args, _named_pipeline(args.pipeline, config, args.subfolder))
     if args.max_length is None:
-        args.max_length = min(256, _positions(config) or 256)
+        length = default(CalibrationConfig, "max_length")
+        args.max_length = min(length, _positions(config) or length)
     else:
         _check_positions(config, args.max_length, "--max-length")
-    from .calibrate import CalibrationConfig, calibrate, parse_size
+    from .calibrate import calibrate, parse_size
 
-    cfg = CalibrationConfig(
-        out=args.out, sparsities=tuple(args.sparsity), model=args.model, subfolder=args.subfolder,
-        random_weights=args.random_weights, tokenizer=args.tokenizer, random_ids=args.random_ids, beam=args.beam,
-        prompts=args.prompts, num_prompts=args.num_prompts,
-        max_length=args.max_length, batch_size=args.batch_size, projection=args.projection, device=args.device,
-        precision=args.precision, naive=args.naive, force=args.force, pipeline=call, negative_prompt=args.negative_prompt,
-        max_memory=parse_size(args.max_memory) if args.max_memory is not None else None,
-    )
+    cfg = CalibrationConfig(**given(CalibrationConfig, args) | {
+        "sparsities": tuple(args.sparsity), "pipeline": call,
+        "max_memory": parse_size(args.max_memory) if args.max_memory is not None else None})
     for target, plan in calibrate(cfg).items():
         p = plan.provenance
         print(f"sparsity {target:g}: {len(plan.skip)} skipped, {len(plan.reuse)} re-used, D {p['score']:.5g} "
@@ -719,6 +721,10 @@ def cmd_trtexec(argv: list[str]) -> int:
 # ----------------------------------------------------------------------------------------------- measure
 
 
+# What measure takes from a recipe (what the recipe ships: its inputs and its pipeline's call; not its precision)
+MEASURE_FROM_RECIPE = ("input_dtype", "fixed_sequence", "attention_mask")
+
+
 def _measure_parser() -> Parser:
     p = Parser(prog="skrr-export measure", description="Device memory and latency of the dense model and the plan on "
                "CUDA, per backend (PyTorch, ONNX Runtime CUDA, TensorRT), with parity against PyTorch. Needs a CUDA device.")
@@ -727,13 +733,14 @@ def _measure_parser() -> Parser:
     p.add_argument("--backends", default="", help="comma-separated: torch, ort-cuda, trt, trt-rtx (default: all that can run here); "
                    "on request: torch-compile, ort-cuda-stock (ONNX Runtime's default CUDA settings, to compare with ours), "
                    "ort-cuda-fused (the --optimize ort graph), hf (dense only)")
-    p.add_argument("--batch", default="1,4", help="batch sizes (default 1,4)")
-    p.add_argument("--seq", help="sequence lengths (default: the fixed sequence, else 256,512; CLIP: 77)")
-    p.add_argument("--precision", choices=PRECISIONS, default="bf16", help="default bf16")
-    p.add_argument("--input-dtype", choices=("int64", "int32"), help="dtype of the exported inputs (default: the recipe's, else int64)")
-    p.add_argument("--fixed-sequence", type=at_least(1), metavar="N", help="export a fixed sequence length N (default: the recipe's)")
-    p.add_argument("--warmup", type=at_least(0), default=3, help="untimed runs per shape (default 3)")
-    p.add_argument("--iterations", type=at_least(1), default=20, help="timed runs per shape (default 20)")
+    batches, sequences = (",".join(map(str, default(MeasureConfig, k))) for k in ("batches", "sequences"))
+    p.add_argument("--batch", default=batches, help=f"batch sizes (default {batches})")
+    p.add_argument("--seq", help=f"sequence lengths (default: the fixed sequence, else {sequences}; CLIP: 77)")
+    _form_arguments(p, MeasureConfig, MEASURE_FROM_RECIPE)
+    p.add_argument("--warmup", type=at_least(0), default=default(MeasureConfig, "warmup"),
+                   help=f"untimed runs per shape (default {default(MeasureConfig, 'warmup')})")
+    p.add_argument("--iterations", type=at_least(1), default=default(MeasureConfig, "iterations"),
+                   help=f"timed runs per shape (default {default(MeasureConfig, 'iterations')})")
     p.add_argument("--out", type=Path, default=Path("measure"), help="output folder (default ./measure)")
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
     p.add_argument("-q", "--quiet", action="store_true")
@@ -745,23 +752,20 @@ def cmd_measure(argv: list[str]) -> int:
     args = _measure_parser().parse_args(argv)
     _setup_logging(args.quiet)
     recipe = _resolve_recipe(args, "measure")
-    shipped = recipe.export if recipe else {}  # measure what the recipe ships: its inputs and its pipeline's call
-    fixed = args.fixed_sequence or shipped.get("fixed_sequence")
-    batches, sequences = _int_list(args.batch, "--batch"), _int_list(args.seq or str(fixed or "256,512"), "--seq")
+    from .recipes import merge_settings
+
+    settings = merge_settings(given(MeasureConfig, args), recipe, MEASURE_FROM_RECIPE)
+    fixed = settings.get("fixed_sequence")
+    sequences = args.seq or (str(fixed) if fixed else ",".join(map(str, default(MeasureConfig, "sequences"))))
+    batches, sequences = _int_list(args.batch, "--batch"), _int_list(sequences, "--seq")
     config = _model_config(args)
     for value, flag in ((max(sequences), "--seq"), (fixed, "--fixed-sequence")):
         if value:
             _check_positions(config, value, flag)
-    from .measure import MeasureConfig, measure
+    from .measure import measure
 
-    cfg = MeasureConfig(
-        plan=args.plan, out=args.out, model=args.model, subfolder=args.subfolder, random_weights=args.random_weights,
-        allow_pickle=args.allow_pickle, backends=tuple(b for b in args.backends.split(",") if b),
-        batches=batches, sequences=sequences, precision=args.precision,
-        warmup=args.warmup, iterations=args.iterations, force=args.force,
-        input_dtype=args.input_dtype or shipped.get("input_dtype") or "int64", fixed_sequence=fixed,
-        attention_mask=recipe is None or recipe.pipeline is None or recipe.pipeline.attention_mask,
-    )
+    cfg = MeasureConfig(**settings | {"backends": tuple(b for b in args.backends.split(",") if b), "batches": batches,
+                                      "sequences": sequences})
     results = measure(cfg)
     for s in results["summary"]:
         print(f"{s['backend']:>8} {s['batch']}x{s['seq']}: dense {s['dense_ms']:.2f} ms, plan {s['plan_ms']:.2f} ms "

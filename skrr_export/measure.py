@@ -31,10 +31,11 @@ import numpy as np
 
 from . import backends as registry
 from .backends import ENGINE, MEASURE_BACKENDS, MODULE, Backend, backend_blockers, require_cuda, resolve_backends
+from .config import MeasureConfig
 from .device_memory import DeviceMemory
 from .errors import InvariantError, UserError
 from .units import size
-from .measure_report import VARIANTS, row_at, write_results
+from .measure_report import row_at, write_results
 from .ort_profile import hot_path, placement, read_profile
 from .workload import (InputForm, Shape, check_shapes, engine_input_form, executed_flops, onnx_input_form, planned_form,
                        shapes_taken)
@@ -45,29 +46,6 @@ log = logging.getLogger("skrr_export")
 # the runtimes' own RuntimeErrors (CUDA out of memory, a compile failure). It ends that backend, not the measurement.
 BACKEND_FAILURES = (UserError, InvariantError, RuntimeError)
 PRECISION_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
-
-
-@dataclass(frozen=True)
-class MeasureConfig:
-    plan: Path
-    out: Path
-    model: Path | None = None  # None: the embedded MiniLM
-    subfolder: str | None = None
-    random_weights: bool = False
-    allow_pickle: bool = False
-    backends: tuple[str, ...] = ()  # empty: every backend that can run here
-    batches: tuple[int, ...] = (1, 4)
-    sequences: tuple[int, ...] = (256, 512)
-    precision: str = "bf16"
-    warmup: int = 3
-    iterations: int = 20
-    force: bool = False
-    compile_dynamic: bool | None = None  # torch.compile's ``dynamic``; None: its default (recompile on new shapes)
-    variants: tuple[str, ...] = VARIANTS  # which of dense and plan to measure
-    parity: tuple[str, ...] = ("plan",)  # the variants whose every backend is checked against PyTorch on the device
-    input_dtype: str = "int64"  # the inputs of measure's own exports (a recipe's export settings; export.ExportOptions)
-    fixed_sequence: int | None = None  # likewise; the main job's artifacts bring their own (read from the files)
-    attention_mask: bool = True  # likewise: False exports input_ids only, as SD3 and FLUX call their T5
 
 
 def timing_feed(config: Any, shape: Shape, seed: int = 0, form: InputForm | None = None) -> dict[str, np.ndarray]:
@@ -219,7 +197,8 @@ def measure_ort(onnx_path: Path, shapes: list[Shape], feeds: dict[Shape, Any], c
 
 def build_for(engine: str, onnx_path: Path, shapes: list[Shape], work: Path) -> Any:
     """An engine (trt.EngineArtifact) whose one profile spans ``shapes`` (the timed ones and the parity batches')."""
-    from .trt import EngineOptions, ShapeRange, build_engine
+    from .config import EngineOptions, ShapeRange
+    from .trt import build_engine
 
     b, s = [sh.batch for sh in shapes], [sh.seq for sh in shapes]
     options = EngineOptions(batch=ShapeRange(min(b), max(b), max(b)), sequence=ShapeRange(min(s), max(s), max(s)))
@@ -242,13 +221,13 @@ def measure_trt(artifact: Any, backend: Backend, shapes: list[Shape], feeds: dic
 def measure(cfg: MeasureConfig) -> dict[str, Any]:
     """Measure into ``cfg.out`` (results.json, results.md, memory.png); returns the results."""
     from .artifacts import check_writable, staged_folder
-    from .model import build_meta, check_plan_fits, load_config, model_source
+    from .model import build_meta, check_plan_fits, load_config, source_of
     from .plan import load_plan
 
     require_cuda()
     names = resolve_backends(cfg.backends, backend_blockers())
     plan = load_plan(cfg.plan)
-    source = model_source(cfg.model, cfg.subfolder, cfg.random_weights, cfg.allow_pickle)
+    source = source_of(cfg)
     meta = build_meta(load_config(source))
     check_plan_fits(plan, meta)
     shapes = check_shapes(meta.config, cfg.batches, cfg.sequences)

@@ -7,12 +7,11 @@ import json
 from pathlib import Path
 from typing import Any
 
+from .config import VARIANTS
 from .errors import MissingDependencyError
 from .units import SCALE
 
 GIB = SCALE["GiB"]
-
-VARIANTS = ("dense", "plan")
 
 
 def row_at(run: dict[str, Any], shape: dict[str, Any]) -> dict[str, Any] | None:

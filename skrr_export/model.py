@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from .adapters import Adapter, adapter_for, text_config_of
+from .config import ModelOptions
 from .errors import ArgumentError, InvariantError, ModelError
 from .plan import Plan
 from .progress import each
@@ -58,6 +59,12 @@ def model_source(model: Path | None, subfolder: str | None = None, random_weight
         flag = "--random-ids" if random_ids else "--random-weights"
         raise ArgumentError(f"--tokenizer {tokenizer} with {flag}: {flag} feeds random token ids; drop one of them")
     return ModelSource(model or default_model_path(), subfolder, random_weights, allow_pickle, tokenizer, random_ids)
+
+
+def source_of(options: ModelOptions) -> ModelSource:
+    """The source a command's model settings name (``config.ModelOptions``: ExportConfig, MeasureConfig, ...)."""
+    return model_source(options.model, options.subfolder, options.random_weights, options.allow_pickle,
+                        options.tokenizer, options.random_ids)
 
 
 @dataclass

@@ -16,7 +16,7 @@ from typing import Any
 
 from .environment import cuda_available, versions
 from .checks import ParityCheck, parity_checks
-from .config import ENGINES, ExportConfig
+from .config import ENGINES, EngineOptions, ExportConfig, ShapeRange
 from .compare import Tolerance, distance, runner_parity, tolerance_for
 from .errors import AccuracyError, ArtifactError, UserError
 from .inputs import find_tokenizer, tokenizer_used
@@ -132,13 +132,13 @@ class _Found:
 def _preflight(cfg: ExportConfig) -> _Job:
     """Everything that can be refused before any work: flags, plan, model, resources, output folder, backends."""
     from .artifacts import check_writable
-    from .model import model_source
+    from .model import source_of
 
     if cfg.engine not in ENGINES:
         raise UserError(f"--engine must be one of {', '.join(ENGINES)}, got '{cfg.engine}'")
     check_optimize(cfg.optimize, cfg.engine)
     plan = load_plan(cfg.plan)
-    source = model_source(cfg.model, cfg.subfolder, cfg.random_weights, cfg.allow_pickle, cfg.tokenizer, cfg.random_ids)
+    source = source_of(cfg)
     find_tokenizer(source)  # a folder without one is refused before any work
     tolerances = {"*": _tolerance(cfg, f"precision-{cfg.precision}")}
     for check in parity_checks(cfg.precision, cuda=False):
@@ -398,13 +398,11 @@ def _distance_to_dense(source: Any, precision: str, batches: tuple[Any, ...], pl
 def _engine(cfg: ExportConfig, onnx_path: Path, plan: Plan, stage: Path, reference: dict[str, Any], batches: tuple[Any, ...],
             tolerances: dict[str, Tolerance]) -> tuple[Any, list[dict[str, Any]]]:
     """Build the engine; run it against PyTorch where a CUDA runtime can, else say why it was not run."""
-    from .trt import EngineOptions, TrtRunner, build_engine, execution_blocker
+    from .trt import TrtRunner, build_engine, execution_blocker
 
     _release_memory()  # the PyTorch module and the parity sessions are gone: the build starts at the floor
     options = cfg.engine_options or EngineOptions()
     if cfg.fixed_sequence:
-        from .trt import ShapeRange
-
         options = replace(options, sequence=ShapeRange(cfg.fixed_sequence, cfg.fixed_sequence, cfg.fixed_sequence))
     artifact = build_engine(onnx_path, cfg.engine, options, stage / "engine.plan", {"plan_sha256": plan.digest()})
     blocker = execution_blocker(cfg.engine)

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from .artifacts import sha256_file
-from .config import ExportConfig
+from .config import EngineOptions, ExportConfig, ShapeRange
 from .errors import ArtifactError, UserError
 from .environment import versions
 
@@ -258,7 +258,6 @@ def _existing(recorded: str, what: str, flag: str) -> Path:
 def _engine_options(data: dict[str, Any] | None) -> Any:
     if data is None:
         return None
-    from .trt import EngineOptions, ShapeRange
 
     cache = data.get("timing_cache")
     if cache and not Path(cache).exists():

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from .compare import DEFAULT_TOLERANCES
+from .config import INPUT_DTYPES, PRECISIONS, ShapeRange
 from .counts import counting_for
 from .errors import ModelError, UserError
 
@@ -196,6 +197,46 @@ class Recipe:
                 )
 
 
+# What a recipe's "export" block may set: the settings it ships, checked when it is read (``_export_of``) and merged
+# under the flags given once (``merge_settings``)
+RECIPE_SETTINGS = ("precision", "input_dtype", "fixed_sequence", "batch", "sequence")
+
+
+def merge_settings(given: dict[str, Any], recipe: Recipe | None, names: tuple[str, ...]) -> dict[str, Any]:
+    """A command's settings: the flags ``given`` over what ``recipe`` sets of ``names`` (the settings this command
+    takes from a recipe: its export block's, and attention_mask from its pipeline's call); the config dataclass's
+    defaults fill what neither sets. A sequence fixed by a flag takes no sequence profile from the recipe (a fixed
+    graph has one sequence)."""
+    shipped = {} if recipe is None else {k: v for k, v in recipe.export.items() if k in names and v is not None}
+    if recipe is not None and recipe.pipeline is not None and "attention_mask" in names:
+        shipped["attention_mask"] = recipe.pipeline.attention_mask
+    if given.get("fixed_sequence") is not None:
+        shipped.pop("sequence", None)
+    return shipped | given
+
+
+def _export_of(data: dict[str, Any], where: Path) -> dict[str, Any]:
+    """The recipe's export block, checked: a UserError names the setting and what it must be."""
+    export = data.get("export", {})
+    if not isinstance(export, dict):
+        raise UserError(f"{where}: \"export\" must be an object of {', '.join(RECIPE_SETTINGS)}")
+    unknown = sorted(set(export) - set(RECIPE_SETTINGS))
+    fixed = export.get("fixed_sequence")
+    problems = [
+        (unknown, f"unknown setting {unknown[0] if unknown else ''} (known: {', '.join(RECIPE_SETTINGS)})"),
+        (export.get("precision") not in (None, *PRECISIONS), f"precision must be one of {', '.join(PRECISIONS)}"),
+        (export.get("input_dtype") not in (None, *INPUT_DTYPES), f"input_dtype must be one of {', '.join(INPUT_DTYPES)}"),
+        (fixed is not None and (type(fixed) is not int or fixed < 1), "fixed_sequence must be a positive integer or null"),
+    ]
+    bad = next((msg for failed, msg in problems if failed), None)
+    if bad:
+        raise UserError(f"{where}: export {bad}")
+    profiles = {k: ShapeRange.parse(str(export[k]), f"{where}: export {k}") for k in ("batch", "sequence") if export.get(k)}
+    if fixed is not None and "sequence" in profiles:
+        profiles["sequence"].check_fixed(str(export["sequence"]), fixed, f"{where}: the export (fixed_sequence {fixed})")
+    return export
+
+
 def available_recipes() -> dict[str, Path]:
     root = recipe_root()
     if root is None:
@@ -236,7 +277,7 @@ def parse_recipe(data: Any, folder: Path) -> Recipe:
             description=data.get("description", ""),
             checkpoint=data.get("checkpoint", {}),
             sparsity=data["sparsity"],
-            export=data.get("export", {}),
+            export=_export_of(data, folder / "recipe.json"),
             tolerances=_tolerances_of(data, folder / "recipe.json"),
             plan_file=data.get("plan", "plan.json"),
             model_config=data.get("model_config"),

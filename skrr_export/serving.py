@@ -467,7 +467,8 @@ def trtexec_profile(artifacts: Path, batch: str | None, sequence: str | None) ->
     """min/opt/max per input for trtexec: from --batch/--sequence, else engine.json's profile, else the export's fixed
     sequence (model.onnx's input shape, report.json's --fixed-sequence) with batch 1,1,8 or --batch. A --sequence
     that contradicts a fixed sequence is refused, not replaced."""
-    from .trt import EngineOptions, ShapeRange, profile_shapes
+    from .config import EngineOptions, ShapeRange
+    from .trt import profile_shapes
 
     art = read_artifacts(artifacts, prefer="onnx")
     fixed = {t.shape[1] for t in art.inputs if len(t.shape) > 1 and t.shape[1] > 0}

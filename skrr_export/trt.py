@@ -14,11 +14,12 @@ import re
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .artifacts import sha256_file, write_atomic
+from .config import EngineOptions, ShapeRange
 from .environment import cuda_available
 from .errors import ArtifactError, InvariantError, UserError
 from .runners import Bound, Feed, Runner
@@ -105,63 +106,6 @@ def bound(backend: Backend) -> Iterator[Backend]:
         yield backend
     finally:
         _Bound.module = previous
-
-
-@dataclass(frozen=True)
-class ShapeRange:
-    min: int
-    opt: int
-    max: int
-
-    def check(self, what: str) -> None:
-        if not 1 <= self.min <= self.opt <= self.max:
-            raise UserError(
-                f"{what} profile min={self.min} opt={self.opt} max={self.max} must satisfy 1 <= min <= opt <= max"
-            )
-
-    @classmethod
-    def parse(cls, text: str, what: str) -> ShapeRange:
-        """'1,4,8' (min,opt,max) or '8' (fixed)."""
-        try:
-            values = [int(v) for v in text.split(",")]
-        except ValueError:
-            raise UserError(f"{what} must be N or MIN,OPT,MAX integers, got '{text}'") from None
-        if len(values) == 1:
-            values *= 3
-        if len(values) != 3:
-            raise UserError(f"{what} must be N or MIN,OPT,MAX, got '{text}'")
-        shape = cls(*values)
-        shape.check(what)
-        return shape
-
-    def check_fixed(self, text: str, fixed: int, fixed_by: str) -> None:
-        """A profile asked for as ``text`` on a graph fixed at sequence ``fixed`` (``fixed_by``: what fixed it) must be
-        that sequence: one that contradicts it is refused, never replaced."""
-        if {self.min, self.opt, self.max} != {fixed}:
-            raise UserError(f"--sequence {text}: {fixed_by} is fixed at sequence {fixed}; drop --sequence or export "
-                            "again with another --fixed-sequence")
-
-
-@dataclass(frozen=True)
-class EngineOptions:
-    """Builder settings, named as trtexec users know them."""
-
-    batch: ShapeRange = ShapeRange(1, 1, 8)
-    sequence: ShapeRange = ShapeRange(1, 128, 512)  # ignored for a fixed-sequence export
-    workspace_mib: int | None = None  # --memPoolSize=workspace:N
-    optimization_level: int | None = None  # --builderOptimizationLevel
-    timing_cache: Path | None = None  # --timingCacheFile
-    weight_streaming: bool = False  # --weightStreaming
-    refit: bool = False  # --refit (REFIT_IDENTICAL: plain REFIT gives wrong results in TensorRT 11.3)
-    strip_weights: bool = False  # --stripWeights
-    hardware_compatibility: str | None = None  # trt: ampere_plus | same_compute_capability
-    compute_capabilities: tuple[str, ...] = ()  # trt-rtx: sm75 sm80 sm86 sm89 sm120 ...
-    version_compatible: bool = False  # --versionCompatible
-
-    def to_json(self) -> dict[str, Any]:
-        out = asdict(self)
-        out["timing_cache"] = str(self.timing_cache) if self.timing_cache else None
-        return out
 
 
 @dataclass

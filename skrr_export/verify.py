@@ -19,7 +19,7 @@ from typing import Any
 from .artifacts import check_onnx_files, sha256_file
 from .config import ExportConfig
 from .errors import AccuracyError, UserError
-from .model import model_source
+from .model import source_of
 from .pipeline import Stages, _Job, _pytorch_reference, _tolerance, not_executed, run_checks
 from .plan import Plan, parse_plan
 from .provenance import (changed_files, check_random_weight_versions, has_settings, read_json, recorded_config,
@@ -42,7 +42,7 @@ def verify(folder: Path, model: Path | None = None, tokenizer: Path | None = Non
     onnx_path = folder / "model.onnx"
     check_onnx_files(onnx_path)
     once = weights_once(onnx_path, recorded["weight_bytes"])
-    source = model_source(cfg.model, cfg.subfolder, cfg.random_weights, cfg.allow_pickle, cfg.tokenizer, cfg.random_ids)
+    source = source_of(cfg)
     changed = changed_files(recorded["files"], source.folder)
     if changed:
         log.warning("model files changed since the export: %s; checking against what is there now", ", ".join(changed))
