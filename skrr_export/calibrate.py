@@ -40,6 +40,7 @@ from .config import CalibrationConfig
 from .errors import AccuracyError, ArtifactError, Interrupted, UserError
 from .inputs import load_tokenizer, tokenizer_used
 from .plan import Plan, slot_sources
+from .stages import load_source
 from .units import size
 
 log = logging.getLogger("skrr_export")
@@ -887,12 +888,11 @@ def _plan_for(target: float, job: _Job, cfg: CalibrationConfig, scorer: Scorer, 
 
 
 def _load(source: Any, dense: Plan, precision: str) -> Any:
-    """The dense encoder; random weights are drawn from a fixed seed, so a resumed run scores the same model."""
-    from .model import load_encoder
-
+    """The dense encoder (the stage chain's load_source); random weights are drawn from a fixed seed, so a resumed
+    run scores the same model."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        return load_encoder(source, dense, precision)
+        return load_source(source, dense, precision)
 
 
 def _check_length(config: Any, max_length: int) -> None:

@@ -23,7 +23,7 @@ import shutil
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +36,7 @@ from .device_memory import DeviceMemory
 from .errors import InvariantError, UserError
 from .units import size
 from .measure_report import row_at, write_results
+from .stages import build, disk_need, export, export_options, load_applied, need
 from .ort_profile import hot_path, placement, read_profile
 from .workload import (InputForm, Shape, check_shapes, engine_input_form, executed_flops, onnx_input_form, planned_form,
                        shapes_taken)
@@ -198,11 +199,10 @@ def measure_ort(onnx_path: Path, shapes: list[Shape], feeds: dict[Shape, Any], c
 def build_for(engine: str, onnx_path: Path, shapes: list[Shape], work: Path) -> Any:
     """An engine (trt.EngineArtifact) whose one profile spans ``shapes`` (the timed ones and the parity batches')."""
     from .config import EngineOptions, ShapeRange
-    from .trt import build_engine
 
     b, s = [sh.batch for sh in shapes], [sh.seq for sh in shapes]
     options = EngineOptions(batch=ShapeRange(min(b), max(b), max(b)), sequence=ShapeRange(min(s), max(s), max(s)))
-    return build_engine(onnx_path, engine, options, work / f"{engine}.plan", {})
+    return build(onnx_path, engine, options, work / f"{engine}.plan", {})
 
 
 def measure_trt(artifact: Any, backend: Backend, shapes: list[Shape], feeds: dict[Shape, Any], cfg: MeasureConfig,
@@ -399,29 +399,29 @@ def _results_head(meta: Any, source: Any, plan: Any, cfg: MeasureConfig, backend
 
 def _measure_variant(job: _Job, variant: str, plan: Any, folder: Path) -> None:
     """PyTorch first (it also gives the plan's parity reference), then every backend that runs the ONNX."""
-    from .apply import apply_plan, unique_parameter_bytes
+    from .apply import unique_parameter_bytes
     from .artifacts import check_device_memory
-    from .model import load_encoder
 
-    with job.stage(variant, "load"):
-        enc = load_encoder(job.source, plan, job.cfg.precision)
-        module = apply_plan(enc, plan, job.form.takes_mask)  # the inputs the artifact takes, the mask or not
+    form = replace(job.cfg, attention_mask=job.form.takes_mask,  # the inputs the artifact takes, the mask or not
+                   quantization=job.cfg.quantization if variant == "plan" else None)  # dense: the baseline
+    applied = load_applied(job.source, plan, form, lambda name: job.stage(variant, name))
+    module, enc = applied.module, applied.enc
     unique = unique_parameter_bytes(module)
     folder.mkdir(parents=True)
     given = job.artifacts if variant == "plan" else None
     main_jobs_dense = job.artifacts is not None and given is None  # measured in PyTorch only
     exported = [] if main_jobs_dense else [b for b in job.backends if b.runs != MODULE]
-    onnx_path = given.onnx if given else (_export(job, variant, module, unique, folder) if exported else None)
+    onnx_path = given.onnx if given else (_export(job, variant, applied, form, unique, folder) if exported else None)
     reference = None
     modes = [b for b in job.backends if b.runs == MODULE and (variant == "dense" or not b.dense_only)]
     parity = (job.batches, job.tolerances) if variant in job.cfg.parity else None
     if modes or parity:
-        check_device_memory(int(unique * 1.1), f"the {variant} model's weights ({size(unique)})")
+        check_device_memory(need(unique, runtime=0), f"the {variant} model's weights ({size(unique)})")
         torch_results, reference = measure_torch(module, modes, job.shapes, job.feeds, job.cfg, job.probe, parity,
                                                  enc.model)
         for name, result in torch_results.items():
             job.record(variant, name, unique, result)
-    del module, enc
+    del module, enc, applied
     _forget_compiled()  # its caches would keep the variant's weights on the device
     job.probe.settle()
     if exported:
@@ -477,18 +477,14 @@ def _measure_fused(job: _Job, variant: str, backend: Backend, onnx_path: Path, r
         fused.unlink(missing_ok=True)
 
 
-def _export(job: _Job, variant: str, module: Any, unique: int, folder: Path) -> Path:
-    """The variant's ONNX; with its weights in an external data file when ort-cuda-fused is asked for, so that the
-    fused copy shares them (at any size: above 2 GB they are external anyway)."""
+def _export(job: _Job, variant: str, applied: Any, form: Any, unique: int, folder: Path) -> Path:
+    """The variant's ONNX through the stage chain; with its weights in an external data file when ort-cuda-fused is
+    asked for, so that the fused copy shares them (at any size: above 2 GB they are external anyway)."""
     from .artifacts import check_disk
-    from .export import ExportOptions, export_onnx
 
-    engines = any(b.runs == ENGINE for b in job.backends)
-    check_disk(folder, int(unique * (2.1 if engines else 1.05)), "the measured artifacts")
-    options = ExportOptions(input_dtype=job.cfg.input_dtype, fixed_sequence=job.cfg.fixed_sequence,
-                            external_data=True if any(b.fused for b in job.backends) else None)
+    check_disk(folder, disk_need(unique, any(b.runs == ENGINE for b in job.backends)), "the measured artifacts")
     with job.stage(variant, "export"):
-        path = export_onnx(module, folder / "model.onnx", options, job.vocab).path
+        path = export(applied, folder / "model.onnx", export_options(form, mapped=any(b.fused for b in job.backends))).path
     if differences := job.form.differences(onnx_input_form(path)):
         raise InvariantError(f"the {variant} export's inputs differ from the form its feeds were made for: "
                              f"{'; '.join(differences)}")

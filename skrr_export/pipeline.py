@@ -1,4 +1,4 @@
-"""The main job: load_plan -> load_encoder -> apply_plan -> export_onnx -> (build_engine) -> compare -> report.
+"""The main job: load_plan -> the stage chain (stages.py: load_source -> apply -> export -> build) -> compare -> report.
 
 This module only orchestrates; each stage lives in its own module.
 """
@@ -18,16 +18,16 @@ from .environment import cuda_available, versions
 from .checks import ParityCheck, parity_checks
 from .config import ENGINES, EngineOptions, ExportConfig, ShapeRange
 from .compare import Tolerance, distance, runner_parity, tolerance_for
-from .errors import AccuracyError, ArtifactError, UserError
+from .errors import AccuracyError, UserError
 from .inputs import find_tokenizer, tokenizer_used
 from .model import RANDOM_WEIGHTS_SEED
 from .ort_fusion import check_optimize
 from .plan import Plan, load_plan
 from .progress import each, finished, peak_memory, stage_bar
-from .units import size
 from .provenance import manifest_record, report_record
 from .recipes import pipeline_report
 from .report import write_report
+from .stages import build, check_footprint, disk_need, export, export_options, host_footprint, load_applied
 
 log = logging.getLogger("skrr_export")
 
@@ -69,7 +69,7 @@ def _run_export(cfg: ExportConfig) -> dict[str, Any]:
     job = _preflight(cfg)
     stages = Stages()
     ref = _pytorch_reference(cfg, job, stages)
-    check_disk(cfg.out.parent, int(job.cost.kept_weight_bytes * (2.05 if cfg.engine != "onnx" else 1.05)), "the export")
+    check_disk(cfg.out.parent, disk_need(job.cost.kept_weight_bytes, cfg.engine != "onnx"), "the export")
     with staged_folder(cfg.out, cfg.force) as stage:
         found = _artifacts(cfg, job, ref, stage, stages)
         report = _report(cfg, job, ref, found, stages)
@@ -98,10 +98,8 @@ class _Reference:
     """The applied (and quantized) module and PyTorch's outputs on the parity batches; the module is dropped after
     the export (``drop``)."""
 
-    module: Any
-    enc: Any
-    quantized: Any
-    quantization: dict[str, Any] | None
+    applied: Any  # stages.Applied
+    quantization: dict[str, Any] | None  # what was quantized, with bytes (kept for the report after ``drop``)
     batches: tuple[Any, ...]
     plan_outputs: dict[str, Any]  # PyTorch in the export's precision
     fp32_outputs: dict[str, Any] | None  # PyTorch computing in fp32 on the same weights (a half export's wiring check)
@@ -111,7 +109,7 @@ class _Reference:
         return self.fp32_outputs if check.fp32_reference and self.fp32_outputs is not None else self.plan_outputs
 
     def drop(self) -> None:
-        self.module = self.enc = self.quantized = None  # ONNX Runtime, the engine and the dense model need the memory
+        self.applied = None  # ONNX Runtime, the engine and the dense model need the memory
         gc.collect()
 
 
@@ -158,38 +156,32 @@ def _preflight(cfg: ExportConfig) -> _Job:
 
 
 def _pytorch_reference(cfg: ExportConfig, job: _Job, stages: Stages) -> _Reference:
-    """Load the kept weights, apply the plan (quantize), and run PyTorch on the parity batches."""
-    from .apply import apply_plan
+    """Load the kept weights, apply the plan (quantize) through the stage chain, and run PyTorch on the parity
+    batches."""
     from .inputs import load_tokenizer, prompt_batch
-    from .model import load_encoder
 
-    with stages.stage("load"):
-        enc = load_encoder(job.source, job.plan, cfg.precision)
-    with stages.stage("apply"):
-        module = apply_plan(enc, job.plan, cfg.attention_mask)
-    quantized, quantization = _quantize(module, cfg, stages)
+    applied = load_applied(job.source, job.plan, cfg, stages.stage)
+    module = applied.module
     tokenizer = load_tokenizer(job.source)
-    batches = prompt_batch(tokenizer, enc.config, cfg.input_dtype, cfg.fixed_sequence, attention_mask=cfg.attention_mask)
+    batches = prompt_batch(tokenizer, applied.enc.config, cfg.input_dtype, cfg.fixed_sequence,
+                           attention_mask=cfg.attention_mask)
     checks = machine_checks(cfg.precision)
     with stages.stage("pytorch reference"):
         plan_outputs = reference_outputs(module, batches)
         _check_finite(module, batches, plan_outputs)
         fp32 = reference_outputs(module, batches, fp32_arithmetic=True) if any(c.fp32_reference for c in checks) else None
-    return _Reference(module, enc, quantized, quantization, batches, plan_outputs, fp32, checks)
+    return _Reference(applied, applied.quantization, batches, plan_outputs, fp32, checks)
 
 
 def _artifacts(cfg: ExportConfig, job: _Job, ref: _Reference, stage: Path, stages: Stages) -> _Found:
     """Export (and fuse), then parity on the file, Polygraphy's data, the engine, the distance and the measurement."""
-    from .export import ExportOptions, export_onnx
     from .ort_fusion import fuse_artifact
     from .polygraphy_io import save_parity_data
 
     with stages.stage("export"):
-        external = True if cfg.external_data is None and cfg.engine != "onnx" else cfg.external_data  # mapped by the build
-        options = ExportOptions(cfg.input_dtype, cfg.fixed_sequence, external)
-        onnx = export_onnx(ref.module, stage / "model.onnx", options, ref.enc.adapter.sizes(ref.enc.config).vocab,
-                           ref.quantized)
-        found = _Found(*fuse_artifact(onnx, ref.enc.adapter)) if cfg.optimize else _Found(onnx)
+        options = export_options(cfg, mapped=cfg.engine != "onnx")  # the engine build maps the weights file
+        onnx = export(ref.applied, stage / "model.onnx", options)
+        found = _Found(*fuse_artifact(onnx, ref.applied.enc.adapter)) if cfg.optimize else _Found(onnx)
         found.options = options
     ref.drop()
     with stages.stage("parity"):
@@ -252,23 +244,10 @@ def _report(cfg: ExportConfig, job: _Job, ref: _Reference, found: _Found, stages
     }
 
 
-def _quantize(module: Any, cfg: ExportConfig, stages: Stages) -> tuple[Any, dict[str, Any] | None]:
-    """Weight-only quantization of the applied plan (the module then computes with the dequantized weights: the
-    parity reference), and what was quantized and what was not, with bytes."""
-    if cfg.quantization is None:
-        return None, None
-    from .quantize import module_accounting, quantize_module
-
-    with stages.stage("quantize"):
-        quantized = quantize_module(module, cfg.quantization)
-    return quantized, module_accounting(module, quantized)
-
-
 def _check_resources(source: Any, plan: Plan, cfg: ExportConfig) -> Any:
-    """Refuse before loading when the run cannot fit in host memory. What it holds at its peak: the kept weights
-    (load, export; then ONNX Runtime's copy once the module is dropped), or, while the dense distance streams,
-    the stem and head and the largest sub-block; plus 10 % and 0.6 GiB for activations and the runtime."""
-    from .apply import plan_cost, sub_block_parameters
+    """Refuse before loading when the run cannot fit in host memory (the stage chain's footprint rule:
+    stages.host_footprint, check_footprint); the checkpoint and the shapes are checked first."""
+    from .apply import plan_cost
     from .workload import check_shapes
     from .model import DTYPES, build_meta, check_plan_fits, load_config
 
@@ -279,37 +258,9 @@ def _check_resources(source: Any, plan: Plan, cfg: ExportConfig) -> Any:
     if cfg.fixed_sequence is not None:
         check_shapes(meta.config, (1,), (cfg.fixed_sequence,))
     meta.dtype = DTYPES[cfg.precision]
-    cost = plan_cost(meta, plan)
-    itemsize = meta.dtype.itemsize
-    largest_sub_block = max(sum(p.numel() for _, p in block) for block in sub_block_parameters(meta)) * itemsize
-    always = sum(p.numel() for part in (meta.stem, meta.head) for p in part.parameters()) * itemsize
-    streaming = always + largest_sub_block if cfg.dense_distance else 0
-    held = {"load and export": cost.kept_weight_bytes, "dense distance": streaming}
-    if cfg.engine != "onnx":
-        from .quantize import plan_accounting
-        from .trt import build_memory
-
-        exported = plan_accounting(meta, plan, cfg.quantization)["total_bytes"] if cfg.quantization else cost.kept_weight_bytes
-        held["engine build"] = build_memory(exported, cfg.engine_options)
-    _check_footprint(held, cfg.skip_memory_check)
-    return cost
-
-
-def _check_footprint(held: dict[str, int], skip: bool) -> None:
-    """Print the estimate (the largest stage's bytes + 10 % + 0.6 GiB for activations and runtimes) before any work;
-    refuse, with both numbers, when the machine cannot hold it (``skip``: --skip-memory-check)."""
-    from .artifacts import available_memory
-
-    stage = max(held, key=lambda k: held[k])
-    need = int(held[stage] * 1.1) + (600 << 20)
-    free = available_memory()
-    have = f"{size(free, 'GiB', 1)} available" if free is not None else "available memory unknown"
-    log.info("memory estimate: %s at the peak (%s; %s), %s", size(need, "GiB", 1), stage,
-             ", ".join(f"{k} {size(v, 'GiB')}" for k, v in held.items() if v), have)
-    if free is not None and need > free and not skip:
-        raise ArtifactError(f"this run needs about {size(need, 'GiB', 1)} of host memory but {size(free, 'GiB', 1)} is "
-                            f"available (its peak: {stage}); free memory, use a bigger machine, or pass "
-                            "--skip-memory-check to run anyway")
+    check_footprint(host_footprint(meta, plan, cfg, cfg.dense_distance, cfg.engine, cfg.engine_options),
+                    cfg.skip_memory_check)
+    return plan_cost(meta, plan)
 
 
 def _check_finite(module: Any, batches: tuple[Any, ...], outputs: dict[str, Any]) -> None:
@@ -398,27 +349,14 @@ def _distance_to_dense(source: Any, precision: str, batches: tuple[Any, ...], pl
 def _engine(cfg: ExportConfig, onnx_path: Path, plan: Plan, stage: Path, reference: dict[str, Any], batches: tuple[Any, ...],
             tolerances: dict[str, Tolerance]) -> tuple[Any, list[dict[str, Any]]]:
     """Build the engine; run it against PyTorch where a CUDA runtime can, else say why it was not run."""
-    from .trt import TrtRunner, build_engine, execution_blocker
+    from .trt import TrtRunner, execution_blocker
 
-    _release_memory()  # the PyTorch module and the parity sessions are gone: the build starts at the floor
     options = cfg.engine_options or EngineOptions()
     if cfg.fixed_sequence:
         options = replace(options, sequence=ShapeRange(cfg.fixed_sequence, cfg.fixed_sequence, cfg.fixed_sequence))
-    artifact = build_engine(onnx_path, cfg.engine, options, stage / "engine.plan", {"plan_sha256": plan.digest()})
+    artifact = build(onnx_path, cfg.engine, options, stage / "engine.plan", {"plan_sha256": plan.digest()})
     blocker = execution_blocker(cfg.engine)
     if blocker:
         return artifact, [not_executed(cfg.engine, blocker)]
     runner = TrtRunner(artifact.path, cfg.engine, cfg.weight_streaming_budget)
     return artifact, runner_parity(reference, runner, batches, tolerances)
-
-
-def _release_memory() -> None:
-    """Collect what the dropped stages left and hand glibc's free heap back to the system (malloc_trim), so the
-    engine build's peak adds to the floor rather than to the export's high-water heap."""
-    import ctypes
-
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc
-        pass

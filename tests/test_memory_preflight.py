@@ -10,7 +10,7 @@ import pytest
 import skrr_export.artifacts as artifacts
 from skrr_export.cli import main
 from skrr_export.errors import ArtifactError
-from skrr_export.pipeline import _check_footprint
+from skrr_export.stages import check_footprint
 from skrr_export.trt import BUILD_OVERHEAD, BUILD_WEIGHT_FACTOR, available, build_memory
 
 from .test_apply import make_plan
@@ -23,7 +23,7 @@ def test_the_estimate_is_the_largest_stage_and_is_printed(monkeypatch, caplog):
     monkeypatch.setattr(artifacts, "available_memory", lambda: 64 * GIB)
     held = {"load and export": 5 * GIB, "dense distance": 1 * GIB, "engine build": build_memory(5 * GIB)}
     with caplog.at_level(logging.INFO, logger="skrr_export"):
-        _check_footprint(held, skip=False)
+        check_footprint(held, skip=False)
     need = int(held["engine build"] * 1.1) + (600 << 20)
     assert f"memory estimate: {need / GIB:.1f} GiB at the peak (engine build;" in caplog.text
     assert "64.0 GiB available" in caplog.text
@@ -36,8 +36,8 @@ def test_a_machine_that_cannot_hold_the_build_is_refused_with_both_numbers(monke
     need = int(held["engine build"] * 1.1) + (600 << 20)
     with pytest.raises(ArtifactError, match=rf"needs about {need / GIB:.1f} GiB of host memory but 6.0 GiB is available "
                        r"\(its peak: engine build\).*--skip-memory-check"):
-        _check_footprint(held, skip=False)
-    _check_footprint(held, skip=True)  # the user knows better
+        check_footprint(held, skip=False)
+    check_footprint(held, skip=True)  # the user knows better
 
 
 @pytest.mark.skipif(not available("trt-rtx"), reason="tensorrt-rtx is not installed")
