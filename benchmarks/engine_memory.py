@@ -61,15 +61,17 @@ def sampled(cmd: list[str], env: dict[str, str]) -> tuple[int, dict[str, dict[st
     start = time.perf_counter()
     # cwd: not the repository, whose folder would come first on sys.path and shadow PYTHONPATH's tree
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env, cwd="/")
-    stages: dict[str, dict[str, int]] = {"startup": {"peak": 0, "file": 0}}
+    stages: dict[str, dict[str, int]] = {"startup": {"peak": 0, "file": 0, "anon": 0, "entry": 0}}
     current, lines, lock = ["startup"], [], threading.Lock()
 
     def enter(name: str) -> None:
-        hwm = status(proc.pid).get("VmHWM", 0)
+        s = status(proc.pid)
+        hwm = s.get("VmHWM", 0)
         with lock:
             stages[current[0]]["peak"] = max(stages[current[0]]["peak"], hwm if hwm > stages[current[0]].get("hwm0", 0) else 0)
             current[0] = name
-            stages.setdefault(name, {"peak": 0, "file": 0})["hwm0"] = hwm
+            st = stages.setdefault(name, {"peak": 0, "file": 0, "anon": 0, "entry": s.get("VmRSS", 0)})
+            st["hwm0"] = hwm
 
     def read() -> None:
         for line in proc.stderr:
@@ -86,6 +88,7 @@ def sampled(cmd: list[str], env: dict[str, str]) -> tuple[int, dict[str, dict[st
             st = stages[current[0]]
             st["peak"] = max(st["peak"], s.get("VmRSS", 0))
             st["file"] = max(st["file"], s.get("RssFile", 0))
+            st["anon"] = max(st["anon"], s.get("RssAnon", 0))
         time.sleep(0.1)
     reader.join()
     for st in stages.values():
@@ -127,9 +130,10 @@ def run_one(case: str, code: str, tmp: Path, extra: list[str]) -> dict:
         "onnx_weight_bytes": weights, "engine_bytes": engine.get("serialized_bytes"),
         "engine_weights": engine.get("weights"),
         "peak_gib": round(peak / GIB, 3), "peak_above_baseline_gib": round((peak - base) / GIB, 3),
-        "stages_gib": {k: {"peak": round(v["peak"] / GIB, 3), "file_backed": round(v["file"] / GIB, 3)}
-                       for k, v in stages.items()},
-        "estimate_gib": estimate, "stderr_tail": [l for l in lines if "[skrr-export]" not in l][-4:],
+        "stages_gib": _stages(stages), "estimate_gib": estimate,
+        "commit": _git("rev-parse", "HEAD") if code == "after" else BEFORE,
+        "tree_changes": _git("status", "--short").splitlines() if code == "after" else [],
+        "load_average_at_end": os.getloadavg()[0], "stderr_tail": [l for l in lines if "[skrr-export]" not in l][-4:],
     }
     if weights:
         bound = 1.1 * weights + 0.6 * GIB
@@ -172,8 +176,7 @@ def build_only(onnx: Path, sequence: str, code: str, label: str) -> None:
          "engine_bytes": meta.get("serialized_bytes"), "engine_weights": meta.get("weights"),
          "peak_gib": round(peak / GIB, 3), "peak_above_baseline_gib": round((peak - base) / GIB, 3),
          "engine_file_backed_gib": round(stages.get("engine", {"file": 0})["file"] / GIB, 3),
-         "stages_gib": {k: {"peak": round(v["peak"] / GIB, 3), "file_backed": round(v["file"] / GIB, 3)}
-                        for k, v in stages.items()}, "estimate_gib": None, "stderr_tail": lines[-3:]}
+         "stages_gib": _stages(stages), "estimate_gib": None, "stderr_tail": lines[-3:]}
     if weights:
         r["bound_gib"] = round((1.1 * weights + 0.6 * GIB) / GIB, 3)
         r["within_bound"] = peak - base <= 1.1 * weights + 0.6 * GIB
@@ -232,6 +235,18 @@ def summarize() -> None:
         print(f"| {r['case']} | {r['label']} ({r['code']}) | {w / 1e9:.2f} | {r['peak_above_baseline_gib']:.2f} | "
               f"{r.get('bound_gib', '-')} | {r['estimate_gib'] or '-'} | {parts} | {r['seconds']} |" if w else
               f"| {r['case']} | {r['label']} | failed (exit {r['exit_code']}) | | | | | |")
+
+
+def _stages(stages: dict[str, dict[str, int]]) -> dict[str, dict[str, float]]:
+    """Per stage, GiB: the peak RSS, the peak of its file-backed part (mapped files) and of its anonymous part
+    (sampled every 0.1 s; they need not peak together), and the RSS the stage started with."""
+    return {k: {"peak": round(v["peak"] / GIB, 3), "file_backed": round(v["file"] / GIB, 3),
+                "anonymous": round(v.get("anon", 0) / GIB, 3), "at_start": round(v.get("entry", 0) / GIB, 3)}
+            for k, v in stages.items()}
+
+
+def _git(*args: str) -> str:
+    return subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True).stdout.strip()
 
 
 def _versions() -> dict[str, str]:
