@@ -75,8 +75,18 @@ def child(save: str, argv: list[str]) -> int:
         else:
             original_save(model, path, external_data)
         mark("check (onnx.checker)")
+        if no_reference:  # what the report would say, then stop: nothing after the save is measured
+            stored = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
+            files = {f.name: f.stat().st_size for f in Path(path).parent.glob(Path(path).name + "*")}
+            print(f"@@saved {json.dumps({'initializer_bytes': stored, 'files': files})}", file=sys.stderr, flush=True)
+            os._exit(0)
 
     export.export_onnx, export.save_model = export_onnx, save_model
+    no_reference = save.endswith("-no-reference")
+    if no_reference:  # PyTorch's outputs are only parity's reference: skipped (bf16 on this CPU would take hours)
+        import skrr_export.pipeline as pipeline
+
+        pipeline.reference_outputs = lambda module, batches, fp32_arithmetic=False: {b.label: {} for b in batches}
     mark("load and apply")
     from skrr_export.cli import main
 
@@ -185,9 +195,10 @@ def run(saves: list[str], out: Path) -> None:
     print(json.dumps(result, indent=2))
 
 
-def form(case: str, external: bool, quantize: str | None, keep: Path | None) -> None:
+def form(case: str, external: bool, quantize: str | None, keep: Path | None, no_reference: bool) -> None:
     """One case and form through the export's own save; merged into FORMS by (case, form). ``keep``: write the
-    export there (it stays) instead of into the temporary folder."""
+    export there (it stays) instead of into the temporary folder. ``no_reference``: the PyTorch reference returns
+    nothing and the child exits right after the save (load, apply, quantize, export and save measured)."""
     with tempfile.TemporaryDirectory(prefix="save-memory-", dir=os.environ.get("SAVE_MEMORY_TMP")) as tmp:
         out = keep or Path(tmp) / "out"
         argv = {"t5-1536": lambda: ["--plan", str(t5_1536(Path(tmp)) / "plan.json"), "--model",
@@ -197,11 +208,16 @@ def form(case: str, external: bool, quantize: str | None, keep: Path | None) -> 
         argv += ["--external-data"] if external else []
         argv += ["--quantize", quantize] if quantize else []
         base = baseline()
-        code, peaks, lines, seconds, files = sampled([sys.executable, __file__, "child", "streaming", "--", *argv])
-        report = json.loads((out / "report.json").read_text()) if code == 0 else {}
-        sizes = {p.name: p.stat().st_size for p in sorted(out.glob("model.onnx*"))} if code == 0 else {}
+        save = "streaming-no-reference" if no_reference else "streaming"
+        code, peaks, lines, seconds, files = sampled([sys.executable, __file__, "child", save, "--", *argv])
+        report = json.loads((out / "report.json").read_text()) if code == 0 and not no_reference else {}
+        sizes = {p.name: p.stat().st_size for p in sorted(out.glob("model.onnx*"))} if report else {}
     weights = report.get("onnx", {}).get("weights", {}).get("bytes")
-    name = "+".join(["external data" if external else "single file", *([quantize] if quantize else [])])
+    saved = next((json.loads(l.removeprefix("@@saved ")) for l in lines if l.startswith("@@saved ")), None)
+    if saved:  # no report: the initializers' bytes (weights and the few small constants) and the files written
+        weights, sizes = saved["initializer_bytes"], saved["files"]
+    name = "+".join(["external data" if external else "single file", *([quantize] if quantize else []),
+                     *(["no reference, stopped after the save"] if no_reference else [])])
     r = {"case": case, "form": name, "argv": argv, "exit_code": code, "seconds": round(seconds, 1),
          "commit": _git("rev-parse", "HEAD"), "tree_changes": _git("status", "--short").splitlines(),
          "load_average": os.getloadavg()[0], "import_baseline_gib": round(base / GIB, 3), "weight_bytes": weights,
@@ -303,6 +319,8 @@ def main() -> int:
     p.add_argument("--case", choices=["t5-1536", "minilm", "xxl"], default="t5-1536", help="form: the model")
     p.add_argument("--external-data", action="store_true", help="form: the export's --external-data")
     p.add_argument("--quantize", choices=["int4", "int8"], help="form: the export's --quantize")
+    p.add_argument("--no-reference", action="store_true", help="form: skip the PyTorch reference, stop after the "
+                   "save (for T5-XXL: bf16 matmuls on a CPU without bf16 units take hours)")
     p.add_argument("--keep", type=Path, help="form: write the export to this folder and keep it")
     p.add_argument("--onnx", type=Path, help="parity: an export's model.onnx")
     p.add_argument("--precision", default="bf16", help="parity: the export's precision")
@@ -310,7 +328,7 @@ def main() -> int:
                    "random ids: 12)")
     args = p.parse_args()
     if args.command == "form":
-        form(args.case, args.external_data, args.quantize, args.keep)
+        form(args.case, args.external_data, args.quantize, args.keep, args.no_reference)
         return 0
     if args.command == "parity":
         parity(args.onnx, args.precision, args.sequence)
