@@ -145,8 +145,28 @@ def run_one(case: str, code: str, tmp: Path, extra: list[str]) -> dict:
 BUILD_CHILD = """
 import sys, json, time
 from pathlib import Path
+import skrr_export.trt as trt_module
 from skrr_export.trt import EngineOptions, ShapeRange, build_engine
 import skrr_export
+START = time.perf_counter()
+
+def _memory():
+    s = dict(l.split(":", 1) for l in open("/proc/self/status").read().splitlines())
+    return [round(int(s[k].split()[0]) / 2**20, 3) for k in ("VmRSS", "RssAnon", "RssFile")]  # GiB
+
+def _tapped(make=trt_module._make_logger):
+    logger = make()
+    keep = logger.log
+
+    def log(severity, msg):  # the builder's own messages (INFO and above), each with this process's memory then
+        keep(severity, msg)
+        if int(severity) <= 3:
+            print("@@trt " + json.dumps([round(time.perf_counter() - START, 1), *_memory(), msg[:300]]),
+                  file=sys.stderr, flush=True)
+    logger.log = log
+    return logger
+
+trt_module._make_logger = _tapped
 print("[skrr-export] engine ...", skrr_export.__file__, file=sys.stderr, flush=True)
 onnx, seq = Path(sys.argv[1]), sys.argv[2]
 art = build_engine(onnx, "trt-rtx", EngineOptions(batch=ShapeRange(1, 1, 4), sequence=ShapeRange.parse(seq, "seq")),
@@ -169,6 +189,8 @@ def build_only(onnx: Path, sequence: str, code: str, label: str) -> None:
         code_, stages, lines, seconds = sampled([sys.executable, "-c", BUILD_CHILD, str(onnx), sequence,
                                                   str(Path(tmp) / "engine.plan")], env)
     meta = json.loads(lines[-1]) if code_ == 0 else {}
+    builder_log = [json.loads(l.removeprefix("@@trt ")) for l in lines if l.startswith("@@trt ")]
+    lines = [l for l in lines if not l.startswith("@@trt ")]
     weights = meta.get("onnx_weight_bytes")
     peak = stages.get("engine", {"peak": 0})["peak"]
     r = {"case": label, "code": "HEAD" if code == "after" else BEFORE, "label": f"build-only {code}", "exit_code": code_,
@@ -176,7 +198,12 @@ def build_only(onnx: Path, sequence: str, code: str, label: str) -> None:
          "engine_bytes": meta.get("serialized_bytes"), "engine_weights": meta.get("weights"),
          "peak_gib": round(peak / GIB, 3), "peak_above_baseline_gib": round((peak - base) / GIB, 3),
          "engine_file_backed_gib": round(stages.get("engine", {"file": 0})["file"] / GIB, 3),
-         "stages_gib": _stages(stages), "estimate_gib": None, "stderr_tail": lines[-3:]}
+         "stages_gib": _stages(stages), "estimate_gib": None, "stderr_tail": lines[-3:],
+         "commit": _git("rev-parse", "HEAD") if code == "after" else BEFORE,
+         "tree_changes": _git("status", "--short").splitlines() if code == "after" else [],
+         "load_average_at_end": os.getloadavg()[0],
+         "builder_log": {"columns": ["seconds", "rss_gib", "anonymous_gib", "file_backed_gib", "message"],
+                         "rows": builder_log}}
     if weights:
         r["bound_gib"] = round((1.1 * weights + 0.6 * GIB) / GIB, 3)
         r["within_bound"] = peak - base <= 1.1 * weights + 0.6 * GIB
