@@ -28,6 +28,7 @@ def main() -> None:
     import onnxruntime as ort
 
     import skrr_export.export as export
+    from skrr_export.graph.passes import PASSES
     from skrr_export.apply import apply_plan
     from skrr_export.measure import latency, timing_feed
     from skrr_export.model import ModelSource, load_encoder
@@ -50,8 +51,8 @@ def main() -> None:
     passes = export.graph_passes
 
     def unrewritten(weights: set[str]) -> ir.passes.Sequential:  # the export's passes but RmsNormAsDiv
-        return ir.passes.Sequential(export.KeepWeightsOptimize(weights), export.MergeEqualConstants(weights),
-                                    export.StripDebugMetadata())
+        return ir.passes.Sequential(PASSES["keep-weights-optimize"].cls(weights),
+                                    PASSES["merge-equal-constants"].cls(weights), PASSES["strip-debug-metadata"].cls())
 
     shape = Shape(args.batch, args.seq)
     results = {}

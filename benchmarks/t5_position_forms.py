@@ -46,15 +46,15 @@ def narrowed_passes(dtype: str):  # type: ignore[no-untyped-def]
     """The export's passes with the bucket table narrowed to ``dtype`` just before the constants are merged."""
     import onnx_ir as ir
 
-    import skrr_export.export as export
+    from skrr_export.graph.passes import PASSES
 
     class NarrowBucketTable(ir.passes.InPlacePass):
         def call(self, model):  # type: ignore[no-untyped-def]
             return ir.passes.PassResult(model, bool(narrow_bucket_table(model, dtype)))
 
-    return lambda weights: ir.passes.Sequential(export.KeepWeightsOptimize(weights), export.RmsNormAsDiv(),
-                                                NarrowBucketTable(), export.MergeEqualConstants(weights),
-                                                export.StripDebugMetadata())
+    return lambda weights: ir.passes.Sequential(
+        PASSES["keep-weights-optimize"].cls(weights), PASSES["rms-norm-as-div"].cls(), NarrowBucketTable(),
+        PASSES["merge-equal-constants"].cls(weights), PASSES["strip-debug-metadata"].cls())
 
 
 def narrow_bucket_table(model, dtype: str) -> int:  # type: ignore[no-untyped-def]

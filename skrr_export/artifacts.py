@@ -201,6 +201,14 @@ def check_onnx_files(path: Path) -> None:
         model = onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # protobuf's DecodeError and the like: not an ONNX file
         raise ArtifactError(f"{path} is not a readable ONNX model ({type(exc).__name__})") from None
+    check_onnx_model(path, model)
+
+
+def check_onnx_model(path: Path, model: Any) -> None:
+    """``model`` (the ModelProto read from ``path``, its weights' bytes there or not) is a model, and every external
+    data file it names is beside ``path``."""
+    import onnx
+
     if model.ir_version == 0 or not model.graph.node:
         raise ArtifactError(f"{path} is not an ONNX model (empty or truncated)")
     folder = path.parent.resolve()

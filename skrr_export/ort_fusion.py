@@ -36,7 +36,7 @@ UNFUSED_ATTENTION = ("Softmax",)
 
 @dataclass(frozen=True)
 class FusionResult:
-    attention: int  # MultiHeadAttention nodes written by fuse_attention
+    attention: int  # MultiHeadAttention nodes written by the ort-fuse-attention pass
     unfused_softmax: int  # Softmax nodes left: attention that did not match
     op_counts: dict[str, int]
 

@@ -11,7 +11,8 @@ and cast to bf16, which ``dequantize`` computes too.
 One parameter is quantized once, however many slots run it: ``quantize_module`` keys its results by the parameter
 object, which a re-used sub-block shares between its slots. Stages:
 ``quantize_module`` (PyTorch: each weight replaced by its dequantized values, the parity reference) ->
-``store_quantized`` (ONNX pass: int8/int4 initializers + scales -> DequantizeLinear -> MatMul) ->
+``store_quantized`` (the ONNX pass ``graph.quantized.StoreQuantized``, registered as ``store-quantized``: int8/int4
+initializers + scales -> DequantizeLinear -> MatMul) ->
 ``quantized_weights_once`` (the invariant: the stored bytes are the plan's kept weights at their quantized size).
 """
 
@@ -28,14 +29,13 @@ from torch import nn
 from .apply import parameter_keys
 from .errors import ArgumentError, InvariantError, UserError
 from .graph import weights as weights_invariant
+from .graph.quantized import OPSET, QUANTIZED_SUFFIX, SCALE_SUFFIX, QuantizedArrays, StoreQuantized
 from .progress import each
 from .units import size
 
 SCHEMES = {"int8": 8, "int4": 4}
 BLOCKS = (32, 64, 128)
 DEFAULT_BLOCK = 64  # by measurement: benchmarks/README.md, "Weight-only quantization"
-OPSET = 21  # block-wise DequantizeLinear and the int4 type
-QUANTIZED_SUFFIX, SCALE_SUFFIX = ".quantized", ".scale"
 BYTES_SLACK = 0.01  # stored quantized bytes may differ from the plan's by 1 % (int4 packing of joined weights)
 
 
@@ -272,115 +272,14 @@ def _dequantize_on_call(module: Any, weights: dict[int, QuantizedWeight], stored
 # ----------------------------------------------------------------------------------------------- ONNX pass
 
 
-@dataclass
-class _Reader:
-    """A quantized weight in the exported graph: its initializer, the Transpose that reads it, the MatMuls after."""
-
-    name: str
-    value: Any
-    transpose: Any
-    matmuls: list[Any]
-
-    def activations(self) -> tuple[str, ...]:
-        return tuple(sorted(m.inputs[0].name for m in self.matmuls))
-
-
 def store_quantized(model: Any, module: Any, quantized: QuantizedWeights, sequence: int | None = None) -> Any:
-    """Replace each quantized weight of the exported graph (``W -> Transpose -> MatMul`` per slot) by its integers
-    and scales feeding one DequantizeLinear. Weights whose MatMuls read the same activations in every slot (q, k, v;
-    T5's gate and up projections) are stored joined along the output width, one MatMul per slot and a Split:
-    TensorRT-RTX 1.7 fails to build re-used sub-blocks whose parallel MatMuls each have their own DequantizeLinear
-    (benchmarks/README.md). Returns the invariant's accounting (``quantized_weights_once``; ``sequence``: a fixed
-    sequence, which bounds the graph's other tensors)."""
+    """Replace each quantized weight of the exported graph by its integers and scales feeding one DequantizeLinear
+    (``graph.quantized.StoreQuantized``: joined where their MatMuls read the same activations). Returns the invariant's
+    accounting (``quantized_weights_once``; ``sequence``: a fixed sequence, which bounds the graph's other tensors)."""
     params = dict(module.named_parameters(remove_duplicate=False))
-    readers = [_reader(model, name, value) for name, value in tuple(model.graph.initializers.items())
-               if name in params and id(params[name]) in quantized.weights]
-    if len(readers) != len(quantized.weights):
-        raise InvariantError(f"{len(quantized.weights)} weights were quantized but the graph stores {len(readers)} of them")
-    groups: dict[tuple[Any, ...], list[_Reader]] = {}
-    for r in readers:
-        groups.setdefault((r.activations(), r.value.shape[1]), []).append(r)
-    for group in groups.values():
-        _join(model.graph, group, [quantized.weights[id(params[r.name])] for r in group])
-    model.opset_imports[""] = OPSET
+    arrays = {key: QuantizedArrays(w.bits, w.values.numpy(), w.scales.numpy()) for key, w in quantized.weights.items()}
+    StoreQuantized({name: arrays[id(p)] for name, p in params.items() if id(p) in arrays})(model)
     return quantized_weights_once(model, module, quantized, sequence)
-
-
-def _reader(model: Any, name: str, value: Any) -> _Reader:
-    uses = list(value.uses())
-    transpose = uses[0][0] if len(uses) == 1 else None
-    if transpose is None or transpose.op_type != "Transpose" or list(transpose.attributes["perm"].value) != [1, 0]:
-        raise InvariantError(f"quantized weight {name} is read by {[u[0].op_type for u in uses]}, not one Transpose")
-    matmuls = [node for node, index in transpose.outputs[0].uses()]
-    if any(node.op_type != "MatMul" for node in matmuls) or any(i != 1 for _, i in transpose.outputs[0].uses()):
-        raise InvariantError(f"quantized weight {name} reaches {[n.op_type for n in matmuls]}, not only MatMul weights")
-    return _Reader(name, value, transpose, matmuls)
-
-
-def _join(graph: Any, group: list[_Reader], weights: list[QuantizedWeight]) -> None:
-    """One DequantizeLinear for the group's joined integers and scales; per slot one MatMul (and a Split)."""
-    import onnx_ir as ir
-
-    name = "+".join(r.name for r in group)
-    values = _int_tensor(torch.cat([w.values for w in weights], dim=1), weights[0].bits, name + QUANTIZED_SUFFIX)
-    scales = _float_tensor(torch.cat([w.scales for w in weights], dim=-1), name + SCALE_SUFFIX)
-    inits = [ir.Value(name=t.name, const_value=t, shape=t.shape, type=ir.TensorType(t.dtype)) for t in (values, scales)]
-    for v in inits:
-        graph.register_initializer(v)
-    block = {"block_size": values.shape[0] // scales.shape[0]} if len(scales.shape) == 2 else {}
-    dq = ir.node("DequantizeLinear", inits, attributes={"axis": 0 if block else 1, **block}, name=name + ".dequantize")
-    graph.insert_before(graph[0], dq)  # it reads initializers only
-    dtype = group[0].value.dtype
-    if dtype != scales.dtype:  # fp16 scales next to bf16 weights: dequantized to fp16, then cast (``dequantize``)
-        cast = ir.node("Cast", [dq.outputs[0]], attributes={"to": dtype}, name=name + ".cast")
-        cast.outputs[0].name, cast.outputs[0].dtype = name + ".dequantized", dtype
-        graph.insert_after(dq, cast)
-        dq = cast
-    widths = [int(w.scales.shape[-1]) for w in weights]  # output widths
-    for slot, matmuls in enumerate(zip(*(sorted(r.matmuls, key=lambda m: m.inputs[0].name) for r in group))):
-        _one_matmul(graph, dq, list(matmuls), widths, f"{name}.{slot}")
-    for r in group:
-        graph.remove([*r.matmuls, r.transpose], safe=True)
-        graph.initializers.pop(r.name)
-
-
-def _one_matmul(graph: Any, dq: Any, matmuls: list[Any], widths: list[int], name: str) -> None:
-    """One MatMul of a slot's activation with the joined weight, placed right after the activation is made."""
-    import onnx_ir as ir
-
-    activation = matmuls[0].inputs[0]
-    joined = ir.node("MatMul", [activation, dq.outputs[0]], name=name + ".matmul")
-    joined.outputs[0].name = name + ".matmul"
-    new = [joined]
-    outputs = joined.outputs
-    if len(matmuls) > 1:
-        sizes = ir.Value(name=name + ".widths", const_value=ir.tensor(np.array(widths, np.int64), name=name + ".widths"))
-        graph.register_initializer(sizes)
-        split = ir.node("Split", [joined.outputs[0], sizes], attributes={"axis": -1}, num_outputs=len(matmuls),
-                        name=name + ".split")
-        new.append(split)
-        outputs = split.outputs
-        for i, out in enumerate(outputs):
-            out.name = f"{name}.split.{i}"
-    graph.insert_after(activation.producer() or dq, new)
-    for old, out in zip(matmuls, outputs):
-        out.dtype = old.outputs[0].dtype
-        old.outputs[0].replace_all_uses_with(out, replace_graph_outputs=True)
-
-
-def _int_tensor(values: torch.Tensor, bits: int, name: str) -> Any:
-    import onnx_ir as ir
-
-    v = values.numpy()
-    if bits == 8:
-        return ir.Tensor(v, name=name)
-    return ir.PackedTensor(v, ir.DataType.INT4, shape=[v.shape[0], 2 * v.shape[1]], name=name)  # packed by _pack
-
-
-def _float_tensor(t: torch.Tensor, name: str) -> Any:
-    import onnx_ir as ir
-
-    return ir.Tensor(t.numpy(), name=name)  # fp32 or fp16 (scale_dtype)
 
 
 # ----------------------------------------------------------------------------------------------- the invariant

@@ -163,7 +163,7 @@ class OrtRunner(Runner):
             import onnxruntime as ort
         except ImportError:
             raise MissingDependencyError("onnxruntime", "onnx", "running the ONNX model") from None
-        check_onnx_files(self.path)
+        self.check_files()
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
         self.configure(opts)
@@ -175,14 +175,19 @@ class OrtRunner(Runner):
         providers: list[Any] = [
             (p, dict(self.cuda_options)) if p == "CUDAExecutionProvider" else p for p in self.providers
         ]
+        path = self.session_path()
         try:
-            self.session = ort.InferenceSession(str(self.session_path()), opts, providers=providers)
+            self.session = ort.InferenceSession(str(path), opts, providers=providers)
         except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
             raise ArtifactError(f"ONNX Runtime cannot load {self.path.name}: {str(exc).splitlines()[0]}") from None
 
         if self.cuda and "CUDAExecutionProvider" not in self.session.get_providers():
             raise ArtifactError(f"ONNX Runtime did not enable its CUDA provider for {self.path.name} "
                                 f"(it has {', '.join(ort.get_available_providers())}); install onnxruntime-gpu")
+
+    def check_files(self) -> None:
+        """The model file and its data files are there and readable (a one-line error otherwise)."""
+        check_onnx_files(self.path)
 
     def configure(self, opts: Any) -> None:
         """Subclasses adjust the session options here."""
@@ -227,6 +232,9 @@ class OrtFp32ArithmeticRunner(OrtRunner):
     def method(precision: str) -> str:
         return (f"the {precision} graph computed in fp32 arithmetic on its {precision} weights (ONNX Runtime CPU, "
                 "a rewritten copy), against PyTorch computing in fp32 on the same weights")
+
+    def check_files(self) -> None:
+        """Checked by ``session_path``'s reader, which reads the small fields only (not the weights)."""
 
     def configure(self, opts: Any) -> None:
         import onnxruntime as ort

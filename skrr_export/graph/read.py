@@ -11,7 +11,7 @@ from pathlib import Path
 import onnx
 import onnx_ir as ir
 
-from ..artifacts import check_onnx_files
+from ..artifacts import check_onnx_files, check_onnx_model
 from ..errors import ArtifactError
 from .wire import GRAPH_INITIALIZER, LENGTH_DELIMITED, MODEL_GRAPH, TENSOR_NAME, TENSOR_RAW_DATA, fields, varint
 
@@ -31,15 +31,18 @@ def proto_referencing_weights(path: Path) -> onnx.ModelProto:
     """The ModelProto at ``path`` with every initializer of ``REFERENCED_MIN_BYTES`` or more held inside the file left
     there: the tensor becomes external data pointing at its bytes in ``path`` (location, offset, length), so the
     proto holds no weight. Saved beside ``path``, it is a model that runs on the original's weights without a copy;
-    initializers already external keep their references. Reads only the file's small fields (mapped)."""
-    check_onnx_files(path)
-    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-        small, references = _without_raw_data(buf)
+    initializers already external keep their references. Reads only the file's small fields (mapped), and checks
+    them as ``check_onnx_files`` does (which would read the whole file)."""
+    if not path.is_file():
+        raise ArtifactError(f"{path} does not exist")
     proto = onnx.ModelProto()
     try:
+        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+            small, references = _without_raw_data(buf)
         proto.ParseFromString(small)
-    except Exception as exc:
+    except Exception as exc:  # an empty file (mmap), a truncated one, protobuf's DecodeError
         raise ArtifactError(f"{path} is not a readable ONNX model ({type(exc).__name__}); export it again") from None
+    check_onnx_model(path, proto)
     refer_to_file(proto, references, path.name)
     return proto
 
