@@ -323,14 +323,17 @@ def set_seed(seed: int) -> None:
 
 
 def write_weights(base: Path, path: Path, module: Any) -> int:
-    """``base``'s graph with ``module``'s parameters written into the initializers named after them; returns how
-    many. Every initializer that is not a parameter is a constant the exporter made (shapes, scalars, indices)."""
+    """``base``'s graph with ``module``'s parameters written into the initializers named after them (their checkpoint
+    names); returns how many. Every initializer that is not a parameter is a constant the exporter made (shapes,
+    scalars, indices)."""
     import onnx
     import torch
     from onnx import TensorProto
 
+    from skrr_export.apply import checkpoint_parameters
+
     model = onnx.load(str(base))
-    params = dict(module.named_parameters(remove_duplicate=False))
+    params = {name: p for name, (_, p) in checkpoint_parameters(module).items()}
     types = {torch.float32: TensorProto.FLOAT, torch.bfloat16: TensorProto.BFLOAT16, torch.float16: TensorProto.FLOAT16}
     written = 0
     for init in model.graph.initializer:

@@ -35,13 +35,22 @@ class SkrrEncoder(nn.Module):
         self.inputs = enc.adapter.inputs if attention_mask else without_mask(enc.adapter.inputs)
         self.input_names = tuple(i.name for i in self.inputs)
         self.output_names = enc.adapter.output_names(enc.config)
-        # id -> the checkpoint's name (its first, where weights are tied): what a person reads (``checkpoint_name``)
-        self.checkpoint_names = {id(p): n for n, p in reversed(list(enc.model.named_parameters(remove_duplicate=False)))}
+        # id of a parameter or buffer -> its names in the checkpoint, first first (weights tied in the checkpoint, as
+        # T5's shared.weight and encoder.embed_tokens.weight, go by several): what a person reads (``checkpoint_name``)
+        self.checkpoint_names: dict[int, tuple[str, ...]] = {}
+        for n, t in (*enc.model.named_parameters(remove_duplicate=False), *enc.model.named_buffers(remove_duplicate=False)):
+            self.checkpoint_names[id(t)] = (*self.checkpoint_names.get(id(t), ()), n)
 
     def checkpoint_name(self, name: str) -> str:
-        """A parameter's name in the checkpoint (``encoder.block.3.layer.0.SelfAttention.q.weight``) for its name in
-        this module (``kept.6.layer.SelfAttention.q.weight``, ``stem.…``): reports, inspect and errors use the former."""
-        return self.checkpoint_names.get(id(self.get_parameter(name)), name)
+        """A parameter's (or buffer's) name in the checkpoint (``encoder.block.3.layer.0.SelfAttention.q.weight``) for
+        its name in this module (``kept.6.layer.SelfAttention.q.weight``, ``stem.…``): the file, reports, inspect and
+        errors use the former; a tied weight's first."""
+        return self.checkpoint_aliases(name)[0]
+
+    def checkpoint_aliases(self, name: str) -> tuple[str, ...]:
+        """Every name the checkpoint gives the parameter or buffer this module calls ``name``, first first."""
+        owner, _, attr = name.rpartition(".")
+        return self.checkpoint_names.get(id(getattr(self.get_submodule(owner), attr)), (name,))
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *optional: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """``optional``: the family's optional inputs, in the order it declares them (BERT's token_type_ids)."""
@@ -114,11 +123,23 @@ def unique_parameter_bytes(module: nn.Module) -> int:
     return sum(seen.values())
 
 
-def parameter_keys(module: nn.Module) -> dict[str, str]:
-    """Every name a parameter goes by -> one name per parameter (its first): aliases of a re-used sub-block's
-    weights share a key."""
+def stored_names(module: nn.Module) -> dict[str, str]:
+    """Every name a parameter or buffer of ``module`` goes by -> the name its export stores it under: the checkpoint's
+    (``SkrrEncoder.checkpoint_name``), one per storage (aliases of a re-used sub-block's weights share it). Any other
+    module is its own checkpoint."""
+    name = module.checkpoint_name if isinstance(module, SkrrEncoder) else str
     first: dict[tuple[int, int], str] = {}
-    return {name: first.setdefault(_storage(p), name) for name, p in module.named_parameters(remove_duplicate=False)}
+    stored = {n: first.setdefault(_storage(p), name(n)) for n, p in module.named_parameters(remove_duplicate=False)}
+    return stored | {n: name(n) for n, _ in module.named_buffers(remove_duplicate=False)}
+
+
+def checkpoint_parameters(module: nn.Module) -> dict[str, tuple[str, nn.Parameter]]:
+    """Every name the checkpoint gives a parameter of ``module`` -> (the name its export stores it under, the
+    parameter). Weights tied in the checkpoint go by several names and are stored under the first: another of
+    them in an exported file is that parameter stored twice."""
+    aliases = module.checkpoint_aliases if isinstance(module, SkrrEncoder) else lambda n: (n,)
+    stored = stored_names(module)
+    return {alias: (stored[n], p) for n, p in module.named_parameters(remove_duplicate=False) for alias in aliases(n)}
 
 
 def _storage(p: torch.Tensor) -> tuple[int, int]:
@@ -181,7 +202,7 @@ def apply_plan(enc: Encoder, plan: Plan, attention_mask: bool = True) -> SkrrEnc
     module = encoder_for(enc, plan, attention_mask).eval()
     meta = [n for n, p in module.named_parameters() if p.is_meta]
     if meta:
-        raise InvariantError(f"applied module still holds unloaded tensors, e.g. {meta[0]}")
+        raise InvariantError(f"applied module still holds unloaded tensors, e.g. {module.checkpoint_name(meta[0])}")
     unique = unique_parameter_bytes(module)
     if unique != cost.kept_weight_bytes:
         raise InvariantError(

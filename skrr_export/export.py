@@ -2,7 +2,8 @@
 
 Passes (onnx_ir passes of ``graph.export_passes``, in order, ``graph_passes``): ``KeepWeightsOptimize`` (the exporter's own optimizer, minus
 the two things that break "one named weight per parameter"), ``RmsNormAsDiv``, ``MergeEqualConstants``,
-``StripDebugMetadata``; then ``WeightsOnce``, the invariant as a pass of its own, checks the result.
+``StripDebugMetadata``; then ``graph.names.CheckpointNames`` names every weight as the checkpoint does, and
+``WeightsOnce``, the invariant as a pass of its own, checks the result.
 """
 
 from __future__ import annotations
@@ -17,11 +18,12 @@ from typing import Any
 import onnx_ir as ir
 import torch
 
-from .apply import SkrrEncoder, parameter_keys, unique_parameter_bytes
+from .apply import SkrrEncoder, checkpoint_parameters, stored_names, unique_parameter_bytes
 from .errors import InvariantError
 from .graph.export_passes import KeepWeightsOptimize, MergeEqualConstants, RmsNormAsDiv, StripDebugMetadata
 from .graph.half_scalars import rounded_scalars
 from .graph import weights as weights_invariant
+from .graph.names import CheckpointNames
 from .units import size
 from .graph.save import save_model
 from .graph.weights import Initializers
@@ -97,6 +99,7 @@ def export_onnx(module: SkrrEncoder, path: Path, options: ExportOptions, vocab_s
     start = time.perf_counter()
     program = _torch_export(module, options, vocab_size, quantize.OPSET if quantized is not None else OPSET)
     graph_passes(weight_names(module))(program.model)
+    CheckpointNames(stored_names(module))(program.model)  # from here on, the graph's weights go by checkpoint names
     check_half_scalars(program.model)
     program.model.ir_version = IR_VERSION
     stored = weights_once(program.model, module, options.fixed_sequence)
@@ -188,7 +191,7 @@ def graph_passes(weights: set[str]) -> ir.passes.Sequential:
 
 class WeightsOnce(ir.passes.InPlacePass):
     """The invariant (``graph.weights.check``) for ``module``'s export: every parameter is exactly one initializer
-    named after it, the weights hold the module's unique parameter bytes, everything else stored is within the bound
+    named after it in the checkpoint (``apply.checkpoint_parameters``), the weights hold the module's unique parameter bytes, everything else stored is within the bound
     for ``sequence`` and copies no weight. A violation is a bug of this tool (InvariantError); ``stored`` is the
     accounting after the pass has run. Changes nothing."""
 
@@ -199,7 +202,7 @@ class WeightsOnce(ir.passes.InPlacePass):
         self.stored: Initializers | None = None
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        keys = parameter_keys(self.module)
+        keys = {name: stored for name, (stored, _) in checkpoint_parameters(self.module).items()}
         expected = weights_invariant.Expected({n: (k,) for n, k in keys.items()}, frozenset(keys.values()),
                                               unique_parameter_bytes(self.module), sequence=self.sequence)
         result = weights_invariant.check(model, expected)

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .apply import parameter_keys
+from .apply import checkpoint_parameters
 from .errors import ArgumentError, InvariantError, UserError
 from .graph import weights as weights_invariant
 from .graph.quantized import OPSET, QUANTIZED_SUFFIX, SCALE_SUFFIX, QuantizedArrays, StoreQuantized
@@ -206,7 +206,7 @@ def quantize_module(module: Any, q: Quantization) -> QuantizedWeights:
     done: dict[int, QuantizedWeight] = {}
     stored: dict[int, torch.dtype] = {}
     for name, p in each(targets, "weights"):
-        done[id(p)], stored[id(p)] = quantize_tensor(p.data, q, name), p.dtype
+        done[id(p)], stored[id(p)] = quantize_tensor(p.data, q, module.checkpoint_name(name)), p.dtype
         _drop_file_pages(p.data)
         p.data = placeholder(p.data)
     _dequantize_on_call(module, done, stored)
@@ -276,7 +276,7 @@ def store_quantized(model: Any, module: Any, quantized: QuantizedWeights, sequen
     """Replace each quantized weight of the exported graph by its integers and scales feeding one DequantizeLinear
     (``graph.quantized.StoreQuantized``: joined where their MatMuls read the same activations). Returns the invariant's
     accounting (``quantized_weights_once``; ``sequence``: a fixed sequence, which bounds the graph's other tensors)."""
-    params = dict(module.named_parameters(remove_duplicate=False))
+    params = {name: p for name, (_, p) in checkpoint_parameters(module).items()}  # the graph's names (graph.names)
     arrays = {key: QuantizedArrays(w.bits, w.values.numpy(), w.scales.numpy()) for key, w in quantized.weights.items()}
     StoreQuantized({name: arrays[id(p)] for name, p in params.items() if id(p) in arrays})(model)
     return quantized_weights_once(model, module, quantized, sequence)
@@ -311,8 +311,8 @@ def quantized_weights_once(model: Any, module: Any, quantized: QuantizedWeights,
     once (plain, or inside one integer and one scale initializer), the weights' bytes are the plan's kept weights at
     their quantized size (within 1 %: int4 pairs packed across joined weights), and everything else stored is within
     the bound for ``sequence`` and copies no weight. A violation is a bug of this tool (InvariantError)."""
-    keys = parameter_keys(module)
-    params = dict(module.named_parameters(remove_duplicate=False))
+    named = checkpoint_parameters(module)  # the graph's names (graph.names)
+    keys, params = {n: stored for n, (stored, _) in named.items()}, {n: p for n, (_, p) in named.items()}
     holders = {}
     for name in model.graph.initializers:
         sources = [name] if name in params else _sources(name, params)

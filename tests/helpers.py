@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import torch
 
 NUM_BLOCKS = 3
@@ -90,9 +92,9 @@ def plant_wiring_error(path, every: bool = False) -> str:
         if len(nodes) < 2:
             continue
         weight = transposed[value]
-        role = weight.split(".", 2)[-1]  # kept.<sub-block>.<role>: the same role in another sub-block first
+        role = re.sub(r"\.\d+\.", ".*.", weight, count=1)  # encoder.block.<b>.<role>: the same role elsewhere first
         same_shape = [v for v, w in transposed.items() if w != weight and weights[w] == weights[weight]]
-        other = next((v for v in same_shape if transposed[v].split(".", 2)[-1] == role), None)
+        other = next((v for v in same_shape if re.sub(r"\.\d+\.", ".*.", transposed[v], count=1) == role), None)
         other = other or next(iter(same_shape), None)
         if other is not None:
             nodes[-1].input[1] = other

@@ -4,8 +4,8 @@ Each function takes a ``model.onnx`` path (a single file: the small models of th
 place with the ``onnx`` package, and returns a one-line description of what it changed. A fault planted in the
 PyTorch module would be in the reference too; these are planted in the graph only.
 
-How the graph shows the plan: every stored weight is an initializer named after its parameter
-(``kept.<sub-block>.<role>``), read by one MatMul per slot that executes it, through a Transpose (quantized exports:
+How the graph shows the plan: every stored weight is an initializer named after its parameter in the checkpoint
+(``encoder.block.<block>.<role>``, ``skrr_export.graph.names``), read by one MatMul per slot that executes it, through a Transpose (quantized exports:
 through a DequantizeLinear, q/k/v and T5's wi_0/wi_1 joined into one weight, ``quantize.store_quantized``). A
 re-used sub-block's weight is read by two or more MatMuls, in execution order (the graph's node order). Used by
 benchmarks/parity_separation.py.
@@ -41,16 +41,28 @@ def _parts(root: str) -> list[str]:
     return re.sub(r"::.*$|\.(quantized|scales?)\b.*$", "", root).split("+")
 
 
+_BLOCK = re.compile(r"\.(\d+)\.")  # a checkpoint name's block index: the first number in it
+# an attention sub-block's weight (its norm included) in T5 / UMT5, BERT and CLIP
+_ATTENTION = re.compile(r"\.block\.\d+\.layer\.0\.|\.attention\.|\.self_attn\.|\.layer_norm1\.")
+
+
+def _block(root: str) -> int | None:
+    """The transformer block a stored weight belongs to (None: the embeddings or the head)."""
+    found = _BLOCK.search(_parts(root)[0])
+    return int(found.group(1)) if found else None
+
+
 def _sub_block(root: str) -> int:
-    return int(_parts(root)[0].split(".")[1])
+    """The sub-block a stored weight of a block belongs to: 2b for attention, 2b + 1 for the feed-forward."""
+    return 2 * (_block(root) or 0) + (not _ATTENTION.search(_parts(root)[0]))
 
 
 def _role(root: str) -> str:
-    return "+".join(p.split(".", 2)[-1] for p in _parts(root))
+    return "+".join(_BLOCK.sub(".*.", p, count=1) for p in _parts(root))
 
 
 def _is(root: str, suffixes: tuple[str, ...]) -> bool:
-    return root.startswith("kept.") and any(p.endswith(suffixes) for p in _parts(root))
+    return _block(root) is not None and any(p.endswith(suffixes) for p in _parts(root))
 
 
 def weight_readers(model: Any) -> dict[str, list[Any]]:
@@ -151,7 +163,7 @@ def plant_scales(path: Path | str, which: str = "middle") -> str:
     model = _load(path)
     shapes = {i.name: tuple(i.dims) for i in model.graph.initializer}
     dqs = [n for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[1] in shapes
-           and n.input[0].startswith("kept.")]
+           and _block(n.input[0]) is not None]
     if not dqs:
         raise ValueError(f"no quantized weight in {path}")
     dqs.sort(key=lambda n: (_role(n.input[0]), _sub_block(n.input[0])))

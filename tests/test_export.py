@@ -73,16 +73,19 @@ def test_heavy_reuse_export_matches_pytorch_and_stores_weights_once(family, tiny
     result = parity(module, art, feed())
     assert result, str(result)
     assert [o.name for o in result.outputs] == list(module.output_names)
-    # read back from the file, independently of the exporter's own count: one initializer per parameter, under
-    # one of its names, holding exactly the module's unique parameter bytes; the rest are small constants
+    # read back from the file, independently of the exporter's own count: one initializer per parameter, named as
+    # the Hugging Face model (the checkpoint) names it and holding its values, exactly the module's unique parameter
+    # bytes in all; the rest are small constants
     model = onnx.load(str(art.path))
     sizes = dict(zip((i.name for i in model.graph.initializer), onnx_initializer_sizes(art.path)))
-    params = dict(module.named_parameters())  # one name per distinct parameter
-    aliases = {n: id(p) for n, p in module.named_parameters(remove_duplicate=False)}
-    stored = [aliases[n] for n in sizes if n in aliases]
-    assert sorted(stored) == sorted(id(p) for p in params.values())
-    assert sum(sizes[n] for n in sizes if n in aliases) == unique_parameter_bytes(module) == art.initializers.weight_bytes
-    assert sum(sizes[n] for n in sizes if n not in aliases) == art.initializers.constant_bytes <= SMALL_CONSTANT_BYTES
+    reference = dict(tiny_models[family][0].named_parameters())  # the checkpoint's names (a tied weight: its first)
+    stored = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer if i.name in reference}
+    assert len(stored) == len({id(p) for p in module.parameters()}) == len(sizes) - art.initializers.constant_count
+    for name, values in stored.items():
+        np.testing.assert_array_equal(values, reference[name].detach().numpy(), err_msg=name)
+    assert not [n for n in sizes if n.startswith(("kept.", "stem.", "head."))]  # no module path left
+    assert sum(sizes[n] for n in stored) == unique_parameter_bytes(module) == art.initializers.weight_bytes
+    assert sum(sizes[n] for n in sizes if n not in stored) == art.initializers.constant_bytes <= SMALL_CONSTANT_BYTES
     assert onnx_weight_bytes(art.path) == art.initializer_bytes
     assert model.ir_version <= 10
 
@@ -114,7 +117,7 @@ def test_a_reused_weight_is_read_through_one_transpose(tiny_models, tmp_path):
     stays one named initializer and every slot reads the same Transpose of it."""
     module, art = exported(tiny_models, "t5", tmp_path)
     model = onnx.load(str(art.path))
-    reused = "kept.0.layer.SelfAttention.q.weight"  # heavy-reuse runs attention 0 in slots 0, 2 and 4
+    reused = "encoder.block.0.layer.0.SelfAttention.q.weight"  # heavy-reuse runs attention 0 in slots 0, 2 and 4
     readers = [n for n in model.graph.node if reused in n.input]
     assert [n.op_type for n in readers] == ["Transpose"]
     matmuls = [n for n in model.graph.node if n.op_type == "MatMul" and readers[0].output[0] in n.input]
@@ -133,7 +136,8 @@ def test_parameters_with_equal_values_stay_two_weights(tiny_models, tmp_path):
                     p.fill_(0.25)
     art = export_onnx(module, tmp_path / "model.onnx", ExportOptions(), vocab_size=96)
     names = {i.name for i in onnx.load(str(art.path)).graph.initializer}
-    biases = {n for n, _ in module.named_parameters() if n.endswith("LayerNorm.bias") and n.startswith("kept.")}
+    biases = {module.checkpoint_name(n) for n, _ in module.named_parameters()
+              if n.endswith("LayerNorm.bias") and n.startswith("kept.")}
     assert len(biases) == 2 * NUM_BLOCKS and biases <= names
     assert art.initializers.weight_bytes == unique_parameter_bytes(module)
 
@@ -207,7 +211,7 @@ def test_half_export_is_executed_in_fp32_arithmetic_and_catches_a_wiring_error(f
         rewritten = onnx.load(str(runner.copy))
     assert result, str(result)
     assert not runner.copy.exists()
-    weights = {n for n, _ in module.named_parameters(remove_duplicate=False)}
+    weights = {module.checkpoint_name(n) for n, _ in module.named_parameters(remove_duplicate=False)}  # the file's names
     stored = {i.name: i.data_type for i in onnx.load(str(art.path)).graph.initializer if i.name in weights}
     assert {i.name: i.data_type for i in rewritten.graph.initializer if i.name in weights} == stored
     halves = {n for n, dtype in stored.items() if dtype != onnx.TensorProto.FLOAT}  # T5's fp16 wo stays fp32

@@ -117,3 +117,25 @@ def test_weights_once_refuses_a_parameter_stored_twice_or_missing():
 def test_the_export_runs_these_passes_in_order():
     names = [type(p).__name__ for p in graph_passes(set()).passes]
     assert names == ["KeepWeightsOptimize", "RmsNormAsDiv", "MergeEqualConstants", "StripDebugMetadata"]
+
+
+def test_checkpoint_names_renames_weights_in_place_and_order_and_refuses_one_parameter_twice():
+    """The module's paths become the checkpoint's names, readers follow, the initializers keep their order (the file
+    changes by names only); two initializers that would share a name are one parameter stored twice."""
+    from skrr_export.graph.names import CheckpointNames
+
+    inits = [numpy_helper.from_array(np.full(3, v, np.float32), n) for n, v in (("stem.w", 1), ("val_1", 2), ("kept.0.w", 3))]
+    nodes = [helper.make_node("Add", ["x", "stem.w"], ["a"]), helper.make_node("Add", ["a", "kept.0.w"], ["b"]),
+             helper.make_node("Add", ["b", "val_1"], ["y"])]
+    model = model_of(nodes, [tensor("x", [3])], [tensor("y", [3])], inits)
+    names = {"stem.w": "shared.weight", "kept.0.w": "encoder.block.0.w.weight", "unused": "x.weight"}
+    assert CheckpointNames(names)(model).modified
+    assert list(model.graph.initializers) == ["shared.weight", "val_1", "encoder.block.0.w.weight"]
+    assert [n.inputs[1].name for n in model.graph] == ["shared.weight", "encoder.block.0.w.weight", "val_1"]
+    proto = ir.to_proto(model)
+    assert [i.name for i in proto.graph.initializer] == ["shared.weight", "val_1", "encoder.block.0.w.weight"]
+    assert not CheckpointNames(names)(model).modified  # named already
+    twice = model_of(nodes, [tensor("x", [3])], [tensor("y", [3])], inits)
+    with pytest.raises(InvariantError, match="stores shared.weight twice"):
+        CheckpointNames({"stem.w": "shared.weight", "kept.0.w": "shared.weight"})(twice)
+    assert list(twice.graph.initializers) == ["stem.w", "val_1", "kept.0.w"]  # nothing renamed

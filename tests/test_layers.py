@@ -18,7 +18,7 @@ LAYERS = {
                           "recipes", "artifacts", "config"],
     "ONNX layer": ["graph", "graph.wire", "graph.read", "graph.save", "graph.weights", "graph.half_scalars",
                    "graph.arithmetic", "graph.export_passes", "graph.fusion",
-                   "graph.quantized", "graph.passes"],
+                   "graph.quantized", "graph.names", "graph.passes"],
     "torch side": ["adapters", "adapters.base", "adapters.bert", "adapters.clip", "adapters.t5", "checkpoint", "model",
                    "apply", "quantize"],
     "runtimes": ["runners", "checks", "inputs", "workload", "export", "ort_fusion", "fused_copy", "ort_profile",

@@ -78,7 +78,7 @@ def test_heavy_reuse_fuses_every_attention_slot_keeps_weights_once_and_matches_p
     # read back from the file: one initializer per distinct parameter, holding the module's unique parameter bytes
     model = onnx.load(str(art.path))
     sizes = dict(zip((i.name for i in model.graph.initializer), onnx_initializer_sizes(art.path)))
-    aliases = {n: id(p) for n, p in module.named_parameters(remove_duplicate=False)}
+    aliases = {module.checkpoint_name(n): id(p) for n, p in module.named_parameters(remove_duplicate=False)}
     assert sorted(aliases[n] for n in sizes if n in aliases) == sorted(id(p) for p in dict(module.named_parameters()).values())
     assert sum(sizes[n] for n in sizes if n in aliases) == unique_parameter_bytes(module) == art.initializers.weight_bytes
     assert sum(sizes[n] for n in sizes if n not in aliases) == art.initializers.constant_bytes <= SMALL_CONSTANT_BYTES

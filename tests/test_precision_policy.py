@@ -48,7 +48,7 @@ def test_loaded_and_exported_weights_have_hugging_faces_dtypes(family, precision
         return  # the export stores what was loaded: checked once, on the family with a keep-in-fp32 module
     module = apply_plan(enc, plan)
     path = export_onnx(module, tmp_path / "model.onnx", ExportOptions(), vocab_size=96).path
-    params = dict(module.named_parameters(remove_duplicate=False))
+    params = dict(enc.model.named_parameters(remove_duplicate=False))  # the file names weights as the checkpoint does
     stored = {i.name: i.data_type for i in onnx.load(str(path)).graph.initializer if i.name in params}
     assert stored and all(ONNX_DTYPES[params[n].dtype] == t for n, t in stored.items())
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -95,12 +96,13 @@ def exports(wide_models, tmp_path_factory):
     return get
 
 
-def stored_weights(path: Path, module) -> dict[str, np.ndarray]:
-    """Each parameter's [out, in] weight as the ONNX file stores it, computed here with numpy: integers x scales
-    for quantized ones (joined initializers cut back into their parameters), the tensor itself for the rest."""
+def stored_weights(path: Path, hf) -> dict[str, np.ndarray]:
+    """Each parameter's [out, in] weight as the ONNX file stores it, by its name in the Hugging Face model ``hf``,
+    computed here with numpy: integers x scales for quantized ones (joined initializers cut back into their
+    parameters), the tensor itself for the rest."""
     model = onnx.load(str(path))
     arrays = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
-    params = dict(module.named_parameters(remove_duplicate=False))
+    params = dict(hf.named_parameters())
     out = {n: a.astype(np.float32) for n, a in arrays.items() if n in params}
     for name, values in arrays.items():
         if not name.endswith(QUANTIZED_SUFFIX):
@@ -125,18 +127,22 @@ def test_heavy_reuse_quantized_weights_are_stored_once_at_the_plans_quantized_si
     enc, module, quantized, art = exports(family, scheme)
     model = onnx.load(str(art.path))
     sizes = dict(zip((i.name for i in model.graph.initializer), onnx_initializer_sizes(art.path)))
-    aliases = dict(module.named_parameters(remove_duplicate=False))  # every name a parameter goes by
+    aliases = dict(module.named_parameters(remove_duplicate=False))  # every name a parameter goes by in the module
     params = {id(p): p for p in aliases.values()}
+    # the file names what it stores as the checkpoint does: the Hugging Face model's own names (the reference) are
+    # the only ones read here, mapped to the module's parameters by identity (the module holds the loaded ones)
+    checkpoint = {n: p for n, p in enc.model.named_parameters() if n in dict(wide_models[family][0].named_parameters())}
     holders: dict[int, list[str]] = {}
     for name in sizes:
         for suffix in (QUANTIZED_SUFFIX, SCALE_SUFFIX, ""):
             if suffix and not name.endswith(suffix):
                 continue
             sources = (name.removesuffix(suffix) if suffix else name).split("+")
-            if all(s in aliases for s in sources):
+            if all(s in checkpoint for s in sources):
                 for s in sources:
-                    holders.setdefault(id(aliases[s]), []).append(name)
+                    holders.setdefault(id(checkpoint[s]), []).append(name)
                 break
+    assert not [n for n in sizes if n.startswith(("kept.", "stem.", "head."))]  # no module path left
     linear = {id(p) for n, p in aliases.items() if p.ndim == 2 and n.startswith("kept.") and "relative" not in n
               and "embed" not in n}
     assert set(holders) == set(params)  # every kept parameter is stored ...
@@ -162,7 +168,7 @@ def test_heavy_reuse_quantized_weights_are_stored_once_at_the_plans_quantized_si
     meta = build_meta(load_config(ModelSource(folder)))
     assert abs(plan_accounting(meta, make_plan(plan_family(family), "heavy-reuse"), q)["total_bytes"] - expected) <= 0.01 * expected
     # a re-used weight: one DequantizeLinear whose output every slot running it reads
-    reused = next(n for n in ints if n.startswith("kept.0."))
+    reused = next(n for n in ints if re.search(r"\.(\d+)\.", n)[1] == "0")  # block 0: sub-block 0's q+k+v
     dq = [n for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0] == reused]
     assert len(dq) == 1
     assert len([n for n in model.graph.node if dq[0].output[0] in n.input]) == 3  # slots 0, 2 and 4
@@ -178,24 +184,22 @@ def test_onnx_runtime_computes_with_the_stored_integers(family, scheme, wide_mod
     q = SCHEMES[scheme]
     hf, _ = wide_models[family]
     enc, module, quantized, art = exports(family, scheme)
-    weights = stored_weights(art.path, module)
-    hf_name = {id(p): n for n, p in enc.model.named_parameters()}
+    weights = stored_weights(art.path, hf)  # by the Hugging Face model's names: the file's (graph.names)
     reference = copy.deepcopy(hf)
     original = dict(hf.named_parameters())
-    aliases = dict(module.named_parameters(remove_duplicate=False))
+    loaded = dict(enc.model.named_parameters())  # the module's parameters, by the same names
     targets = dict(reference.named_parameters())
     changed = 0
     with torch.no_grad():
         for name, stored in weights.items():
-            p = aliases[name]
-            if id(p) not in quantized.weights:  # stored as it was: the reference keeps its own value
+            if id(loaded[name]) not in quantized.weights:  # stored as it was: the reference keeps its own value
                 continue
-            w, stored = original[hf_name[id(p)]], torch.from_numpy(stored)
+            w, stored = original[name], torch.from_numpy(stored)
             step = w.abs().amax(dim=1, keepdim=True) / q.qmax if q.bits == 8 else \
                 (w.reshape(w.shape[0], -1, 32).abs().amax(-1, keepdim=True) / q.qmax).expand(-1, -1, 32).reshape(w.shape)
             assert ((stored - w).abs() <= step / 2 + 1e-6).all(), name  # round to nearest on the right grid
             assert not torch.equal(stored, w)
-            targets[hf_name[id(p)]].copy_(stored)
+            targets[name].copy_(stored)
             changed += 1
     assert changed == len(quantized.weights)
     skip, reuse = PLANS["heavy-reuse"]
@@ -287,11 +291,23 @@ def test_inspect_reports_t5_xxl_pixart_plan_under_1_7_gb_at_block_64(capsys):
     assert "block 64" in capsys.readouterr().out
 
 
-def test_main_job_on_minilm_reports_what_was_quantized(tmp_path, capsys):
+def test_main_job_on_minilm_reports_what_was_quantized(tmp_path, capsys, minilm_path):
     """In this process, as the other CLI tests run it (a subprocess spent two thirds of its time importing torch)."""
+    from safetensors import safe_open
+
     out = tmp_path / "out"
     assert main(["--plan", str(ROOT / "recipes/minilm/plan.json"), "--out", str(out), "--quantize", "int4",
                  "--quant-block", "128", "-q"]) == 0
+    # model.onnx names what it stores as the checkpoint file does (its keys, the reference): a weight by its name,
+    # integers and scales by the names of the weights they hold joined by '+'; besides, the exporter's constants
+    # (val_17: no dot) and the split widths of a joined weight after it
+    with safe_open(str(minilm_path / "model.safetensors"), "pt") as checkpoint:
+        keys = set(checkpoint.keys())
+    names = [i.name for i in onnx.load(str(out / "model.onnx"), load_external_data=False).graph.initializer]
+    held = [n.removesuffix(QUANTIZED_SUFFIX).removesuffix(SCALE_SUFFIX).split("+") for n in names
+            if "." in n and not n.endswith(".widths")]
+    assert len(names) == len(set(names)) and all(set(parts) <= keys for parts in held), sorted(names)
+    assert sum(len(parts) for parts in held) > 26 * 2 and any(len(parts) == 3 for parts in held)  # joined q+k+v
     report = json.loads((out / "report.json").read_text())
     q = report["quantization"]
     assert (q["scheme"], q["block"]) == ("int4", 128)

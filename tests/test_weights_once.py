@@ -1,10 +1,11 @@
 """The weights-once invariant without a loophole: each kind of copy of a weight, planted into a real export, is
 refused by the export (InvariantError, exit 3, no file written) and by ``inspect --onnx`` (a failed check named
-"weights once", exit 1, naming the tensor)."""
+"weights once", exit 1, naming the tensor by its checkpoint name)."""
 
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import onnx_ir as ir
@@ -20,9 +21,11 @@ from skrr_export.model import ModelSource, load_encoder
 
 from .test_apply import make_plan
 
-Q, WI, WO, EMBED = ("kept.0.layer.SelfAttention.q.weight", "kept.5.layer.DenseReluDense.wi_0.weight",
-                    "kept.5.layer.DenseReluDense.wo.weight", "stem.embed.weight")
-ALIAS, TABLE = "stem.relative_attention_bias.weight", "kept.0.layer.SelfAttention.relative_attention_bias.weight"
+# the file names weights as the checkpoint does (heavy-reuse keeps sub-blocks 0 and 5: block 0's attention, block 2's FFN)
+Q, WI, WO, EMBED = ("encoder.block.0.layer.0.SelfAttention.q.weight", "encoder.block.2.layer.1.DenseReluDense.wi_0.weight",
+                    "encoder.block.2.layer.1.DenseReluDense.wo.weight", "shared.weight")
+ALIAS = "encoder.embed_tokens.weight"  # the checkpoint's other name for shared.weight (tied)
+WI_IN_MODULE = "kept.5.layer.DenseReluDense.wi_0.weight"  # WI as the applied module (and the exporter) names it
 
 
 def _array(model: ir.Model, name: str) -> np.ndarray:
@@ -59,7 +62,7 @@ PLANTS = {
                                            "planted_in_function", f"{WI} (as stored"),
     "constants over the bound": (lambda m: _add(m, "val_9021", np.random.default_rng(0).standard_normal(17 * 1024)
                                                 .astype(np.float32)), "val_9021", "over the bound of 65,536 bytes"),
-    "weight stored twice": (lambda m: _add(m, ALIAS, _array(m, TABLE)), ALIAS, "stored twice"),
+    "weight stored twice": (lambda m: _add(m, ALIAS, _array(m, EMBED)), ALIAS, f"{EMBED}, stored twice"),
 }
 
 
@@ -107,9 +110,11 @@ def test_a_planted_copy_fails_the_exports_check_with_exit_3(kind, t5):
 
 
 def test_a_copy_left_by_a_pass_fails_the_export_and_writes_nothing(t5, tmp_path, monkeypatch):
-    """The export runs that check after its passes: a pass that leaves a copy (planted after them) stops it."""
+    """The export runs that check after its passes: a pass that leaves a copy (planted after them, where weights
+    still go by the module's names) stops it, and the error names the weight as the checkpoint does."""
     module = t5[0]
-    plant, name, copies = PLANTS["transposed copy named val_*"]
+    _, name, copies = PLANTS["transposed copy named val_*"]
+    plant = lambda m: _add(m, name, _array(m, WI_IN_MODULE).T)  # noqa: E731
     passes = export_module.graph_passes
     monkeypatch.setattr(export_module, "graph_passes", lambda names: _Planted(passes(names), plant))
     with pytest.raises(InvariantError) as raised:
@@ -132,13 +137,14 @@ class _Planted:
 
 @pytest.mark.parametrize("kind", PLANTS)
 def test_a_planted_copy_fails_inspect_with_exit_1_naming_the_tensor(kind, t5, tmp_path, capsys):
-    plant, name, _ = PLANTS[kind]
+    plant, name, copies = PLANTS[kind]
     model = ir.load(str(t5[3]))
     plant(model)
     ir.save(model, str(tmp_path / "model.onnx"))
     code, out, err = inspect(t5, tmp_path / "model.onnx", capsys)
     assert code == 1, (out, err)
     assert err.count("\n") == 1 and 'check "weights once" failed' in err and name in err, err
+    assert copies in err and not re.search(r"\b(kept|stem|head)\.", err), err  # what it copies, by checkpoint name
     assert "weights once: FAILED" in out
 
 
@@ -192,7 +198,7 @@ def test_copies_of_a_bf16_weight_in_wider_or_other_half_dtypes_are_found():
     import ml_dtypes
 
     rng = np.random.default_rng(0)
-    names = [f"kept.{i}.w.weight" for i in range(3)]
+    names = [f"encoder.layer.{i}.w.weight" for i in range(3)]
     values = [rng.standard_normal((64, 96), np.float32).astype(ml_dtypes.bfloat16) for _ in names]
     inits = [ir.Value(name=n, const_value=ir.tensor(v, name=n)) for n, v in zip(names, values)]
     planted = {"val_1": values[1].T[7, 10:60].astype(np.float32),  # 200 bytes: under 1 KiB, ignored

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import onnx_ir as ir
 
-from . import arithmetic, export_passes, fusion, quantized
+from . import arithmetic, export_passes, fusion, names, quantized
 
 
 @dataclass(frozen=True)
@@ -26,6 +26,8 @@ PASSES: dict[str, Registered] = {
                                         "equal values become one"),
     "strip-debug-metadata": Registered(export_passes.StripDebugMetadata, "drop the exporter's per-node stack traces "
                                        "and FX dumps (files identical across checkouts)"),
+    "checkpoint-names": Registered(names.CheckpointNames, "every weight named as the checkpoint names it, not by the "
+                                   "applied module's path (kept.6.…), in place and in order"),
     "store-quantized": Registered(quantized.StoreQuantized, "each quantized weight stored as int8/int4 integers and "
                                   "scales feeding one DequantizeLinear, q/k/v and gate/up joined"),
     "dequantize-per-reader": Registered(arithmetic.DequantizePerReader, "each stored DequantizeLinear becomes one per "

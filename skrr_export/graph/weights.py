@@ -35,8 +35,9 @@ FLOATS = {ir.DataType.FLOAT: np.dtype(np.float32), ir.DataType.FLOAT16: np.dtype
           ir.DataType.BFLOAT16: np.dtype(ml_dtypes.bfloat16)}
 WEIGHT_DTYPES = {*FLOATS, ir.DataType.INT8, ir.DataType.INT4}  # a parameter, or its quantized integers
 FLOAT_NAMES = {ir.DataType.FLOAT: "fp32", ir.DataType.FLOAT16: "fp16", ir.DataType.BFLOAT16: "bf16"}
-# A parameter's name (``kept.3.layer.0.SelfAttention.q.weight``), or several joined by '+' (a quantized group's
-# integers or scales): how a file read without the module tells weights from the exporter's constants (``val_17``).
+# A parameter's checkpoint name (``encoder.block.3.layer.0.SelfAttention.q.weight``, ``graph.names``), or several
+# joined by '+' (a quantized group's integers or scales): how a file read without the module tells weights from the
+# exporter's constants (``val_17``).
 _PARAMETER_NAME = re.compile(r"[A-Za-z_]\w*(\.\w+)+(\+[A-Za-z_]\w*(\.\w+)+)*")
 
 
@@ -47,7 +48,7 @@ def bound(sequence: int | None) -> int:
 
 @dataclass(frozen=True)
 class Initializers:
-    """What the exported graph stores: one initializer per parameter (named as in the module), and constants
+    """What the exported graph stores: one initializer per parameter (named as in the checkpoint), and constants
     (every other stored tensor: initializers and tensors inside nodes)."""
 
     weight_count: int
