@@ -99,27 +99,33 @@ def status(pid: int) -> dict[str, int]:
     except OSError:
         return {}
     return {k: int(v.split()[0]) * 1024 for k, v in (l.split(":", 1) for l in text.splitlines())
-            if k in ("VmRSS", "VmHWM", "RssFile")}
+            if k in ("VmRSS", "VmHWM", "RssFile", "RssAnon")}
 
 
-def sampled(cmd: list[str]) -> tuple[int, dict[str, int], list[str], float, dict[str, int]]:
-    """Run ``cmd``; (exit code, peak RSS per stage in order, the stderr lines, seconds, peak RssFile per stage).
+def sampled(cmd: list[str]) -> tuple[int, dict[str, int], list[str], float, dict[str, dict[str, int]]]:
+    """Run ``cmd``; (exit code, peak RSS per stage in order, the stderr lines, seconds, per stage: the peak of the
+    file-backed and of the anonymous part (sampled; they need not peak together) and the RSS at its start).
     Stages: the "@@stage" marks and the job's "[skrr-export] NAME ..." log lines, whichever comes last; at each
     change the child's VmHWM, where it rose during the stage that ends, is that stage's peak."""
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
     peaks: dict[str, int] = {"imports": 0}
     files: dict[str, int] = {"imports": 0}
+    anon: dict[str, int] = {"imports": 0}
+    starts: dict[str, int] = {"imports": 0}
     stage, hwm0, lines, lock = ["imports"], [0], [], threading.Lock()
 
     def enter(name: str) -> None:
-        hwm = status(proc.pid).get("VmHWM", 0)
+        s = status(proc.pid)
+        hwm = s.get("VmHWM", 0)
         with lock:
             if hwm > hwm0[0]:
                 peaks[stage[0]] = max(peaks[stage[0]], hwm)
             stage[0], hwm0[0] = name, hwm
             peaks.setdefault(name, 0)
             files.setdefault(name, 0)
+            anon.setdefault(name, 0)
+            starts.setdefault(name, s.get("VmRSS", 0))
 
     def read() -> None:
         for line in proc.stderr:
@@ -136,9 +142,11 @@ def sampled(cmd: list[str]) -> tuple[int, dict[str, int], list[str], float, dict
         with lock:
             peaks[stage[0]] = max(peaks[stage[0]], s.get("VmRSS", 0))
             files[stage[0]] = max(files[stage[0]], s.get("RssFile", 0))
+            anon[stage[0]] = max(anon[stage[0]], s.get("RssAnon", 0))
         time.sleep(0.05)
     reader.join()
-    return proc.returncode, peaks, lines, time.perf_counter() - start, files
+    return proc.returncode, peaks, lines, time.perf_counter() - start, {"file_backed": files, "anonymous": anon,
+                                                                         "at_start": starts}
 
 
 def baseline() -> int:
@@ -209,7 +217,7 @@ def form(case: str, external: bool, quantize: str | None, keep: Path | None, no_
         argv += ["--quantize", quantize] if quantize else []
         base = baseline()
         save = "streaming-no-reference" if no_reference else "streaming"
-        code, peaks, lines, seconds, files = sampled([sys.executable, __file__, "child", save, "--", *argv])
+        code, peaks, lines, seconds, parts = sampled([sys.executable, __file__, "child", save, "--", *argv])
         report = json.loads((out / "report.json").read_text()) if code == 0 and not no_reference else {}
         sizes = {p.name: p.stat().st_size for p in sorted(out.glob("model.onnx*"))} if report else {}
     weights = report.get("onnx", {}).get("weights", {}).get("bytes")
@@ -222,7 +230,7 @@ def form(case: str, external: bool, quantize: str | None, keep: Path | None, no_
          "commit": _git("rev-parse", "HEAD"), "tree_changes": _git("status", "--short").splitlines(),
          "load_average": os.getloadavg()[0], "import_baseline_gib": round(base / GIB, 3), "weight_bytes": weights,
          "files": sizes, "peaks_gib": {k: round(v / GIB, 3) for k, v in peaks.items()},
-         "file_backed_gib": {k: round(v / GIB, 3) for k, v in files.items()},
+         **{f"{name}_gib": {k: round(v / GIB, 3) for k, v in values.items()} for name, values in parts.items()},
          "peak_gib": round(max(peaks.values()) / GIB, 3), "stderr_tail": [l for l in lines if "@@" not in l][-5:]}
     if weights:
         target = base + 1.1 * weights + 0.6 * GIB
