@@ -146,12 +146,7 @@ class _Widening:
 
     def widened(self, nodes: list[ir.Node], weight: ir.Value, activation: ir.Value | None, tag: str) -> ir.Value:
         """``Cast(Reshape(weight, its shape + 0 * Size(activation)))``: the widening waits for the activation."""
-        source = weight
-        if activation is not None:
-            size = _append(nodes, "Size", [activation], f"{tag}::size")
-            zero = _append(nodes, "Mul", [size, self.zero], f"{tag}::zero")
-            shape = _append(nodes, "Add", [self.shapes[weight], zero], f"{tag}::shape")
-            source = _append(nodes, "Reshape", [weight, shape], f"{tag}::waited")
+        source = _waiting(nodes, weight, self.shapes[weight], self.zero, activation, tag)
         return _append(nodes, "Cast", [source], f"{tag}::fp32", to=FLOAT)
 
 
@@ -160,12 +155,8 @@ def _one_dequantize(dq: ir.Node, shapes: dict[ir.Value, ir.Value], zero: ir.Valu
     """One reader's DequantizeLinear of ``dq``'s stored weight, waiting for ``activation``, in fp32 (rounded as the
     graph rounds it, then widened). The last node's output is what the reader reads."""
     nodes: list[ir.Node] = []
-    stored_scale = scale = dq.inputs[1]
-    if activation is not None:
-        size = _append(nodes, "Size", [activation], f"{tag}::size")
-        waited = _append(nodes, "Mul", [size, zero], f"{tag}::zero")
-        shape = _append(nodes, "Add", [shapes[stored_scale], waited], f"{tag}::shape")
-        scale = _append(nodes, "Reshape", [stored_scale, shape], f"{tag}::waited")
+    stored_scale = dq.inputs[1]
+    scale = _waiting(nodes, stored_scale, shapes[stored_scale], zero, activation, tag)
     if stored_scale.dtype != FLOAT:
         scale = _append(nodes, "Cast", [scale], f"{tag}::fp32", to=FLOAT)
     attributes = [ir.Attr(a.name, a.type, a.value) for a in dq.attributes.values()]
@@ -178,6 +169,18 @@ def _one_dequantize(dq: ir.Node, shapes: dict[ir.Value, ir.Value], zero: ir.Valu
     if rounded:
         _append(nodes, "Cast", [value], f"{tag}::widened", to=FLOAT)
     return nodes
+
+
+def _waiting(nodes: list[ir.Node], value: ir.Value, shape: ir.Value, zero: ir.Value, activation: ir.Value | None,
+             tag: str) -> ir.Value:
+    """``Reshape(value, shape + zero * Size(activation))`` (``shape``: its own; ``zero``: a stored 0): ``value`` as it
+    is, once ``activation`` exists, so ONNX Runtime cannot schedule what reads it at the start of the run."""
+    if activation is None:
+        return value
+    size = _append(nodes, "Size", [activation], f"{tag}::size")
+    waited = _append(nodes, "Mul", [size, zero], f"{tag}::zero")
+    total = _append(nodes, "Add", [shape, waited], f"{tag}::shape")
+    return _append(nodes, "Reshape", [value, total], f"{tag}::waited")
 
 
 def _rounded(graph: ir.Graph, value: ir.Value, dtype: int) -> list[ir.Node]:
