@@ -737,6 +737,7 @@ def _measure_parser() -> Parser:
     p.add_argument("--batch", default=batches, help=f"batch sizes (default {batches})")
     p.add_argument("--seq", help=f"sequence lengths (default: the fixed sequence, else {sequences}; CLIP: 77)")
     _form_arguments(p, MeasureConfig, MEASURE_FROM_RECIPE)
+    _quantize_arguments(p)
     p.add_argument("--warmup", type=at_least(0), default=default(MeasureConfig, "warmup"),
                    help=f"untimed runs per shape (default {default(MeasureConfig, 'warmup')})")
     p.add_argument("--iterations", type=at_least(1), default=default(MeasureConfig, "iterations"),
@@ -765,7 +766,7 @@ def cmd_measure(argv: list[str]) -> int:
     from .measure import measure
 
     cfg = MeasureConfig(**settings | {"backends": tuple(b for b in args.backends.split(",") if b), "batches": batches,
-                                      "sequences": sequences})
+                                      "sequences": sequences, "quantization": _quantization(args)})
     results = measure(cfg)
     for s in results["summary"]:
         print(f"{s['backend']:>8} {s['batch']}x{s['seq']}: dense {s['dense_ms']:.2f} ms, plan {s['plan_ms']:.2f} ms "

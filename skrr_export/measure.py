@@ -23,7 +23,7 @@ import shutil
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -389,6 +389,7 @@ def _results_head(meta: Any, source: Any, plan: Any, cfg: MeasureConfig, backend
         "plan": {"sha256": plan.digest(), "sparsity": plan_cost(meta, plan).sparsity, "skipped": len(plan.skip),
                  "reused": len(plan.reuse)},
         "precision": cfg.precision,
+        "quantization": asdict(cfg.quantization) if cfg.quantization else None,  # the plan's (the dense model: none)
         "inputs": {"source": form.source, "dtypes": dict(form.dtypes), "batch": list(form.batch),
                    "sequence": list(form.sequence)},
         "backends": list(backends),
@@ -406,12 +407,15 @@ def _measure_variant(job: _Job, variant: str, plan: Any, folder: Path) -> None:
                    quantization=job.cfg.quantization if variant == "plan" else None)  # dense: the baseline
     applied = load_applied(job.source, plan, form, lambda name: job.stage(variant, name))
     module, enc = applied.module, applied.enc
-    unique = unique_parameter_bytes(module)
+    unique = unique_parameter_bytes(module)  # what PyTorch holds (a quantized plan's dequantized values)
+    stored = applied.quantization["total_bytes"] if applied.quantization else unique  # what the ONNX stores
     folder.mkdir(parents=True)
     given = job.artifacts if variant == "plan" else None
     main_jobs_dense = job.artifacts is not None and given is None  # measured in PyTorch only
     exported = [] if main_jobs_dense else [b for b in job.backends if b.runs != MODULE]
-    onnx_path = given.onnx if given else (_export(job, variant, applied, form, unique, folder) if exported else None)
+    onnx_path = given.onnx if given else (_export(job, variant, applied, form, stored, folder) if exported else None)
+    if applied.quantized is not None:
+        dequantize_in_place(module, applied.quantized)
     reference = None
     modes = [b for b in job.backends if b.runs == MODULE and (variant == "dense" or not b.dense_only)]
     parity = (job.batches, job.tolerances) if variant in job.cfg.parity else None
@@ -426,8 +430,19 @@ def _measure_variant(job: _Job, variant: str, plan: Any, folder: Path) -> None:
     job.probe.settle()
     if exported:
         assert onnx_path is not None
-        _measure_exported(job, variant, exported, onnx_path, reference, given, folder, unique)
+        _measure_exported(job, variant, exported, onnx_path, reference, given, folder, stored)
     shutil.rmtree(folder, ignore_errors=True)
+
+
+def dequantize_in_place(module: Any, quantized: Any) -> None:
+    """PyTorch has no int8 / int4 kernels here: its backends run a quantized plan's dequantized values (the numbers
+    the ONNX computes with), stored as ordinary weights so that they move to the device with the module. Each weight
+    taken out of ``quantized.weights`` is no longer dequantized on call (quantize._dequantize_on_call)."""
+    from .quantize import dequantize
+
+    for _, p in module.named_parameters():
+        if id(p) in quantized.weights:
+            p.data = dequantize(quantized.weights.pop(id(p)), p.dtype)
 
 
 def _measure_exported(job: _Job, variant: str, backends: list[Backend], onnx_path: Path, reference: Any, given: Any,

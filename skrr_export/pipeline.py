@@ -10,13 +10,13 @@ import logging
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
 from .environment import cuda_available, versions
 from .checks import ParityCheck, parity_checks
-from .config import ENGINES, EngineOptions, ExportConfig, ShapeRange
+from .config import ENGINES, EngineOptions, ExportConfig, ExportForm, MeasureConfig, ShapeRange
 from .compare import Tolerance, distance, runner_parity, tolerance_for
 from .errors import AccuracyError, UserError
 from .inputs import find_tokenizer, tokenizer_used
@@ -309,7 +309,7 @@ def _measure(cfg: ExportConfig, source: Any, plan: Plan, stage: Path, onnx_path:
     import shutil
 
     from .backends import backend_blockers
-    from .measure import MeasureConfig, MeasuredArtifacts, run_measurements
+    from .measure import MeasuredArtifacts, run_measurements
     from .measure_report import plot_memory
     from .model import build_meta, load_config
     from .workload import check_shapes, default_sequence
@@ -318,8 +318,8 @@ def _measure(cfg: ExportConfig, source: Any, plan: Plan, stage: Path, onnx_path:
     backends = tuple(b for b in ("torch", "ort-cuda", cfg.engine) if b in blockers and blockers[b] is None)
     meta = build_meta(load_config(source))
     seq = cfg.fixed_sequence or default_sequence(meta.config, 128)
-    settings = MeasureConfig(plan=cfg.plan, out=cfg.out, precision=cfg.precision, batches=(1,), sequences=(seq,),
-                             warmup=3, iterations=10)
+    form = {f.name: getattr(cfg, f.name) for f in fields(ExportForm)}  # the job's: a quantized plan runs quantized
+    settings = MeasureConfig(plan=cfg.plan, out=cfg.out, batches=(1,), sequences=(seq,), warmup=3, iterations=10, **form)
     work = stage / "measure-work"
     artifacts = MeasuredArtifacts(onnx_path, {cfg.engine: engine} if engine else {})
     results = run_measurements(meta, source, plan, backends, check_shapes(meta.config, (1,), (seq,)), settings, work,

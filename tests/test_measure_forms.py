@@ -319,3 +319,37 @@ def test_an_export_read_back_is_compared_with_its_options(int32_fixed_export):
                                                                     "attention_mask: int64 vs int32"]
     assert planned_form(both, "int32", None).differences(read) == [f"sequence: (1, None) vs ({FIXED}, {FIXED})"]
     assert planned_form(("input_ids",), "int32", FIXED).differences(read) == ["inputs: input_ids vs input_ids, attention_mask"]
+
+
+def test_measure_command_measures_a_quantized_plan_through_the_stage_chain(tiny_models, tmp_path, monkeypatch, rehearsal):
+    """``skrr-export measure --quantize int8``: the plan is quantized by the stage chain and its export stores the integers
+    (DequantizeLinear, read from the file ONNX Runtime is given), which ONNX Runtime's CPU provider runs and which
+    matches PyTorch computing with the same dequantized weights; the dense model stays the unquantized baseline. The
+    ONNX backend's weight bytes are the quantized ones, PyTorch's the dequantized values it runs. (int4 takes the same
+    chain; the tiny T5's widths fit no int4 block, and test_quantize runs int4's DequantizeLinear on ONNX Runtime.)"""
+    import onnx
+
+    import skrr_export.measure as measure
+
+    _, folder = tiny_models["t5"]
+    dequantize_ops = []
+    real = measure.measure_ort
+
+    def spy(path, *args, **kwargs):  # type: ignore[no-untyped-def]
+        graph = onnx.load(str(path), load_external_data=False).graph
+        dequantize_ops.append(sum(n.op_type == "DequantizeLinear" for n in graph.node))
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(measure, "measure_ort", spy)
+    plan, out = write_plan(tmp_path, PLAN.to_json()), tmp_path / "m"
+    assert main(["measure", "--plan", str(plan), "--model", str(folder), "--out", str(out), "--precision", "fp32",
+                 "--backends", "torch,ort-cuda", "--batch", "1", "--seq", "8", "--quantize", "int8", *QUICK]) == 0
+    results = json.loads((out / "results.json").read_text())
+
+    assert results["quantization"] == {"scheme": "int8", "block": None}
+    assert not results["errors"]
+    assert dequantize_ops[0] == 0 and dequantize_ops[1] > 0  # dense, then the plan
+    assert [(p["variant"], p["passed"]) for p in results["parity"]] == [("plan", True)] * 2
+    weights = {(r["variant"], r["backend"]): r["unique_weight_bytes"] for r in results["runs"]}
+    assert weights[("plan", "ort-cuda")] < weights[("plan", "torch")]
+    assert weights[("dense", "ort-cuda")] == weights[("dense", "torch")]

@@ -143,6 +143,41 @@ def test_a_malformed_pipeline_block_is_refused_with_what_to_fix(tmp_path, change
         load_recipe(str(folder))
 
 
+@pytest.mark.parametrize("export, message", [
+    ({"precision": "fp8"}, "export precision must be one of fp32, fp16, bf16"),
+    ({"input_dtype": "int16"}, "export input_dtype must be one of int64, int32"),
+    ({"fixed_sequence": "300"}, "export fixed_sequence must be a positive integer or null"),
+    ({"fixed_seq": 300}, "export unknown setting fixed_seq"),
+    ({"batch": "1,8,4"}, "export batch profile min=1 opt=8 max=4 must satisfy"),
+    ({"fixed_sequence": 300, "sequence": "1,300,512"}, r"--sequence 1,300,512: .*fixed_sequence 300\) is fixed at sequence 300"),
+])
+def test_a_recipes_export_settings_are_checked_when_it_is_read(tmp_path, export, message):
+    """A recipe's export block is checked once, when it is read, against what the flags accept (recipes._export_of):
+    one line naming the setting; a sequence profile that contradicts its fixed sequence is refused, not replaced."""
+    folder = tmp_path / "r"
+    folder.mkdir()
+    (folder / "recipe.json").write_text(json.dumps({"name": "r", "sparsity": 0.4, "export": export}))
+    with pytest.raises(UserError, match=message):
+        load_recipe(str(folder))
+
+
+def test_flags_are_merged_over_a_recipes_settings_once():
+    """recipes.merge_settings: a flag given wins, the recipe fills what is left out (only the settings the command
+    takes from a recipe; the mask from its pipeline's call), and a sequence fixed by a flag drops the recipe's
+    sequence profile."""
+    from skrr_export.recipes import merge_settings
+
+    sd3, minilm = load_recipe("sd3-40.5"), load_recipe("minilm")
+    names = ("precision", "fixed_sequence", "attention_mask", "sequence")
+    assert merge_settings({"precision": "fp16"}, sd3, names) == {"precision": "fp16", "fixed_sequence": 256,
+                                                                 "attention_mask": False}
+    assert merge_settings({}, sd3, ("fixed_sequence",)) == {"fixed_sequence": 256}
+    assert merge_settings({}, minilm, names) == {"precision": "fp32", "attention_mask": True, "sequence": "1,128,512"}
+    assert merge_settings({"fixed_sequence": 64}, minilm, names) == {"precision": "fp32", "attention_mask": True,
+                                                                     "fixed_sequence": 64}
+    assert merge_settings({"precision": "bf16"}, None, names) == {"precision": "bf16"}
+
+
 def _unmasked_recipe(tmp_path, tiny_models):
     """A recipe for the tiny T5 that declares SD3's call at 16 tokens, and a copy of the model with a tokenizer."""
     import shutil
