@@ -258,7 +258,14 @@ from skrr_export.runners import OrtRunner  # noqa: F401  (what the job imports b
 
 def mem():
     s = dict(l.split(":", 1) for l in open("/proc/self/status").read().splitlines())
-    return {k: round(int(s[k].split()[0]) / 2**20, 3) for k in ("VmRSS", "VmHWM", "RssAnon", "RssFile")}
+    out = {k: round(int(s[k].split()[0]) / 2**20, 3) for k in ("VmRSS", "VmHWM", "RssAnon", "RssFile")}
+    mapped, current = 0, False  # resident pages of mappings of the export's files (/proc/self/smaps)
+    for line in open("/proc/self/smaps"):
+        if not line[0].isupper():  # a mapping's header line: address range, ..., path
+            current = line.rstrip().endswith(str(onnx.resolve()))
+        elif current and line.startswith("Rss:"):
+            mapped += int(line.split()[1])
+    return out | {"mapped_from_export": round(mapped / 2**20, 3)}
 
 def reset_peak():
     open("/proc/self/clear_refs", "w").write("5")  # VmHWM := VmRSS
@@ -298,7 +305,8 @@ def parity(onnx: Path, precision: str, sequence: int) -> None:
     sizes = {p.name: p.stat().st_size for p in sorted(onnx.parent.glob(onnx.name + "*"))}
     r = {"onnx": sizes, "precision": precision, "sequence": sequence, "commit": _git("rev-parse", "HEAD"),
          "tree_changes": _git("status", "--short").splitlines(), "load_average": os.getloadavg()[0],
-         "units": "GiB; VmHWM: the peak since the previous row", "phases": rows}
+         "units": "GiB; VmHWM: the peak since the previous row; mapped_from_export: resident pages of mappings of "
+                  "the export's files (/proc/self/smaps)", "phases": rows}
     print(json.dumps(r, indent=2))
     results = json.loads(FORMS.read_text()) if FORMS.is_file() else {"runs": []}
     key = "+".join(sorted(sizes))
