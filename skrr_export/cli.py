@@ -155,8 +155,10 @@ def _form_arguments(p: Parser, cls: type, from_recipe: tuple[str, ...]) -> None:
         value = "dynamic" if default(cls, name) is None else default(cls, name)
         return f"default: the recipe's, else {value}" if name in from_recipe else f"default {value}"
 
-    g.add_argument("--precision", choices=PRECISIONS, help=f"the weights' dtype: {', '.join(PRECISIONS)} ({fallback('precision')})")
-    g.add_argument("--input-dtype", choices=INPUT_DTYPES, help=f"dtype of input_ids and attention_mask ({fallback('input_dtype')})")
+    g.add_argument("--precision", choices=PRECISIONS,
+                   help=f"the weights' dtype: {', '.join(PRECISIONS)} ({fallback('precision')})")
+    g.add_argument("--input-dtype", choices=INPUT_DTYPES,
+                   help=f"dtype of input_ids and attention_mask ({fallback('input_dtype')})")
     g.add_argument("--fixed-sequence", type=at_least(1), metavar="N",
                    help=f"export a fixed sequence length N; the batch stays dynamic ({fallback('fixed_sequence')})")
 
@@ -246,8 +248,9 @@ def _export_parser() -> Parser:
     p.add_argument("--out", type=Path, default=Path("out"), help="output folder (default: ./out)")
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
     _form_arguments(p, ExportConfig, EXPORT_FROM_RECIPE)
-    p.add_argument("--no-attention-mask", dest="attention_mask", action="store_false", default=None, help="export input_ids only, as SD3/FLUX call T5 (a recipe's "
-                   "pipeline block sets it); parity and the distance to dense then score every padded position")
+    p.add_argument("--no-attention-mask", dest="attention_mask", action="store_false", default=None,
+                   help="export input_ids only, as SD3/FLUX call T5 (a recipe's pipeline block sets it); parity and the "
+                   "distance to dense then score every padded position")
     p.add_argument("--external-data", action="store_true", default=None, help="store weights in model.onnx.data (automatic above 2 GiB)")
     p.add_argument("--atol", type=within(0, math.inf), help="parity: element-wise absolute tolerance (default: not checked; absolute errors depend on the model)")
     p.add_argument("--rtol", type=within(0, math.inf), help="parity: relative tolerance (default per precision)")
@@ -255,10 +258,12 @@ def _export_parser() -> Parser:
     p.add_argument("--max-token-error", type=within(0, math.inf),
                    help="parity: maximum per-token ||test - ref|| / ||ref|| (default per precision)")
     _quantize_arguments(p)
-    p.add_argument("--no-dense-distance", dest="dense_distance", action="store_false", default=None, help="skip loading the dense model to measure the plan's cost")
+    p.add_argument("--no-dense-distance", dest="dense_distance", action="store_false", default=None,
+                   help="skip loading the dense model to measure the plan's cost")
     p.add_argument("--skip-memory-check", action="store_true", help="run even when the printed host-memory estimate exceeds "
                    "the available memory (for users who know better)")
-    p.add_argument("--no-measure", dest="measure", action="store_false", default=None, help="with a CUDA device: skip measuring memory and latency (dense vs plan)")
+    p.add_argument("--no-measure", dest="measure", action="store_false", default=None,
+                   help="with a CUDA device: skip measuring memory and latency (dense vs plan)")
     p.add_argument("--optimize", choices=("ort",), help="ort: fuse attention (MultiHeadAttention), norms and GELU into ONNX "
                    "Runtime's com.microsoft operators; the ONNX then runs on ONNX Runtime only (not with --engine trt/trt-rtx)")
     p.add_argument("-q", "--quiet", action="store_true", help="only errors")
@@ -270,14 +275,16 @@ def _export_parser() -> Parser:
                    f"{_profile(default(EngineOptions, 'sequence'))} capped at the model's positions; with --fixed-sequence "
                    "only that sequence)")
     e.add_argument("--workspace-mib", type=at_least(1), metavar="MIB", help="workspace memory-pool limit [--memPoolSize=workspace:N]")
-    e.add_argument("--opt-level", dest="optimization_level", type=int, choices=range(6), metavar="0-5", help="builder optimization level [--builderOptimizationLevel]")
+    e.add_argument("--opt-level", dest="optimization_level", type=int, choices=range(6), metavar="0-5",
+                   help="builder optimization level [--builderOptimizationLevel]")
     e.add_argument("--timing-cache", type=Path, metavar="FILE", help="read and update a timing cache [--timingCacheFile]")
     e.add_argument("--weight-streaming", action="store_true", help="build with weight streaming [--weightStreaming]")
     e.add_argument("--weight-streaming-budget", type=at_least(0), metavar="BYTES", help="device budget for streamed weights when running")
     e.add_argument("--refit", action="store_true", help="refittable engine (REFIT_IDENTICAL) [--refit]")
     e.add_argument("--strip-weights", action="store_true", help="weight-stripped plan, refit at deployment [--stripWeights]")
     e.add_argument("--hardware-compatibility", choices=("ampere_plus", "same_compute_capability"), help="TensorRT: run on later GPUs [--hardwareCompatibilityLevel]")
-    e.add_argument("--compute-capability", dest="compute_capabilities", action="append", metavar="SMxx", help="TensorRT-RTX: target GPU generation (repeatable: sm80 sm86 sm89 sm120 ...)")
+    e.add_argument("--compute-capability", dest="compute_capabilities", action="append", metavar="SMxx",
+                   help="TensorRT-RTX: target GPU generation (repeatable: sm80 sm86 sm89 sm120 ...)")
     e.add_argument("--version-compatible", action="store_true", help="engine runs on later TensorRT versions [--versionCompatible]")
     return p
 

@@ -4,8 +4,9 @@ Torch-free: the CLI, the provenance record and verify build them without loading
 The field groups every command shares are stated once here and embedded (inherited, so their fields stay flat:
 ``cfg.model``, ``cfg.precision``) in each command's config: ``ModelOptions`` (where the encoder comes from) in the
 main job's ``ExportConfig``, measure's ``MeasureConfig`` and calibrate's ``CalibrationConfig``; ``ExportForm`` (what
-the exported graph is) in the first two. The engine's builder settings (``EngineOptions``) are here too. Each field's default is stated once, here; the CLI's flags take theirs
-from it (cli.py), and a recipe's settings are merged into them once (recipes.merge_settings)."""
+the exported graph is) in the first two; the engine's builder settings (``EngineOptions``) are here too. Each field's
+default is stated once, here; the CLI's flags take theirs from it (cli.py), and a recipe's settings are merged into
+them once (recipes.merge_settings)."""
 
 from __future__ import annotations
 
