@@ -145,9 +145,10 @@ def _preflight(cfg: ExportConfig) -> _Job:
     check_writable(cfg.out, cfg.force)
     backend = None
     if cfg.engine != "onnx":
-        from .trt import load_backend
+        from .trt import check_options, load_backend
 
         backend = load_backend(cfg.engine)  # fail before any work when the backend is missing
+        check_options(backend, cfg.engine_options or EngineOptions())
     if cfg.quantization is not None:
         from .quantize import check_backends
 

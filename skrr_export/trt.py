@@ -229,28 +229,46 @@ def _configure(backend: Backend, builder: Any, options: EngineOptions, shapes: d
                          (options.strip_weights, "STRIP_PLAN"), (options.version_compatible, "VERSION_COMPATIBLE")):
         if wanted:
             config.set_flag(getattr(trt.BuilderFlag, flag))
-    _target(backend, config, options)
+    _set_target(config, *_target(backend, options))
     return config
 
 
-def _target(backend: Backend, config: Any, options: EngineOptions) -> None:
-    """Which GPUs the engine may run on: hardware compatibility (TensorRT) or compute capabilities (RTX)."""
+def check_options(backend: Backend, options: EngineOptions) -> None:
+    """The engine flags this backend or this machine cannot honour, refused before any work (the build would refuse
+    them after the export): the other runtime's target flags, an unknown compute capability or compatibility level,
+    and a weight-stripped TensorRT-RTX plan without a CUDA device (TensorRT-RTX 1.7.1 compiles it with CUDA: "CUDA
+    driver version is insufficient", benchmarks/README.md)."""
+    with bound(backend):
+        _target(backend, options)
+    if backend.rtx and options.strip_weights and not cuda_available():
+        raise UserError("--strip-weights with --engine trt-rtx needs a CUDA GPU where the engine is built (TensorRT-RTX "
+                        "compiles a weight-stripped plan with CUDA); build on the GPU machine, or drop --strip-weights")
+
+
+def _target(backend: Backend, options: EngineOptions) -> tuple[list[Any], Any]:
+    """Which GPUs the engine may run on, checked: (compute capabilities (TensorRT-RTX), hardware compatibility level
+    (TensorRT) or None)."""
     if backend.rtx:
         if options.hardware_compatibility:
             raise UserError("TensorRT-RTX has no hardware compatibility levels; use --compute-capability sm80 ...")
-        caps = [_capability(c) for c in options.compute_capabilities]
-        if caps:
-            config.num_compute_capabilities = len(caps)
-            for i, cap in enumerate(caps):
-                config.set_compute_capability(cap, i)
-        return
+        return [_capability(c) for c in options.compute_capabilities], None
     if options.compute_capabilities:
         raise UserError("--compute-capability is a TensorRT-RTX option; TensorRT uses --hardware-compatibility")
-    if options.hardware_compatibility:
-        name = options.hardware_compatibility.upper()
-        if not hasattr(trt.HardwareCompatibilityLevel, name):
-            raise UserError(f"--hardware-compatibility must be ampere_plus or same_compute_capability, got '{options.hardware_compatibility}'")
-        config.hardware_compatibility_level = getattr(trt.HardwareCompatibilityLevel, name)
+    if not options.hardware_compatibility:
+        return [], None
+    name = options.hardware_compatibility.upper()
+    if not hasattr(trt.HardwareCompatibilityLevel, name):
+        raise UserError(f"--hardware-compatibility must be ampere_plus or same_compute_capability, got '{options.hardware_compatibility}'")
+    return [], getattr(trt.HardwareCompatibilityLevel, name)
+
+
+def _set_target(config: Any, capabilities: list[Any], level: Any) -> None:
+    if capabilities:
+        config.num_compute_capabilities = len(capabilities)
+        for i, cap in enumerate(capabilities):
+            config.set_compute_capability(cap, i)
+    if level is not None:
+        config.hardware_compatibility_level = level
 
 
 def _capability(text: str) -> Any:

@@ -144,6 +144,30 @@ def test_a_sequence_profile_that_contradicts_the_fixed_sequence_is_refused(tmp_p
     assert "missing.json" in capsys.readouterr().err
 
 
+@pytest.mark.skipif(importlib.util.find_spec("tensorrt_rtx") is None, reason="needs tensorrt-rtx (the test extra)")
+def test_engine_flags_the_build_would_refuse_are_refused_before_any_work(tmp_path, tiny_models, capsys, monkeypatch):
+    """An unknown compute capability, the other runtime's target flag and (on a machine without CUDA) a weight-stripped
+    TensorRT-RTX plan fail at build time, after the export: they are refused before any weight is loaded, in one
+    line, exit 2, nothing written."""
+    import skrr_export.model
+    from skrr_export.environment import cuda_available
+
+    _, folder = tiny_models["bert"]
+    plan = write_plan(tmp_path, {"format": "skrr-plan/1", "encoder": {"family": "bert", "num_blocks": 3}})
+    monkeypatch.setattr(skrr_export.model, "load_encoder", lambda *a, **k: pytest.fail("loaded weights"))
+    argv = ["--plan", str(plan), "--model", str(folder), "--random-ids", "--out", str(tmp_path / "o"), "-q",
+            "--engine", "trt-rtx"]
+    refused = [(["--compute-capability", "sm99"], "unknown compute capability 'sm99'"),
+               (["--hardware-compatibility", "ampere_plus"], "TensorRT-RTX has no hardware compatibility levels")]
+    if not cuda_available():
+        refused.append((["--strip-weights"], "--strip-weights with --engine trt-rtx needs a CUDA GPU"))
+    for flags, message in refused:
+        assert main([*argv, *flags]) == 2, flags
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], err
+        assert not (tmp_path / "o").exists()
+
+
 def test_an_output_path_under_a_file_is_refused_before_any_work(tmp_path, tiny_models, capsys, monkeypatch):
     import skrr_export.model
 
