@@ -38,7 +38,8 @@ class SkrrEncoder(nn.Module):
         # id of a parameter or buffer -> its names in the checkpoint, first first (weights tied in the checkpoint, as
         # T5's shared.weight and encoder.embed_tokens.weight, go by several): what a person reads (``checkpoint_name``)
         self.checkpoint_names: dict[int, tuple[str, ...]] = {}
-        for n, t in (*enc.model.named_parameters(remove_duplicate=False), *enc.model.named_buffers(remove_duplicate=False)):
+        named = (*enc.model.named_parameters(remove_duplicate=False), *enc.model.named_buffers(remove_duplicate=False))
+        for n, t in named:
             self.checkpoint_names[id(t)] = (*self.checkpoint_names.get(id(t), ()), n)
 
     def checkpoint_name(self, name: str) -> str:

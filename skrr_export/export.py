@@ -191,9 +191,9 @@ def graph_passes(weights: set[str]) -> ir.passes.Sequential:
 
 class WeightsOnce(ir.passes.InPlacePass):
     """The invariant (``graph.weights.check``) for ``module``'s export: every parameter is exactly one initializer
-    named after it in the checkpoint (``apply.checkpoint_parameters``), the weights hold the module's unique parameter bytes, everything else stored is within the bound
-    for ``sequence`` and copies no weight. A violation is a bug of this tool (InvariantError); ``stored`` is the
-    accounting after the pass has run. Changes nothing."""
+    named after it in the checkpoint (``apply.checkpoint_parameters``), the weights hold the module's unique parameter
+    bytes, everything else stored is within the bound for ``sequence`` and copies no weight. A violation is a bug of
+    this tool (InvariantError); ``stored`` is the accounting after the pass has run. Changes nothing."""
 
     def __init__(self, module: torch.nn.Module, sequence: int | None = None):
         super().__init__()

@@ -5,9 +5,10 @@ The exporter names each initializer after the applied module's path to it (``kep
 
 - a parameter (or buffer) is named as in the checkpoint: ``encoder.block.3.layer.0.SelfAttention.q.weight``; a weight
   tied in the checkpoint (T5's ``shared.weight`` and ``encoder.embed_tokens.weight``) by its first name there;
-- a quantized weight (``quantize.store_quantized``) is two tensors, ``<name>.quantized`` (its integers) and
-  ``<name>.scale`` (its scales); weights stored joined along the output width (q, k and v; T5's wi_0 and wi_1) join
-  their names with '+', in the order they are joined: ``<q name>+<k name>+<v name>.quantized``;
+- a quantized weight (``graph.quantized.StoreQuantized``, which runs after this pass) is two tensors,
+  ``<name>.quantized`` (its integers) and ``<name>.scale`` (its scales); weights stored joined along the output width
+  (q, k and v; T5's wi_0 and wi_1) join their names with '+', in the order they are joined:
+  ``<q name>+<k name>+<v name>.quantized``;
 - everything else is the exporter's (``val_17``) or named after the weight it serves
   (``<name>.0.widths``, the split widths of a joined weight's first slot).
 """
