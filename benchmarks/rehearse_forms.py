@@ -7,8 +7,8 @@ CUDA, memory figures read 0) on the T5-v1.1-XXL config at 1/64 of its width and 
 weights, the PixArt-Sigma 41.9 % plan: the recipes' fixed sequences (SD3 256, PixArt 300, FLUX 512) in their bf16 and
 in fp16, int32 inputs, a dynamic fp32 export, and the PixArt fp16 form with ort-cuda-fused (`--optimize ort`). Per
 form it records what every backend measured, skipped (with the reason) or failed on (with the reason): `forms.json`
-and `forms.md` in --out. No number in it is a GPU measurement. Not covered yet: int8 / int4 exports (measure does not
-quantize).
+and `forms.md` in --out. No number in it is a GPU measurement. int8 / int4: the PixArt form quantized
+(`measure --quantize`), in bf16 and, so that the CPU provider runs its DequantizeLinear, fp16.
 """
 
 from __future__ import annotations
@@ -41,6 +41,11 @@ FORMS = {
     "dynamic-fp32": ["--precision", "fp32", "--seq", "128"],
     # --optimize ort as measure runs it: ort-cuda-fused, the fused copy of the export reading its data file
     "pixart-fp16-fused": ["--precision", "fp16", "--fixed-sequence", "300", "--backends", "torch,ort-cuda,ort-cuda-fused"],
+    # weight-only quantized (measure --quantize): the plan variant's export stores integers and scales; block 32 divides
+    # the narrow model's widths (64, 160)
+    "pixart-bf16-int8": ["--precision", "bf16", "--fixed-sequence", "300", "--quantize", "int8"],
+    "pixart-bf16-int4": ["--precision", "bf16", "--fixed-sequence", "300", "--quantize", "int4", "--quant-block", "32"],
+    "pixart-fp16-int4": ["--precision", "fp16", "--fixed-sequence", "300", "--quantize", "int4", "--quant-block", "32"],
 }
 
 
