@@ -83,6 +83,18 @@ def child(save: str, argv: list[str]) -> int:
 
     export.export_onnx, export.save_model = export_onnx, save_model
     no_reference = save.endswith("-no-reference")
+    import skrr_export.quantize as quantize
+
+    original_store = quantize.store_quantized
+
+    def store_quantized(*args, **kwargs):  # the quantized weights' storage in the graph, a stage of its own
+        mark("store quantized (graph's integers and scales)")
+        try:
+            return original_store(*args, **kwargs)
+        finally:
+            mark("export after storing")
+
+    quantize.store_quantized = store_quantized
     if no_reference:  # PyTorch's outputs are only parity's reference: skipped (bf16 on this CPU would take hours)
         import skrr_export.pipeline as pipeline
 
