@@ -84,7 +84,7 @@ def _join(graph: Any, group: list[_Reader], weights: list[QuantizedArrays]) -> N
     """One DequantizeLinear for the group's joined integers and scales; per slot one MatMul (and a Split). Named
     after the weights' checkpoint names joined by '+' (``graph.names``)."""
     name = "+".join(r.name for r in group)
-    values = _int_tensor(np.concatenate([w.values for w in weights], axis=1), weights[0].bits, name + QUANTIZED_SUFFIX)
+    values = _joined_integers(weights, name + QUANTIZED_SUFFIX)
     scales = ir.Tensor(np.concatenate([w.scales for w in weights], axis=-1), name=name + SCALE_SUFFIX)
     inits = [ir.Value(name=t.name, const_value=t, shape=t.shape, type=ir.TensorType(t.dtype)) for t in (values, scales)]
     for v in inits:
@@ -126,6 +126,19 @@ def _one_matmul(graph: Any, dq: Any, matmuls: list[Any], widths: list[int], name
     for old, out in zip(matmuls, outputs):
         out.dtype = old.outputs[0].dtype
         old.outputs[0].replace_all_uses_with(out, replace_graph_outputs=True)
+
+
+def _joined_integers(weights: list[QuantizedArrays], name: str) -> Any:
+    """The group's integers joined along the output width, made only when something reads them (``ir.LazyTensor``:
+    the streamed save writes it and lets it go), so the joined copy never sits beside every weight's own integers.
+    Measured (T5-v1.1-XXL PixArt 41.9 % int4, 1.66 GB): joining eagerly took the export from 2.08 to 3.38 GiB."""
+    bits = weights[0].bits
+    if len(weights) == 1:
+        return _int_tensor(weights[0].values, bits, name)  # the array itself, no copy
+    rows, columns = weights[0].values.shape[0], sum(int(w.values.shape[1]) for w in weights)
+    dtype, shape = (ir.DataType.INT8, [rows, columns]) if bits == 8 else (ir.DataType.INT4, [rows, 2 * columns])
+    return ir.LazyTensor(lambda: _int_tensor(np.concatenate([w.values for w in weights], axis=1), bits, name),
+                         dtype, ir.Shape(shape), name=name)
 
 
 def _int_tensor(values: np.ndarray, bits: int, name: str) -> Any:
