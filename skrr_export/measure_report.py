@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from .compare import STATISTICS, Tolerance, deciding
 from .config import VARIANTS
 from .errors import MissingDependencyError
 from .units import SCALE
@@ -100,11 +101,14 @@ def _parity_lines(r: dict[str, Any], h: str) -> list[str]:
     if not r["parity"]:
         return []
     lines = ["", f"{h}# Parity: PyTorch on the device vs each backend", "",
-             "| backend | variant | batch | output | max abs | min cos | passed |", "|---|---|---|---|---|---|---|"]
+             "Only the statistics the tolerance bounds decide pass/fail (compare.deciding), as in report.md.", "",
+             "| backend | variant | batch | output | deciding statistics | passed |", "|---|---|---|---|---|---|"]
     for check in r["parity"]:
         for o in check["outputs"]:
+            decide = deciding(Tolerance(**o["tolerance"]))
+            stats = ", ".join(f"{STATISTICS[s]} {o[s]:.3g}" for s in decide)
             lines.append(f"| {check['backend']} | {check.get('variant', 'plan')} | {check['batch']} | {o['name']} | "
-                         f"{o['max_abs']:.3g} | {o['min_cosine']:.6f} | {'yes' if o['passed'] else 'NO'} |")
+                         f"{stats} | {'yes' if o['passed'] else 'NO'} |")
     return lines
 
 

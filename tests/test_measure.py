@@ -355,7 +355,12 @@ def test_measurement_flow_on_cpu_with_the_cuda_counters_patched(tiny_models, tmp
     assert allocator == {"torch": (0, [0, 0]), "ort-cuda": (None, [None, None]), "ort-cuda-stock": (None, [None, None])}
     assert not (tmp_path / "work").exists() or not any((tmp_path / "work").rglob("*.onnx"))
     write_results(tmp_path, results)
-    assert "ONNX Runtime node placement (ort-cuda, plan)" in (tmp_path / "results.md").read_text()
+    md = (tmp_path / "results.md").read_text()
+    assert "ONNX Runtime node placement (ort-cuda, plan)" in md
+    # the parity table shows what decides pass/fail (the tolerance bounds token error and cosine, not max abs)
+    parity_rows = [line for line in md.splitlines() if line.startswith("| ort-cuda") and line.endswith("| yes |")]
+    assert len(parity_rows) == sum(len(p["outputs"]) for p in results["parity"]), parity_rows
+    assert all("token error " in line and "min cos " in line and "max abs" not in line for line in parity_rows)
 
 
 @pytest.fixture
