@@ -481,7 +481,7 @@ def _recipe_shape(recipe: Any) -> tuple[int, int] | None:
     export = recipe.export if recipe is not None else {}
     if not export.get("fixed_sequence"):
         return None
-    batch = ShapeRange.parse(str(export["batch"]), "batch") if export.get("batch") else default(EngineOptions, "batch")
+    batch = ShapeRange.parse(export["batch"], "batch") if export.get("batch") else default(EngineOptions, "batch")
     return batch.opt, int(export["fixed_sequence"])
 
 

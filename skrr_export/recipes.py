@@ -234,7 +234,7 @@ def _export_of(data: dict[str, Any], where: Path) -> dict[str, Any]:
     profiles = {k: ShapeRange.parse(str(export[k]), f"{where}: export {k}") for k in ("batch", "sequence") if export.get(k)}
     if fixed is not None and "sequence" in profiles:
         profiles["sequence"].check_fixed(str(export["sequence"]), fixed, f"{where}: the export (fixed_sequence {fixed})")
-    return export
+    return export | {k: str(export[k]) for k in profiles}  # a profile as the flags give it ("1,1,4"; 4 is "4")
 
 
 def available_recipes() -> dict[str, Path]:

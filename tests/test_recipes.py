@@ -161,6 +161,25 @@ def test_a_recipes_export_settings_are_checked_when_it_is_read(tmp_path, export,
         load_recipe(str(folder))
 
 
+def test_a_recipes_profile_may_be_a_number(tmp_path):
+    """A profile written as a JSON number ("batch": 4) means what --batch 4 means: one fixed batch. It was checked as
+    a string when read and then parsed raw by the CLI (AttributeError: 'int' object has no attribute 'split')."""
+    from skrr_export.cli import _engine_options, _recipe_shape
+    from skrr_export.config import ShapeRange
+    from skrr_export.model import ModelSource, default_model_path, load_config
+    from skrr_export.recipes import merge_settings
+
+    folder = tmp_path / "r"
+    folder.mkdir()
+    (folder / "recipe.json").write_text(json.dumps({"name": "r", "sparsity": 0.4,
+                                                    "export": {"fixed_sequence": 300, "batch": 4}}))
+    recipe = load_recipe(str(folder))
+    assert _recipe_shape(recipe) == (4, 300)
+    settings = merge_settings({}, recipe, ("fixed_sequence", "batch", "sequence"))
+    options = _engine_options(settings, load_config(ModelSource(default_model_path())))
+    assert options.batch == ShapeRange(4, 4, 4)
+
+
 def test_flags_are_merged_over_a_recipes_settings_once():
     """recipes.merge_settings: a flag given wins, the recipe fills what is left out (only the settings the command
     takes from a recipe; the mask from its pipeline's call), and a sequence fixed by a flag drops the recipe's
