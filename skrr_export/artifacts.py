@@ -14,6 +14,23 @@ from typing import Any
 from .errors import ArtifactError, UserError
 from .units import size
 
+# The footprint rule: a stage holds its weights plus 10 % (activations, allocator slack) and, on the host, 0.6 GiB for
+# the runtimes (``need``); on disk an export writes its weights plus 5 %, and an engine build as much again
+# (``disk_need``). Every preflight (main job, measure, calibrate, engine build) states its need with these.
+SLACK = 1.1  # a stage holds its weights and 10 % for activations and the allocator
+RUNTIME_BYTES = 600 << 20  # the runtimes' own host memory (libraries, sessions)
+DISK_SLACK = 1.05  # an export's file beside its weights: graph, names, alignment
+
+
+def need(held: int, runtime: int = RUNTIME_BYTES) -> int:
+    """What a stage holding ``held`` bytes of weights needs: 10 % more, and the runtimes' own (host)."""
+    return int(held * SLACK) + runtime
+
+
+def disk_need(weight_bytes: int, engine: bool) -> int:
+    """Disk an export of ``weight_bytes`` writes; an engine stores the weights once more."""
+    return int(weight_bytes * (DISK_SLACK + (1 if engine else 0)))
+
 
 def check_writable(out: Path, force: bool) -> None:
     """``out`` can become a folder: nothing on its path is a file, and it exists only when ``force`` is given."""

@@ -35,7 +35,7 @@ from torch import nn
 
 from .adapters import Context, sizes_of
 from .apply import Running, SkrrEncoder, penultimate_boundary
-from .artifacts import sha256_file, write_atomic
+from .artifacts import need, sha256_file, write_atomic
 from .config import CalibrationConfig
 from .errors import AccuracyError, ArtifactError, Interrupted, UserError
 from .inputs import load_tokenizer, tokenizer_used
@@ -916,7 +916,7 @@ def _memory_plan(meta: Any, cfg: CalibrationConfig, ids: list[list[int]], empty:
         out_width = [m for m in projection.modules() if isinstance(m, nn.Linear)][-1].out_features
     out_width *= len(cfg.pipeline.outputs) if cfg.pipeline is not None else 1  # a pooled one counted per token: more
     if cfg.device.startswith("cuda"):  # the checkpoint is read into host memory before it moves to the GPU
-        check_memory(int(weights * 1.1) + (600 << 20), f"loading the model for calibration (dense weights {size(weights, 'GiB', 1)})")
+        check_memory(need(weights), f"loading the model for calibration (dense weights {size(weights, 'GiB', 1)})")
     budget = cfg.max_memory or default_budget(cfg.device) or 2**62
     device = "cuda" if cfg.device.startswith("cuda") else "cpu"
     tokens = sum(map(len, ids)) + len(empty) if _masked(cfg) else (len(ids) + 1) * cfg.max_length  # positions scored

@@ -36,7 +36,7 @@ from .device_memory import DeviceMemory
 from .errors import InvariantError, UserError
 from .units import size
 from .measure_report import row_at, write_results
-from .stages import build, disk_need, export, export_options, load_applied, need
+from .stages import build, export, export_options, load_applied
 from .ort_profile import hot_path, placement, read_profile
 from .workload import (InputForm, Shape, check_shapes, engine_input_form, executed_flops, onnx_input_form, planned_form,
                        shapes_taken)
@@ -401,7 +401,7 @@ def _results_head(meta: Any, source: Any, plan: Any, cfg: MeasureConfig, backend
 def _measure_variant(job: _Job, variant: str, plan: Any, folder: Path) -> None:
     """PyTorch first (it also gives the plan's parity reference), then every backend that runs the ONNX."""
     from .apply import unique_parameter_bytes
-    from .artifacts import check_device_memory
+    from .artifacts import check_device_memory, need
 
     form = replace(job.cfg, attention_mask=job.form.takes_mask,  # the inputs the artifact takes, the mask or not
                    quantization=job.cfg.quantization if variant == "plan" else None)  # dense: the baseline
@@ -495,7 +495,7 @@ def _measure_fused(job: _Job, variant: str, backend: Backend, onnx_path: Path, r
 def _export(job: _Job, variant: str, applied: Any, form: Any, unique: int, folder: Path) -> Path:
     """The variant's ONNX through the stage chain; with its weights in an external data file when ort-cuda-fused is
     asked for, so that the fused copy shares them (at any size: above 2 GB they are external anyway)."""
-    from .artifacts import check_disk
+    from .artifacts import check_disk, disk_need
 
     check_disk(folder, disk_need(unique, any(b.runs == ENGINE for b in job.backends)), "the measured artifacts")
     with job.stage(variant, "export"):

@@ -27,7 +27,7 @@ from .progress import each, finished, peak_memory, stage_bar
 from .provenance import manifest_record, report_record
 from .recipes import pipeline_report
 from .report import write_report
-from .stages import build, check_footprint, disk_need, export, export_options, host_footprint, load_applied
+from .stages import build, check_footprint, export, export_options, host_footprint, load_applied
 
 log = logging.getLogger("skrr_export")
 
@@ -64,7 +64,7 @@ def run_export(cfg: ExportConfig) -> dict[str, Any]:
 
 
 def _run_export(cfg: ExportConfig) -> dict[str, Any]:
-    from .artifacts import check_disk, staged_folder, write_manifest
+    from .artifacts import check_disk, disk_need, staged_folder, write_manifest
 
     job = _preflight(cfg)
     stages = Stages()

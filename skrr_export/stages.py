@@ -1,10 +1,9 @@
 """The one chain of stages every job runs on a model: load_source -> apply (apply_plan, then quantize) -> export ->
-build, each a plain function returning its artifact, and the one footprint rule that says what a stage needs.
+build, each a plain function returning its artifact, and what the main job's stages hold (``host_footprint``).
 
 The main job (pipeline), measure and calibrate call these; each passes its own ``stage`` timer (a context manager
-per stage name: pipeline's progress bar and report seconds, measure's stage rows). The footprint rule: a stage
-holds its weights plus 10 % (activations, allocator slack) and, on the host, 0.6 GiB for the runtimes
-(``need``); on disk an export writes its weights plus 5 %, and an engine build as much again (``disk_need``).
+per stage name: pipeline's progress bar and report seconds, measure's stage rows). The footprint rule itself
+(``artifacts.need``, ``artifacts.disk_need``) sits with the checks that apply it, so every layer uses the one rule.
 """
 
 from __future__ import annotations
@@ -18,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from . import artifacts
+from .artifacts import need
 from .config import EngineOptions, ExportForm
 from .errors import ArtifactError
 from .plan import Plan
@@ -26,9 +26,6 @@ from .units import size
 log = logging.getLogger("skrr_export")
 
 Timer = Callable[[str], AbstractContextManager[Any]]
-SLACK = 1.1  # a stage holds its weights and 10 % for activations and the allocator
-RUNTIME_BYTES = 600 << 20  # the runtimes' own host memory (libraries, sessions)
-DISK_SLACK = 1.05  # an export's file beside its weights: graph, names, alignment
 
 
 def untimed(name: str) -> AbstractContextManager[Any]:
@@ -118,16 +115,6 @@ def release_memory() -> None:
 
 
 # ----------------------------------------------------------------------------------------------- the footprint rule
-
-
-def need(held: int, runtime: int = RUNTIME_BYTES) -> int:
-    """What a stage holding ``held`` bytes of weights needs: 10 % more, and the runtimes' own (host)."""
-    return int(held * SLACK) + runtime
-
-
-def disk_need(weight_bytes: int, engine: bool) -> int:
-    """Disk an export of ``weight_bytes`` writes; an engine stores the weights once more."""
-    return int(weight_bytes * (DISK_SLACK + (1 if engine else 0)))
 
 
 def host_footprint(meta: Any, plan: Plan, form: ExportForm, dense_distance: bool, engine: str,

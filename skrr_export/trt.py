@@ -327,13 +327,13 @@ def build_memory(onnx_weight_bytes: int, options: EngineOptions | None = None) -
 
 def _check_build_resources(onnx_path: Path, options: EngineOptions, out: Path) -> None:
     """The ONNX and its data file are there; the disk holds the engine; the device its weights (unless capped)."""
-    from .artifacts import check_device_memory, check_disk, check_onnx_files
+    from .artifacts import check_device_memory, check_disk, check_onnx_files, disk_need, need
 
     check_onnx_files(onnx_path)
     weights = onnx_path.stat().st_size + sum(p.stat().st_size for p in onnx_path.parent.glob(onnx_path.name + ".data"))
-    check_disk(out.parent, int(weights * 1.05), "the engine file")
+    check_disk(out.parent, disk_need(weights, False), "the engine file")
     if options.workspace_mib is None:
-        check_device_memory(int(weights * 1.1), "building the engine (weights; cap the workspace with --workspace-mib)")
+        check_device_memory(need(weights, runtime=0), "building the engine (weights; cap the workspace with --workspace-mib)")
 
 
 def _build(backend: Backend, onnx_path: Path, options: EngineOptions, out: Path) -> tuple[Any, Any, Any, dict[str, Any]]:
