@@ -163,6 +163,28 @@ def write_manifest(folder: Path, record: dict[str, Any]) -> None:
     (folder / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
 
 
+ENGINE_METADATA = "skrr-export engine metadata"  # engine.json, beside engine.plan (trt.build_engine writes it)
+
+
+def read_json(folder: Path, name: str, what: str | None = None, remedy: str | None = None) -> dict[str, Any]:
+    """``folder/name``, a record skrr-export writes, as a JSON object. Missing: a user error (not a folder the tool
+    wrote); not JSON or not an object: an ArtifactError naming ``what`` it should be (default: the file's name),
+    each message ending with ``remedy`` when given."""
+    import json
+
+    path = folder / name
+    then = f"; {remedy}" if remedy else ""
+    if not path.is_file():
+        raise UserError(f"{folder} holds no {name}: an artifacts folder written by skrr-export was expected{then}")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ArtifactError(f"{path} is not JSON: {exc.msg} (line {exc.lineno}){then}") from None
+    if not isinstance(data, dict):
+        raise ArtifactError(f"{path} is not {what or 'a skrr-export ' + name} (a JSON object){then}")
+    return data
+
+
 def available_memory() -> int | None:
     """Bytes of host memory available to a new allocation (MemAvailable), None where unknown."""
     try:

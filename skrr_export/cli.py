@@ -17,8 +17,8 @@ from dataclasses import MISSING, fields
 from pathlib import Path
 from typing import Any, NoReturn
 
-from .config import (ENGINES, INPUT_DTYPES, PRECISIONS, CalibrationConfig, EngineOptions, ExportConfig, MeasureConfig,
-                     ShapeRange)
+from .config import (ENGINES, INPUT_DTYPES, PRECISIONS, RECIPE_PIPELINE_SETTINGS, RECIPE_SETTINGS, CalibrationConfig,
+                     EngineOptions, ExportConfig, MeasureConfig, ShapeRange)
 from .errors import ArgumentError, SkrrError, UserError
 from .units import size
 
@@ -290,7 +290,7 @@ def _export_parser() -> Parser:
 
 
 # What the main job takes from a recipe where the flag is left out (recipes.merge_settings)
-EXPORT_FROM_RECIPE = ("precision", "input_dtype", "fixed_sequence", "attention_mask", "batch", "sequence")
+EXPORT_FROM_RECIPE = RECIPE_SETTINGS + RECIPE_PIPELINE_SETTINGS  # all of them
 
 
 def _check_export_inputs(args: argparse.Namespace, recipe: Any, settings: dict[str, Any]) -> Any:
@@ -365,7 +365,8 @@ def _rerun(args: argparse.Namespace, parser: Parser, argv: list[str]) -> int:
         raise ArgumentError(f"--from-manifest reruns the recorded settings, so {flag} cannot be given with it (only "
                             "--out, --force, and --model / --tokenizer where they are now)")
     from .pipeline import run_export
-    from .provenance import compare_reruns, read_json, rerun
+    from .artifacts import read_json
+    from .provenance import compare_reruns, rerun
 
     with rerun(args.from_manifest, args.out, args.model, args.tokenizer, args.force, tuple(argv)) as cfg:
         report = run_export(cfg)
@@ -412,6 +413,10 @@ def _decided(statistic: str, stats: dict[str, Any], tol: Any) -> str:
 # ----------------------------------------------------------------------------------------------- inspect
 
 
+# inspect's accounting without an ONNX or a recipe: the precision the pipelines' encoders ship and run in
+INSPECT_PRECISION = "bf16"
+
+
 def _inspect_parser() -> Parser:
     p = Parser(prog="skrr-export inspect", description="What a plan keeps, skips and re-uses, from the config alone; "
                "with --onnx, the exported model's weight bytes (and whether they agree with the plan's).")
@@ -421,7 +426,7 @@ def _inspect_parser() -> Parser:
                    "embedded all-MiniLM-L6-v2)")
     p.add_argument("--subfolder")
     p.add_argument("--precision", choices=PRECISIONS,
-                   help="dtype of the weights (default: the ONNX's with --onnx, else the recipe's, else bf16)")
+                   help=f"dtype of the weights (default: the ONNX's with --onnx, else the recipe's, else {INSPECT_PRECISION})")
     _quantize_arguments(p)
     p.add_argument("--shape", metavar="BATCHxSEQ", help="shape for the executed-FLOP count (default 1x256, or the model's maximum)")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
@@ -444,7 +449,7 @@ def _shape(text: str | None) -> tuple[int, int] | None:
 def _inspect_precision(args: argparse.Namespace, recipe: Any, exported: dict[str, Any] | None) -> str:
     """The ONNX's own precision when there is one (a flag that contradicts it is refused)."""
     if exported is None:
-        return args.precision or (recipe.export.get("precision") if recipe else None) or "bf16"
+        return args.precision or (recipe.export.get("precision") if recipe else None) or INSPECT_PRECISION
     if args.precision and args.precision != exported["precision"]:
         raise ArgumentError(f"inspect: --precision {args.precision}, but {exported['onnx']} holds "
                             f"{exported['precision']} weights; leave --precision out to use the ONNX's")

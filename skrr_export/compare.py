@@ -35,11 +35,15 @@ INFORMATION_ONLY = ("absolute errors depend on the model's scale, and relative e
                     "per token (benchmarks/README.md, parity separation)")
 
 
+# The statistic (``STATISTICS`` key) each ``Tolerance`` field bounds: min_cosine from below, the others from above
+# (max_abs through atol + rtol * |ref|: ``OutputStats.needed_atol``). The one rule of pass/fail (``OutputStats.within``).
+BOUNDED_BY = {"max_token_error": "max_token_error", "min_cosine": "min_cosine", "max_abs": "atol"}
+
+
 def deciding(tol: Tolerance) -> tuple[str, ...]:
     """The statistics (``STATISTICS`` keys) that ``tol`` bounds, i.e. that decide pass/fail; the rest are reported
     for information. NaN/Inf always decides."""
-    return tuple(s for s, bounded in (("max_token_error", tol.max_token_error is not None), ("min_cosine", True),
-                                      ("max_abs", tol.atol is not None)) if bounded)
+    return tuple(s for s, bound in BOUNDED_BY.items() if getattr(tol, bound) is not None)
 
 
 # Per check (checks.py): "wiring" (the graph and PyTorch both computing in fp32 on the same stored weights, every
@@ -101,35 +105,30 @@ class OutputStats:
     needed_atol: float  # smallest atol that passes at this rtol
     max_token_error: float = 0.0  # max over real tokens of ||test - ref|| / ||ref||
 
+    def within(self, statistic: str) -> bool:
+        """Whether ``statistic`` (one of ``deciding(self.tolerance)``) is within its bound."""
+        bound = getattr(self.tolerance, BOUNDED_BY[statistic])
+        if statistic == "min_cosine":
+            return self.min_cosine >= bound
+        return (self.needed_atol if statistic == "max_abs" else getattr(self, statistic)) <= bound
+
     @property
     def passed(self) -> bool:
-        tol = self.tolerance
-        return (
-            self.nonfinite == 0
-            and (tol.atol is None or self.needed_atol <= tol.atol)
-            and self.min_cosine >= tol.min_cosine
-            and (tol.max_token_error is None or self.max_token_error <= tol.max_token_error)
-        )
+        return self.nonfinite == 0 and all(self.within(s) for s in deciding(self.tolerance))
 
     def failure(self) -> str:
         if self.nonfinite:
             return f"{self.name}: {self.nonfinite} NaN/Inf values"
-        parts = []
         tol = self.tolerance
-        if tol.max_token_error is not None and self.max_token_error > tol.max_token_error:
-            parts.append(f"token error {self.max_token_error:.3g} exceeds {tol.max_token_error:g}; "
-                         f"max_token_error={self.max_token_error * 1.0001:.3g} would have passed")
-        if tol.atol is not None and self.needed_atol > tol.atol:
-            parts.append(
-                f"max abs error {self.max_abs:.3g} exceeds atol {self.tolerance.atol:g} (rtol {self.tolerance.rtol:g}); "
-                f"atol={self.needed_atol:.3g} would have passed"
-            )
-        if self.min_cosine < self.tolerance.min_cosine:
-            parts.append(
-                f"min cosine {self.min_cosine:.6f} below {self.tolerance.min_cosine:g}; "
-                f"min_cosine={np.floor(self.min_cosine * 1e6) / 1e6:.6f} would have passed"
-            )
-        return f"{self.name}: " + "; ".join(parts)
+        says = {
+            "max_token_error": lambda: f"token error {self.max_token_error:.3g} exceeds {tol.max_token_error:g}; "
+                                       f"max_token_error={self.max_token_error * 1.0001:.3g} would have passed",
+            "min_cosine": lambda: f"min cosine {self.min_cosine:.6f} below {tol.min_cosine:g}; "
+                                  f"min_cosine={np.floor(self.min_cosine * 1e6) / 1e6:.6f} would have passed",
+            "max_abs": lambda: f"max abs error {self.max_abs:.3g} exceeds atol {tol.atol:g} (rtol {tol.rtol:g}); "
+                               f"atol={self.needed_atol:.3g} would have passed",
+        }
+        return f"{self.name}: " + "; ".join(says[s]() for s in deciding(tol) if not self.within(s))
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,9 @@ ENGINES = ("onnx", "trt", "trt-rtx")
 PRECISIONS = ("fp32", "fp16", "bf16")
 INPUT_DTYPES = ("int64", "int32")
 VARIANTS = ("dense", "plan")  # what measure compares: the dense model and the plan
+# What a recipe sets: its export block's settings, and the mask its pipeline's call feeds (recipes.PipelineCall)
+RECIPE_SETTINGS = ("precision", "input_dtype", "fixed_sequence", "batch", "sequence")
+RECIPE_PIPELINE_SETTINGS = ("attention_mask",)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -37,7 +40,7 @@ class ModelOptions:
 @dataclass(frozen=True, kw_only=True)
 class ExportForm:
     """What the exported graph is: its weights' precision, its inputs, how it stores its weights. A recipe ships
-    the first three (recipes.RECIPE_SETTINGS)."""
+    the first three (RECIPE_SETTINGS) and the fourth from its pipeline's call."""
 
     precision: str = "fp32"
     input_dtype: str = "int64"  # of input_ids and attention_mask

@@ -46,7 +46,6 @@ log = logging.getLogger("skrr_export")
 # What a backend's failure can raise: our errors (a runtime refusing the model, a broken invariant of a fused copy) and
 # the runtimes' own RuntimeErrors (CUDA out of memory, a compile failure). It ends that backend, not the measurement.
 BACKEND_FAILURES = (UserError, InvariantError, RuntimeError)
-PRECISION_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
 
 def timing_feed(config: Any, shape: Shape, seed: int = 0, form: InputForm | None = None) -> dict[str, np.ndarray]:
@@ -322,8 +321,7 @@ def run_measurements(meta: Any, source: Any, plan: Any, backends: tuple[str, ...
     ``meta``: the model's structure (build_meta of ``source``'s config), which the caller has already built.
     ``artifacts``: what the main job wrote (``MeasuredArtifacts``), measured instead of exporting and building again.
     ``dense``: the dense runs of an earlier call on the same model and shapes, reused instead of measured again."""
-    import torch
-
+    from .model import DTYPES
     from .plan import Plan
 
     variants = {"dense": Plan.dense(plan.family, plan.num_blocks), "plan": plan}
@@ -331,7 +329,7 @@ def run_measurements(meta: Any, source: Any, plan: Any, backends: tuple[str, ...
     results = job.results
     results["flops"] = _flops(meta, variants, job.shapes)
     with exact_matmuls():
-        job.probe.warm(getattr(torch, PRECISION_DTYPES[cfg.precision]))
+        job.probe.warm(DTYPES[cfg.precision])
         for variant, variant_plan in variants.items():
             if variant not in cfg.variants:
                 continue

@@ -259,9 +259,10 @@ def _check_resources(source: Any, plan: Plan, cfg: ExportConfig) -> Any:
     if cfg.fixed_sequence is not None:
         check_shapes(meta.config, (1,), (cfg.fixed_sequence,))
     meta.dtype = DTYPES[cfg.precision]
-    check_footprint(host_footprint(meta, plan, cfg, cfg.dense_distance, cfg.engine, cfg.engine_options),
+    cost = plan_cost(meta, plan)
+    check_footprint(host_footprint(meta, plan, cost, cfg, cfg.dense_distance, cfg.engine, cfg.engine_options),
                     cfg.skip_memory_check)
-    return plan_cost(meta, plan)
+    return cost
 
 
 def _check_finite(module: Any, batches: tuple[Any, ...], outputs: dict[str, Any]) -> None:

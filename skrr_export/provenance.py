@@ -20,7 +20,7 @@ from dataclasses import asdict, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from .artifacts import sha256_file
+from .artifacts import read_json, sha256_file
 from .config import EngineOptions, ExportConfig, ShapeRange
 from .errors import ArtifactError, UserError
 from .environment import versions
@@ -164,20 +164,6 @@ def changed_files(recorded: list[dict[str, Any]], folder: Path) -> list[str]:
 
 
 # ----------------------------------------------------------------------------------------------- reading back
-
-
-def read_json(folder: Path, name: str) -> dict[str, Any]:
-    """``folder/name`` as JSON; a folder the main job did not write is a user error."""
-    path = folder / name
-    if not path.is_file():
-        raise UserError(f"{folder} holds no {name}: an artifacts folder written by skrr-export was expected")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ArtifactError(f"{path} is not JSON: {exc.msg} (line {exc.lineno})") from None
-    if not isinstance(data, dict):
-        raise ArtifactError(f"{path} is not a skrr-export {name}")
-    return data
 
 
 @contextmanager

@@ -52,9 +52,6 @@ class Quantization:
     def qmax(self) -> int:
         return 2 ** (self.bits - 1) - 1  # symmetric: -qmax .. qmax
 
-    def __str__(self) -> str:
-        return self.scheme + (f" (block {self.block})" if self.block else " (per output channel)")
-
     def sizes(self, out_features: int, in_features: int, itemsize: int) -> tuple[int, int]:
         """(integer bytes, scale bytes) of one [out, in] weight whose dtype has ``itemsize`` bytes."""
         scales = out_features * (in_features // self.block if self.block else 1)

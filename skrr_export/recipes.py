@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from .compare import DEFAULT_TOLERANCES
-from .config import INPUT_DTYPES, PRECISIONS, ShapeRange
+from .config import INPUT_DTYPES, PRECISIONS, RECIPE_PIPELINE_SETTINGS, RECIPE_SETTINGS, ShapeRange
 from .counts import counting_for
 from .errors import ModelError, UserError
 
@@ -199,17 +199,14 @@ class Recipe:
 
 # What a recipe's "export" block may set: the settings it ships, checked when it is read (``_export_of``) and merged
 # under the flags given once (``merge_settings``)
-RECIPE_SETTINGS = ("precision", "input_dtype", "fixed_sequence", "batch", "sequence")
-
-
 def merge_settings(given: dict[str, Any], recipe: Recipe | None, names: tuple[str, ...]) -> dict[str, Any]:
     """A command's settings: the flags ``given`` over what ``recipe`` sets of ``names`` (the settings this command
     takes from a recipe: its export block's, and attention_mask from its pipeline's call); the config dataclass's
     defaults fill what neither sets. A sequence fixed by a flag takes no sequence profile from the recipe (a fixed
     graph has one sequence)."""
     shipped = {} if recipe is None else {k: v for k, v in recipe.export.items() if k in names and v is not None}
-    if recipe is not None and recipe.pipeline is not None and "attention_mask" in names:
-        shipped["attention_mask"] = recipe.pipeline.attention_mask
+    if recipe is not None and recipe.pipeline is not None:
+        shipped |= {k: getattr(recipe.pipeline, k) for k in RECIPE_PIPELINE_SETTINGS if k in names}
     if given.get("fixed_sequence") is not None:
         shipped.pop("sequence", None)
     return shipped | given

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .artifacts import staged_folder
+from .artifacts import ENGINE_METADATA, read_json, staged_folder
 from .errors import ArtifactError, UserError
 from .ort_fusion import refuse_for_tensorrt
 from .recipes import NO_MASK_NOTE
@@ -87,14 +87,7 @@ def _triton_type(dtype: str, where: str) -> str:
 
 
 def engine_metadata(folder: Path) -> dict[str, Any]:
-    path = folder / "engine.json"
-    try:
-        meta = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ArtifactError(f"{path} is not JSON ({exc.msg}, line {exc.lineno}); rebuild the engine") from None
-    if not isinstance(meta, dict):
-        raise ArtifactError(f"{path} is not skrr-export engine metadata (a JSON object); rebuild the engine")
-    return meta
+    return read_json(folder, "engine.json", ENGINE_METADATA, "rebuild the engine")
 
 
 def _engine_artifacts(folder: Path, meta: dict[str, Any]) -> Artifacts:
@@ -312,8 +305,8 @@ def activation_estimate(art: Artifacts, profile: dict[str, list[list[int]]]) -> 
         return int(art.activation_bytes)
     batch, seq = profile[art.inputs[0].name][2]
     out = art.outputs[0]
-    size = {"TYPE_FP32": 4, "TYPE_FP16": 2, "TYPE_BF16": 2}.get(out.dtype, 4)
-    return ACTIVATION_FACTOR * batch * seq * out.shape[-1] * size
+    itemsize = {"TYPE_FP32": 4, "TYPE_FP16": 2, "TYPE_BF16": 2}.get(out.dtype, 4)
+    return ACTIVATION_FACTOR * batch * seq * out.shape[-1] * itemsize
 
 
 def fits(weights: int, activations: int, target: str) -> tuple[bool, int]:
@@ -406,7 +399,7 @@ def trtexec_script(artifacts: Path, target: str | None, profile: dict[str, list[
         "# generation and a TensorRT version). Written by skrr-export. Usage: build_engine.sh [FOLDER]",
         "# FOLDER holds model.onnx (default: the artifacts folder it was written for, found relative to this script);",
         "# engine.plan is written there, as the main job names it.",
-        f"# Target: {target or 'any'}; weights {art.weight_bytes / GIB:.2f} GiB, activations ~{activations / GIB:.2f} GiB.",
+        f"# Target: {target or 'any'}; weights {size(art.weight_bytes, 'GiB')}, activations ~{size(activations, 'GiB')}.",
         *([f"# Weight-stripped build (a full build does not fit {target}): refit engine.plan from model.onnx's weights "
            "at load (skrr_export.trt.load_refitted, or TensorRT's OnnxParserRefitter)."] if build == "stripped" else []),
         *[f"# Inputs: {', '.join(t.name for t in art.inputs)}; {note}" for note in [inputs_note(art)] if note],
@@ -423,20 +416,22 @@ def _workspace_on(target: str, art: Any, activations: int, max_batch: int) -> tu
     w = art.weight_bytes
     ok, need = fits(w, activations, target)
     if not ok:
-        raise UserError(f"does not fit {target}: needs {need / GIB:.2f} GiB (weights {w / GIB:.2f} + activations "
-                        f"{activations / GIB:.2f} + system {SYSTEM_RESERVE / GIB:.1f}) of {TARGETS[target] / GIB:.0f} GiB, "
-                        f"{(need - TARGETS[target]) / GIB:.2f} GiB too much; {_alternatives(target, art, activations, max_batch)}")
+        raise UserError(f"does not fit {target}: needs {size(need, 'GiB')} (weights {size(w, 'GiB')} + activations "
+                        f"{size(activations, 'GiB')} + system {size(SYSTEM_RESERVE, 'GiB', 1)}) of "
+                        f"{size(TARGETS[target], 'GiB', 0)}, {size(need - TARGETS[target], 'GiB')} too much; "
+                        f"{_alternatives(target, art, activations, max_batch)}")
     for kind in BUILD_COPIES:
         ok, need = build_fits(w, activations, target, kind)
         if ok:
             if kind != "full":
-                log.warning("a full build does not fit %s (needs %.2f GiB: %d copies of the weights); the script builds "
+                log.warning("a full build does not fit %s (needs %s: %d copies of the weights); the script builds "
                             "a weight-stripped engine and refits it from model.onnx's weights at load",
-                            target, build_fits(w, activations, target)[1] / GIB, BUILD_COPIES["full"])
+                            target, size(build_fits(w, activations, target)[1], "GiB"), BUILD_COPIES["full"])
             return max(MIN_WORKSPACE >> 20, (TARGETS[target] - need + MIN_WORKSPACE) // (2 << 20)), kind  # MiB: half
-    raise UserError(f"runs on {target} but cannot be built there: even a weight-stripped build needs {need / GIB:.2f} GiB "
-                    f"({BUILD_COPIES['stripped']} copies of {w / GIB:.2f} GiB of weights + activations {activations / GIB:.2f} "
-                    f"+ workspace + system) of {TARGETS[target] / GIB:.0f} GiB; {_alternatives(target, art, activations, max_batch)}")
+    raise UserError(f"runs on {target} but cannot be built there: even a weight-stripped build needs {size(need, 'GiB')} "
+                    f"({BUILD_COPIES['stripped']} copies of {size(w, 'GiB')} of weights + activations "
+                    f"{size(activations, 'GiB')} + workspace + system) of {size(TARGETS[target], 'GiB', 0)}; "
+                    f"{_alternatives(target, art, activations, max_batch)}")
 
 
 def _alternatives(target: str, art: Any, activations: int, max_batch: int) -> str:

@@ -117,16 +117,16 @@ def release_memory() -> None:
 # ----------------------------------------------------------------------------------------------- the footprint rule
 
 
-def host_footprint(meta: Any, plan: Plan, form: ExportForm, dense_distance: bool, engine: str,
+def host_footprint(meta: Any, plan: Plan, cost: Any, form: ExportForm, dense_distance: bool, engine: str,
                    engine_options: EngineOptions | None) -> dict[str, int]:
     """The weight bytes each stage of the main job holds in host memory at its peak: the kept weights (load,
     export; then ONNX Runtime's copy once the module is dropped), the dense distance's stem, head and largest
     sub-block (streamed one at a time), and the engine build. ``meta``: the model on the meta device, its dtype
-    set to the export's."""
-    from .apply import plan_cost, sub_block_parameters
+    set to the export's; ``cost``: ``apply.plan_cost(meta, plan)``."""
+    from .apply import sub_block_parameters
 
     itemsize = meta.dtype.itemsize
-    kept = plan_cost(meta, plan).kept_weight_bytes
+    kept = cost.kept_weight_bytes
     largest_sub_block = max(sum(p.numel() for _, p in block) for block in sub_block_parameters(meta)) * itemsize
     always = sum(p.numel() for part in (meta.stem, meta.head) for p in part.parameters()) * itemsize
     held = {"load and export": kept, "dense distance": always + largest_sub_block if dense_distance else 0}

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .artifacts import sha256_file, write_atomic
+from .artifacts import ENGINE_METADATA, read_json, sha256_file, write_atomic
 from .config import EngineOptions, ShapeRange
 from .environment import cuda_available
 from .errors import ArtifactError, InvariantError, UserError
@@ -517,7 +517,7 @@ def check_engine_metadata(engine_path: Path, backend: Backend) -> dict[str, Any]
         raise ArtifactError(f"engine {engine_path} does not exist")
     if not meta_path.is_file():
         raise ArtifactError(f"{engine_path.name} has no metadata file {meta_path.name} beside it")
-    meta = json.loads(meta_path.read_text())
+    meta = read_json(meta_path.parent, meta_path.name, ENGINE_METADATA, "rebuild it from model.onnx")
     if meta.get("backend") != backend.engine or meta.get("version") != backend.version:
         raise ArtifactError(
             f"{engine_path.name} was built by {meta.get('module')} {meta.get('version')}, but this is "

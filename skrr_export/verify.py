@@ -16,13 +16,13 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from .artifacts import check_onnx_files, sha256_file
+from .artifacts import check_onnx_files, read_json, sha256_file
 from .config import ExportConfig
 from .errors import AccuracyError, UserError
 from .model import source_of
 from .pipeline import Stages, _Job, _pytorch_reference, _tolerance, not_executed, run_checks
 from .plan import Plan, parse_plan
-from .provenance import (changed_files, check_random_weight_versions, has_settings, read_json, recorded_config,
+from .provenance import (changed_files, check_random_weight_versions, has_settings, recorded_config,
                          recorded_fields)
 
 log = logging.getLogger("skrr_export")
