@@ -189,6 +189,9 @@ def test_engine_from_another_backend_or_version_is_refused(engines, tmp_path):
     art.metadata_path.write_text(json.dumps(meta | {"backend": "trt", "module": "tensorrt"}))
     with pytest.raises(ArtifactError, match="built by tensorrt"):
         check_engine_metadata(art.path, backend)
+    art.metadata_path.write_text(json.dumps(meta)[:-5])  # truncated: one line naming the file, not a traceback
+    with pytest.raises(ArtifactError, match=r"engine.json is not JSON: .*; rebuild it from model.onnx"):
+        check_engine_metadata(art.path, backend)
     art.metadata_path.write_text(json.dumps(meta))
     art.path.write_bytes(art.path.read_bytes()[:-10])
     with pytest.raises(ArtifactError, match="does not match the sha256"):
