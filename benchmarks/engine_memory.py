@@ -9,8 +9,8 @@
 Each run is the CLI in a child process (``skrr-export ... --engine trt-rtx``); this process samples the child's VmRSS
 (and its file-backed part, RssFile: the mapped ONNX data) from /proc every 0.1 s, tags each sample with the stage the
 child's log is in ("[skrr-export] engine ..." to "engine done"), and takes the child's VmHWM at every stage change,
-so a stage's peak is exact even between samples. ``--code before`` runs the tree of commit BEFORE (``git archive``
-into a temporary folder; nothing in the working tree changes), ``after`` this working tree. The import baseline is a
+so a stage's peak is exact even between samples. ``--code before`` runs the tree of commit BEFORE, ``after`` the HEAD
+commit (each from ``git archive`` into a temporary folder: uncommitted changes are not measured). The import baseline is a
 child that imports what the job imports (torch, transformers, onnx, onnxruntime, tensorrt_rtx, skrr_export.cli).
 
 Cases: MiniLM (the embedded real model, recipe plan, fp32, dynamic sequence 1,64,128); T5-v1.1-XXL config with
@@ -102,18 +102,20 @@ def baseline(env: dict[str, str]) -> int:
     return next(int(l.split()[1]) * 1024 for l in out.splitlines() if l.startswith("VmRSS:"))
 
 
-def tree(code: str, tmp: Path) -> Path:
-    if code == "after":
-        return ROOT
-    folder = tmp / f"tree-{BEFORE}"
-    folder.mkdir()
-    archive = subprocess.run(["git", "-C", str(ROOT), "archive", BEFORE], capture_output=True, check=True).stdout
-    subprocess.run(["tar", "-x", "-C", str(folder)], input=archive, check=True)
-    return folder
+def tree(code: str, tmp: Path) -> tuple[Path, str]:
+    """The code a run imports and its commit: BEFORE, or ("after") the HEAD commit as the run starts; each from
+    ``git archive`` into ``tmp``, so editing the working tree while a run goes on cannot change what it imports."""
+    commit = BEFORE if code == "before" else _git("rev-parse", "HEAD")
+    folder = tmp / f"tree-{commit[:7]}"
+    if not folder.is_dir():
+        folder.mkdir()
+        archive = subprocess.run(["git", "-C", str(ROOT), "archive", commit], capture_output=True, check=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(folder)], input=archive, check=True)
+    return folder, commit
 
 
 def run_one(case: str, code: str, tmp: Path, extra: list[str]) -> dict:
-    source = tree(code, tmp)
+    source, commit = tree(code, tmp)
     env = dict(os.environ, PYTHONPATH=str(source), HF_HUB_OFFLINE="1")
     out = tmp / f"out-{case}-{code}"
     argv = [*CASES[case], *extra, "--engine", "trt-rtx", "--out", str(out), "--no-dense-distance"]
@@ -131,9 +133,7 @@ def run_one(case: str, code: str, tmp: Path, extra: list[str]) -> dict:
         "engine_weights": engine.get("weights"),
         "peak_gib": round(peak / GIB, 3), "peak_above_baseline_gib": round((peak - base) / GIB, 3),
         "stages_gib": _stages(stages), "estimate_gib": estimate,
-        "commit": _git("rev-parse", "HEAD") if code == "after" else BEFORE,
-        "tree_changes": _git("status", "--short").splitlines() if code == "after" else [],
-        "load_average_at_end": os.getloadavg()[0], "stderr_tail": [l for l in lines if "[skrr-export]" not in l][-4:],
+        "commit": commit, "load_average_at_end": os.getloadavg()[0], "stderr_tail": [l for l in lines if "[skrr-export]" not in l][-4:],
     }
     if weights:
         bound = 1.1 * weights + 0.6 * GIB
@@ -180,7 +180,7 @@ def build_only(onnx: Path, sequence: str, code: str, label: str) -> None:
     """The engine stage alone (build_engine in a child) on an existing export: before/after without the export."""
     results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {"runs": []}
     with tempfile.TemporaryDirectory(prefix="engine-memory-", dir=os.environ.get("ENGINE_MEMORY_TMP")) as tmp:
-        source = tree(code, Path(tmp))
+        source, commit = tree(code, Path(tmp))
         env = dict(os.environ, PYTHONPATH=str(source))
         base = subprocess.run([sys.executable, "-c", "import onnx, tensorrt_rtx, skrr_export.trt; "
                                "print(open('/proc/self/status').read())"], capture_output=True, text=True, env=env,
@@ -199,9 +199,7 @@ def build_only(onnx: Path, sequence: str, code: str, label: str) -> None:
          "peak_gib": round(peak / GIB, 3), "peak_above_baseline_gib": round((peak - base) / GIB, 3),
          "engine_file_backed_gib": round(stages.get("engine", {"file": 0})["file"] / GIB, 3),
          "stages_gib": _stages(stages), "estimate_gib": None, "stderr_tail": lines[-3:],
-         "commit": _git("rev-parse", "HEAD") if code == "after" else BEFORE,
-         "tree_changes": _git("status", "--short").splitlines() if code == "after" else [],
-         "load_average_at_end": os.getloadavg()[0],
+         "commit": commit, "load_average_at_end": os.getloadavg()[0],
          "builder_log": {"columns": ["seconds", "rss_gib", "anonymous_gib", "file_backed_gib", "message"],
                          "rows": builder_log}}
     if weights:
