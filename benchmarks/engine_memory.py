@@ -14,7 +14,8 @@ commit (each from ``git archive`` into a temporary folder: uncommitted changes a
 child that imports what the job imports (torch, transformers, onnx, onnxruntime, tensorrt_rtx, skrr_export.cli).
 
 Cases: MiniLM (the embedded real model, recipe plan, fp32, dynamic sequence 1,64,128); T5-v1.1-XXL config with
-random weights, PixArt-Sigma 41.9 % (bf16, and int4 weight-only), fixed sequence 300, batch 1,1,4 (the recipe's).
+random weights, PixArt-Sigma 41.9 % (bf16, and int4 weight-only), fixed sequence 300, batch 1,1,4 (the recipe's):
+built in memory (``--random-weights``), or ``*-checkpoint`` read from a bf16 checkpoint on disk, as users run it.
 Results: benchmarks/results/engine-memory-cpu.json (runs are merged in by case and code).
 """
 
@@ -38,10 +39,16 @@ BEFORE = "26278fc"  # main before issue 26
 GIB = 2**30
 IMPORTS = "import torch, transformers, onnx, onnxruntime, tensorrt_rtx, skrr_export.cli"
 XXL = ["--recipe", "pixart-sigma-41.9", "--model", str(ROOT / "recipes" / "t5-v1_1-xxl"), "--random-weights"]
+# As the issue's user ran it: a bf16 checkpoint on disk (t5xxl_export.py write: random values, 2 safetensors shards;
+# --checkpoint, default below), no tokenizer (seeded random ids)
+CHECKPOINT = Path("/tmp/t5xxl/bf16")
+XXL_CHECKPOINT = ["--recipe", "pixart-sigma-41.9", "--model", "{checkpoint}", "--random-ids"]
 CASES = {
     "minilm": ["--plan", str(ROOT / "recipes" / "minilm" / "plan.json"), "--sequence", "1,64,128"],
     "xxl-bf16": XXL,
     "xxl-int4": [*XXL, "--quantize", "int4"],
+    "xxl-bf16-checkpoint": XXL_CHECKPOINT,
+    "xxl-int4-checkpoint": [*XXL_CHECKPOINT, "--quantize", "int4"],
 }
 STAGE = re.compile(r"\[skrr-export\] (.+?) (\.\.\.|done in)")
 ESTIMATE = re.compile(r"memory estimate: ([\d.]+) GiB")
@@ -114,11 +121,12 @@ def tree(code: str, tmp: Path) -> tuple[Path, str]:
     return folder, commit
 
 
-def run_one(case: str, code: str, tmp: Path, extra: list[str]) -> dict:
+def run_one(case: str, code: str, tmp: Path, extra: list[str], checkpoint: Path = CHECKPOINT) -> dict:
     source, commit = tree(code, tmp)
     env = dict(os.environ, PYTHONPATH=str(source), HF_HUB_OFFLINE="1")
     out = tmp / f"out-{case}-{code}"
-    argv = [*CASES[case], *extra, "--engine", "trt-rtx", "--out", str(out), "--no-dense-distance"]
+    argv = [a.replace("{checkpoint}", str(checkpoint)) for a in CASES[case]]
+    argv += [*extra, "--engine", "trt-rtx", "--out", str(out), "--no-dense-distance"]
     base = baseline(env)
     code_, stages, lines, seconds = sampled([sys.executable, "-m", "skrr_export.cli", *argv], env)
     report = json.loads((out / "report.json").read_text()) if code_ == 0 else {}
@@ -234,11 +242,11 @@ def export_only(model: Path, plan: Path, out: Path, quantize: str | None) -> Non
     print(json.dumps(art.to_json(), default=str)[:400])
 
 
-def run(case: str, codes: list[str], extra: list[str]) -> None:
+def run(case: str, codes: list[str], extra: list[str], checkpoint: Path = CHECKPOINT) -> None:
     results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {"runs": []}
     with tempfile.TemporaryDirectory(prefix="engine-memory-", dir=os.environ.get("ENGINE_MEMORY_TMP")) as tmp:
         for code in codes:
-            r = run_one(case, code, Path(tmp), extra)
+            r = run_one(case, code, Path(tmp), extra, checkpoint)
             print(json.dumps(r, indent=2), flush=True)
             results["runs"] = [x for x in results["runs"] if (x["case"], x["label"]) != (case, code)] + [r]
     results |= {"what": __doc__.split("\n\n")[0], "machine": {"cpus": len(os.sched_getaffinity(0)),
@@ -300,6 +308,8 @@ def main() -> int:
     p.add_argument("--label", help="build: the case name to record it under")
     p.add_argument("--case", choices=list(CASES))
     p.add_argument("--code", action="append", choices=["before", "after"])
+    p.add_argument("--checkpoint", type=Path, default=CHECKPOINT, help=f"the *-checkpoint cases' model folder "
+                   f"(default {CHECKPOINT}: python benchmarks/t5xxl_export.py write --dir {CHECKPOINT.parent})")
     p.add_argument("extra", nargs="*", help="more CLI flags after --")
     args = p.parse_args()
     if args.command == "summarize":
@@ -312,7 +322,7 @@ def main() -> int:
         for code in args.code or ["before", "after"]:
             build_only(args.onnx, args.sequence, code, args.label)
         return 0
-    run(args.case, args.code or ["before", "after"], args.extra)
+    run(args.case, args.code or ["before", "after"], args.extra, args.checkpoint)
     return 0
 
 
