@@ -258,20 +258,20 @@ def run(case: str, codes: list[str], extra: list[str], checkpoint: Path = CHECKP
 def summarize() -> None:
     runs = json.loads(RESULTS.read_text())["runs"]
     print("| case | code | ONNX weights GB | peak above import baseline GiB | bound GiB | estimate GiB | "
-          "load / reference / export / parity / engine peak GiB | engine file-backed / anonymous GiB | "
+          "load / quantize / reference / export / parity / engine peak GiB | engine file-backed / anonymous GiB | "
           "TensorRT CPU allocators MiB | wall s |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in sorted(runs, key=lambda r: (r["case"], "before" not in r["label"], r["label"])):
         st = r["stages_gib"]
         parts = " / ".join(f"{st[k]['peak']:.2f}" if k in st else "-"
-                           for k in ("load", "pytorch reference", "export", "parity", "engine"))
+                           for k in ("load", "quantize", "pytorch reference", "export", "parity", "engine"))
         engine = st.get("engine", {})
         split = f"{engine['file_backed']:.2f} / {engine['anonymous']:.2f}" if "anonymous" in engine else (
             f"{engine['file_backed']:.2f} / -" if engine else "-")
         allocators = next((m.group(1) for *_, msg in (r.get("builder_log") or {}).get("rows", [])
                            if (m := re.search(r"allocators: CPU (\d+) MiB", msg))), "-")
         w = r["onnx_weight_bytes"]
-        print(f"| {r['case']} | {r['label']} ({r['code'][:7]}) | {w / 1e9:.2f} | {r['peak_above_baseline_gib']:.2f} | "
+        print(f"| {r['case']} | {r['label']} ({r.get('commit', r['code'])[:7]}) | {w / 1e9:.2f} | {r['peak_above_baseline_gib']:.2f} | "
               f"{r.get('bound_gib', '-')} | {r['estimate_gib'] or '-'} | {parts} | {split} | {allocators} | "
               f"{r['seconds']} |" if w else
               f"| {r['case']} | {r['label']} | exit {r['exit_code']} | | | {r['estimate_gib'] or '-'} | {parts} | | | "
