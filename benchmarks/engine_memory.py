@@ -261,7 +261,7 @@ def summarize() -> None:
           "load / quantize / reference / export / parity / engine peak GiB | engine file-backed / anonymous GiB | "
           "TensorRT CPU allocators MiB | wall s |")
     print("|---|---|---|---|---|---|---|---|---|---|")
-    for r in sorted(runs, key=lambda r: (r["case"], "before" not in r["label"], r["label"])):
+    for r in sorted(runs, key=lambda r: (r["case"], r["label"] not in ("before", "build-only before"), r["label"])):
         st = r["stages_gib"]
         parts = " / ".join(f"{st[k]['peak']:.2f}" if k in st else "-"
                            for k in ("load", "quantize", "pytorch reference", "export", "parity", "engine"))
