@@ -83,7 +83,7 @@ def _wait_for_line(path: Path, process: subprocess.Popen, text: str, timeout: fl
 
 
 def _stop(pid: int, timeout: float = 30.0) -> None:
-    """SIGTERM to our own process, SIGKILL after ``timeout``."""
+    """SIGTERM to our own process that is not our child (a child is waited on), SIGKILL after ``timeout``."""
     try:
         os.kill(pid, signal.SIGTERM)
         deadline = time.monotonic() + timeout
@@ -113,8 +113,13 @@ def server(tmp_path_factory, repo):
         assert f"http://127.0.0.1:{ports[0]}" in line and "t5_text (READY)" in line and "minilm_text (READY)" in line
         yield {"http": f"127.0.0.1:{ports[0]}", "grpc": f"127.0.0.1:{ports[1]}", "log": work / "tritonserver.log"}
     finally:
-        _stop(process.pid)
-        process.wait(5)
+        # our child: waited on, not polled with kill(pid, 0), which a zombie answers until the 30 s run out
+        process.terminate()
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(5)
         if tritonserver is not None:
             _stop(tritonserver)
 
